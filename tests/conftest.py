@@ -1,8 +1,118 @@
-"""Shared fixtures. Environment set here, before any test imports litellm or tiktoken."""
+"""Shared fixtures. Environment set here, before any test imports litellm or tiktoken.
+
+Ledger tests run against a real SQLite file and the real PostgreSQL named by
+``LLMTALLY_TEST_POSTGRES_URL`` (default: the local server on 127.0.0.1:5432). Each PostgreSQL
+test gets its own schema (via ``search_path``), dropped afterwards. Under ``CI=true`` an
+unreachable PostgreSQL fails the tests instead of skipping them.
+"""
 
 from __future__ import annotations
 
 import os
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
 
 # LiteLLM fetches its price map from the internet at import unless told not to.
 os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")
+# Never let a developer's own ledger settings leak into tests.
+for _name in list(os.environ):
+    if _name.startswith("LLMTALLY_") and _name != "LLMTALLY_TEST_POSTGRES_URL":
+        del os.environ[_name]
+
+PG_URL = os.environ.get(
+    "LLMTALLY_TEST_POSTGRES_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test")
+IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
+
+
+def _postgres_problem() -> str | None:
+    try:
+        import psycopg
+    except ImportError as exc:
+        return f"psycopg is not installed ({exc})"
+    try:
+        with psycopg.connect(PG_URL.replace("+psycopg", ""), connect_timeout=3):
+            return None
+    except Exception as exc:
+        return f"PostgreSQL at {PG_URL} is not reachable: {exc}"
+
+
+_PG_PROBLEM: str | None | bool = False  # False: not probed yet
+
+
+def require_postgres() -> None:
+    """Skip (locally) or fail (under CI=true) when the test PostgreSQL is not there."""
+    global _PG_PROBLEM
+    if _PG_PROBLEM is False:
+        _PG_PROBLEM = _postgres_problem()
+    if _PG_PROBLEM:
+        if IN_CI:
+            pytest.fail(f"CI=true and {_PG_PROBLEM}")
+        pytest.skip(str(_PG_PROBLEM))
+
+
+@pytest.fixture
+def pg_url() -> Iterator[str]:
+    """A PostgreSQL URL whose tables land in a fresh schema of their own."""
+    require_postgres()
+    import psycopg
+
+    schema = f"t_{uuid.uuid4().hex[:12]}"
+    plain = PG_URL.replace("+psycopg", "")
+    with psycopg.connect(plain, autocommit=True) as conn:
+        conn.execute(f'CREATE SCHEMA "{schema}"')
+    sep = "&" if "?" in PG_URL else "?"
+    try:
+        yield f"{PG_URL}{sep}options=-csearch_path%3D{schema}"
+    finally:
+        with psycopg.connect(plain, autocommit=True) as conn:
+            conn.execute(f'DROP SCHEMA "{schema}" CASCADE')
+
+
+@pytest.fixture
+def sqlite_url(tmp_path: Path) -> str:
+    return f"sqlite:///{tmp_path / 'ledger.db'}"
+
+
+@pytest.fixture(params=["sqlite", "postgres"])
+def ledger_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    """The same test on a real SQLite file and on the real PostgreSQL."""
+    if request.param == "sqlite":
+        return f"sqlite:///{tmp_path / 'ledger.db'}"
+    return request.getfixturevalue("pg_url")
+
+
+@pytest.fixture
+def make_tally(tmp_path: Path) -> Iterator:
+    """Build Tallies that are closed after the test (spill files under tmp_path)."""
+    from llmtally import Tally
+
+    made: list[Tally] = []
+
+    def make(url: str | None = None, **kwargs):
+        kwargs.setdefault("spill_path", tmp_path / f"spill-{len(made)}.jsonl")
+        kwargs.setdefault("price_map", "bundled")
+        tally = Tally(url or f"sqlite:///{tmp_path / 'ledger.db'}", **kwargs)
+        made.append(tally)
+        return tally
+
+    yield make
+    for tally in made:
+        tally.close()
+
+
+def fetch_events(url: str) -> list[dict]:
+    """Every stored event, read back with plain SQL (not through llmtally's own queries)."""
+    from sqlalchemy import create_engine, text
+
+    from llmtally._store import normalize_url
+
+    engine = create_engine(normalize_url(url))
+    try:
+        with engine.connect() as conn:
+            rows = conn.execute(text("SELECT * FROM llmtally_events ORDER BY ts, id")).mappings()
+            return [dict(row) for row in rows]
+    finally:
+        engine.dispose()

@@ -1,1 +1,33 @@
-"""llmtally: a SQL ledger of LLM calls — tokens, cost, latency — with budgets and reports."""
+"""llmtally: every LLM call recorded with its tokens, cost and latency in a SQL ledger.
+
+>>> from llmtally import Tally
+>>> tally = Tally()                       # ./llmtally.db, or $LLMTALLY_DATABASE_URL
+>>> with tally.scope(project="etl", user="bob"):
+...     tally.record(provider="openai", model="gpt-4o-mini", input_tokens=1200, output_tokens=300)
+
+``import llmtally`` is light: it imports neither litellm, langchain nor SQLAlchemy; the
+database layer loads when the first ``Tally`` is made.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from ._errors import ConfigError, LedgerError
+from ._pricing import Price
+from ._tally import Tally
+
+if TYPE_CHECKING:
+    from ._model import UsageEvent
+
+__all__ = ["Tally", "Price", "UsageEvent", "ConfigError", "LedgerError", "__version__"]
+
+__version__ = "0.1.0"
+
+
+def __getattr__(name: str) -> Any:
+    if name == "UsageEvent":  # a SQLModel class: importing it loads SQLAlchemy
+        from ._model import UsageEvent
+
+        return UsageEvent
+    raise AttributeError(f"module 'llmtally' has no attribute {name!r}")

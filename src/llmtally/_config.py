@@ -1,0 +1,198 @@
+"""`llmtally.toml` and `LLMTALLY_*` variables → keyword arguments for `Tally`.
+
+Precedence: keyword arguments > environment > file. Every bad value is a `ConfigError`
+that names where it came from, the key, the value and what is allowed.
+
+```toml
+database_url = "postgresql+psycopg://app@db/llm"   # or a path; default ./llmtally.db
+currency = "USD"                                   # the ledger's currency
+price_map = "auto"                                 # auto | bundled | litellm | path/to/map.json
+spill_path = "/var/lib/app/llmtally.spill.jsonl"
+
+[rates]                  # units of `currency` that one unit of each currency is worth
+CNY = 0.1389
+
+[scope]                  # default attribution of every event
+project = "search"
+tags = ["prod"]
+
+[prices."moonshot/kimi-k2.5"]   # overrides win over the price map
+input = 4.0
+output = 16.0
+per = "1M"               # 1M | 1K | token
+currency = "CNY"
+```
+"""
+
+from __future__ import annotations
+
+import difflib
+import math
+import os
+import sys
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from ._errors import ConfigError
+from ._pricing import Price
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+
+__all__ = ["load_settings", "DEFAULT_CONFIG_FILE", "ENV_VARIABLES"]
+
+DEFAULT_CONFIG_FILE = "llmtally.toml"
+_TOP_LEVEL = ("database_url", "currency", "price_map", "spill_path", "rates", "scope", "prices")
+_SCOPE_KEYS = ("project", "user", "session", "tags", "request_id", "metadata")
+_PRICE_KEYS = ("input", "output", "cache_read", "cache_write", "reasoning", "per", "currency")
+ENV_VARIABLES = {
+    "LLMTALLY_DATABASE_URL": "database_url",
+    "LLMTALLY_CURRENCY": "currency",
+    "LLMTALLY_PRICE_MAP": "price_map",
+    "LLMTALLY_SPILL_PATH": "spill_path",
+    "LLMTALLY_RATES": "rates",
+    "LLMTALLY_PROJECT": "scope.project",
+    "LLMTALLY_USER": "scope.user",
+    "LLMTALLY_TAGS": "scope.tags",
+}
+
+
+def load_settings(path: str | os.PathLike[str] | None = None,
+                  environ: Mapping[str, str] | None = None) -> dict[str, Any]:
+    """Read the config file and environment; return validated keyword arguments for ``Tally``."""
+    environ = os.environ if environ is None else environ
+    file_path = _config_path(path, environ)
+    settings = _read_file(file_path) if file_path else {}
+    origin = str(file_path) if file_path else "settings"
+    _apply_environment(settings, environ)
+    return _validated(settings, origin)
+
+
+def _config_path(path: str | os.PathLike[str] | None, environ: Mapping[str, str]) -> Path | None:
+    if path is not None:
+        return Path(path)
+    if environ.get("LLMTALLY_CONFIG"):
+        return Path(environ["LLMTALLY_CONFIG"])
+    default = Path(DEFAULT_CONFIG_FILE)
+    return default if default.is_file() else None
+
+
+def _read_file(path: Path) -> dict[str, Any]:
+    try:
+        with open(path, "rb") as handle:
+            return tomllib.load(handle)
+    except FileNotFoundError:
+        raise ConfigError(f"config file {path} does not exist (set LLMTALLY_CONFIG or pass a path "
+                          "to Tally.from_config)") from None
+    except OSError as exc:
+        raise ConfigError(f"config file {path} cannot be read: {exc.strerror or exc}") from None
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"config file {path} is not valid TOML: {exc}") from None
+
+
+def _apply_environment(settings: dict[str, Any], environ: Mapping[str, str]) -> None:
+    for variable, key in ENV_VARIABLES.items():
+        value = environ.get(variable)
+        if value is None or value == "":
+            continue
+        if key == "rates":
+            settings["rates"] = _parse_rates(variable, value)
+        elif key.startswith("scope."):
+            scope = settings.setdefault("scope", {})
+            if not isinstance(scope, dict):
+                scope = settings["scope"] = {}
+            name = key.split(".", 1)[1]
+            scope[name] = [t.strip() for t in value.split(",") if t.strip()] if name == "tags" else value
+        else:
+            settings[key] = value
+
+
+def _parse_rates(variable: str, text: str) -> dict[str, float]:
+    rates: dict[str, float] = {}
+    for part in text.split(","):
+        code, sep, number = part.partition("=")
+        try:
+            rates[code.strip().upper()] = float(number)
+        except ValueError:
+            raise ConfigError(f"{variable}={text!r}: each rate is CODE=NUMBER, comma-separated, "
+                              "e.g. CNY=0.1389,EUR=1.08") from None
+        if not sep:
+            raise ConfigError(f"{variable}={text!r}: each rate is CODE=NUMBER, e.g. CNY=0.1389")
+    return rates
+
+
+def _unknown(origin: str, where: str, key: str, allowed: tuple[str, ...]) -> ConfigError:
+    close = difflib.get_close_matches(key, allowed, n=1)
+    hint = f" (did you mean {close[0]!r}?)" if close else ""
+    return ConfigError(f"{origin}: unknown key {where}{key!r}{hint}; allowed: {', '.join(allowed)}")
+
+
+def _validated(settings: Mapping[str, Any], origin: str) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in settings.items():
+        if key not in _TOP_LEVEL:
+            raise _unknown(origin, "", key, _TOP_LEVEL)
+        if key in ("database_url", "currency", "price_map", "spill_path"):
+            if not isinstance(value, str) or not value.strip():
+                raise ConfigError(f"{origin}: {key} = {value!r} must be a non-empty string")
+            out[key] = value.strip().upper() if key == "currency" else value.strip()
+        elif key == "rates":
+            out["rates"] = _validated_rates(origin, value)
+        elif key == "scope":
+            out["scope"] = _validated_scope(origin, value)
+        elif key == "prices":
+            out["prices"] = _validated_prices(origin, value)
+    return out
+
+
+def _validated_rates(origin: str, rates: Any) -> dict[str, float]:
+    if not isinstance(rates, Mapping):
+        raise ConfigError(f"{origin}: rates must be a table such as [rates] CNY = 0.1389")
+    out: dict[str, float] = {}
+    for code, rate in rates.items():
+        if isinstance(rate, bool) or not isinstance(rate, (int, float)) or not math.isfinite(rate) \
+                or rate <= 0:
+            raise ConfigError(f"{origin}: rates.{code} = {rate!r} must be a positive number "
+                              f"(how many units of the ledger currency one {code} is worth)")
+        out[str(code).upper()] = float(rate)
+    return out
+
+
+def _validated_scope(origin: str, scope: Any) -> dict[str, Any]:
+    if not isinstance(scope, Mapping):
+        raise ConfigError(f"{origin}: scope must be a table such as [scope] project = \"search\"")
+    for key, value in scope.items():
+        if key not in _SCOPE_KEYS:
+            raise _unknown(origin, "scope.", key, _SCOPE_KEYS)
+        if key == "tags":
+            if not isinstance(value, list) or not all(isinstance(t, str) for t in value):
+                raise ConfigError(f"{origin}: scope.tags = {value!r} must be a list of strings")
+        elif key == "metadata":
+            if not isinstance(value, Mapping):
+                raise ConfigError(f"{origin}: scope.metadata must be a table")
+        elif not isinstance(value, str):
+            raise ConfigError(f"{origin}: scope.{key} = {value!r} must be a string")
+    return dict(scope)
+
+
+def _validated_prices(origin: str, prices: Any) -> dict[str, Price]:
+    if not isinstance(prices, Mapping):
+        raise ConfigError(f"{origin}: prices must be tables such as [prices.\"my-model\"] input = 0.5")
+    out: dict[str, Price] = {}
+    for model, entry in prices.items():
+        if not isinstance(entry, Mapping):
+            raise ConfigError(f"{origin}: prices.{model!r} must be a table of input, output, "
+                              "cache_read, cache_write, reasoning, per, currency")
+        for key in entry:
+            if key not in _PRICE_KEYS:
+                raise _unknown(origin, f"prices.{model!r}.", key, _PRICE_KEYS)
+        if "input" not in entry:
+            raise ConfigError(f"{origin}: prices.{model!r} needs at least input = <price per {entry.get('per', '1M')} tokens>")
+        try:
+            out[model] = Price(**entry)
+        except ConfigError as exc:
+            raise ConfigError(f"{origin}: prices.{model!r}: {exc}") from None
+    return out

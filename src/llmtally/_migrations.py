@@ -1,0 +1,152 @@
+"""Numbered, append-only schema migrations, recorded in the ledger itself.
+
+Each migration runs in the same transaction as the row that records it, under a lock
+(SQLite ``BEGIN IMMEDIATE``, a PostgreSQL advisory lock), so several processes opening a
+new ledger at once apply it exactly once. A ledger written by a newer llmtally, or tables
+of the same name that llmtally did not create, are refused — never altered.
+
+A migration, once shipped, is never edited: it spells out its own DDL instead of using
+the live model, so ``UsageEvent`` can grow through a later migration.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from datetime import datetime, timezone
+
+from sqlalchemy import (
+    JSON,
+    Boolean,
+    Column,
+    Connection,
+    DateTime,
+    Float,
+    Index,
+    Integer,
+    MetaData,
+    String,
+    Table,
+    inspect,
+    select,
+    text,
+)
+from sqlalchemy.dialects.postgresql import JSONB
+
+from ._errors import LedgerError
+from ._model import EVENTS_TABLE
+
+__all__ = ["Migration", "MIGRATIONS", "SCHEMA_TABLE", "migrate", "schema_version"]
+
+SCHEMA_TABLE = "llmtally_schema"
+_PG_LOCK_KEY = 0x6C6C6D74  # "llmt": serialises migrations across processes on PostgreSQL
+
+_schema_meta = MetaData()
+_schema = Table(
+    SCHEMA_TABLE,
+    _schema_meta,
+    Column("version", Integer, primary_key=True),
+    Column("name", String(100), nullable=False),
+    Column("applied_at", DateTime, nullable=False),
+)
+
+
+@dataclass(frozen=True)
+class Migration:
+    version: int
+    name: str
+    apply: Callable[[Connection], None]
+
+
+def m001_initial(conn: Connection) -> None:
+    """The events table and the indexes that time-range reports and budgets use."""
+    json_type = JSON().with_variant(JSONB(), "postgresql")
+    meta = MetaData()
+    table = Table(
+        EVENTS_TABLE,
+        meta,
+        Column("id", String(128), primary_key=True),
+        Column("ts", DateTime, nullable=False),
+        Column("source", String(16), nullable=False),
+        Column("provider", String(256)),
+        Column("model", String(256), nullable=False),
+        Column("resolved_model", String(256)),
+        Column("call_type", String(32), nullable=False),
+        Column("streamed", Boolean, nullable=False),
+        Column("status", String(16), nullable=False),
+        Column("error_type", String(256)),
+        *(Column(name, Integer, nullable=False) for name in (
+            "input_tokens", "output_tokens", "cache_read_tokens",
+            "cache_write_tokens", "reasoning_tokens",
+        )),
+        Column("cost", Float),
+        Column("currency", String(3), nullable=False),
+        Column("cost_status", String(16), nullable=False),
+        Column("price_source", String(256)),
+        Column("latency_ms", Float),
+        Column("ttft_ms", Float),
+        Column("project", String(256)),
+        Column("user", String(256)),
+        Column("session", String(128)),
+        Column("tags", json_type, nullable=False),
+        Column("request_id", String(128)),
+        Column("metadata", json_type, nullable=False),
+    )
+    Index("ix_llmtally_events_ts", table.c.ts)
+    for name in ("project", "user", "model", "provider", "cost_status"):
+        Index(f"ix_llmtally_events_{name}_ts", table.c[name], table.c.ts)
+    meta.create_all(conn)
+
+
+MIGRATIONS: tuple[Migration, ...] = (Migration(1, "initial", m001_initial),)
+
+
+def schema_version(conn: Connection) -> int:
+    """The highest migration recorded in this ledger, 0 for an empty database."""
+    if not inspect(conn).has_table(SCHEMA_TABLE):
+        return 0
+    return conn.execute(select(_schema.c.version).order_by(_schema.c.version.desc())).scalar() or 0
+
+
+def migrate(conn: Connection, migrations: Sequence[Migration] = MIGRATIONS) -> int:
+    """Bring the ledger on ``conn`` up to the newest migration; return the version it is at.
+
+    ``conn`` must be inside a transaction that holds the database's write lock (the caller
+    begins it); on PostgreSQL an advisory lock is taken here as well.
+    """
+    if conn.dialect.name == "postgresql":
+        conn.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": _PG_LOCK_KEY})
+    latest = migrations[-1].version if migrations else 0
+    tables = set(inspect(conn).get_table_names())
+    if SCHEMA_TABLE not in tables:
+        if EVENTS_TABLE in tables:
+            raise LedgerError(
+                f"the database has a table {EVENTS_TABLE!r} but no {SCHEMA_TABLE!r}: it was not "
+                "created by llmtally, so it is left untouched. Point llmtally at another database "
+                "(LLMTALLY_DATABASE_URL) or rename that table."
+            )
+        _schema_meta.create_all(conn)
+        current = 0
+    else:
+        try:
+            current = schema_version(conn)
+        except Exception as exc:  # a table of that name with other columns
+            raise LedgerError(
+                f"the table {SCHEMA_TABLE!r} in this database was not written by llmtally "
+                f"({exc.__class__.__name__}); it is left untouched. Use another database."
+            ) from exc
+    if current > latest:
+        raise LedgerError(
+            f"this ledger has schema version {current}, written by a newer llmtally; this one "
+            f"knows versions up to {latest}. Upgrade llmtally (pip install -U llmtally) to use it."
+        )
+    for migration in migrations:
+        if migration.version > current:
+            migration.apply(conn)
+            conn.execute(_schema.insert().values(
+                version=migration.version,
+                name=migration.name,
+                applied_at=datetime.now(timezone.utc).replace(tzinfo=None),
+            ))
+            current = migration.version
+    return current

@@ -1,0 +1,90 @@
+"""The ledger's table: one `UsageEvent` row per LLM call attempt.
+
+Token columns follow OpenAI's (and LiteLLM's, and LangChain's) convention:
+
+- ``input_tokens`` is the whole prompt and *includes* ``cache_read_tokens`` and
+  ``cache_write_tokens`` (Anthropic's raw API reports them apart; llmtally adds them in).
+- ``output_tokens`` *includes* ``reasoning_tokens``.
+
+So ``input_tokens + output_tokens`` is always the call's total, and each part is priced once.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import JSON, Column, DateTime, Index
+from sqlalchemy.dialects.postgresql import JSONB
+from sqlmodel import Field, SQLModel
+
+__all__ = ["UsageEvent", "EVENTS_TABLE", "EVENT_COLUMNS", "MAX_TEXT", "MAX_ID"]
+
+EVENTS_TABLE = "llmtally_events"
+MAX_ID = 128
+"""Longest event id, request id or session id kept (longer ones are cut)."""
+MAX_TEXT = 256
+"""Longest provider, model, user, project, tag or error type kept (longer ones are cut)."""
+
+_JSON = JSON().with_variant(JSONB(), "postgresql")
+
+
+class UsageEvent(SQLModel, table=True):
+    """One LLM call attempt, as stored in the ledger.
+
+    ``id`` is the call's own id (LiteLLM call id, LangChain run id, or a fresh UUID), so a
+    replayed or re-imported event is never counted twice. ``ts`` is in UTC (naive datetime).
+    ``cost`` is in ``currency``; it is ``None`` when the model has no known price
+    (``cost_status="unpriced"``), never a silent 0.
+    """
+
+    __tablename__ = EVENTS_TABLE
+    __table_args__ = (
+        Index("ix_llmtally_events_ts", "ts"),
+        Index("ix_llmtally_events_project_ts", "project", "ts"),
+        Index("ix_llmtally_events_user_ts", "user", "ts"),
+        Index("ix_llmtally_events_model_ts", "model", "ts"),
+        Index("ix_llmtally_events_provider_ts", "provider", "ts"),
+        Index("ix_llmtally_events_cost_status_ts", "cost_status", "ts"),
+    )
+
+    # identity
+    id: str = Field(primary_key=True, max_length=MAX_ID)
+    ts: datetime = Field(sa_column=Column("ts", DateTime, nullable=False))  # naive UTC
+    source: str = Field(default="manual", max_length=16)
+    # what
+    provider: str | None = Field(default=None, max_length=MAX_TEXT)
+    model: str = Field(max_length=MAX_TEXT)
+    resolved_model: str | None = Field(default=None, max_length=MAX_TEXT)
+    call_type: str = Field(default="chat", max_length=32)
+    streamed: bool = False
+    # outcome
+    status: str = Field(default="ok", max_length=16)
+    error_type: str | None = Field(default=None, max_length=MAX_TEXT)
+    # tokens
+    input_tokens: int = 0
+    output_tokens: int = 0
+    cache_read_tokens: int = 0
+    cache_write_tokens: int = 0
+    reasoning_tokens: int = 0
+    # money
+    cost: float | None = None
+    currency: str = Field(default="USD", max_length=3)
+    cost_status: str = Field(default="priced", max_length=16)
+    price_source: str | None = Field(default=None, max_length=MAX_TEXT)
+    # time
+    latency_ms: float | None = None
+    ttft_ms: float | None = None
+    # attribution
+    project: str | None = Field(default=None, max_length=MAX_TEXT)
+    user: str | None = Field(default=None, max_length=MAX_TEXT)
+    session: str | None = Field(default=None, max_length=MAX_ID)
+    tags: list[str] = Field(default_factory=list, sa_column=Column("tags", _JSON, nullable=False))
+    request_id: str | None = Field(default=None, max_length=MAX_ID)
+    meta: dict[str, Any] = Field(
+        default_factory=dict, sa_column=Column("metadata", _JSON, nullable=False)
+    )
+
+
+EVENT_COLUMNS: tuple[str, ...] = tuple(c.name for c in UsageEvent.__table__.columns)
+"""Column names in table order; an event travels through the writer as a dict with these keys."""

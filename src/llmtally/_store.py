@@ -1,0 +1,217 @@
+"""The ledger database: opening it (SQLite or PostgreSQL), migrating it, writing batches.
+
+SQLite files are created with mode 0600 in a directory created on demand, run in WAL mode,
+and take the write lock up front (``BEGIN IMMEDIATE``) so concurrent writers queue instead
+of failing. PostgreSQL is reached through psycopg 3 (``pip install "llmtally[postgres]"``).
+"""
+
+from __future__ import annotations
+
+import os
+import sqlite3
+from collections.abc import Iterable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import Connection, Engine, create_engine, event, select
+from sqlalchemy.engine import make_url
+from sqlalchemy.exc import ArgumentError, DatabaseError, NoSuchModuleError, OperationalError
+from sqlalchemy.pool import StaticPool
+
+from ._errors import ConfigError, LedgerError
+from ._migrations import MIGRATIONS, Migration, migrate
+from ._model import UsageEvent
+
+__all__ = ["Store", "normalize_url", "DEFAULT_DATABASE_URL", "is_outage"]
+
+DEFAULT_DATABASE_URL = "sqlite:///llmtally.db"
+_EVENTS = UsageEvent.__table__
+_PG_CONNECT_TIMEOUT_S = 5
+_SQLITE_BUSY_TIMEOUT_S = 30
+
+
+def normalize_url(url: str) -> str:
+    """Accept what users type: a file path, ``sqlite:///...``, ``postgres://`` or ``postgresql://``."""
+    url = url.strip()
+    if not url:
+        raise ConfigError("database_url is empty: give a path such as 'llmtally.db' or a URL such "
+                          "as 'postgresql+psycopg://user@host/db'")
+    if "://" not in url:
+        return "sqlite:///" + str(Path(url).expanduser().absolute())
+    scheme, rest = url.split("://", 1)
+    if scheme in ("postgres", "postgresql"):
+        return "postgresql+psycopg://" + rest
+    if scheme == "sqlite" and rest.startswith("/") and rest[1:] not in ("", ":memory:"):
+        path, query = (rest[1:].split("?", 1) + [""])[:2]
+        # Absolute, so a later chdir cannot move the ledger (or its spill file).
+        absolute = str(Path(path).expanduser().absolute())
+        return f"sqlite:///{absolute}" + (f"?{query}" if query else "")
+    return url
+
+
+def is_outage(exc: BaseException) -> bool:
+    """True when ``exc`` means the database is unreachable or busy (worth retrying), not that a row is bad."""
+    if isinstance(exc, OperationalError):
+        return True
+    if isinstance(exc, DatabaseError):
+        return bool(getattr(exc, "connection_invalidated", False))
+    return isinstance(exc, (OSError, sqlite3.OperationalError))
+
+
+class Store:
+    """A migrated ledger database that events can be written to in batches.
+
+    SQLite is opened and migrated at construction (a bad path or file is a clear error right
+    away). PostgreSQL is migrated on first successful use, so an application starts even while
+    its database is down; events wait in the writer meanwhile.
+    """
+
+    def __init__(self, url: str, *, migrations: Sequence[Migration] = MIGRATIONS) -> None:
+        self.url = normalize_url(url)
+        self._migrations = migrations
+        self._migrated = False
+        try:
+            parsed = make_url(self.url)
+        except ArgumentError as exc:
+            raise ConfigError(
+                f"database_url {url!r} is not a database URL; use a path such as 'llmtally.db', "
+                "'sqlite:///path/to/ledger.db' or 'postgresql+psycopg://user@host/db'"
+            ) from exc
+        self.dialect = parsed.get_backend_name()
+        self.display_url = parsed.render_as_string(hide_password=True)
+        if self.dialect == "sqlite":
+            self.engine = self._open_sqlite(parsed.database or "")
+            self.ensure_schema()
+        elif self.dialect == "postgresql":
+            self.engine = self._create_engine(
+                self.url, pool_pre_ping=True,
+                connect_args={"connect_timeout": _PG_CONNECT_TIMEOUT_S},
+            )
+        else:
+            raise ConfigError(
+                f"database_url {self.display_url!r}: llmtally supports SQLite and PostgreSQL, "
+                f"not {self.dialect!r}"
+            )
+
+    # -- opening -------------------------------------------------------------------------
+
+    def _create_engine(self, url: str, **kwargs: Any) -> Engine:
+        try:
+            return create_engine(url, **kwargs)
+        except (NoSuchModuleError, ModuleNotFoundError) as exc:
+            hint = ' (pip install "llmtally[postgres]")' if self.dialect == "postgresql" else ""
+            raise ConfigError(
+                f"database_url {self.display_url!r} needs a driver that is not installed{hint}: {exc}"
+            ) from exc
+
+    def _open_sqlite(self, database: str) -> Engine:
+        if database in ("", ":memory:"):
+            # One shared connection, so the writer thread sees the same in-memory database.
+            engine = self._create_engine(
+                "sqlite://", poolclass=StaticPool,
+                connect_args={"check_same_thread": False},
+            )
+        else:
+            path = Path(database)
+            self.path = path
+            _create_private_file(path)
+            engine = self._create_engine(
+                self.url, connect_args={"timeout": _SQLITE_BUSY_TIMEOUT_S, "check_same_thread": False},
+            )
+        event.listen(engine, "connect", _sqlite_on_connect)
+        event.listen(engine, "begin", _sqlite_on_begin)
+        return engine
+
+    def ensure_schema(self) -> None:
+        """Create or upgrade the schema (once per Store); raise LedgerError if it cannot be used."""
+        if self._migrated:
+            return
+        try:
+            with self.engine.connect().execution_options(sqlite_immediate=True) as conn:
+                with conn.begin():
+                    migrate(conn, self._migrations)
+        except LedgerError:
+            raise
+        except DatabaseError as exc:
+            if self.dialect == "sqlite":
+                raise LedgerError(self._sqlite_problem(exc)) from exc
+            raise
+        self._migrated = True
+
+    def _sqlite_problem(self, exc: DatabaseError) -> str:
+        cause = str(getattr(exc, "orig", exc))
+        where = getattr(self, "path", ":memory:")
+        if "not a database" in cause or "malformed" in cause:
+            return (f"{where} is not a usable SQLite database ({cause}); it may be corrupted. "
+                    "Move it aside, or point LLMTALLY_DATABASE_URL at another file.")
+        return (f"cannot open the SQLite ledger {where} ({cause}); check that the directory "
+                "is writable, or point LLMTALLY_DATABASE_URL at another file.")
+
+    # -- writing -------------------------------------------------------------------------
+
+    def insert_many(self, rows: Sequence[Mapping[str, Any]]) -> int:
+        """Insert events in one transaction; ids already stored are skipped. Returns rows inserted."""
+        if not rows:
+            return 0
+        self.ensure_schema()
+        with self.engine.connect().execution_options(sqlite_immediate=True) as conn:
+            with conn.begin():
+                result = conn.execute(self._insert_statement(conn), list(rows))
+        return max(result.rowcount, 0)
+
+    def _insert_statement(self, conn: Connection) -> Any:
+        if self.dialect == "postgresql":
+            from sqlalchemy.dialects.postgresql import insert
+        else:
+            from sqlalchemy.dialects.sqlite import insert
+        return insert(_EVENTS).on_conflict_do_nothing(index_elements=["id"])
+
+    def existing_ids(self, ids: Iterable[str]) -> set[str]:
+        """The subset of ``ids`` already in the ledger."""
+        wanted = list(ids)
+        found: set[str] = set()
+        with self.engine.connect() as conn:
+            for start in range(0, len(wanted), 500):
+                chunk = wanted[start:start + 500]
+                found.update(conn.execute(select(_EVENTS.c.id).where(_EVENTS.c.id.in_(chunk))).scalars())
+        return found
+
+    def connect(self) -> Connection:
+        """A connection for reading (the schema is ensured first)."""
+        self.ensure_schema()
+        return self.engine.connect()
+
+    def close(self) -> None:
+        self.engine.dispose()
+
+
+def _create_private_file(path: Path) -> None:
+    """Create the SQLite file (and its directory) readable by its owner only.
+
+    SQLite gives its -wal and -shm files the main file's permissions, so they stay private too.
+    """
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(path, os.O_CREAT | os.O_RDWR, 0o600)
+        os.close(fd)
+    except OSError as exc:
+        raise LedgerError(
+            f"cannot create the SQLite ledger {path} ({exc.strerror or exc}); choose a writable "
+            "location with LLMTALLY_DATABASE_URL or Tally('sqlite:///path/to/ledger.db')."
+        ) from exc
+
+
+def _sqlite_on_connect(dbapi_conn: sqlite3.Connection, _record: Any) -> None:
+    # Let SQLAlchemy's "begin" event emit BEGIN itself (pysqlite's own handling defers it).
+    dbapi_conn.isolation_level = None
+    cursor = dbapi_conn.cursor()
+    try:
+        cursor.execute("PRAGMA journal_mode=WAL")
+        cursor.execute("PRAGMA synchronous=NORMAL")
+    finally:
+        cursor.close()
+
+
+def _sqlite_on_begin(conn: Connection) -> None:
+    immediate = conn.get_execution_options().get("sqlite_immediate", False)
+    conn.exec_driver_sql("BEGIN IMMEDIATE" if immediate else "BEGIN")

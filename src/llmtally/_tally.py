@@ -1,0 +1,543 @@
+"""`Tally`: the one object users hold. It prices, attributes and queues events, and reads them back."""
+
+from __future__ import annotations
+
+import atexit
+import functools
+import hashlib
+import inspect
+import os
+import time
+import uuid
+import weakref
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from contextlib import contextmanager
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, TypeVar
+
+from . import _scope
+from ._errors import ConfigError
+from ._log import logger, warn_limited
+from ._pricing import Price, PriceBook
+from ._usage import Usage, coerce_count, extract_usage, response_model, response_text
+
+if TYPE_CHECKING:  # the database layer is imported when a Tally is made, not at `import llmtally`
+    from ._queries import SummaryRow, UnpricedRow
+    from ._store import Store
+    from ._writer import Writer
+
+__all__ = ["Tally", "STATUSES", "CALL_TYPES"]
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+STATUSES = frozenset({"ok", "error", "blocked"})
+CALL_TYPES = frozenset({"chat", "completion", "embedding", "image", "audio", "rerank",
+                        "moderation", "responses", "other"})
+SOURCES = frozenset({"litellm", "langchain", "manual", "import"})
+DEFAULT_EXIT_FLUSH_TIMEOUT_S = 10.0
+_SCOPE_KEYS = ("project", "user", "session", "tags", "request_id", "metadata")
+
+
+class Tally:
+    """A ledger of LLM calls.
+
+    ``Tally()`` opens ``./llmtally.db`` (or ``$LLMTALLY_DATABASE_URL``);
+    ``Tally("postgresql+psycopg://user@host/db")`` shares one ledger between processes and hosts.
+
+    Events are priced by one price engine (LiteLLM's price map, bundled, plus ``prices``
+    overrides), attributed from :meth:`scope`, and written by a background thread in batches;
+    :meth:`flush` waits for them, and the interpreter's exit flushes too.
+
+    Args:
+        database_url: a path, ``sqlite:///...`` or ``postgresql+psycopg://...`` URL.
+        prices: price overrides by model name (``"model"`` or ``"provider/model"``); they win
+            over the price map.
+        currency: the ledger's currency: every cost is stored in it (ISO 4217, default USD).
+        rates: how many units of ``currency`` one unit of another currency is worth, e.g.
+            ``{"CNY": 0.1389}``; needed for overrides in other currencies.
+        price_map: ``"auto"``, ``"bundled"``, ``"litellm"`` or a path to a LiteLLM-format JSON.
+        scope: default attribution for every event (``project``, ``user``, ``tags``, ...).
+        spill_path: where events wait while the database is unreachable.
+        clock: returns "now" as an aware datetime (a seam for tests).
+    """
+
+    def __init__(
+        self,
+        database_url: str | None = None,
+        *,
+        prices: Mapping[str, Price | Mapping[str, Any]] | None = None,
+        currency: str = "USD",
+        rates: Mapping[str, float] | None = None,
+        price_map: str = "auto",
+        scope: Mapping[str, Any] | None = None,
+        spill_path: str | os.PathLike[str] | None = None,
+        batch_size: int | None = None,
+        flush_interval_s: float | None = None,
+        max_queue: int | None = None,
+        clock: Callable[[], datetime] | None = None,
+    ) -> None:
+        from ._store import DEFAULT_DATABASE_URL, Store
+        from ._writer import Writer
+
+        self.prices = PriceBook(_as_prices(prices), currency=currency, rates=rates, price_map=price_map)
+        self.currency = currency
+        self._default_scope = _scope_from_mapping(scope or {})
+        self._clock = clock or _utc_now
+        url = database_url or os.environ.get("LLMTALLY_DATABASE_URL") or DEFAULT_DATABASE_URL
+        self.store: Store = Store(url)
+        from ._spill import SpillFile
+
+        writer_options = {
+            name: value for name, value in (
+                ("batch_size", batch_size), ("flush_interval_s", flush_interval_s),
+                ("max_queue", max_queue),
+            ) if value is not None
+        }
+        for name, value in writer_options.items():
+            if not isinstance(value, (int, float)) or isinstance(value, bool) or value <= 0:
+                raise ConfigError(f"{name}={value!r} is not allowed: give a positive number")
+        self.spill_path = Path(spill_path) if spill_path else _default_spill_path(self.store)
+        self._writer: Writer = Writer(self.store, SpillFile(self.spill_path), **writer_options)
+        self._closed = False
+        _register_exit_flush(self)
+
+    @classmethod
+    def from_config(cls, path: str | os.PathLike[str] | None = None, **overrides: Any) -> Tally:
+        """A Tally configured from ``llmtally.toml`` and ``LLMTALLY_*`` environment variables.
+
+        The file is ``path``, else ``$LLMTALLY_CONFIG``, else ``./llmtally.toml`` if present.
+        Environment variables win over the file; keyword ``overrides`` win over both.
+        """
+        from ._config import load_settings
+
+        return cls(**{**load_settings(path), **overrides})
+
+    def __repr__(self) -> str:
+        return f"Tally({self.store.display_url!r}, currency={self.currency!r})"
+
+    @property
+    def database_url(self) -> str:
+        """The ledger's URL, password hidden."""
+        return self.store.display_url
+
+    # -- attribution ---------------------------------------------------------------------
+
+    @contextmanager
+    def scope(
+        self,
+        *,
+        project: str | None = None,
+        user: str | None = None,
+        session: str | None = None,
+        tags: Iterable[str] | str | None = None,
+        request_id: str | None = None,
+        metadata: Mapping[str, Any] | None = None,
+    ) -> Iterator[_scope.Attribution]:
+        """Attribute every call made inside the block (nested scopes: inner wins, tags merge).
+
+        >>> with tally.scope(project="search", user="alice", tags=["beta"]):
+        ...     litellm.completion(model="gpt-4o-mini", messages=msgs)
+        """
+        with _scope.attributed(project=project, user=user, session=session, tags=tags,
+                               request_id=request_id, metadata=metadata) as merged:
+            yield merged
+
+    # -- recording -----------------------------------------------------------------------
+
+    def record(
+        self,
+        *,
+        model: str,
+        provider: str | None = None,
+        input_tokens: int = 0,
+        output_tokens: int = 0,
+        cache_read_tokens: int = 0,
+        cache_write_tokens: int = 0,
+        reasoning_tokens: int = 0,
+        latency_ms: float | None = None,
+        ttft_ms: float | None = None,
+        status: str = "ok",
+        error_type: str | None = None,
+        call_type: str = "chat",
+        streamed: bool = False,
+        resolved_model: str | None = None,
+        estimated: bool = False,
+        id: str | None = None,
+        ts: datetime | None = None,
+        source: str = "manual",
+        project: str | None = None,
+        user: str | None = None,
+        session: str | None = None,
+        tags: Iterable[str] | None = None,
+        request_id: str | None = None,
+        metadata: Mapping[str, Any] | None = None,
+    ) -> str:
+        """Record one LLM call; returns its event id. Never raises: odd values are recorded as
+        well as they can be, with a note in ``metadata["llmtally_warnings"]``.
+
+        Token counts follow the ledger's convention: ``input_tokens`` includes cache reads and
+        writes, ``output_tokens`` includes reasoning. ``estimated=True`` marks counts that were
+        not reported by the provider (e.g. counted offline).
+        """
+        event_id = _clean_id(id) or uuid.uuid4().hex
+        try:
+            row = self._event_row(
+                event_id=event_id, model=model, provider=provider,
+                tokens=(input_tokens, output_tokens, cache_read_tokens, cache_write_tokens,
+                        reasoning_tokens),
+                latency_ms=latency_ms, ttft_ms=ttft_ms, status=status, error_type=error_type,
+                call_type=call_type, streamed=streamed, resolved_model=resolved_model,
+                estimated=estimated, ts=ts, source=source,
+                attribution=(project, user, session, tags, request_id, metadata),
+            )
+            self._writer.submit(row)
+        except Exception as exc:  # never into the caller's code
+            warn_limited("record", "llmtally: could not record a call to %r (%s: %s)", model,
+                         type(exc).__name__, exc, exc_info=True)
+        return event_id
+
+    def _event_row(self, *, event_id: str, model: Any, provider: Any, tokens: tuple[Any, ...],
+                   latency_ms: Any, ttft_ms: Any, status: Any, error_type: Any, call_type: Any,
+                   streamed: Any, resolved_model: Any, estimated: bool, ts: Any, source: Any,
+                   attribution: tuple[Any, ...]) -> dict[str, Any]:
+        notes: list[str] = []
+        names = ("input_tokens", "output_tokens", "cache_read_tokens", "cache_write_tokens",
+                 "reasoning_tokens")
+        counts = []
+        for name, value in zip(names, tokens):
+            count = coerce_count(value)
+            if count is None:
+                if value is not None:
+                    notes.append(f"{name}={_short_repr(value)} is not a token count; recorded as 0")
+                count = 0
+            counts.append(count)
+        usage = Usage(
+            input_tokens=max(counts[0], counts[2] + counts[3]), output_tokens=max(counts[1], counts[4]),
+            cache_read_tokens=counts[2], cache_write_tokens=counts[3], reasoning_tokens=counts[4],
+        )
+        model_name = _clean_text(model, notes, "model") or "unknown"
+        provider_name = _clean_text(provider, notes, "provider")
+        status = _one_of(status, STATUSES, "status", "ok", notes)
+        priced = self.prices.cost(
+            model=model_name, provider=provider_name,
+            input_tokens=usage.input_tokens, output_tokens=usage.output_tokens,
+            cache_read_tokens=usage.cache_read_tokens, cache_write_tokens=usage.cache_write_tokens,
+            reasoning_tokens=usage.reasoning_tokens,
+        )
+        if status == "blocked":
+            cost, cost_status, price_source = 0.0, "priced", None
+        elif priced.status == "unpriced":
+            cost, cost_status, price_source = None, "unpriced", None
+        else:
+            cost = priced.cost
+            cost_status = "estimated" if estimated else "priced"
+            price_source = priced.source
+        project, user, session, tags, request_id, metadata = attribution
+        scope = self._default_scope.merged(_scope.current())
+        meta = dict(scope.metadata)
+        if metadata:
+            if isinstance(metadata, Mapping):
+                meta.update(metadata)
+            else:
+                notes.append(f"metadata={_short_repr(metadata)} is not a mapping; ignored")
+        if notes:
+            meta["llmtally_warnings"] = notes
+        return {
+            "id": event_id,
+            "ts": _as_utc_naive(ts) if ts is not None else _as_utc_naive(self._clock()),
+            "source": _one_of(source, SOURCES, "source", "manual", notes),
+            "provider": provider_name or priced.provider,
+            "model": model_name,
+            "resolved_model": _clean_text(resolved_model, notes, "resolved_model"),
+            "call_type": _one_of(call_type, CALL_TYPES, "call_type", "other", notes),
+            "streamed": bool(streamed),
+            "status": status,
+            "error_type": _clean_text(error_type, notes, "error_type"),
+            "input_tokens": usage.input_tokens,
+            "output_tokens": usage.output_tokens,
+            "cache_read_tokens": usage.cache_read_tokens,
+            "cache_write_tokens": usage.cache_write_tokens,
+            "reasoning_tokens": usage.reasoning_tokens,
+            "cost": cost,
+            "currency": self.currency,
+            "cost_status": cost_status,
+            "price_source": price_source,
+            "latency_ms": _milliseconds(latency_ms, "latency_ms", notes),
+            "ttft_ms": _milliseconds(ttft_ms, "ttft_ms", notes),
+            "project": _clean_text(project, notes, "project") or scope.project,
+            "user": _clean_text(user, notes, "user") or scope.user,
+            "session": _clean_id(session) or scope.session,
+            "tags": list(_scope._merge_tags(scope.tags, _tag_tuple(tags, notes))),
+            "request_id": _clean_id(request_id) or scope.request_id,
+            "metadata": meta,
+        }
+
+    def track(
+        self,
+        fn: F | None = None,
+        *,
+        model: str | None = None,
+        provider: str | None = None,
+        call_type: str = "chat",
+        **attribution: Any,
+    ) -> Any:
+        """Decorate a function that calls an LLM SDK directly; each call becomes an event.
+
+        The return value's ``usage`` (OpenAI, Anthropic, LiteLLM or Gemini shape) gives the
+        tokens; the call is timed; an exception is recorded (``status="error"``, its type in
+        ``error_type``) and re-raised unchanged. Works on sync and async functions.
+
+        >>> @tally.track(model="deepseek/deepseek-chat")
+        ... def ask(q): return client.chat.completions.create(model="deepseek-chat", messages=[...])
+        """
+        unknown = set(attribution) - set(_SCOPE_KEYS)
+        if unknown:
+            raise TypeError(f"track() got unexpected keyword arguments {sorted(unknown)}; "
+                            f"allowed: model, provider, call_type, {', '.join(_SCOPE_KEYS)}")
+
+        def decorate(func: F) -> F:
+            if inspect.iscoroutinefunction(func):
+                @functools.wraps(func)
+                async def async_tracked(*args: Any, **kwargs: Any) -> Any:
+                    started = time.perf_counter()
+                    try:
+                        result = await func(*args, **kwargs)
+                    except BaseException as exc:
+                        self._record_tracked(None, exc, started, model, provider, call_type,
+                                             kwargs, attribution)
+                        raise
+                    self._record_tracked(result, None, started, model, provider, call_type,
+                                         kwargs, attribution)
+                    return result
+                return async_tracked  # type: ignore[return-value]
+
+            @functools.wraps(func)
+            def tracked(*args: Any, **kwargs: Any) -> Any:
+                started = time.perf_counter()
+                try:
+                    result = func(*args, **kwargs)
+                except BaseException as exc:
+                    self._record_tracked(None, exc, started, model, provider, call_type,
+                                         kwargs, attribution)
+                    raise
+                self._record_tracked(result, None, started, model, provider, call_type,
+                                     kwargs, attribution)
+                return result
+            return tracked  # type: ignore[return-value]
+
+        return decorate(fn) if fn is not None else decorate
+
+    def _record_tracked(self, result: Any, error: BaseException | None, started: float,
+                        model: str | None, provider: str | None, call_type: str,
+                        call_kwargs: Mapping[str, Any], attribution: Mapping[str, Any]) -> None:
+        try:
+            latency_ms = (time.perf_counter() - started) * 1000.0
+            answered = response_model(result) if error is None else None
+            requested = model or _text_kwarg(call_kwargs, "model") or answered or "unknown"
+            usage = extract_usage(result) if error is None else None
+            estimated = False
+            metadata = dict(attribution.get("metadata") or {})
+            if error is None and usage is None:
+                from ._tokens import count_text
+
+                usage = Usage(output_tokens=count_text(response_text(result), requested))
+                estimated = True
+                metadata["llmtally_estimated"] = "the response reported no usage; output counted offline"
+            usage = usage or Usage()
+            self.record(
+                model=requested, provider=provider,
+                input_tokens=usage.input_tokens, output_tokens=usage.output_tokens,
+                cache_read_tokens=usage.cache_read_tokens,
+                cache_write_tokens=usage.cache_write_tokens,
+                reasoning_tokens=usage.reasoning_tokens,
+                latency_ms=latency_ms, status="ok" if error is None else "error",
+                error_type=_error_type(error) if error is not None else None,
+                call_type=call_type, resolved_model=answered, estimated=estimated,
+                **{**attribution, "metadata": metadata or None},
+            )
+        except Exception as exc:
+            warn_limited("track", "llmtally: could not record a tracked call (%s: %s)",
+                         type(exc).__name__, exc, exc_info=True)
+
+    # -- durability ----------------------------------------------------------------------
+
+    def flush(self, timeout: float | None = None) -> bool:
+        """Wait until every event recorded so far is in the ledger (or, if the database is
+        unreachable, safe in the spill file). Returns False if ``timeout`` ran out."""
+        return self._writer.flush(timeout)
+
+    def close(self, timeout: float | None = DEFAULT_EXIT_FLUSH_TIMEOUT_S) -> None:
+        """Flush, stop the writer and release the database. Idempotent."""
+        if self._closed:
+            return
+        self._closed = True
+        if not self._writer.close(timeout):
+            logger.warning("llmtally: %d events were not written before close(); they are "
+                           "lost unless the spill file %s holds them", self._writer.queued,
+                           self.spill_path)
+        self.store.close()
+
+    def __enter__(self) -> Tally:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    # -- reading -------------------------------------------------------------------------
+
+    def summary(self, since: str | datetime | None = None, until: str | datetime | None = None,
+                by: str = "model", **filters: str) -> list[SummaryRow]:
+        """Calls, tokens and cost per ``by`` value (model, provider, project, user, session,
+        source, status, call_type or day) between ``since`` and ``until`` ("7d", "24h",
+        "2026-11-01", a datetime). Flushes first, so this Tally's own events are included."""
+        from ._queries import summarize
+
+        self.flush(DEFAULT_EXIT_FLUSH_TIMEOUT_S)
+        now = self._clock()
+        with self.store.connect() as conn:
+            return summarize(conn, since=since, until=until, by=by, now=now, filters=filters)
+
+    def unpriced(self, since: str | datetime | None = None) -> list[UnpricedRow]:
+        """Models seen with no known price: add them to ``prices`` to have them priced."""
+        from ._queries import unpriced_models
+
+        self.flush(DEFAULT_EXIT_FLUSH_TIMEOUT_S)
+        with self.store.connect() as conn:
+            return unpriced_models(conn, since=since, now=self._clock())
+
+
+# -- helpers -------------------------------------------------------------------------------
+
+
+def _utc_now() -> datetime:
+    return datetime.now(timezone.utc)
+
+
+def _as_utc_naive(value: Any) -> datetime:
+    if isinstance(value, datetime):
+        if value.tzinfo is not None:
+            value = value.astimezone(timezone.utc).replace(tzinfo=None)
+        return value
+    raise TypeError(f"ts must be a datetime, not {type(value).__name__}")
+
+
+def _as_prices(prices: Mapping[str, Any] | None) -> dict[str, Price] | None:
+    if not prices:
+        return None
+    out: dict[str, Price] = {}
+    for name, value in prices.items():
+        if isinstance(value, Price):
+            out[name] = value
+        elif isinstance(value, Mapping):
+            try:
+                out[name] = Price(**value)
+            except TypeError as exc:
+                raise ConfigError(f"prices[{name!r}]: {exc}; allowed keys: input, output, "
+                                  "cache_read, cache_write, reasoning, per, currency") from exc
+        else:
+            raise ConfigError(f"prices[{name!r}] must be a llmtally.Price or a table of prices, "
+                              f"not {type(value).__name__}")
+    return out
+
+
+def _scope_from_mapping(values: Mapping[str, Any]) -> _scope.Attribution:
+    unknown = set(values) - set(_SCOPE_KEYS)
+    if unknown:
+        raise ConfigError(f"scope has unknown keys {sorted(unknown)}; allowed: {', '.join(_SCOPE_KEYS)}")
+    with _scope.attributed(**values) as attribution:
+        pass
+    return attribution
+
+
+def _default_spill_path(store: Store) -> Path:
+    """Beside a SQLite file; for other databases, in the user's state directory."""
+    path = getattr(store, "path", None)
+    if path is not None:
+        return path.with_name(path.name + ".spill.jsonl")
+    state = Path(os.environ.get("XDG_STATE_HOME") or Path.home() / ".local" / "state")
+    digest = hashlib.sha1(store.display_url.encode()).hexdigest()[:12]
+    return state / "llmtally" / f"spill-{digest}.jsonl"
+
+
+def _register_exit_flush(tally: Tally) -> None:
+    """Flush at interpreter exit without keeping the Tally alive."""
+    ref = weakref.ref(tally)
+
+    def flush_at_exit() -> None:
+        live = ref()
+        if live is not None and not live._closed:
+            live.close(DEFAULT_EXIT_FLUSH_TIMEOUT_S)
+
+    atexit.register(flush_at_exit)
+
+
+def _short_repr(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def _clean_text(value: Any, notes: list[str], name: str, limit: int = 256) -> str | None:
+    """Text safe for any database: no NUL, valid UTF-8, at most ``limit`` characters."""
+    if value is None:
+        return None
+    text = value if isinstance(value, str) else str(value)
+    if not text.isascii():
+        text = text.encode("utf-8", "replace").decode("utf-8")
+    if "\x00" in text:
+        text = text.replace("\x00", "")
+    if len(text) > limit:
+        notes.append(f"{name} was {len(text)} characters; cut to {limit}")
+        text = text[:limit]
+    return text or None
+
+
+def _clean_id(value: Any) -> str | None:
+    return _clean_text(value, [], "id", limit=128)
+
+
+def _one_of(value: Any, allowed: frozenset[str], name: str, fallback: str, notes: list[str]) -> str:
+    if value in allowed:
+        return value
+    notes.append(f"{name}={_short_repr(value)} is not one of {sorted(allowed)}; recorded as {fallback!r}")
+    return fallback
+
+
+def _milliseconds(value: Any, name: str, notes: list[str]) -> float | None:
+    if value is None:
+        return None
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        number = -1.0
+    if not (number >= 0 and number != float("inf")):
+        notes.append(f"{name}={_short_repr(value)} is not a duration; left empty")
+        return None
+    return number
+
+
+def _tag_tuple(tags: Any, notes: list[str]) -> tuple[str, ...]:
+    if tags is None:
+        return ()
+    if isinstance(tags, str):
+        tags = [tags]
+    try:
+        cleaned = [_clean_text(tag, notes, "tag") for tag in tags]
+    except TypeError:
+        notes.append(f"tags={_short_repr(tags)} is not a list of strings; ignored")
+        return ()
+    return tuple(dict.fromkeys(tag for tag in cleaned if tag))
+
+
+def _text_kwarg(kwargs: Mapping[str, Any], name: str) -> str | None:
+    value = kwargs.get(name)
+    return value if isinstance(value, str) and value else None
+
+
+def _error_type(error: BaseException) -> str:
+    cls = type(error)
+    module = cls.__module__
+    if module in ("builtins", "__main__"):
+        return cls.__qualname__
+    public = ".".join(part for part in module.split(".") if not part.startswith("_"))
+    return f"{public}.{cls.__qualname__}" if public else cls.__qualname__

@@ -1,0 +1,303 @@
+"""The background writer: events leave the caller's thread at once and reach the ledger in batches.
+
+``submit()`` only appends to an in-memory queue. A daemon thread takes what has queued up,
+writes it in one transaction per batch, and wakes callers waiting in ``flush()``.
+
+When the database is unreachable the batch waits (retried with backoff); after
+``spill_after_s`` seconds, past ``max_pending`` events, or when someone flushes, it goes to the
+spill file instead, so ``flush()`` always means "durable": in the ledger or in the spill file.
+When the database answers again the spill file is replayed. Rows the database rejects for
+their content (not an outage) are written one by one; the few that still fail go to
+``<spill>.rejected.jsonl`` and are logged, so one bad row never blocks the others.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import logging
+import math
+import queue
+import threading
+import time
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+from ._log import logger, warn_limited
+from ._spill import SpillFile
+from ._store import Store, is_outage
+
+__all__ = ["Writer", "DEFAULT_BATCH_SIZE", "DEFAULT_FLUSH_INTERVAL_S", "DEFAULT_MAX_QUEUE"]
+
+DEFAULT_BATCH_SIZE = 1000
+DEFAULT_FLUSH_INTERVAL_S = 0.2
+DEFAULT_MAX_QUEUE = 100_000
+DEFAULT_SPILL_AFTER_S = 5.0
+DEFAULT_MAX_PENDING = 10_000
+_RETRY_MIN_S = 0.25
+_RETRY_MAX_S = 15.0
+
+
+class Writer:
+    """Batches events into ``store`` on a background thread; see the module docstring."""
+
+    def __init__(
+        self,
+        store: Store,
+        spill: SpillFile,
+        *,
+        batch_size: int = DEFAULT_BATCH_SIZE,
+        flush_interval_s: float = DEFAULT_FLUSH_INTERVAL_S,
+        max_queue: int = DEFAULT_MAX_QUEUE,
+        spill_after_s: float = DEFAULT_SPILL_AFTER_S,
+        max_pending: int = DEFAULT_MAX_PENDING,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.store = store
+        self.spill = spill
+        self.batch_size = batch_size
+        self.flush_interval_s = flush_interval_s
+        self.max_queue = max_queue
+        self.spill_after_s = spill_after_s
+        self.max_pending = max_pending
+        self._clock = clock
+        self._queue: queue.SimpleQueue[dict[str, Any]] = queue.SimpleQueue()
+        self._submitted = itertools.count(1)  # next() is atomic under the GIL
+        self._last_submitted = 0
+        self._done = 0
+        self._cycles = 0
+        self._done_cond = threading.Condition()
+        self._wake = threading.Event()
+        self._flush_wanted = 0
+        self._stop = False
+        self._pending: list[dict[str, Any]] = []
+        self._down_since: float | None = None
+        self._next_retry = 0.0
+        self._retry_delay = _RETRY_MIN_S
+        self.written = 0
+        self.spilled = 0
+        self.rejected = 0
+        self._thread = threading.Thread(target=self._run, name="llmtally-writer", daemon=True)
+        self._thread.start()
+
+    # -- caller side ---------------------------------------------------------------------
+
+    def submit(self, row: dict[str, Any]) -> None:
+        """Queue one event; never blocks, never raises for a full queue (it spills instead)."""
+        self._last_submitted = next(self._submitted)
+        if self._queue.qsize() >= self.max_queue:
+            self._spill_now([row], reason="the in-memory queue is full")
+            return
+        self._queue.put(row)
+        if self._queue.qsize() >= self.batch_size:
+            self._wake.set()
+
+    def flush(self, timeout: float | None = None) -> bool:
+        """Wait until every event submitted so far is in the ledger or the spill file.
+
+        Returns False if ``timeout`` (seconds) ran out first.
+        """
+        target = self._last_submitted
+        deadline = None if timeout is None else time.monotonic() + timeout
+        with self._done_cond:
+            self._flush_wanted += 1
+            # A whole cycle must start after this call: it also replays any spill backlog.
+            cycle_target = self._cycles + 2
+        self._wake.set()
+        try:
+            with self._done_cond:
+                while self._done < target or self._cycles < cycle_target:
+                    if not self._thread.is_alive():
+                        return False
+                    remaining = None if deadline is None else deadline - time.monotonic()
+                    if remaining is not None and remaining <= 0:
+                        return False
+                    self._wake.set()  # the writer may have cleared it before our cycle began
+                    self._done_cond.wait(0.05 if remaining is None else min(remaining, 0.05))
+            return True
+        finally:
+            with self._done_cond:
+                self._flush_wanted -= 1
+
+    def close(self, timeout: float | None = 10.0) -> bool:
+        """Flush and stop the thread. Returns False if events could not be made durable in time."""
+        flushed = self.flush(timeout)
+        self._stop = True
+        self._wake.set()
+        self._thread.join(timeout)
+        return flushed
+
+    @property
+    def queued(self) -> int:
+        return self._queue.qsize() + len(self._pending)
+
+    # -- writer thread -------------------------------------------------------------------
+
+    def _run(self) -> None:
+        self._try_replay()
+        while True:
+            self._wake.wait(self.flush_interval_s)
+            self._wake.clear()
+            try:
+                self._cycle()
+            except Exception:  # never let the thread die; the next cycle retries
+                logger.exception("llmtally writer: unexpected error (events are kept and retried)")
+            with self._done_cond:
+                self._cycles += 1
+                self._done_cond.notify_all()
+            if self._stop and self._queue.empty() and not self._pending:
+                return
+
+    def _cycle(self) -> None:
+        self._drain_queue()
+        flushing = self._flush_wanted > 0 or self._stop
+        if self._down_since is not None and self._clock() < self._next_retry:
+            if self._pending and (flushing or self._must_spill(self._clock())):
+                self._spill_pending()
+            return
+        if self._pending:
+            self._write_pending()
+        elif self._down_since is not None:
+            self._try_replay()  # nothing new to write: probe the ledger with the backlog
+        if self._pending and (flushing or self._must_spill(self._clock())):
+            self._spill_pending()
+        elif flushing and self._down_since is None:
+            self._try_replay()
+
+    def _drain_queue(self) -> None:
+        while True:
+            try:
+                self._pending.append(self._queue.get_nowait())
+            except queue.Empty:
+                return
+
+    def _must_spill(self, now: float) -> bool:
+        return len(self._pending) >= self.max_pending or (
+            self._down_since is not None and now - self._down_since >= self.spill_after_s)
+
+    def _write_pending(self) -> None:
+        while self._pending:
+            batch = self._pending[: self.batch_size]
+            try:
+                self._insert(batch)
+            except Exception as exc:
+                if is_outage(exc):
+                    self._note_outage(exc)
+                    return
+                self._insert_one_by_one(batch)
+            del self._pending[: len(batch)]
+            self._mark_done(len(batch))
+        self._recovered()
+
+    def _recovered(self) -> None:
+        if self._down_since is not None:
+            logger.warning("llmtally: the ledger %s is reachable again", self.store.display_url)
+            self._down_since = None
+            self._retry_delay = _RETRY_MIN_S
+        self._try_replay()
+
+    def _insert(self, rows: list[dict[str, Any]]) -> None:
+        self.store.insert_many([_json_safe(row) for row in rows])
+        self.written += len(rows)
+
+    def _insert_one_by_one(self, rows: list[dict[str, Any]]) -> None:
+        """A batch failed for its content: keep the good rows, set the bad ones aside."""
+        bad: list[dict[str, Any]] = []
+        for row in rows:
+            try:
+                self._insert([row])
+            except Exception as exc:
+                if is_outage(exc):
+                    raise
+                bad.append(row)
+                warn_limited("rejected", "llmtally: the ledger rejected event %s (%s: %s); it is "
+                             "kept in %s", row.get("id"), type(exc).__name__, exc, self._rejected_path)
+        if bad:
+            self.rejected += len(bad)
+            try:
+                SpillFile(self._rejected_path).append(bad)
+            except OSError:
+                logger.error("llmtally: could not keep %d rejected events", len(bad))
+
+    @property
+    def _rejected_path(self) -> Path:
+        return self.spill.path.with_name(self.spill.path.name + ".rejected.jsonl")
+
+    def _note_outage(self, exc: BaseException) -> None:
+        now = self._clock()
+        if self._down_since is None:
+            self._down_since = now
+        warn_limited("outage", "llmtally: cannot write to the ledger %s (%s: %s); %d events wait "
+                     "and will be written when it is back (or kept in %s)", self.store.display_url,
+                     type(exc).__name__, _first_line(exc), len(self._pending), self.spill.path)
+        self._next_retry = now + self._retry_delay
+        self._retry_delay = min(self._retry_delay * 2, _RETRY_MAX_S)
+
+    def _spill_pending(self) -> None:
+        rows, self._pending = self._pending, []
+        if self._spill_now(rows, reason="the ledger is unreachable"):
+            return
+        self._pending = rows + self._pending  # the disk refused too: keep them in memory
+
+    def _spill_now(self, rows: list[dict[str, Any]], *, reason: str) -> bool:
+        try:
+            self.spill.append([_json_safe(row) for row in rows])
+        except OSError as exc:
+            warn_limited("spill-failed", "llmtally: %s and the spill file %s cannot be written "
+                         "(%s); %d events are held in memory", reason, self.spill.path, exc,
+                         len(rows), level=logging.ERROR)
+            return False
+        self.spilled += len(rows)
+        warn_limited("spilled", "llmtally: %s; %d events kept in %s, replayed when it is back",
+                     reason, len(rows), self.spill.path)
+        self._mark_done(len(rows))
+        return True
+
+    def _mark_done(self, count: int) -> None:
+        with self._done_cond:
+            self._done += count
+            self._done_cond.notify_all()
+
+    def _try_replay(self) -> None:
+        """Replay spilled events (ours or another process's) once the ledger answers."""
+        try:
+            if not self.spill.has_backlog():
+                return
+            for path in self.spill.claim():
+                rows, bad_lines = self.spill.read(path)
+                for start in range(0, len(rows), self.batch_size):
+                    self.store.insert_many([_json_safe(r) for r in rows[start:start + self.batch_size]])
+                if bad_lines:
+                    logger.warning("llmtally: %s had %d unreadable lines (%s); they were skipped",
+                                   path, len(bad_lines), ", ".join(map(str, bad_lines[:10])))
+                path.unlink()
+                logger.info("llmtally: replayed %d spilled events from %s", len(rows), path)
+        except Exception as exc:
+            if is_outage(exc):
+                self._note_outage(exc)
+            else:
+                warn_limited("replay", "llmtally: could not replay %s (%s: %s); will try again",
+                             self.spill.path, type(exc).__name__, exc)
+        else:
+            if self._down_since is not None:
+                self._down_since = None
+                self._retry_delay = _RETRY_MIN_S
+
+
+def _first_line(exc: BaseException) -> str:
+    return str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+
+
+def _json_safe(row: Mapping[str, Any]) -> dict[str, Any]:
+    """Make metadata and tags storable: JSON types only, no NaN (PostgreSQL's JSON refuses it)."""
+    out = dict(row)
+    meta = out.get("metadata")
+    if meta:
+        out["metadata"] = json.loads(json.dumps(meta, default=str, allow_nan=True),
+                                     parse_constant=lambda _: None)
+    for key in ("cost", "latency_ms", "ttft_ms"):
+        value = out.get(key)
+        if isinstance(value, float) and not math.isfinite(value):
+            out[key] = None
+    return out

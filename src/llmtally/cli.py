@@ -1,0 +1,211 @@
+"""The `llmtally` command: thin commands over the library (open the ledger, one call, print)."""
+
+from __future__ import annotations
+
+import csv
+import functools
+import json
+import sys
+from collections.abc import Callable, Sequence
+from typing import Any, TypeVar
+
+import click
+
+from ._errors import ConfigError, LedgerError
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+class CommandError(click.ClickException):
+    """One line saying what is wrong and how to fix it; exit code 2."""
+
+    exit_code = 2
+
+
+def ledger_options(func: F) -> F:
+    """``--db`` and ``--config``, shared by every command that opens the ledger."""
+
+    @click.option("--db", "database_url", metavar="URL",
+                  help="Ledger path or URL (default: $LLMTALLY_DATABASE_URL or ./llmtally.db).")
+    @click.option("--config", "config_path", metavar="FILE", type=click.Path(dir_okay=False),
+                  help="llmtally.toml to read (default: $LLMTALLY_CONFIG or ./llmtally.toml).")
+    @functools.wraps(func)
+    def wrapper(*args: Any, database_url: str | None, config_path: str | None, **kwargs: Any) -> Any:
+        with _errors_as_one_line():
+            from ._tally import Tally
+
+            overrides = {"database_url": database_url} if database_url else {}
+            tally = Tally.from_config(config_path, **overrides)
+        try:
+            with _errors_as_one_line():
+                return func(tally, *args, **kwargs)
+        finally:
+            tally.close()
+
+    return wrapper  # type: ignore[return-value]
+
+
+class _errors_as_one_line:
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, exc_type: Any, exc: BaseException | None, _tb: Any) -> bool:
+        if isinstance(exc, (ConfigError, LedgerError)):
+            raise CommandError(str(exc)) from exc
+        return False
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.version_option(package_name="llmtally")
+def main() -> None:
+    """llmtally: what your LLM calls cost, from a SQL ledger.
+
+    \b
+    Examples:
+      llmtally summary --since 7d --by model
+      llmtally prices anthropic/claude-sonnet-4-5
+      llmtally unpriced
+    """
+
+
+@main.command()
+@click.option("--since", default="7d", show_default=True, help="Start: a duration (7d, 24h) or a date.")
+@click.option("--until", default=None, help="End (exclusive): a duration ago or a date. Default: now.")
+@click.option("--by", "group_by", default="model", show_default=True,
+              type=click.Choice(["model", "provider", "project", "user", "session", "source",
+                                 "status", "call_type", "day"]), help="Group by this column.")
+@click.option("--project", default=None, help="Only this project.")
+@click.option("--user", default=None, help="Only this user.")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+@click.option("--csv", "as_csv", is_flag=True, help="Print CSV.")
+@ledger_options
+def summary(tally: Any, since: str, until: str | None, group_by: str, project: str | None,
+            user: str | None, as_json: bool, as_csv: bool) -> None:
+    """Calls, tokens and cost per model (or provider, project, user, day...).
+
+    \b
+    Example:
+      llmtally summary --since 7d --by project
+      llmtally summary --since 2026-11-01 --until 2026-11-15 --by user --json
+    """
+    filters = {name: value for name, value in (("project", project), ("user", user)) if value}
+    rows = tally.summary(since=since, until=until, by=group_by, **filters)
+    if as_json:
+        click.echo(json.dumps([row.as_dict() for row in rows], indent=2))
+        return
+    if as_csv:
+        fields = list(rows[0].as_dict()) if rows else ["key"]
+        writer = csv.DictWriter(sys.stdout, fieldnames=fields, lineterminator="\n")
+        writer.writeheader()
+        writer.writerows(row.as_dict() for row in rows)
+        return
+    if not rows:
+        click.echo(f"No calls recorded since {since} in {tally.database_url}.")
+        return
+    table = [[row.key or "-", row.calls, row.errors, row.input_tokens, row.output_tokens,
+              row.cache_read_tokens, _money(row.cost, row.currency),
+              row.unpriced_calls or ""] for row in rows]
+    table.append(["TOTAL", sum(r.calls for r in rows), sum(r.errors for r in rows),
+                  sum(r.input_tokens for r in rows), sum(r.output_tokens for r in rows),
+                  sum(r.cache_read_tokens for r in rows),
+                  _money(sum(r.cost for r in rows), rows[0].currency),
+                  sum(r.unpriced_calls for r in rows) or ""])
+    _print_table([group_by, "calls", "errors", "input", "output", "cached", "cost", "unpriced"], table)
+    if any(r.unpriced_calls for r in rows):
+        click.echo("\nSome calls have no known price (not counted in cost): see `llmtally unpriced`.")
+
+
+@main.command()
+@click.argument("model")
+@click.option("--provider", default=None, help="Provider, if MODEL has no provider/ prefix.")
+@click.option("--price-map", default=None, help="auto | bundled | litellm | path to a price JSON.")
+@click.option("--config", "config_path", metavar="FILE", type=click.Path(dir_okay=False),
+              help="llmtally.toml with price overrides.")
+def prices(model: str, provider: str | None, price_map: str | None, config_path: str | None) -> None:
+    """Show the price llmtally uses for MODEL (per million tokens).
+
+    \b
+    Example:
+      llmtally prices gpt-4o-mini
+      llmtally prices qwen-plus --provider dashscope
+    """
+    with _errors_as_one_line():
+        from ._config import load_settings
+        from ._pricing import PriceBook
+
+        settings = load_settings(config_path)
+        book = PriceBook(settings.get("prices"), currency=settings.get("currency", "USD"),
+                         rates=settings.get("rates"),
+                         price_map=price_map or settings.get("price_map", "auto"))
+        found = book.lookup(model, provider)
+    if found is None:
+        raise CommandError(
+            f"no price known for {model!r}" + (f" (provider {provider!r})" if provider else "")
+            + f" in {book.map_source}. Add one to llmtally.toml: [prices.\"{model}\"] input = ..., "
+            "output = ... (per 1M tokens)")
+    click.echo(_describe_price(model, found))
+
+
+@main.command()
+@click.option("--since", default=None, help="Only calls since (7d, 2026-11-01). Default: all.")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+@ledger_options
+def unpriced(tally: Any, since: str | None, as_json: bool) -> None:
+    """Models seen with no known price (their calls have no cost in reports).
+
+    \b
+    Example:
+      llmtally unpriced --since 30d
+    """
+    rows = tally.unpriced(since=since)
+    if as_json:
+        click.echo(json.dumps([row.as_dict() for row in rows], indent=2))
+        return
+    if not rows:
+        click.echo("Every recorded model has a price.")
+        return
+    _print_table(["provider", "model", "calls", "input", "output", "last seen"],
+                 [[r.provider or "-", r.model, r.calls, r.input_tokens, r.output_tokens,
+                   r.last_seen.isoformat(timespec="seconds")] for r in rows])
+    click.echo('\nAdd a price to llmtally.toml, e.g.\n  [prices."MODEL"]\n  input = 0.5    # per 1M '
+               'input tokens\n  output = 1.5   # per 1M output tokens\n  currency = "USD"')
+
+
+def _money(amount: float, currency: str | None) -> str:
+    digits = 2 if abs(amount) >= 1 else 6
+    return f"{amount:,.{digits}f} {currency or ''}".strip()
+
+
+def _print_table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> None:
+    cells = [[str(c) for c in header]] + [[str(c) for c in row] for row in rows]
+    widths = [max(len(row[i]) for row in cells) for i in range(len(header))]
+    for index, row in enumerate(cells):
+        line = "  ".join(cell.ljust(w) if i < 2 else cell.rjust(w)
+                         for i, (cell, w) in enumerate(zip(row, widths)))
+        click.echo(line.rstrip())
+        if index == 0:
+            click.echo("  ".join("-" * w for w in widths))
+
+
+def _describe_price(model: str, price: Any) -> str:
+    def per_million(value: float | None) -> str:
+        return "-" if value is None else f"{value * 1_000_000:.4f}"
+
+    lines = [
+        f"model:        {model}",
+        f"matched:      {price.model_key}  (provider {price.provider or '-'}, mode {price.mode or '-'})",
+        f"source:       {price.source}",
+        f"currency:     {price.currency} per 1M tokens",
+        f"input:        {per_million(price.input)}",
+        f"output:       {per_million(price.output)}",
+        f"cache read:   {per_million(price.cache_read)}",
+        f"cache write:  {per_million(price.cache_write)}",
+        f"reasoning:    {per_million(price.reasoning)}",
+    ]
+    if getattr(price, "max_output_tokens", None):
+        lines.append(f"max output:   {price.max_output_tokens} tokens")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()
