@@ -17,6 +17,7 @@ from datetime import datetime, timezone
 
 from sqlalchemy import (
     JSON,
+    BigInteger,
     Boolean,
     Column,
     Connection,
@@ -75,7 +76,7 @@ def m001_initial(conn: Connection) -> None:
         Column("streamed", Boolean, nullable=False),
         Column("status", String(16), nullable=False),
         Column("error_type", String(256)),
-        *(Column(name, Integer, nullable=False) for name in (
+        *(Column(name, BigInteger, nullable=False) for name in (
             "input_tokens", "output_tokens", "cache_read_tokens",
             "cache_write_tokens", "reasoning_tokens",
         )),

@@ -130,6 +130,8 @@ class Store:
             with self.engine.connect().execution_options(sqlite_immediate=True) as conn:
                 with conn.begin():
                     migrate(conn, self._migrations)
+            if self.dialect == "sqlite":
+                _use_wal(self.engine)  # only now that the file is known to be ours
         except LedgerError:
             raise
         except DatabaseError as exc:
@@ -204,12 +206,16 @@ def _create_private_file(path: Path) -> None:
 def _sqlite_on_connect(dbapi_conn: sqlite3.Connection, _record: Any) -> None:
     # Let SQLAlchemy's "begin" event emit BEGIN itself (pysqlite's own handling defers it).
     dbapi_conn.isolation_level = None
-    cursor = dbapi_conn.cursor()
+    dbapi_conn.execute("PRAGMA synchronous=NORMAL")
+
+
+def _use_wal(engine: Engine) -> None:
+    """Switch the file to WAL (persistent; readers then never block the writer)."""
+    raw = engine.raw_connection()
     try:
-        cursor.execute("PRAGMA journal_mode=WAL")
-        cursor.execute("PRAGMA synchronous=NORMAL")
+        raw.driver_connection.execute("PRAGMA journal_mode=WAL")
     finally:
-        cursor.close()
+        raw.close()
 
 
 def _sqlite_on_begin(conn: Connection) -> None:

@@ -13,7 +13,11 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-__all__ = ["Usage", "extract_usage", "response_model", "response_text", "coerce_count"]
+__all__ = ["Usage", "extract_usage", "response_model", "response_text", "coerce_count",
+           "MAX_TOKEN_COUNT"]
+
+MAX_TOKEN_COUNT = 10**12
+"""Larger counts are not real usage (no call is a trillion tokens): they are treated as invalid."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -41,13 +45,19 @@ def coerce_count(value: Any) -> int | None:
     if value is None or isinstance(value, bool):
         return None
     if isinstance(value, int):
-        return value if value >= 0 else None
-    if isinstance(value, float):
-        return int(value) if math.isfinite(value) and value >= 0 and value.is_integer() else None
-    if isinstance(value, str):
+        count = value
+    elif isinstance(value, float):
+        if not (math.isfinite(value) and value.is_integer()):
+            return None
+        count = int(value)
+    elif isinstance(value, str):
         text = value.strip()
-        return int(text) if text.isdigit() else None
-    return None
+        if not (text.isascii() and text.isdigit()) or len(text) > 13:
+            return None
+        count = int(text)
+    else:
+        return None
+    return count if 0 <= count <= MAX_TOKEN_COUNT else None
 
 
 def _count(obj: Any, *keys: str) -> int:

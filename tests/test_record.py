@@ -1,0 +1,170 @@
+"""tally.record() and tally.scope(): attribution, and bad input recorded as well as possible."""
+
+from __future__ import annotations
+
+import asyncio
+import contextvars
+import json
+import math
+import threading
+
+import pytest
+from conftest import fetch_events
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from llmtally import ConfigError, Tally
+
+
+def _json(value):
+    return json.loads(value) if isinstance(value, str) else value
+
+
+def _rows(tally):
+    tally.flush(10)
+    return fetch_events(tally.store.url)
+
+
+def test_scopes_nest_inner_wins_and_tags_merge(make_tally):
+    tally = make_tally(scope={"project": "default-project", "tags": ["prod"]})
+    with tally.scope(project="etl", user="bob", tags=["nightly"], metadata={"a": 1}):
+        with tally.scope(user="carol", tags=["retry", "nightly"], metadata={"b": 2}):
+            inner = tally.record(model="gpt-4o-mini", input_tokens=1)
+        outer = tally.record(model="gpt-4o-mini", input_tokens=1, tags=["explicit"])
+    outside = tally.record(model="gpt-4o-mini", input_tokens=1, user="dave")
+    rows = {r["id"]: r for r in _rows(tally)}
+    assert (rows[inner]["project"], rows[inner]["user"]) == ("etl", "carol")
+    assert _json(rows[inner]["tags"]) == ["prod", "nightly", "retry"]
+    assert _json(rows[inner]["metadata"]) == {"a": 1, "b": 2}
+    assert (rows[outer]["project"], rows[outer]["user"]) == ("etl", "bob")
+    assert _json(rows[outer]["tags"]) == ["prod", "nightly", "explicit"]
+    assert (rows[outside]["project"], rows[outside]["user"]) == ("default-project", "dave")
+    assert _json(rows[outside]["tags"]) == ["prod"]
+
+
+def test_scope_follows_asyncio_tasks_and_copied_thread_contexts(make_tally):
+    tally = make_tally()
+    ids: dict[str, str] = {}
+
+    async def call(name: str) -> None:
+        await asyncio.sleep(0.01)
+        ids[name] = tally.record(model="gpt-4o-mini", input_tokens=1)
+
+    async def main() -> None:
+        with tally.scope(user="alice"):
+            first = asyncio.create_task(call("task-alice"))
+        with tally.scope(user="bob"):
+            second = asyncio.create_task(call("task-bob"))
+            await asyncio.to_thread(lambda: ids.setdefault(
+                "to_thread-bob", tally.record(model="gpt-4o-mini", input_tokens=1)))
+        await asyncio.gather(first, second)
+
+    asyncio.run(main())
+    with tally.scope(user="erin"):
+        context = contextvars.copy_context()
+        copied = threading.Thread(target=context.run, args=(lambda: ids.setdefault(
+            "copied-erin", tally.record(model="gpt-4o-mini", input_tokens=1)),))
+        plain = threading.Thread(target=lambda: ids.setdefault(
+            "plain-none", tally.record(model="gpt-4o-mini", input_tokens=1)))
+        copied.start(), plain.start()
+        copied.join(), plain.join()
+    users = {r["id"]: r["user"] for r in _rows(tally)}
+    assert {name: users[event_id] for name, event_id in ids.items()} == {
+        "task-alice": "alice", "task-bob": "bob", "to_thread-bob": "bob",
+        "copied-erin": "erin", "plain-none": None,
+    }
+
+
+def test_bad_token_counts_are_recorded_as_well_as_possible(make_tally):
+    tally = make_tally()
+    event_id = tally.record(model="gpt-4o-mini", provider="openai", input_tokens=-5,
+                            output_tokens=2.5, cache_read_tokens="12", reasoning_tokens=None,
+                            cache_write_tokens=float("nan"))
+    [row] = _rows(tally)
+    assert row["id"] == event_id
+    assert (row["input_tokens"], row["output_tokens"], row["cache_read_tokens"],
+            row["cache_write_tokens"], row["reasoning_tokens"]) == (12, 0, 12, 0, 0)
+    warnings = _json(row["metadata"])["llmtally_warnings"]
+    assert any("input_tokens=-5" in w for w in warnings)
+    assert any("output_tokens=2.5" in w for w in warnings)
+    assert any("cache_write_tokens=nan" in w for w in warnings)
+    assert row["cost"] == pytest.approx(12 * 0.075e-6, abs=1e-15)
+
+
+def test_hostile_names_are_stored_verbatim_or_bounded(ledger_url, make_tally):
+    tally = make_tally(ledger_url)
+    injection = "gpt'; DROP TABLE llmtally_events; --<script>alert(1)</script>"
+    long_model = "m" * 10_000
+    a = tally.record(model=injection, provider="openai", user='"><img src=x onerror=alert(1)>')
+    b = tally.record(model=long_model, project="p\x00q", tags=["ok", "\udcff-surrogate"])
+    rows = {r["id"]: r for r in _rows(tally)}
+    assert rows[a]["model"] == injection
+    assert rows[a]["user"] == '"><img src=x onerror=alert(1)>'
+    assert rows[a]["cost_status"] == "unpriced"
+    assert rows[b]["model"] == "m" * 256
+    assert rows[b]["project"] == "pq"
+    assert _json(rows[b]["tags"]) == ["ok", "?-surrogate"]
+    assert "model was 10000 characters; cut to 256" in _json(rows[b]["metadata"])["llmtally_warnings"]
+
+
+def test_odd_values_never_raise_into_the_caller(make_tally):
+    tally = make_tally()
+    ids = [
+        tally.record(model=None),  # type: ignore[arg-type]
+        tally.record(model=12345, provider=object()),  # type: ignore[arg-type]
+        tally.record(model="gpt-4o-mini", status="weird", call_type="banana", source="?"),
+        tally.record(model="gpt-4o-mini", latency_ms="fast", ttft_ms=-1),
+        tally.record(model="gpt-4o-mini", metadata=["not", "a", "dict"]),  # type: ignore[arg-type]
+        tally.record(model="gpt-4o-mini", metadata={"obj": object(), "nan": math.nan}),
+        tally.record(model="gpt-4o-mini", tags=42),  # type: ignore[arg-type]
+        tally.record(model="gpt-4o-mini", ts="yesterday"),  # type: ignore[arg-type]
+    ]
+    rows = {r["id"]: r for r in _rows(tally)}
+    # every call but the unusable timestamp is recorded; none raised
+    assert set(ids[:-1]) <= set(rows)
+    assert rows[ids[0]]["model"] == "unknown"
+    assert rows[ids[1]]["model"] == "12345"
+    assert (rows[ids[2]]["status"], rows[ids[2]]["call_type"], rows[ids[2]]["source"]) == \
+        ("ok", "other", "manual")
+    assert rows[ids[3]]["latency_ms"] is None and rows[ids[3]]["ttft_ms"] is None
+    meta = _json(rows[ids[5]]["metadata"])
+    assert meta["nan"] is None and meta["obj"].startswith("<object object")
+
+
+def test_bad_configuration_is_refused_at_construction(tmp_path):
+    with pytest.raises(ConfigError, match="currency"):
+        Tally(f"sqlite:///{tmp_path / 'a.db'}", currency="XYZ")
+    with pytest.raises(ConfigError, match="batch_size"):
+        Tally(f"sqlite:///{tmp_path / 'a.db'}", batch_size=0)
+    with pytest.raises(ConfigError, match="scope has unknown keys"):
+        Tally(f"sqlite:///{tmp_path / 'a.db'}", scope={"team": "x"})
+    with pytest.raises(ConfigError, match="input"):
+        Tally(f"sqlite:///{tmp_path / 'a.db'}", prices={"m": {"input": -1}})
+
+
+token_values = st.one_of(st.none(), st.integers(-10**12, 10**12), st.floats(allow_nan=True),
+                         st.text(max_size=5), st.booleans(), st.lists(st.integers(), max_size=2))
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(values=st.tuples(*[token_values] * 5), model=st.text(max_size=300))
+def test_any_usage_values_record_without_raising(make_tally, values, model):
+    tally = _shared_tally(make_tally)
+    written = tally._writer.written
+    tally.record(model=model, input_tokens=values[0], output_tokens=values[1],
+                 cache_read_tokens=values[2], cache_write_tokens=values[3],
+                 reasoning_tokens=values[4])
+    assert tally.flush(10)
+    assert tally._writer.written == written + 1 and tally._writer.rejected == 0
+
+
+_TALLIES: dict[int, Tally] = {}
+
+
+def _shared_tally(make_tally) -> Tally:
+    """One Tally for all examples of a property test (hypothesis reuses the fixture)."""
+    key = id(make_tally)
+    if key not in _TALLIES:
+        _TALLIES.clear()
+        _TALLIES[key] = make_tally()
+    return _TALLIES[key]
