@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any
 
-__all__ = ["Attribution", "current", "attributed", "EMPTY"]
+__all__ = ["Attribution", "current", "attributed", "merge_tags", "EMPTY"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -36,7 +36,7 @@ class Attribution:
             project=inner.project if inner.project is not None else self.project,
             user=inner.user if inner.user is not None else self.user,
             session=inner.session if inner.session is not None else self.session,
-            tags=_merge_tags(self.tags, inner.tags),
+            tags=merge_tags(self.tags, inner.tags),
             request_id=inner.request_id if inner.request_id is not None else self.request_id,
             metadata=MappingProxyType({**self.metadata, **inner.metadata})
             if inner.metadata else self.metadata,
@@ -79,7 +79,7 @@ def attributed(
         _current.reset(token)
 
 
-def _merge_tags(outer: tuple[str, ...], inner: tuple[str, ...]) -> tuple[str, ...]:
+def merge_tags(outer: tuple[str, ...], inner: tuple[str, ...]) -> tuple[str, ...]:
     if not inner:
         return outer
     if not outer:

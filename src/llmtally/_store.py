@@ -7,9 +7,13 @@ of failing. PostgreSQL is reached through psycopg 3 (``pip install "llmtally[pos
 
 from __future__ import annotations
 
+import functools
+import json
+import operator
 import os
 import sqlite3
 from collections.abc import Iterable, Mapping, Sequence
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +24,7 @@ from sqlalchemy.pool import StaticPool
 
 from ._errors import ConfigError, LedgerError
 from ._migrations import MIGRATIONS, Migration, migrate
-from ._model import UsageEvent
+from ._model import EVENT_COLUMNS, EVENTS_TABLE, UsageEvent
 
 __all__ = ["Store", "normalize_url", "DEFAULT_DATABASE_URL", "is_outage"]
 
@@ -152,21 +156,31 @@ class Store:
     # -- writing -------------------------------------------------------------------------
 
     def insert_many(self, rows: Sequence[Mapping[str, Any]]) -> int:
-        """Insert events in one transaction; ids already stored are skipped. Returns rows inserted."""
+        """Insert events in one transaction; ids already stored are skipped. Returns rows inserted.
+
+        Rows go to the driver's ``executemany`` as tuples, converted here once (timestamps in
+        SQLAlchemy's SQLite format, JSON as text), which is what makes batches fast.
+        """
         if not rows:
             return 0
         self.ensure_schema()
+        params = [_driver_row(row, self._sqlite_ts) for row in rows]
         with self.engine.connect().execution_options(sqlite_immediate=True) as conn:
             with conn.begin():
-                result = conn.execute(self._insert_statement(conn), list(rows))
+                result = conn.exec_driver_sql(self._insert_sql, params)
         return max(result.rowcount, 0)
 
-    def _insert_statement(self, conn: Connection) -> Any:
-        if self.dialect == "postgresql":
-            from sqlalchemy.dialects.postgresql import insert
-        else:
-            from sqlalchemy.dialects.sqlite import insert
-        return insert(_EVENTS).on_conflict_do_nothing(index_elements=["id"])
+    @functools.cached_property
+    def _insert_sql(self) -> str:
+        mark = "?" if self.dialect == "sqlite" else "%s"
+        columns = ", ".join(f'"{name}"' for name in EVENT_COLUMNS)
+        marks = ", ".join([mark] * len(EVENT_COLUMNS))
+        return (f"INSERT INTO {EVENTS_TABLE} ({columns}) VALUES ({marks}) "
+                "ON CONFLICT (id) DO NOTHING")
+
+    @property
+    def _sqlite_ts(self) -> bool:
+        return self.dialect == "sqlite"
 
     def existing_ids(self, ids: Iterable[str]) -> set[str]:
         """The subset of ``ids`` already in the ledger."""
@@ -185,6 +199,28 @@ class Store:
 
     def close(self) -> None:
         self.engine.dispose()
+
+
+_ROW_VALUES = operator.itemgetter(*EVENT_COLUMNS)
+_TS, _TAGS, _METADATA = (EVENT_COLUMNS.index(name) for name in ("ts", "tags", "metadata"))
+
+
+def _driver_row(row: Mapping[str, Any], sqlite_ts: bool) -> tuple[Any, ...]:
+    """One event as DB-API parameters in column order (missing keys are NULL)."""
+    try:
+        values = list(_ROW_VALUES(row))
+    except KeyError:
+        values = [row.get(name) for name in EVENT_COLUMNS]
+    tags, metadata = values[_TAGS], values[_METADATA]
+    values[_TAGS] = _json_text(tags) if tags else "[]"
+    values[_METADATA] = _json_text(metadata) if metadata else "{}"
+    ts = values[_TS]
+    if sqlite_ts and isinstance(ts, datetime):
+        values[_TS] = ts.isoformat(sep=" ", timespec="microseconds")  # SQLAlchemy's SQLite form
+    return tuple(values)
+
+
+_json_text = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False).encode
 
 
 def _create_private_file(path: Path) -> None:

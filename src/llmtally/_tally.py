@@ -8,7 +8,6 @@ import hashlib
 import inspect
 import os
 import time
-import uuid
 import weakref
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager
@@ -20,7 +19,9 @@ from . import _scope
 from ._errors import ConfigError
 from ._log import logger, warn_limited
 from ._pricing import Price, PriceBook
-from ._usage import Usage, coerce_count, extract_usage, response_model, response_text
+from ._ids import EventIds
+from ._usage import (MAX_TOKEN_COUNT, Usage, coerce_count, extract_usage, response_model,
+                     response_text)
 
 if TYPE_CHECKING:  # the database layer is imported when a Tally is made, not at `import llmtally`
     from ._queries import SummaryRow, UnpricedRow
@@ -37,6 +38,9 @@ CALL_TYPES = frozenset({"chat", "completion", "embedding", "image", "audio", "re
 SOURCES = frozenset({"litellm", "langchain", "manual", "import"})
 DEFAULT_EXIT_FLUSH_TIMEOUT_S = 10.0
 _SCOPE_KEYS = ("project", "user", "session", "tags", "request_id", "metadata")
+_TOKEN_FIELDS = ("input_tokens", "output_tokens", "cache_read_tokens", "cache_write_tokens",
+                 "reasoning_tokens")
+_ids = EventIds()
 
 
 class Tally:
@@ -180,7 +184,7 @@ class Tally:
         writes, ``output_tokens`` includes reasoning. ``estimated=True`` marks counts that were
         not reported by the provider (e.g. counted offline).
         """
-        event_id = _clean_id(id) or uuid.uuid4().hex
+        event_id = _clean_id(id) if id is not None else _ids.next_id()
         try:
             row = self._event_row(
                 event_id=event_id, model=model, provider=provider,
@@ -202,40 +206,67 @@ class Tally:
                    streamed: Any, resolved_model: Any, estimated: bool, ts: Any, source: Any,
                    attribution: tuple[Any, ...]) -> dict[str, Any]:
         notes: list[str] = []
-        names = ("input_tokens", "output_tokens", "cache_read_tokens", "cache_write_tokens",
-                 "reasoning_tokens")
-        counts = []
-        for name, value in zip(names, tokens):
-            count = coerce_count(value)
-            if count is None:
-                if value is not None:
-                    notes.append(f"{name}={_short_repr(value)} is not a token count; recorded as 0")
-                count = 0
-            counts.append(count)
-        usage = Usage(
-            input_tokens=max(counts[0], counts[2] + counts[3]), output_tokens=max(counts[1], counts[4]),
-            cache_read_tokens=counts[2], cache_write_tokens=counts[3], reasoning_tokens=counts[4],
-        )
+        if all(type(value) is int and 0 <= value <= MAX_TOKEN_COUNT for value in tokens):
+            input_tokens, output_tokens, cache_read, cache_write, reasoning = tokens
+        else:
+            input_tokens, output_tokens, cache_read, cache_write, reasoning = (
+                _token_count(value, name, notes) for value, name in zip(tokens, _TOKEN_FIELDS))
+        # Parts never exceed their whole (input includes cache; output includes reasoning).
+        input_tokens = max(input_tokens, cache_read + cache_write)
+        output_tokens = max(output_tokens, reasoning)
         model_name = _clean_text(model, notes, "model") or "unknown"
         provider_name = _clean_text(provider, notes, "provider")
-        status = _one_of(status, STATUSES, "status", "ok", notes)
+        if status not in STATUSES:
+            status = _one_of(status, STATUSES, "status", "ok", notes)
         priced = self.prices.cost(
-            model=model_name, provider=provider_name,
-            input_tokens=usage.input_tokens, output_tokens=usage.output_tokens,
-            cache_read_tokens=usage.cache_read_tokens, cache_write_tokens=usage.cache_write_tokens,
-            reasoning_tokens=usage.reasoning_tokens,
+            model=model_name, provider=provider_name, input_tokens=input_tokens,
+            output_tokens=output_tokens, cache_read_tokens=cache_read,
+            cache_write_tokens=cache_write, reasoning_tokens=reasoning,
         )
         if status == "blocked":
             cost, cost_status, price_source = 0.0, "priced", None
-        elif priced.status == "unpriced":
+        elif priced.cost is None:
             cost, cost_status, price_source = None, "unpriced", None
         else:
-            cost = priced.cost
+            cost, price_source = priced.cost, priced.source
             cost_status = "estimated" if estimated else "priced"
-            price_source = priced.source
         project, user, session, tags, request_id, metadata = attribution
-        scope = self._default_scope.merged(_scope.current())
-        meta = dict(scope.metadata)
+        scope = _scope.current()
+        if self._default_scope is not _scope.EMPTY:
+            scope = self._default_scope.merged(scope)
+        row = {
+            "id": event_id,
+            "ts": _as_utc_naive(self._clock() if ts is None else ts),
+            "source": source if source in SOURCES else _one_of(source, SOURCES, "source",
+                                                                 "manual", notes),
+            "provider": provider_name or priced.provider,
+            "model": model_name,
+            "resolved_model": _clean_text(resolved_model, notes, "resolved_model"),
+            "call_type": call_type if call_type in CALL_TYPES else _one_of(
+                call_type, CALL_TYPES, "call_type", "other", notes),
+            "streamed": bool(streamed),
+            "status": status,
+            "error_type": _clean_text(error_type, notes, "error_type"),
+            "input_tokens": input_tokens,
+            "output_tokens": output_tokens,
+            "cache_read_tokens": cache_read,
+            "cache_write_tokens": cache_write,
+            "reasoning_tokens": reasoning,
+            "cost": cost,
+            "currency": self.currency,
+            "cost_status": cost_status,
+            "price_source": price_source,
+            "latency_ms": None if latency_ms is None else _milliseconds(latency_ms, "latency_ms", notes),
+            "ttft_ms": None if ttft_ms is None else _milliseconds(ttft_ms, "ttft_ms", notes),
+            "project": _clean_text(project, notes, "project") or scope.project,
+            "user": _clean_text(user, notes, "user") or scope.user,
+            "session": _clean_id(session) or scope.session,
+            "tags": list(_scope.merge_tags(scope.tags, _tag_tuple(tags, notes)) if tags
+                         else scope.tags),
+            "request_id": _clean_id(request_id) or scope.request_id,
+            "metadata": None,
+        }
+        meta = dict(scope.metadata) if scope.metadata else {}
         if metadata:
             if isinstance(metadata, Mapping):
                 meta.update(metadata)
@@ -243,35 +274,8 @@ class Tally:
                 notes.append(f"metadata={_short_repr(metadata)} is not a mapping; ignored")
         if notes:
             meta["llmtally_warnings"] = notes
-        return {
-            "id": event_id,
-            "ts": _as_utc_naive(ts) if ts is not None else _as_utc_naive(self._clock()),
-            "source": _one_of(source, SOURCES, "source", "manual", notes),
-            "provider": provider_name or priced.provider,
-            "model": model_name,
-            "resolved_model": _clean_text(resolved_model, notes, "resolved_model"),
-            "call_type": _one_of(call_type, CALL_TYPES, "call_type", "other", notes),
-            "streamed": bool(streamed),
-            "status": status,
-            "error_type": _clean_text(error_type, notes, "error_type"),
-            "input_tokens": usage.input_tokens,
-            "output_tokens": usage.output_tokens,
-            "cache_read_tokens": usage.cache_read_tokens,
-            "cache_write_tokens": usage.cache_write_tokens,
-            "reasoning_tokens": usage.reasoning_tokens,
-            "cost": cost,
-            "currency": self.currency,
-            "cost_status": cost_status,
-            "price_source": price_source,
-            "latency_ms": _milliseconds(latency_ms, "latency_ms", notes),
-            "ttft_ms": _milliseconds(ttft_ms, "ttft_ms", notes),
-            "project": _clean_text(project, notes, "project") or scope.project,
-            "user": _clean_text(user, notes, "user") or scope.user,
-            "session": _clean_id(session) or scope.session,
-            "tags": list(_scope._merge_tags(scope.tags, _tag_tuple(tags, notes))),
-            "request_id": _clean_id(request_id) or scope.request_id,
-            "metadata": meta,
-        }
+        row["metadata"] = meta
+        return row
 
     def track(
         self,
@@ -373,9 +377,9 @@ class Tally:
             return
         self._closed = True
         if not self._writer.close(timeout):
-            logger.warning("llmtally: %d events were not written before close(); they are "
-                           "lost unless the spill file %s holds them", self._writer.queued,
-                           self.spill_path)
+            logger.warning("llmtally: close() gave up after %ss with %d events not yet written "
+                           "(a slow or unreachable ledger); events already spilled are in %s",
+                           timeout, self._writer.queued, self.spill_path)
         self.store.close()
 
     def __enter__(self) -> Tally:
@@ -415,6 +419,8 @@ def _utc_now() -> datetime:
 
 
 def _as_utc_naive(value: Any) -> datetime:
+    if type(value) is datetime and value.tzinfo is timezone.utc:
+        return value.replace(tzinfo=None)
     if isinstance(value, datetime):
         if value.tzinfo is not None:
             value = value.astimezone(timezone.utc).replace(tzinfo=None)
@@ -472,6 +478,15 @@ def _register_exit_flush(tally: Tally) -> None:
     atexit.register(flush_at_exit)
 
 
+def _token_count(value: Any, name: str, notes: list[str]) -> int:
+    count = coerce_count(value)
+    if count is None:
+        if value is not None:
+            notes.append(f"{name}={_short_repr(value)} is not a token count; recorded as 0")
+        return 0
+    return count
+
+
 def _short_repr(value: Any) -> str:
     text = repr(value)
     return text if len(text) <= 60 else text[:57] + "..."
@@ -481,6 +496,8 @@ def _clean_text(value: Any, notes: list[str], name: str, limit: int = 256) -> st
     """Text safe for any database: no NUL, valid UTF-8, at most ``limit`` characters."""
     if value is None:
         return None
+    if type(value) is str and len(value) <= limit and value.isascii() and "\x00" not in value:
+        return value or None
     text = value if isinstance(value, str) else str(value)
     if not text.isascii():
         text = text.encode("utf-8", "replace").decode("utf-8")

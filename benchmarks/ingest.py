@@ -1,0 +1,159 @@
+"""Ingest throughput: events/s into the ledger through llmtally vs raw DB-API executemany.
+
+    python benchmarks/ingest.py [--events 50000] [--postgres URL]
+
+Same rows, same schema (llmtally's own, with its indexes), same run. Three figures per database:
+
+- raw:    the driver's executemany of pre-built tuples (sqlite3 / psycopg), batches of 1000
+- store:  llmtally's writer path, Store.insert_many() of event dicts, batches of 1000
+- record: the whole path, Tally.record() on the caller's thread + background writer + flush()
+
+Target (issue 3): store >= 0.7x raw.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import time
+import uuid
+from datetime import datetime, timedelta
+
+from sqlalchemy import create_engine, text
+
+from llmtally import Tally
+from llmtally._model import EVENT_COLUMNS
+from llmtally._store import Store
+
+BATCH = 1000
+
+
+def make_rows(count: int) -> list[dict]:
+    base = datetime(2026, 11, 1)
+    models = ["gpt-4o-mini", "claude-sonnet-4-5", "deepseek/deepseek-chat", "gemini/gemini-2.5-flash"]
+    return [{
+        "id": uuid.uuid4().hex, "ts": base + timedelta(seconds=i), "source": "manual",
+        "provider": "openai", "model": models[i % 4], "resolved_model": None, "call_type": "chat",
+        "streamed": False, "status": "ok", "error_type": None, "input_tokens": 1000 + i % 500,
+        "output_tokens": 200, "cache_read_tokens": 0, "cache_write_tokens": 0,
+        "reasoning_tokens": 0, "cost": 0.00027, "currency": "USD", "cost_status": "priced",
+        "price_source": "litellm-map:2026-11-25", "latency_ms": 850.0, "ttft_ms": None,
+        "project": f"p{i % 5}", "user": f"u{i % 50}", "session": None, "tags": ["bench"],
+        "request_id": None, "metadata": {},
+    } for i in range(count)]
+
+
+def as_tuples(rows: list[dict]) -> list[tuple]:
+    out = []
+    for row in rows:
+        values = dict(row, tags=json.dumps(row["tags"]), metadata=json.dumps(row["metadata"]))
+        out.append(tuple(values[c] for c in EVENT_COLUMNS))
+    return out
+
+
+def fresh_store(url: str) -> Store:
+    store = Store(url)
+    store.ensure_schema()
+    return store
+
+
+def time_raw(url: str, rows: list[dict]) -> float:
+    """The driver alone: executemany of ready tuples into the same table."""
+    store = fresh_store(url)
+    tuples = as_tuples(rows)
+    columns = ", ".join(f'"{c}"' for c in EVENT_COLUMNS)
+    raw = store.engine.raw_connection()
+    try:
+        cursor = raw.cursor()
+        marks = ", ".join(["?" if store.dialect == "sqlite" else "%s"] * len(EVENT_COLUMNS))
+        sql = f"INSERT INTO llmtally_events ({columns}) VALUES ({marks}) ON CONFLICT (id) DO NOTHING"
+        started = time.perf_counter()
+        for start in range(0, len(tuples), BATCH):
+            if store.dialect == "sqlite":
+                cursor.execute("BEGIN IMMEDIATE")
+            cursor.executemany(sql, tuples[start:start + BATCH])
+            raw.commit() if store.dialect != "sqlite" else cursor.execute("COMMIT")
+        return time.perf_counter() - started
+    finally:
+        raw.close()
+        store.close()
+
+
+def time_store(url: str, rows: list[dict]) -> float:
+    store = fresh_store(url)
+    started = time.perf_counter()
+    for start in range(0, len(rows), BATCH):
+        store.insert_many(rows[start:start + BATCH])
+    elapsed = time.perf_counter() - started
+    store.close()
+    return elapsed
+
+
+def time_record(url: str, count: int, spill: str) -> float:
+    with Tally(url, price_map="bundled", spill_path=spill) as tally:
+        started = time.perf_counter()
+        for i in range(count):
+            tally.record(model="gpt-4o-mini", provider="openai", input_tokens=1000 + i % 500,
+                         output_tokens=200, project=f"p{i % 5}", user=f"u{i % 50}")
+        tally.flush()
+        return time.perf_counter() - started
+
+
+def reset(url: str) -> None:
+    if url.startswith("sqlite:///"):
+        for suffix in ("", "-wal", "-shm"):
+            try:
+                os.remove(url[len("sqlite:///"):] + suffix)
+            except FileNotFoundError:
+                pass
+        return
+    engine = create_engine(url)
+    with engine.begin() as conn:
+        conn.execute(text("DROP TABLE IF EXISTS llmtally_events, llmtally_schema"))
+    engine.dispose()
+
+
+def bench(name: str, url: str, count: int, workdir: str) -> None:
+    rows = make_rows(count)
+    results = {}
+    for label, run in (("raw", lambda: time_raw(url, rows)), ("store", lambda: time_store(url, rows)),
+                       ("record", lambda: time_record(url, count, os.path.join(workdir, "s.jsonl")))):
+        best = float("inf")
+        for _ in range(3):
+            reset(url)
+            best = min(best, run())
+        results[label] = count / best
+    print(f"{name:10} raw {results['raw']:>9,.0f} ev/s   store {results['store']:>9,.0f} ev/s "
+          f"({results['store'] / results['raw']:.2f}x raw)   record+flush {results['record']:>9,.0f} ev/s "
+          f"({results['record'] / results['raw']:.2f}x raw)")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--events", type=int, default=50_000)
+    parser.add_argument("--postgres", default=os.environ.get(
+        "LLMTALLY_TEST_POSTGRES_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test"),
+        help="PostgreSQL URL ('' to skip); its llmtally tables are dropped and recreated")
+    args = parser.parse_args()
+    print(f"ingest: {args.events:,} events, batches of {BATCH}, best of 3, python {sys.version.split()[0]}")
+    with tempfile.TemporaryDirectory() as workdir:
+        bench("sqlite", f"sqlite:///{workdir}/bench.db", args.events, workdir)
+        if args.postgres:
+            url = args.postgres + ("&" if "?" in args.postgres else "?") + \
+                "options=-csearch_path%3Dllmtally_bench"
+            engine = create_engine(args.postgres)
+            with engine.begin() as conn:
+                conn.execute(text("CREATE SCHEMA IF NOT EXISTS llmtally_bench"))
+            try:
+                bench("postgresql", url, args.events, workdir)
+            finally:
+                with engine.begin() as conn:
+                    conn.execute(text("DROP SCHEMA llmtally_bench CASCADE"))
+                engine.dispose()
+
+
+if __name__ == "__main__":
+    main()
