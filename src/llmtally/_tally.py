@@ -85,6 +85,7 @@ class Tally:
         from ._writer import Writer
 
         self.prices = PriceBook(_as_prices(prices), currency=currency, rates=rates, price_map=price_map)
+        self.prices.known_models()  # load the map now: a bad map file fails here, not at a call
         self.currency = currency
         self._default_scope = _scope_from_mapping(scope or {})
         self._clock = clock or _utc_now
