@@ -29,18 +29,13 @@ from __future__ import annotations
 import difflib
 import math
 import os
-import sys
+import tomllib
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 from ._errors import ConfigError
 from ._pricing import Price
-
-if sys.version_info >= (3, 11):
-    import tomllib
-else:  # pragma: no cover
-    import tomli as tomllib
 
 __all__ = ["load_settings", "DEFAULT_CONFIG_FILE", "ENV_VARIABLES"]
 

@@ -103,14 +103,16 @@ def summary(tally: Any, since: str, until: str | None, group_by: str, project: s
         click.echo(f"No calls recorded since {since} in {tally.database_url}.")
         return
     table = [[row.key or "-", row.calls, row.errors, row.input_tokens, row.output_tokens,
-              row.cache_read_tokens, _money(row.cost, row.currency),
+              row.cache_read_tokens,
+              "unpriced" if row.unpriced_calls == row.calls else _money(row.cost, row.currency),
               row.unpriced_calls or ""] for row in rows]
     table.append(["TOTAL", sum(r.calls for r in rows), sum(r.errors for r in rows),
                   sum(r.input_tokens for r in rows), sum(r.output_tokens for r in rows),
                   sum(r.cache_read_tokens for r in rows),
                   _money(sum(r.cost for r in rows), rows[0].currency),
                   sum(r.unpriced_calls for r in rows) or ""])
-    _print_table([group_by, "calls", "errors", "input", "output", "cached", "cost", "unpriced"], table)
+    _print_table([group_by, "calls", "errors", "input", "output", "cached", "cost", "unpriced"],
+                 table, left=1)
     if any(r.unpriced_calls for r in rows):
         click.echo("\nSome calls have no known price (not counted in cost): see `llmtally unpriced`.")
 
@@ -166,7 +168,7 @@ def unpriced(tally: Any, since: str | None, as_json: bool) -> None:
         return
     _print_table(["provider", "model", "calls", "input", "output", "last seen"],
                  [[r.provider or "-", r.model, r.calls, r.input_tokens, r.output_tokens,
-                   r.last_seen.isoformat(timespec="seconds")] for r in rows])
+                   r.last_seen.isoformat(timespec="seconds")] for r in rows], left=2)
     click.echo('\nAdd a price to llmtally.toml, e.g.\n  [prices."MODEL"]\n  input = 0.5    # per 1M '
                'input tokens\n  output = 1.5   # per 1M output tokens\n  currency = "USD"')
 
@@ -176,11 +178,12 @@ def _money(amount: float, currency: str | None) -> str:
     return f"{amount:,.{digits}f} {currency or ''}".strip()
 
 
-def _print_table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> None:
+def _print_table(header: Sequence[str], rows: Sequence[Sequence[Any]], *, left: int) -> None:
+    """Aligned columns: the first ``left`` columns (names) flush left, figures flush right."""
     cells = [[str(c) for c in header]] + [[str(c) for c in row] for row in rows]
     widths = [max(len(row[i]) for row in cells) for i in range(len(header))]
     for index, row in enumerate(cells):
-        line = "  ".join(cell.ljust(w) if i < 2 else cell.rjust(w)
+        line = "  ".join(cell.ljust(w) if i < left else cell.rjust(w)
                          for i, (cell, w) in enumerate(zip(row, widths)))
         click.echo(line.rstrip())
         if index == 0:
