@@ -566,19 +566,3 @@ def test_cost_never_raises_or_goes_negative(model: tuple[str, str | None], count
     else:
         assert result.status == "priced"
         assert result.cost is not None and result.cost >= 0 and not math.isnan(result.cost)
-
-
-def test_warm_cost_is_microseconds(book: PriceBook, capsys: pytest.CaptureFixture[str]) -> None:
-    kwargs = dict(
-        model="gpt-4o-mini", provider="openai", input_tokens=120, cache_read_tokens=100, output_tokens=30
-    )
-    book.cost(**kwargs)
-    samples = []
-    for _ in range(5000):
-        start = time.perf_counter_ns()
-        book.cost(**kwargs)
-        samples.append(time.perf_counter_ns() - start)
-    p50_us = statistics.median(samples) / 1000
-    with capsys.disabled():
-        print(f"\nwarm PriceBook.cost() p50: {p50_us:.2f} us")
-    assert p50_us < 100  # ~2 us on a laptop; generous for slow CI machines

@@ -163,7 +163,7 @@ def test_a_read_only_directory_is_a_clear_error(tmp_path):
             if os.geteuid() == 0:
                 os.setgid(65534)
                 os.setuid(65534)
-            Tally(f"sqlite:///{readonly / 'ledger.db'}", spill_path="/tmp/never.jsonl")
+            Store(f"sqlite:///{readonly / 'ledger.db'}")  # (nobody may not read prices.json here)
         except LedgerError as exc:
             message = f"LedgerError: {exc}"
         except BaseException as exc:  # noqa: BLE001 - reported to the parent

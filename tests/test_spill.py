@@ -130,3 +130,16 @@ def fetch_shape() -> dict:
 def _postgres_for_closed_port_tests():
     """The closed-port URL needs psycopg installed even though no server answers."""
     require_postgres()
+
+
+def test_faults_are_logged_once_per_interval_not_per_call(caplog):
+    from llmtally._log import warn_limited
+
+    caplog.set_level(logging.WARNING, logger="llmtally")
+    for _ in range(500):
+        warn_limited("test-fault", "llmtally: the thing failed", interval_s=0.2)
+    assert [r.getMessage() for r in caplog.records] == ["llmtally: the thing failed"]
+    time.sleep(0.25)
+    warn_limited("test-fault", "llmtally: the thing failed", interval_s=0.2)
+    assert caplog.records[-1].getMessage() == \
+        "llmtally: the thing failed (499 similar messages suppressed)"

@@ -257,38 +257,15 @@ def test_offline_with_local_files_uses_tiktoken(tmp_path: Path) -> None:
     assert result == {"n": 3, "name": "tiktoken:o200k_base", "litellm": False, "env": False}
 
 
-def test_import_is_cheap() -> None:
+def test_import_loads_nothing_heavy() -> None:
     code = (
-        "import json, sys, time\n"
+        "import json, sys\n"
         "import llmtally\n"  # the package's own imports are not this module's cost
         "before = set(sys.modules)\n"
-        "start = time.perf_counter()\n"
         "import llmtally._tokens\n"
-        "elapsed = time.perf_counter() - start\n"
         "heavy = [m for m in ('tiktoken', 'litellm', 'hashlib', 'base64')\n"
         "         if m in sys.modules and m not in before]\n"
-        "print(json.dumps({'ms': elapsed * 1000, 'heavy': heavy}))\n"
+        "print(json.dumps({'heavy': heavy}))\n"
     )
     result = _run(code, dict(os.environ))
-    print(f"\nimport llmtally._tokens: {result['ms']:.2f} ms")
-    assert result["heavy"] == []
-    assert result["ms"] < 50  # ~0.3 ms from .pyc, ~3 ms when compiling; generous for slow CI
-
-
-def test_count_text_speed(capsys: pytest.CaptureFixture[str]) -> None:
-    text = ("The quick brown fox jumps over the lazy dog; 12345 tokens. " * 20)[:1024]
-    timings = {}
-    for label, counter in (
-        ("gpt-4o", lambda: count_text(text, "gpt-4o")),
-        ("heuristic", lambda: heuristic_count(text)),
-    ):
-        counter()
-        samples = []
-        for _ in range(500):
-            start = time.perf_counter_ns()
-            counter()
-            samples.append(time.perf_counter_ns() - start)
-        timings[label] = statistics.median(samples) / 1000
-    with capsys.disabled():
-        print("\ncount_text p50 on 1 KB: " + ", ".join(f"{k} {v:.1f} us" for k, v in timings.items()))
-    assert all(value < 5000 for value in timings.values())
+    assert result["heavy"] == []  # its cost is measured in benchmarks/pricing_tokens.py

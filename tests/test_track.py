@@ -124,6 +124,7 @@ def test_embeddings_are_tracked(provider, make_tally):
     assert row["cost"] == pytest.approx(5000 * 0.02e-6, abs=1e-15)
 
 
+@pytest.mark.filterwarnings("ignore:The model 'claude-sonnet-4-5' is deprecated")
 def test_anthropic_sdk_usage_is_normalised(provider, make_tally):
     anthropic = pytest.importorskip("anthropic")
     tally = make_tally()

@@ -12,12 +12,12 @@ import json
 import operator
 import os
 import sqlite3
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import Connection, Engine, create_engine, event, select
+from sqlalchemy import Connection, Engine, create_engine, event
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import ArgumentError, DatabaseError, NoSuchModuleError, OperationalError
 from sqlalchemy.pool import StaticPool
@@ -181,16 +181,6 @@ class Store:
     @property
     def _sqlite_ts(self) -> bool:
         return self.dialect == "sqlite"
-
-    def existing_ids(self, ids: Iterable[str]) -> set[str]:
-        """The subset of ``ids`` already in the ledger."""
-        wanted = list(ids)
-        found: set[str] = set()
-        with self.engine.connect() as conn:
-            for start in range(0, len(wanted), 500):
-                chunk = wanted[start:start + 500]
-                found.update(conn.execute(select(_EVENTS.c.id).where(_EVENTS.c.id.in_(chunk))).scalars())
-        return found
 
     def connect(self) -> Connection:
         """A connection for reading (the schema is ensured first)."""
