@@ -220,3 +220,29 @@ def test_full_queue_spills_instead_of_blocking_or_dropping(tmp_path, make_tally)
     assert tally.flush(10)  # the flush replays the spilled 15 and writes the queued 10
     assert len(fetch_events(f"sqlite:///{tmp_path / 'ledger.db'}")) == 25
     assert not spill.exists()
+
+
+def test_forked_children_keep_recording(ledger_url, make_tally):
+    import multiprocessing
+
+    tally = make_tally(ledger_url)
+    tally.record(id="parent-before", model="gpt-4o-mini", input_tokens=1)
+    tally.flush(10)
+
+    def child(worker: int) -> None:
+        for i in range(200):
+            tally.record(id=f"child-{worker}-{i}", model="gpt-4o-mini", input_tokens=1)
+        # no flush: multiprocessing children exit through os._exit(); llmtally flushes anyway
+
+    context = multiprocessing.get_context("fork")
+    procs = [context.Process(target=child, args=(w,)) for w in range(3)]
+    for proc in procs:
+        proc.start()
+    for proc in procs:
+        proc.join(60)
+        assert proc.exitcode == 0
+    tally.record(id="parent-after", model="gpt-4o-mini", input_tokens=1)
+    tally.flush(10)
+    ids = {row["id"] for row in fetch_events(ledger_url)}
+    assert len(ids) == 3 * 200 + 2
+    assert {"parent-before", "parent-after", "child-2-199"} <= ids

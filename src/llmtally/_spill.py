@@ -53,6 +53,10 @@ class SpillFile:
         self.path = Path(path)
         self._lock = threading.Lock()
 
+    def reset_lock(self) -> None:
+        """A new lock, for a forked child (the parent's may have been held at the fork)."""
+        self._lock = threading.Lock()
+
     def append(self, rows: Sequence[Mapping[str, Any]]) -> None:
         """Append events durably (fsync). Raises OSError if the disk refuses."""
         if not rows:

@@ -187,6 +187,10 @@ class Store:
         self.ensure_schema()
         return self.engine.connect()
 
+    def forget_connections(self) -> None:
+        """After a fork: drop the parent's pooled connections without closing them under it."""
+        self.engine.dispose(close=False)
+
     def close(self) -> None:
         self.engine.dispose()
 

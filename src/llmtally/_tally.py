@@ -7,6 +7,7 @@ import functools
 import hashlib
 import inspect
 import os
+import sys
 import time
 import weakref
 from collections.abc import Callable, Iterable, Iterator, Mapping
@@ -468,7 +469,8 @@ def _default_spill_path(store: Store) -> Path:
 
 
 def _register_exit_flush(tally: Tally) -> None:
-    """Flush at interpreter exit without keeping the Tally alive."""
+    """Flush at interpreter exit, and keep working in forked children (multiprocessing,
+    gunicorn, Celery prefork), without keeping the Tally alive."""
     ref = weakref.ref(tally)
 
     def flush_at_exit() -> None:
@@ -476,7 +478,22 @@ def _register_exit_flush(tally: Tally) -> None:
         if live is not None and not live._closed:
             live.close(DEFAULT_EXIT_FLUSH_TIMEOUT_S)
 
+    def restart_in_child() -> None:
+        live = ref()
+        if live is None or live._closed:
+            return
+        live._writer.restart_after_fork()
+        # multiprocessing children leave through os._exit(), which skips atexit, but run
+        # multiprocessing's finalizers; that registry is cleared when the child starts, so the
+        # finalizer is added from multiprocessing's own after-fork step, which runs later.
+        util = sys.modules.get("multiprocessing.util")
+        if util is not None:
+            util.register_after_fork(live, lambda _tally: util.Finalize(
+                None, flush_at_exit, exitpriority=100))
+
     atexit.register(flush_at_exit)
+    if hasattr(os, "register_at_fork"):
+        os.register_at_fork(after_in_child=restart_in_child)
 
 
 def _token_count(value: Any, name: str, notes: list[str]) -> int:

@@ -62,6 +62,10 @@ class Writer:
         self.spill_after_s = spill_after_s
         self.max_pending = max_pending
         self._clock = clock
+        self._start()
+
+    def _start(self) -> None:
+        """Fresh state and a new writer thread (at construction, and in a forked child)."""
         self._queue: queue.SimpleQueue[dict[str, Any]] = queue.SimpleQueue()
         self._submitted = itertools.count(1)  # next() is atomic under the GIL
         self._last_submitted = 0
@@ -80,6 +84,16 @@ class Writer:
         self.rejected = 0
         self._thread = threading.Thread(target=self._run, name="llmtally-writer", daemon=True)
         self._thread.start()
+
+    def restart_after_fork(self) -> None:
+        """In a forked child: the parent's writer thread did not survive the fork.
+
+        The child starts empty (the parent's queued events are the parent's to write) with new
+        locks (one may have been held at the fork), a new thread and its own connections.
+        """
+        self.spill.reset_lock()
+        self.store.forget_connections()
+        self._start()
 
     # -- caller side ---------------------------------------------------------------------
 
