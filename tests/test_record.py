@@ -168,3 +168,30 @@ def _shared_tally(make_tally) -> Tally:
         _TALLIES.clear()
         _TALLIES[key] = make_tally()
     return _TALLIES[key]
+
+
+def test_a_cache_hit_keeps_its_tokens_and_costs_nothing(make_tally):
+    tally = make_tally()
+    tally.record(model="gpt-4o-mini", provider="openai", input_tokens=500, output_tokens=50,
+                 cache_hit=True)
+    [row] = _rows(tally)
+    assert (row["input_tokens"], row["output_tokens"], row["cost"]) == (500, 50, 0.0)
+    assert (row["cost_status"], row["price_source"]) == ("priced", "cache-hit")
+    assert _json(row["metadata"])["cache_hit"] is True
+
+
+def test_flush_runs_the_integrations_drains_first(make_tally):
+    tally = make_tally()
+    drained = []
+
+    def drain(timeout):
+        drained.append(timeout)
+        tally.record(model="gpt-4o-mini", input_tokens=1)  # an event held by an integration
+
+    def broken(timeout):
+        raise RuntimeError("an integration's drain failed")
+
+    tally._before_flush.extend([broken, drain])
+    assert tally.flush(5)
+    assert drained == [5]
+    assert len(_rows(tally)) == 2  # _rows flushes again: the drain ran twice, never raised

@@ -106,6 +106,9 @@ class Tally:
         self.spill_path = Path(spill_path) if spill_path else _default_spill_path(self.store)
         self._writer: Writer = Writer(self.store, SpillFile(self.spill_path), **writer_options)
         self._closed = False
+        # Run before each flush (and so at exit): integrations drain their own buffers here,
+        # e.g. LiteLLM's deferred async logging queue. Each gets the flush's timeout.
+        self._before_flush: list[Callable[[float | None], None]] = []
         _register_exit_flush(self)
 
     @classmethod
@@ -169,6 +172,7 @@ class Tally:
         streamed: bool = False,
         resolved_model: str | None = None,
         estimated: bool = False,
+        cache_hit: bool = False,
         id: str | None = None,
         ts: datetime | None = None,
         source: str = "manual",
@@ -184,7 +188,8 @@ class Tally:
 
         Token counts follow the ledger's convention: ``input_tokens`` includes cache reads and
         writes, ``output_tokens`` includes reasoning. ``estimated=True`` marks counts that were
-        not reported by the provider (e.g. counted offline).
+        not reported by the provider (e.g. counted offline); ``cache_hit=True`` records a call
+        answered from a cache (LiteLLM's, say): its tokens are kept, its cost is 0.
         """
         event_id = _clean_id(id) if id is not None else _ids.next_id()
         try:
@@ -194,7 +199,7 @@ class Tally:
                         reasoning_tokens),
                 latency_ms=latency_ms, ttft_ms=ttft_ms, status=status, error_type=error_type,
                 call_type=call_type, streamed=streamed, resolved_model=resolved_model,
-                estimated=estimated, ts=ts, source=source,
+                estimated=estimated, cache_hit=cache_hit, ts=ts, source=source,
                 attribution=(project, user, session, tags, request_id, metadata),
             )
             self._writer.submit(row)
@@ -205,8 +210,8 @@ class Tally:
 
     def _event_row(self, *, event_id: str, model: Any, provider: Any, tokens: tuple[Any, ...],
                    latency_ms: Any, ttft_ms: Any, status: Any, error_type: Any, call_type: Any,
-                   streamed: Any, resolved_model: Any, estimated: bool, ts: Any, source: Any,
-                   attribution: tuple[Any, ...]) -> dict[str, Any]:
+                   streamed: Any, resolved_model: Any, estimated: bool, cache_hit: bool,
+                   ts: Any, source: Any, attribution: tuple[Any, ...]) -> dict[str, Any]:
         notes: list[str] = []
         if all(type(value) is int and 0 <= value <= MAX_TOKEN_COUNT for value in tokens):
             input_tokens, output_tokens, cache_read, cache_write, reasoning = tokens
@@ -227,6 +232,8 @@ class Tally:
         )
         if status == "blocked":
             cost, cost_status, price_source = 0.0, "priced", None
+        elif cache_hit:  # served from a cache: nothing was paid for these tokens
+            cost, cost_status, price_source = 0.0, "priced", "cache-hit"
         elif priced.cost is None:
             cost, cost_status, price_source = None, "unpriced", None
         else:
@@ -274,6 +281,8 @@ class Tally:
                 meta.update(metadata)
             else:
                 notes.append(f"metadata={_short_repr(metadata)} is not a mapping; ignored")
+        if cache_hit:
+            meta["cache_hit"] = True
         if notes:
             meta["llmtally_warnings"] = notes
         row["metadata"] = meta
@@ -371,6 +380,12 @@ class Tally:
     def flush(self, timeout: float | None = None) -> bool:
         """Wait until every event recorded so far is in the ledger (or, if the database is
         unreachable, safe in the spill file). Returns False if ``timeout`` ran out."""
+        for drain in list(self._before_flush):
+            try:
+                drain(timeout)
+            except Exception as exc:
+                warn_limited("before-flush", "llmtally: could not drain %r before flushing (%s: %s)",
+                             drain, type(exc).__name__, exc)
         return self._writer.flush(timeout)
 
     def close(self, timeout: float | None = DEFAULT_EXIT_FLUSH_TIMEOUT_S) -> None:
