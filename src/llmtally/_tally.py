@@ -87,13 +87,9 @@ class Tally:
 
         self.prices = PriceBook(_as_prices(prices), currency=currency, rates=rates, price_map=price_map)
         self.prices.known_models()  # load the map now: a bad map file fails here, not at a call
-        self.currency = currency
+        self.currency = self.prices.currency
         self._default_scope = _scope_from_mapping(scope or {})
         self._clock = clock or _utc_now
-        url = database_url or os.environ.get("LLMTALLY_DATABASE_URL") or DEFAULT_DATABASE_URL
-        self.store: Store = Store(url)
-        from ._spill import SpillFile
-
         writer_options = {
             name: value for name, value in (
                 ("batch_size", batch_size), ("flush_interval_s", flush_interval_s),
@@ -103,6 +99,10 @@ class Tally:
         for name, value in writer_options.items():
             if not isinstance(value, (int, float)) or isinstance(value, bool) or value <= 0:
                 raise ConfigError(f"{name}={value!r} is not allowed: give a positive number")
+        url = database_url or os.environ.get("LLMTALLY_DATABASE_URL") or DEFAULT_DATABASE_URL
+        self.store: Store = Store(url)  # last of the checks: it creates the SQLite file
+        from ._spill import SpillFile
+
         self.spill_path = Path(spill_path) if spill_path else _default_spill_path(self.store)
         self._writer: Writer = Writer(self.store, SpillFile(self.spill_path), **writer_options)
         self._closed = False
