@@ -375,6 +375,25 @@ class Tally:
             warn_limited("track", "llmtally: could not record a tracked call (%s: %s)",
                          type(exc).__name__, exc, exc_info=True)
 
+    def litellm(self) -> Any:
+        """The LiteLLM callback that records every call: ``litellm.callbacks = [tally.litellm()]``.
+
+        Returns the same ``CustomLogger`` each time. SDK calls (``completion``,
+        ``acompletion``, streams, embeddings) and ``litellm.Router`` calls become events with
+        ``source="litellm"``; :meth:`flush` also runs the async logging LiteLLM defers.
+        """
+        logger_ = getattr(self, "_litellm_logger", None)
+        if logger_ is None:
+            try:
+                import litellm  # noqa: F401
+            except ImportError as exc:
+                raise ImportError('tally.litellm() needs LiteLLM: pip install "llmtally[litellm]"') from exc
+            from .integrations.litellm import LiteLLMLogger, drain_logging_worker
+
+            logger_ = self._litellm_logger = LiteLLMLogger(self)
+            self._before_flush.append(drain_logging_worker)
+        return logger_
+
     # -- durability ----------------------------------------------------------------------
 
     def flush(self, timeout: float | None = None) -> bool:
