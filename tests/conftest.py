@@ -116,3 +116,13 @@ def fetch_events(url: str) -> list[dict]:
             return [dict(row) for row in rows]
     finally:
         engine.dispose()
+
+
+@pytest.fixture(autouse=True)
+def _fresh_log_rate_limits():
+    """Faults are logged once a minute per kind, process-wide: each test starts unmuted."""
+    from llmtally import _log
+
+    _log._last_said.clear()
+    _log._suppressed.clear()
+    yield

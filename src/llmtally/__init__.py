@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
+from ._budgets import Budget, BudgetExceeded
 from ._errors import ConfigError, LedgerError
 from ._pricing import Price
 from ._tally import Tally
@@ -20,7 +21,8 @@ from ._tally import Tally
 if TYPE_CHECKING:
     from ._model import UsageEvent
 
-__all__ = ["Tally", "Price", "UsageEvent", "ConfigError", "LedgerError", "__version__"]
+__all__ = ["Tally", "Budget", "BudgetExceeded", "Price", "UsageEvent", "ConfigError",
+           "LedgerError", "__version__"]
 
 __version__ = "0.1.0"
 

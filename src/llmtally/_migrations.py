@@ -99,7 +99,43 @@ def m001_initial(conn: Connection) -> None:
     meta.create_all(conn)
 
 
-MIGRATIONS: tuple[Migration, ...] = (Migration(1, "initial", m001_initial),)
+def m002_budgets(conn: Connection) -> None:
+    """Budget counters (spent and reserved per budget, instance and window), open
+    reservations, and the warnings already sent (so many processes send each once)."""
+    meta = MetaData()
+    Table(
+        "llmtally_budget_counters", meta,
+        Column("budget_key", String(512), primary_key=True),
+        Column("instance", String(256), primary_key=True),
+        Column("window_start", DateTime, primary_key=True),
+        Column("window_end", DateTime),
+        Column("spent", BigInteger, nullable=False),     # in units: nano-USD, tokens, requests
+        Column("reserved", BigInteger, nullable=False),
+        Column("updated_at", DateTime, nullable=False),
+    )
+    reservations = Table(
+        "llmtally_reservations", meta,
+        Column("id", String(64), primary_key=True),
+        Column("created_at", DateTime, nullable=False),
+        Column("expires_at", DateTime, nullable=False),
+        Column("holds", JSON().with_variant(JSONB(), "postgresql"), nullable=False),
+    )
+    Index("ix_llmtally_reservations_expires_at", reservations.c.expires_at)
+    Table(
+        "llmtally_budget_alerts", meta,
+        Column("budget_key", String(512), primary_key=True),
+        Column("instance", String(256), primary_key=True),
+        Column("window_start", DateTime, primary_key=True),
+        Column("threshold", Float, primary_key=True),
+        Column("fired_at", DateTime, nullable=False),
+    )
+    meta.create_all(conn)
+
+
+MIGRATIONS: tuple[Migration, ...] = (
+    Migration(1, "initial", m001_initial),
+    Migration(2, "budgets", m002_budgets),
+)
 
 
 def schema_version(conn: Connection) -> int:

@@ -7,12 +7,13 @@ of failing. PostgreSQL is reached through psycopg 3 (``pip install "llmtally[pos
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import operator
 import os
 import sqlite3
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -165,10 +166,18 @@ class Store:
             return 0
         self.ensure_schema()
         params = [_driver_row(row, self._sqlite_ts) for row in rows]
+        with self.write() as conn:
+            result = conn.exec_driver_sql(self._insert_sql, params)
+        return max(result.rowcount, 0)
+
+    @contextlib.contextmanager
+    def write(self) -> Iterator[Connection]:
+        """A connection in a write transaction (SQLite takes its lock up front); commits at the
+        end of the block, rolls back if it raises."""
+        self.ensure_schema()
         with self.engine.connect().execution_options(sqlite_immediate=True) as conn:
             with conn.begin():
-                result = conn.exec_driver_sql(self._insert_sql, params)
-        return max(result.rowcount, 0)
+                yield conn
 
     @functools.cached_property
     def _insert_sql(self) -> str:

@@ -6,17 +6,19 @@ import atexit
 import functools
 import hashlib
 import inspect
+import json
 import os
 import sys
 import time
 import weakref
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from datetime import datetime, timezone
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from . import _scope
+from ._budgets import Budget, BudgetExceeded, zone
 from ._errors import ConfigError
 from ._log import logger, warn_limited
 from ._pricing import Price, PriceBook
@@ -26,6 +28,7 @@ from ._usage import (MAX_TOKEN_COUNT, Usage, coerce_count, extract_usage, respon
 
 if TYPE_CHECKING:  # the database layer is imported when a Tally is made, not at `import llmtally`
     from ._queries import SummaryRow, UnpricedRow
+    from ._reservations import BudgetLedger, CounterState, Crossing, Reservation
     from ._store import Store
     from ._writer import Writer
 
@@ -38,6 +41,8 @@ CALL_TYPES = frozenset({"chat", "completion", "embedding", "image", "audio", "re
                         "moderation", "responses", "other"})
 SOURCES = frozenset({"litellm", "langchain", "manual", "import"})
 DEFAULT_EXIT_FLUSH_TIMEOUT_S = 10.0
+DEFAULT_RESERVATION_TTL_S = 900.0
+DEFAULT_MAX_OUTPUT_ESTIMATE = 4096
 _SCOPE_KEYS = ("project", "user", "session", "tags", "request_id", "metadata")
 _TOKEN_FIELDS = ("input_tokens", "output_tokens", "cache_read_tokens", "cache_write_tokens",
                  "reasoning_tokens")
@@ -64,6 +69,15 @@ class Tally:
         price_map: ``"auto"``, ``"bundled"``, ``"litellm"`` or a path to a LiteLLM-format JSON.
         scope: default attribution for every event (``project``, ``user``, ``tags``, ...).
         spill_path: where events wait while the database is unreachable.
+        budgets: :class:`Budget` limits; calls that would exceed one are stopped before they
+            are sent (see :meth:`reserve`).
+        timezone: the IANA time zone budget windows are counted in (default UTC).
+        fail_closed: if the ledger cannot be reached to check budgets, block calls (default:
+            allow them and log).
+        alerts: where budget warnings go: ``"log"`` and/or callables taking a dict.
+        reservation_ttl_s: a reservation never settled (its process died) is released after this.
+        max_output_estimate: output tokens assumed for a call that sets no ``max_tokens`` (or
+            the model's own output limit, if lower).
         clock: returns "now" as an aware datetime (a seam for tests).
     """
 
@@ -80,6 +94,12 @@ class Tally:
         batch_size: int | None = None,
         flush_interval_s: float | None = None,
         max_queue: int | None = None,
+        budgets: Sequence[Budget] = (),
+        timezone: str | None = None,
+        fail_closed: bool = False,
+        alerts: Sequence[str | Callable[[dict[str, Any]], Any]] = ("log",),
+        reservation_ttl_s: float = DEFAULT_RESERVATION_TTL_S,
+        max_output_estimate: int = DEFAULT_MAX_OUTPUT_ESTIMATE,
         clock: Callable[[], datetime] | None = None,
     ) -> None:
         from ._store import DEFAULT_DATABASE_URL, Store
@@ -109,6 +129,19 @@ class Tally:
         # Run before each flush (and so at exit): integrations drain their own buffers here,
         # e.g. LiteLLM's deferred async logging queue. Each gets the flush's timeout.
         self._before_flush: list[Callable[[float | None], None]] = []
+        self._fail_closed = bool(fail_closed)
+        self._max_output_estimate = max_output_estimate
+        self._alerts = _check_alerts(alerts)
+        self.budgets: BudgetLedger | None = None
+        if budgets:
+            from ._reservations import BudgetLedger
+
+            for budget in budgets:
+                if not isinstance(budget, Budget):
+                    raise ConfigError(f"budgets: {budget!r} is not a llmtally.Budget")
+            self.budgets = BudgetLedger(
+                self.store, budgets, tz=zone(timezone), currency=self.currency,
+                reservation_ttl=timedelta(seconds=reservation_ttl_s), clock=self._clock)
         _register_exit_flush(self)
 
     @classmethod
@@ -182,6 +215,7 @@ class Tally:
         tags: Iterable[str] | None = None,
         request_id: str | None = None,
         metadata: Mapping[str, Any] | None = None,
+        reservation: Reservation | None = None,
     ) -> str:
         """Record one LLM call; returns its event id. Never raises: odd values are recorded as
         well as they can be, with a note in ``metadata["llmtally_warnings"]``.
@@ -190,6 +224,7 @@ class Tally:
         writes, ``output_tokens`` includes reasoning. ``estimated=True`` marks counts that were
         not reported by the provider (e.g. counted offline); ``cache_hit=True`` records a call
         answered from a cache (LiteLLM's, say): its tokens are kept, its cost is 0.
+        ``reservation`` (from :meth:`reserve`) is settled to this event's real cost and tokens.
         """
         event_id = _clean_id(id) if id is not None else _ids.next_id()
         try:
@@ -203,6 +238,8 @@ class Tally:
                 attribution=(project, user, session, tags, request_id, metadata),
             )
             self._writer.submit(row)
+            if reservation is not None:
+                self._settle(reservation, row)
         except Exception as exc:  # never into the caller's code
             warn_limited("record", "llmtally: could not record a call to %r (%s: %s)", model,
                          type(exc).__name__, exc, exc_info=True)
@@ -315,37 +352,54 @@ class Tally:
             if inspect.iscoroutinefunction(func):
                 @functools.wraps(func)
                 async def async_tracked(*args: Any, **kwargs: Any) -> Any:
+                    held = self._reserve_tracked(model, provider, call_type, kwargs, attribution)
                     started = time.perf_counter()
                     try:
                         result = await func(*args, **kwargs)
                     except BaseException as exc:
                         self._record_tracked(None, exc, started, model, provider, call_type,
-                                             kwargs, attribution)
+                                             kwargs, attribution, held)
                         raise
                     self._record_tracked(result, None, started, model, provider, call_type,
-                                         kwargs, attribution)
+                                         kwargs, attribution, held)
                     return result
                 return async_tracked  # type: ignore[return-value]
 
             @functools.wraps(func)
             def tracked(*args: Any, **kwargs: Any) -> Any:
+                held = self._reserve_tracked(model, provider, call_type, kwargs, attribution)
                 started = time.perf_counter()
                 try:
                     result = func(*args, **kwargs)
                 except BaseException as exc:
                     self._record_tracked(None, exc, started, model, provider, call_type,
-                                         kwargs, attribution)
+                                         kwargs, attribution, held)
                     raise
                 self._record_tracked(result, None, started, model, provider, call_type,
-                                     kwargs, attribution)
+                                     kwargs, attribution, held)
                 return result
             return tracked  # type: ignore[return-value]
 
         return decorate(fn) if fn is not None else decorate
 
+    def _reserve_tracked(self, model: str | None, provider: str | None, call_type: str,
+                         call_kwargs: Mapping[str, Any],
+                         attribution: Mapping[str, Any]) -> Reservation | None:
+        """Budgets first: raises BudgetExceeded before the decorated function runs."""
+        if self.budgets is None:
+            return None
+        messages = call_kwargs.get("messages")
+        return self.reserve(
+            model=model or _text_kwarg(call_kwargs, "model") or "unknown", provider=provider,
+            messages=messages if isinstance(messages, (list, tuple)) else None,
+            max_tokens=call_kwargs.get("max_tokens") or call_kwargs.get("max_completion_tokens"),
+            call_type=call_type, **{k: v for k, v in attribution.items()
+                                    if k in ("project", "user", "session", "tags")})
+
     def _record_tracked(self, result: Any, error: BaseException | None, started: float,
                         model: str | None, provider: str | None, call_type: str,
-                        call_kwargs: Mapping[str, Any], attribution: Mapping[str, Any]) -> None:
+                        call_kwargs: Mapping[str, Any], attribution: Mapping[str, Any],
+                        held: Reservation | None = None) -> None:
         try:
             latency_ms = (time.perf_counter() - started) * 1000.0
             answered = response_model(result) if error is None else None
@@ -369,7 +423,7 @@ class Tally:
                 latency_ms=latency_ms, status="ok" if error is None else "error",
                 error_type=_error_type(error) if error is not None else None,
                 call_type=call_type, resolved_model=answered, estimated=estimated,
-                **{**attribution, "metadata": metadata or None},
+                reservation=held, **{**attribution, "metadata": metadata or None},
             )
         except Exception as exc:
             warn_limited("track", "llmtally: could not record a tracked call (%s: %s)",
@@ -393,6 +447,138 @@ class Tally:
             logger_ = self._litellm_logger = LiteLLMLogger(self)
             self._before_flush.append(drain_logging_worker)
         return logger_
+
+    # -- budgets -------------------------------------------------------------------------
+
+    def reserve(
+        self,
+        *,
+        model: str,
+        provider: str | None = None,
+        messages: Iterable[Any] | None = None,
+        input_tokens: int | None = None,
+        max_tokens: int | None = None,
+        call_type: str = "chat",
+        project: str | None = None,
+        user: str | None = None,
+        session: str | None = None,
+        tags: Iterable[str] | None = None,
+    ) -> Reservation | None:
+        """Check and hold this call's estimated cost on every budget that covers it, before the
+        call is sent; raise :class:`BudgetExceeded` (and record a ``blocked`` event) if any
+        would go over. Returns None when no budget is configured.
+
+        The estimate is the prompt (``input_tokens``, else ``messages`` counted offline) plus
+        ``max_tokens`` (else the model's output limit, at most ``max_output_estimate``), priced
+        by the price engine. Pass the result to :meth:`record` (``reservation=``) to settle it
+        to the real cost, or to :meth:`release` if the call was not made.
+
+        >>> held = tally.reserve(model="gpt-4o-mini", messages=msgs, max_tokens=500)
+        >>> response = client.chat.completions.create(model="gpt-4o-mini", messages=msgs, max_tokens=500)
+        >>> tally.record(model="gpt-4o-mini", input_tokens=..., output_tokens=..., reservation=held)
+        """
+        if self.budgets is None:
+            return None
+        from ._reservations import Reservation
+
+        attributes = self._budget_attributes(model, provider, project, user, session, tags)
+        estimate = self._estimate(model, provider, messages, input_tokens, max_tokens)
+        reservation_id = _ids.next_id()
+        try:
+            return self.budgets.reserve(reservation_id, attributes, estimate)
+        except BudgetExceeded as exc:
+            self.record(id=reservation_id, model=model, provider=provider, status="blocked",
+                        error_type="llmtally.BudgetExceeded", call_type=call_type,
+                        project=project, user=user, session=session, tags=tags,
+                        metadata={"budget": exc.budget.label, "budget_scope": exc.scope})
+            self._alert("blocked", exc.budget, exc.scope, used=exc.used, requested=exc.requested,
+                        resets_at=exc.resets_at)
+            raise
+        except Exception as exc:
+            if self._fail_closed:
+                raise BudgetExceeded.unavailable(exc) from exc
+            warn_limited("budget-open", "llmtally: budgets could not be checked (%s: %s); the "
+                         "call is allowed (fail open). Use fail_closed=True to block instead.",
+                         type(exc).__name__, exc)
+            return Reservation(reservation_id, ())
+
+    def release(self, reservation: Reservation | None, *, sent: bool = False) -> None:
+        """Give a reservation back: the call was not made (``sent=False``) or failed before
+        using anything. A sent request still counts against ``requests=`` budgets. Never raises."""
+        if reservation is None or self.budgets is None:
+            return
+        try:
+            self._deliver(self.budgets.release(reservation, requests=1.0 if sent else 0.0))
+        except Exception as exc:
+            warn_limited("budget-settle", "llmtally: could not release a budget reservation "
+                         "(%s: %s); it expires on its own", type(exc).__name__, exc)
+
+    def budget_states(self) -> list[CounterState]:
+        """Each budget (and each ``each=`` instance with use) in its current window."""
+        if self.budgets is None:
+            return []
+        return self.budgets.states()
+
+    def _settle(self, reservation: Reservation, row: Mapping[str, Any]) -> None:
+        if self.budgets is None or not reservation.holds:
+            return
+        actual = {"usd": row["cost"] or 0.0,
+                  "tokens": row["input_tokens"] + row["output_tokens"],
+                  "requests": 0.0 if row["status"] == "blocked" else 1.0}
+        try:
+            self._deliver(self.budgets.settle(reservation, actual))
+        except Exception as exc:
+            warn_limited("budget-settle", "llmtally: could not settle a budget reservation "
+                         "(%s: %s); it expires on its own", type(exc).__name__, exc)
+
+    def _budget_attributes(self, model: str, provider: str | None, project: str | None,
+                           user: str | None, session: str | None,
+                           tags: Iterable[str] | None) -> dict[str, Any]:
+        scope = _scope.current()
+        if self._default_scope is not _scope.EMPTY:
+            scope = self._default_scope.merged(scope)
+        return {
+            "model": model, "provider": provider or self.prices.cost(model=model).provider,
+            "project": project or scope.project, "user": user or scope.user,
+            "session": session or scope.session,
+            "tags": _scope.merge_tags(scope.tags, tuple(tags or ())),
+        }
+
+    def _estimate(self, model: str, provider: str | None, messages: Iterable[Any] | None,
+                  input_tokens: int | None, max_tokens: int | None) -> dict[str, float]:
+        from ._tokens import count_messages
+
+        prompt = coerce_count(input_tokens)
+        if prompt is None:
+            prompt = count_messages(list(messages), model) if messages else 0
+        output = coerce_count(max_tokens)
+        if output is None:
+            limit = self.prices.max_output_tokens(model, provider)
+            output = min(limit, self._max_output_estimate) if limit else self._max_output_estimate
+        priced = self.prices.cost(model=model, provider=provider, input_tokens=prompt,
+                                  output_tokens=output)
+        return {"usd": priced.cost or 0.0, "tokens": prompt + output, "requests": 1.0}
+
+    def _deliver(self, crossings: Iterable[Crossing]) -> None:
+        for crossing in crossings:
+            state = crossing.state
+            self._alert("threshold", state.budget, _state_scope(state), used=state.spent,
+                        threshold=crossing.threshold, resets_at=_aware_end(state))
+
+    def _alert(self, kind: str, budget: Budget, scope: Mapping[str, str], **details: Any) -> None:
+        payload = {"event": kind, "budget": budget.label, "kind": budget.kind,
+                   "limit": budget.limit, "scope": dict(scope), **details}
+        if isinstance(payload.get("resets_at"), datetime):
+            payload["resets_at"] = payload["resets_at"].isoformat()
+        for target in self._alerts:
+            try:
+                if target == "log":
+                    logger.warning("llmtally budget %s: %s", kind, json.dumps(payload))
+                else:
+                    target(payload)
+            except Exception as exc:
+                warn_limited("alert", "llmtally: a budget alert target failed (%s: %s)",
+                             type(exc).__name__, exc)
 
     # -- durability ----------------------------------------------------------------------
 
@@ -448,6 +634,28 @@ class Tally:
 
 
 # -- helpers -------------------------------------------------------------------------------
+
+
+def _check_alerts(alerts: Sequence[Any]) -> tuple[Any, ...]:
+    if isinstance(alerts, str):
+        alerts = (alerts,)
+    for target in alerts:
+        if target != "log" and not callable(target):
+            raise ConfigError(f"alerts: {target!r} is not allowed; use \"log\" or a callable "
+                              "taking the alert as a dict")
+    return tuple(alerts)
+
+
+def _state_scope(state: CounterState) -> dict[str, str]:
+    scope = dict(state.budget.scope)
+    if state.budget.each:
+        scope[state.budget.each] = state.instance
+    return scope
+
+
+def _aware_end(state: CounterState) -> datetime | None:
+    end = state.window.end
+    return None if end is None else end.replace(tzinfo=timezone.utc)
 
 
 def _utc_now() -> datetime:

@@ -1,0 +1,333 @@
+"""Budget accounting in the ledger: reserve before a call, settle after, in one transaction each.
+
+Every (budget, instance, window) has a counter row with ``spent`` and ``reserved``. A call
+reserves its estimate on every budget that covers it with one conditional update per counter::
+
+    UPDATE llmtally_budget_counters SET reserved = reserved + :x
+     WHERE <counter> AND spent + reserved + :x <= :limit
+
+inside one transaction (SQLite: ``BEGIN IMMEDIATE``; PostgreSQL: the row lock makes a
+concurrent update wait and re-check the condition). If any counter refuses, the whole
+transaction rolls back and the call is blocked: concurrent callers never take a budget past its
+limit by more than the error of their own estimates. Settling moves the hold from ``reserved``
+to the real amount in ``spent``; a reservation whose process died expires after its TTL.
+
+Amounts are integers — nano-units of the ledger's currency, tokens, requests — so a hundred
+$0.01 calls add up to exactly $1.00 and the hundred-and-first is refused.
+
+A counter created in a window that already has events starts from their sum, so a budget added
+mid-month counts the month's spend so far.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from datetime import datetime, timedelta, timezone
+from typing import Any
+
+from sqlalchemy import (JSON, BigInteger, Column, Connection, DateTime, Float, MetaData, String,
+                        Table, and_, exists, func, literal, select)
+from sqlalchemy.dialects.postgresql import JSONB
+
+from ._budgets import Budget, BudgetExceeded, Window, instance_for, window_for
+from ._model import UsageEvent
+from ._store import Store
+
+__all__ = ["BudgetLedger", "Hold", "Reservation", "CounterState", "Crossing", "UNIT_SCALE",
+           "to_units"]
+
+UNIT_SCALE = {"usd": 10**9, "tokens": 1, "requests": 1}
+"""Counters hold integers: nano-units of money, whole tokens, whole requests."""
+
+
+def to_units(kind: str, amount: float) -> int:
+    """An amount of ``kind`` as the integer the counters hold."""
+    return int(round(float(amount) * UNIT_SCALE[kind]))
+
+_meta = MetaData()
+COUNTERS = Table(
+    "llmtally_budget_counters", _meta,
+    Column("budget_key", String(512), primary_key=True),
+    Column("instance", String(256), primary_key=True),
+    Column("window_start", DateTime, primary_key=True),
+    Column("window_end", DateTime),
+    Column("spent", BigInteger, nullable=False),
+    Column("reserved", BigInteger, nullable=False),
+    Column("updated_at", DateTime, nullable=False),
+)
+RESERVATIONS = Table(
+    "llmtally_reservations", _meta,
+    Column("id", String(64), primary_key=True),
+    Column("created_at", DateTime, nullable=False),
+    Column("expires_at", DateTime, nullable=False),
+    Column("holds", JSON().with_variant(JSONB(), "postgresql"), nullable=False),
+)
+ALERTS = Table(
+    "llmtally_budget_alerts", _meta,
+    Column("budget_key", String(512), primary_key=True),
+    Column("instance", String(256), primary_key=True),
+    Column("window_start", DateTime, primary_key=True),
+    Column("threshold", Float, primary_key=True),
+    Column("fired_at", DateTime, nullable=False),
+)
+_E = UsageEvent.__table__.c
+
+
+@dataclass(frozen=True, slots=True)
+class Hold:
+    """One budget's share of a reservation."""
+
+    budget: Budget
+    instance: str
+    window: Window
+    amount: int  # units
+
+
+@dataclass(frozen=True, slots=True)
+class Reservation:
+    """What a call has reserved; settle or release it exactly once."""
+
+    id: str
+    holds: tuple[Hold, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class CounterState:
+    """A budget instance's use in its current window (for ``llmtally budgets`` and alerts)."""
+
+    budget: Budget
+    instance: str
+    window: Window
+    spent: float     # in the budget's own terms (currency, tokens, requests)
+    reserved: float
+
+    @property
+    def used(self) -> float:
+        return self.spent + self.reserved
+
+    @classmethod
+    def from_units(cls, budget: Budget, instance: str, window: Window, spent: int,
+                   reserved: int) -> CounterState:
+        scale = UNIT_SCALE[budget.kind]
+        return cls(budget, instance, window, spent / scale, reserved / scale)
+
+
+@dataclass(frozen=True, slots=True)
+class Crossing:
+    """A warning threshold crossed for the first time in a window (deduplicated in the ledger)."""
+
+    state: CounterState
+    threshold: float
+
+
+Amounts = Mapping[str, float]  # {"usd": ..., "tokens": ..., "requests": ...}
+
+
+class BudgetLedger:
+    """Reserve, settle, release and expire budget holds in ``store``."""
+
+    def __init__(self, store: Store, budgets: Sequence[Budget], *, tz: Any, currency: str,
+                 reservation_ttl: timedelta, clock: Callable[[], datetime]) -> None:
+        self.store = store
+        self.currency = currency
+        self.budgets = tuple(budgets)
+        self.tz = tz
+        self.reservation_ttl = reservation_ttl
+        self._clock = clock
+        self._by_key = {budget.key: budget for budget in self.budgets}
+        if len(self._by_key) != len(self.budgets):
+            from ._errors import ConfigError
+
+            raise ConfigError("two budgets count the same thing (same kind, window, scope and "
+                              "each=); keep one, with the limit you want")
+
+    def covering(self, attributes: Mapping[str, Any], now: datetime) -> list[tuple[Budget, str, Window]]:
+        """The budget instances and windows a call with these attributes counts against, in one
+        global order (so two transactions never lock the same counters in opposite orders)."""
+        out = []
+        for budget in self.budgets:
+            instance = instance_for(budget, attributes)
+            if instance is not None:
+                out.append((budget, instance, window_for(budget.per, now, self.tz)))
+        return sorted(out, key=lambda item: (item[0].key, item[1]))
+
+    def reserve(self, reservation_id: str, attributes: Mapping[str, Any],
+                estimate: Amounts) -> Reservation:
+        """Hold ``estimate`` on every covering budget, or raise BudgetExceeded (nothing held)."""
+        now = _naive(self._clock())
+        covering = self.covering(attributes, now)
+        if not covering:
+            return Reservation(reservation_id, ())
+        holds: list[Hold] = []
+        with self.store.write() as conn:
+            self._expire(conn, now)
+            for budget, instance, window in covering:
+                amount = to_units(budget.kind, estimate.get(budget.kind, 0.0))
+                limit = to_units(budget.kind, budget.limit)
+                self._ensure_counter(conn, budget, instance, window, now)
+                where = _counter_is(budget.key, instance, window.start)
+                statement = COUNTERS.update().where(where).values(
+                    reserved=COUNTERS.c.reserved + amount, updated_at=now)
+                if budget.action == "block":
+                    statement = statement.where(
+                        COUNTERS.c.spent + COUNTERS.c.reserved + amount <= limit)
+                if conn.execute(statement).rowcount != 1:
+                    spent, reserved = conn.execute(
+                        select(COUNTERS.c.spent, COUNTERS.c.reserved).where(where)).one()
+                    scale = UNIT_SCALE[budget.kind]
+                    raise BudgetExceeded(  # leaving the block rolls every hold back
+                        budget, _scope_of(budget, instance), (spent + reserved) / scale,
+                        amount / scale, _aware(window.end, self.tz), self._unit(budget))
+                holds.append(Hold(budget, instance, window, amount))
+            conn.execute(RESERVATIONS.insert().values(
+                id=reservation_id, created_at=now, expires_at=now + self.reservation_ttl,
+                holds=[[h.budget.key, h.instance, h.window.start.isoformat(), h.amount]
+                       for h in holds]))
+        return Reservation(reservation_id, tuple(holds))
+
+    def settle(self, reservation: Reservation, actual: Amounts) -> list[Crossing]:
+        """Replace the holds by what the call really used; returns thresholds newly crossed."""
+        if not reservation.holds:
+            return []
+        now = _naive(self._clock())
+        crossings: list[Crossing] = []
+        with self.store.write() as conn:
+            still_held = conn.execute(
+                RESERVATIONS.delete().where(RESERVATIONS.c.id == reservation.id)).rowcount == 1
+            for hold in reservation.holds:
+                used = to_units(hold.budget.kind, actual.get(hold.budget.kind, 0.0))
+                released = hold.amount if still_held else 0  # an expired hold was released
+                conn.execute(COUNTERS.update().where(
+                    _counter_is(hold.budget.key, hold.instance, hold.window.start)).values(
+                    spent=COUNTERS.c.spent + used, reserved=COUNTERS.c.reserved - released,
+                    updated_at=now))
+                crossings += self._crossings(conn, hold, now)
+        return crossings
+
+    def release(self, reservation: Reservation, *, requests: float = 0.0) -> list[Crossing]:
+        """The call failed or never went out: give the holds back (counting ``requests``)."""
+        return self.settle(reservation, {"usd": 0.0, "tokens": 0.0, "requests": requests})
+
+    def states(self, now: datetime | None = None) -> list[CounterState]:
+        """Every budget instance with a counter in its current window (plus each budget
+        without ``each=`` even if unused), for ``llmtally budgets``."""
+        now = _naive(now or self._clock())
+        states: list[CounterState] = []
+        with self.store.connect() as conn:
+            for budget in self.budgets:
+                window = window_for(budget.per, now, self.tz)
+                rows = conn.execute(select(COUNTERS.c.instance, COUNTERS.c.spent,
+                                           COUNTERS.c.reserved).where(
+                    COUNTERS.c.budget_key == budget.key,
+                    COUNTERS.c.window_start == window.start).order_by(COUNTERS.c.instance)).all()
+                if not rows and budget.each is None:
+                    rows = [("", self._seed(conn, budget, "", window), 0)]
+                states += [CounterState.from_units(budget, row[0], window, int(row[1]), int(row[2]))
+                           for row in rows]
+        return states
+
+    # -- internals -----------------------------------------------------------------------
+
+    def _unit(self, budget: Budget) -> str:
+        return self.currency if budget.kind == "usd" else budget.kind
+
+    def _ensure_counter(self, conn: Connection, budget: Budget, instance: str, window: Window,
+                        now: datetime) -> None:
+        exists_already = conn.execute(select(literal(1)).where(
+            _counter_is(budget.key, instance, window.start))).first()
+        if exists_already:
+            return
+        spent = self._seed(conn, budget, instance, window)
+        conn.execute(_insert_ignore(conn).values(
+            budget_key=budget.key, instance=instance, window_start=window.start,
+            window_end=window.end, spent=spent, reserved=0.0, updated_at=now))
+
+    def _seed(self, conn: Connection, budget: Budget, instance: str, window: Window) -> int:
+        """What the events already in the ledger spent in this window for this instance."""
+        amount = {"usd": func.coalesce(func.sum(_E.cost), 0.0),
+                  "tokens": func.coalesce(func.sum(_E.input_tokens + _E.output_tokens), 0),
+                  "requests": func.count()}[budget.kind]
+        statement = select(amount).select_from(UsageEvent.__table__).where(
+            _E.ts >= window.start, _E.status != "blocked")
+        if window.end is not None:
+            statement = statement.where(_E.ts < window.end)
+        for key, value in budget.scope.items():
+            statement = statement.where(_has_tag(conn, value) if key == "tag" else _E[key] == value)
+        if budget.each:
+            statement = statement.where(_E[budget.each] == instance)
+        return to_units(budget.kind, conn.execute(statement).scalar() or 0)
+
+    def _expire(self, conn: Connection, now: datetime) -> None:
+        """Give back the holds of reservations whose process never settled them."""
+        expired = conn.execute(select(RESERVATIONS.c.id, RESERVATIONS.c.holds).where(
+            RESERVATIONS.c.expires_at < now).limit(500)).all()
+        for reservation_id, holds in expired:
+            if conn.execute(RESERVATIONS.delete().where(
+                    RESERVATIONS.c.id == reservation_id)).rowcount != 1:
+                continue
+            for key, instance, start, amount in _holds(holds):  # amounts in units
+                conn.execute(COUNTERS.update().where(_counter_is(key, instance, start)).values(
+                    reserved=COUNTERS.c.reserved - amount, updated_at=now))
+
+    def _crossings(self, conn: Connection, hold: Hold, now: datetime) -> list[Crossing]:
+        budget = hold.budget
+        if not budget.warn_at or budget.limit <= 0:
+            return []
+        spent, reserved = conn.execute(select(COUNTERS.c.spent, COUNTERS.c.reserved).where(
+            _counter_is(budget.key, hold.instance, hold.window.start))).one()
+        state = CounterState.from_units(budget, hold.instance, hold.window, int(spent), int(reserved))
+        crossed = []
+        for threshold in budget.warn_at:
+            if state.spent < threshold * budget.limit:
+                break
+            inserted = conn.execute(_insert_ignore(conn, ALERTS).values(
+                budget_key=budget.key, instance=hold.instance, window_start=hold.window.start,
+                threshold=threshold, fired_at=now)).rowcount
+            if inserted == 1:
+                crossed.append(Crossing(state, threshold))
+        return crossed
+
+
+def _counter_is(key: str, instance: str, window_start: datetime) -> Any:
+    return and_(COUNTERS.c.budget_key == key, COUNTERS.c.instance == instance,
+                COUNTERS.c.window_start == window_start)
+
+
+def _insert_ignore(conn: Connection, table: Table = COUNTERS) -> Any:
+    if conn.dialect.name == "postgresql":
+        from sqlalchemy.dialects.postgresql import insert
+    else:
+        from sqlalchemy.dialects.sqlite import insert
+    return insert(table).on_conflict_do_nothing()
+
+
+def _has_tag(conn: Connection, tag: str) -> Any:
+    if conn.dialect.name == "postgresql":
+        return _E.tags.op("@>")(literal([tag], type_=JSONB))
+    each = func.json_each(_E.tags).table_valued("value")
+    return exists(select(literal(1)).select_from(each).where(each.c.value == tag))
+
+
+def _holds(raw: Any) -> Iterable[tuple[str, str, datetime, int]]:
+    for key, instance, start, amount in (json.loads(raw) if isinstance(raw, str) else raw):
+        yield key, instance, datetime.fromisoformat(start), int(amount)
+
+
+def _scope_of(budget: Budget, instance: str) -> dict[str, str]:
+    scope = dict(budget.scope)
+    if budget.each:
+        scope[budget.each] = instance
+    return scope
+
+
+def _naive(moment: datetime) -> datetime:
+    if moment.tzinfo is not None:
+        moment = moment.astimezone(timezone.utc).replace(tzinfo=None)
+    return moment
+
+
+def _aware(moment: datetime | None, tz: Any) -> datetime | None:
+    return None if moment is None else moment.replace(tzinfo=timezone.utc).astimezone(tz)
+
