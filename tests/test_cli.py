@@ -128,3 +128,35 @@ def test_errors_are_one_line_with_exit_code_2(tmp_path):
 def test_an_empty_ledger_says_so(tmp_path):
     result = llmtally("summary", "--db", str(tmp_path / "empty.db"))
     assert result.returncode == 0 and "No calls recorded" in result.stdout
+
+
+def test_budgets_shows_use_limit_reset_and_instances(tmp_path):
+    config = tmp_path / "llmtally.toml"
+    config.write_text(f"""
+database_url = "{tmp_path / 'b.db'}"
+price_map = "bundled"
+[[budgets]]
+usd = 1
+per = "month"
+[[budgets]]
+tokens = 5000
+per = "day"
+each = "user"
+""")
+    with Tally.from_config(config, spill_path=tmp_path / "s.jsonl") as tally:
+        for user in ("alice", "bob", "alice"):
+            held = tally.reserve(model="gpt-4o-mini", input_tokens=1000, max_tokens=100, user=user)
+            tally.record(model="gpt-4o-mini", input_tokens=1000, output_tokens=80, user=user,
+                         reservation=held)
+    rows = json.loads(llmtally("budgets", "--json", "--config", str(config)).stdout)
+    by_scope = {(r["budget"], json.dumps(r["scope"])): r for r in rows}
+    month = by_scope[("usd 1/month", "{}")]
+    assert month["used"] == pytest.approx(3 * (1000 * 0.15e-6 + 80 * 0.6e-6), abs=1e-9)
+    assert month["reserved"] == 0 and month["resets_at"].endswith("T00:00:00+00:00")
+    alice = by_scope[("tokens 5000/day each user", '{"user": "alice"}')]
+    assert (alice["used"], alice["limit"]) == (2160, 5000)
+    assert alice["percent"] == pytest.approx(43.2)
+    table = llmtally("budgets", "--config", str(config))
+    assert table.returncode == 0 and "user=bob" in table.stdout and "1,080" in table.stdout
+    empty = llmtally("budgets", "--db", str(tmp_path / "other.db"))
+    assert "No budgets configured" in empty.stdout

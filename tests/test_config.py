@@ -79,7 +79,14 @@ def test_no_file_and_no_environment_means_defaults(tmp_path, monkeypatch):
     ('[prices."m"]\ninput = -1', r"prices.'m'.*input"),
     ('[prices."m"]\ninput = 1\nper = "2M"', r"prices.'m'.*per"),
     ('[prices."m"]\ninput = 1\ncurrency = "XYZ"', r"prices.'m'.*XYZ"),
-    ("budgets = []", r"unknown key 'budgets'"),
+    ("alerts = []", r"unknown key 'alerts'"),
+    ("[[budgets]]\nusd = -1", r"budgets\[1\]: Budget: usd=-1 must be a number >= 0"),
+    ("[[budgets]]\nusd = 1\nper = \"fortnight\"", r"budgets\[1\].*per='fortnight'"),
+    ("[[budgets]]\nusd = 1\nscope = { team = \"x\" }", r"budgets\[1\].*scope key 'team'"),
+    ("[[budgets]]\nusd = 1\neach = \"colour\"", r"budgets\[1\].*each='colour'"),
+    ("[[budgets]]\ndollars = 1", r"unknown key budgets\[1\].'dollars'"),
+    ("budgets = 5", r"budgets must be an array of tables"),
+    ("fail_closed = \"maybe\"", r"fail_closed = 'maybe' must be true or false"),
     ("this is = not toml", r"not valid TOML"),
 ])
 def test_bad_values_name_the_key_the_value_and_the_fix(tmp_path, text, message):
@@ -111,7 +118,7 @@ toml_values = st.one_of(
     st.just("[]"), st.just('["a", 1]'), st.just("true"), st.just("{}"),
 )
 toml_keys = st.sampled_from(["database_url", "currency", "price_map", "spill_path", "rates",
-                             "scope", "prices", "budget", "x"])
+                             "scope", "prices", "budgets", "timezone", "fail_closed", "x"])
 
 
 @settings(max_examples=200, deadline=None)
@@ -123,3 +130,32 @@ def test_random_config_files_load_or_fail_with_one_clear_error(tmp_path_factory,
         load_settings(path, environ={})
     except ConfigError as exc:
         assert str(path) in str(exc) or "TOML" in str(exc)
+
+
+def test_budgets_from_the_file_block_calls(tmp_path):
+    config = _write(tmp_path, f"""
+database_url = "{tmp_path / 'b.db'}"
+timezone = "Europe/Berlin"
+price_map = "bundled"
+
+[prices.penny]
+input = 0
+output = 0.01
+per = "token"
+
+[[budgets]]
+usd = 0.02
+per = "day"
+each = "user"
+warn_at = [0.5]
+""")
+    from llmtally import Budget, BudgetExceeded
+
+    with Tally.from_config(config, spill_path=tmp_path / "s.jsonl") as tally:
+        assert tally.budgets is not None
+        assert tally.budgets.budgets == (Budget(usd=0.02, per="day", each="user", warn_at=(0.5,)),)
+        for _ in range(2):
+            held = tally.reserve(model="penny", input_tokens=0, max_tokens=1, user="ann")
+            tally.record(model="penny", output_tokens=1, user="ann", reservation=held)
+        with pytest.raises(BudgetExceeded):
+            tally.reserve(model="penny", input_tokens=0, max_tokens=1, user="ann")

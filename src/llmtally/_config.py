@@ -21,6 +21,19 @@ input = 4.0
 output = 16.0
 per = "1M"               # 1M | 1K | token
 currency = "CNY"
+
+timezone = "Europe/Berlin"        # budget windows are calendar windows here
+fail_closed = false
+
+[[budgets]]
+usd = 50
+per = "month"
+
+[[budgets]]
+usd = 2
+per = "day"
+each = "user"
+warn_at = [0.5, 0.8]
 ```
 """
 
@@ -34,13 +47,16 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from ._budgets import Budget
 from ._errors import ConfigError
 from ._pricing import Price
 
 __all__ = ["load_settings", "DEFAULT_CONFIG_FILE", "ENV_VARIABLES"]
 
 DEFAULT_CONFIG_FILE = "llmtally.toml"
-_TOP_LEVEL = ("database_url", "currency", "price_map", "spill_path", "rates", "scope", "prices")
+_TOP_LEVEL = ("database_url", "currency", "price_map", "spill_path", "rates", "scope", "prices",
+              "budgets", "timezone", "fail_closed")
+_BUDGET_KEYS = ("usd", "tokens", "requests", "per", "scope", "each", "warn_at", "action", "name")
 _SCOPE_KEYS = ("project", "user", "session", "tags", "request_id", "metadata")
 _PRICE_KEYS = ("input", "output", "cache_read", "cache_write", "reasoning", "per", "currency")
 ENV_VARIABLES = {
@@ -48,6 +64,8 @@ ENV_VARIABLES = {
     "LLMTALLY_CURRENCY": "currency",
     "LLMTALLY_PRICE_MAP": "price_map",
     "LLMTALLY_SPILL_PATH": "spill_path",
+    "LLMTALLY_TIMEZONE": "timezone",
+    "LLMTALLY_FAIL_CLOSED": "fail_closed",
     "LLMTALLY_RATES": "rates",
     "LLMTALLY_PROJECT": "scope.project",
     "LLMTALLY_USER": "scope.user",
@@ -130,7 +148,11 @@ def _validated(settings: Mapping[str, Any], origin: str) -> dict[str, Any]:
     for key, value in settings.items():
         if key not in _TOP_LEVEL:
             raise _unknown(origin, "", key, _TOP_LEVEL)
-        if key in ("database_url", "currency", "price_map", "spill_path"):
+        if key == "budgets":
+            out["budgets"] = _validated_budgets(origin, value)
+        elif key == "fail_closed":
+            out["fail_closed"] = _boolean(origin, key, value)
+        elif key in ("database_url", "currency", "price_map", "spill_path", "timezone"):
             if not isinstance(value, str) or not value.strip():
                 raise ConfigError(f"{origin}: {key} = {value!r} must be a non-empty string")
             out[key] = value.strip().upper() if key == "currency" else value.strip()
@@ -140,6 +162,36 @@ def _validated(settings: Mapping[str, Any], origin: str) -> dict[str, Any]:
             out["scope"] = _validated_scope(origin, value)
         elif key == "prices":
             out["prices"] = _validated_prices(origin, value)
+    return out
+
+
+def _boolean(origin: str, key: str, value: Any) -> bool:
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, str) and value.strip().lower() in ("1", "true", "yes", "0", "false", "no"):
+        return value.strip().lower() in ("1", "true", "yes")
+    raise ConfigError(f"{origin}: {key} = {value!r} must be true or false")
+
+
+def _validated_budgets(origin: str, budgets: Any) -> list[Budget]:
+    if not isinstance(budgets, list):
+        raise ConfigError(f"{origin}: budgets must be an array of tables: [[budgets]] usd = 50, "
+                          "per = \"month\"")
+    out: list[Budget] = []
+    for number, entry in enumerate(budgets, start=1):
+        if not isinstance(entry, Mapping):
+            raise ConfigError(f"{origin}: budgets[{number}] must be a table such as "
+                              "{ usd = 50, per = \"month\" }")
+        for key in entry:
+            if key not in _BUDGET_KEYS:
+                raise _unknown(origin, f"budgets[{number}].", key, _BUDGET_KEYS)
+        values = dict(entry)
+        if "warn_at" in values and isinstance(values["warn_at"], list):
+            values["warn_at"] = tuple(values["warn_at"])
+        try:
+            out.append(Budget(**values))
+        except ConfigError as exc:
+            raise ConfigError(f"{origin}: budgets[{number}]: {exc}") from None
     return out
 
 

@@ -107,6 +107,18 @@ class CounterState:
     def used(self) -> float:
         return self.spent + self.reserved
 
+    def run_out(self, now: datetime) -> datetime | None:
+        """When the limit is reached at this window's burn rate so far (naive UTC), or None
+        if not before the window resets (or nothing has been spent yet)."""
+        now = _naive(now)
+        elapsed = (now - self.window.start).total_seconds()
+        if self.spent <= 0 or elapsed <= 0 or self.window.end is None:
+            return None
+        if self.used >= self.budget.limit:
+            return now
+        moment = now + timedelta(seconds=(self.budget.limit - self.used) * elapsed / self.spent)
+        return moment if moment < self.window.end else None
+
     @classmethod
     def from_units(cls, budget: Budget, instance: str, window: Window, spent: int,
                    reserved: int) -> CounterState:

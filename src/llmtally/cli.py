@@ -7,6 +7,7 @@ import functools
 import json
 import sys
 from collections.abc import Callable, Sequence
+from datetime import datetime, timezone
 from typing import Any, TypeVar
 
 import click
@@ -65,6 +66,7 @@ def main() -> None:
       llmtally summary --since 7d --by model
       llmtally prices anthropic/claude-sonnet-4-5
       llmtally unpriced
+      llmtally budgets
     """
 
 
@@ -171,6 +173,60 @@ def unpriced(tally: Any, since: str | None, as_json: bool) -> None:
                    r.last_seen.isoformat(timespec="seconds")] for r in rows], left=2)
     click.echo('\nAdd a price to llmtally.toml, e.g.\n  [prices."MODEL"]\n  input = 0.5    # per 1M '
                'input tokens\n  output = 1.5   # per 1M output tokens\n  currency = "USD"')
+
+
+@main.command()
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+@ledger_options
+def budgets(tally: Any, as_json: bool) -> None:
+    """Each budget (and each user/project... of an each= budget): used, reserved, limit,
+    when its window resets, and when it runs out at the current rate. Budgets come from
+    llmtally.toml ([[budgets]]) or LLMTALLY_CONFIG.
+
+    \b
+    Example:
+      llmtally budgets --config llmtally.toml
+    """
+    now = datetime.now(timezone.utc)
+    states = tally.budget_states()
+    rows = []
+    for state in states:
+        budget = state.budget
+        scope = dict(budget.scope) | ({budget.each: state.instance} if budget.each else {})
+        run_out = state.run_out(now)
+        rows.append({
+            "budget": budget.label, "scope": scope, "kind": budget.kind, "used": state.spent,
+            "reserved": state.reserved, "limit": budget.limit,
+            "percent": 100 * state.used / budget.limit if budget.limit else None,
+            "resets_at": _iso(state.window.end), "runs_out_at": _iso(run_out),
+            "action": budget.action,
+        })
+    if as_json:
+        click.echo(json.dumps(rows, indent=2))
+        return
+    if not rows:
+        click.echo("No budgets configured: add [[budgets]] to llmtally.toml (see the README).")
+        return
+    unit = {"usd": tally.currency, "tokens": "tokens", "requests": "requests"}
+    _print_table(
+        ["budget", "scope", "used", "reserved", "limit", "%", "resets", "runs out"],
+        [[r["budget"], ", ".join(f"{k}={v}" for k, v in r["scope"].items()) or "all calls",
+          _quantity(r["used"], unit[r["kind"]]), _quantity(r["reserved"], unit[r["kind"]]),
+          _quantity(r["limit"], unit[r["kind"]]),
+          "-" if r["percent"] is None else f"{r['percent']:.1f}",
+          r["resets_at"] or "never", r["runs_out_at"] or "-"] for r in rows], left=2)
+
+
+def _iso(moment: datetime | None) -> str | None:
+    if moment is None:
+        return None
+    return moment.replace(tzinfo=timezone.utc).isoformat(timespec="seconds")
+
+
+def _quantity(amount: float, unit: str) -> str:
+    if unit in ("tokens", "requests"):
+        return f"{amount:,.0f}"
+    return _money(amount, unit)
 
 
 def _money(amount: float, currency: str | None) -> str:
