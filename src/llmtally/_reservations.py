@@ -28,7 +28,7 @@ from datetime import datetime, timedelta, timezone
 from typing import Any
 
 from sqlalchemy import (JSON, BigInteger, Column, Connection, DateTime, Float, MetaData, String,
-                        Table, and_, exists, func, literal, select)
+                        Table, and_, bindparam, exists, func, literal, select, text)
 from sqlalchemy.dialects.postgresql import JSONB
 
 from ._budgets import Budget, BudgetExceeded, Window, instance_for, window_for
@@ -73,6 +73,24 @@ ALERTS = Table(
     Column("fired_at", DateTime, nullable=False),
 )
 _E = UsageEvent.__table__.c
+
+# The hot path runs these few statements, built once (building SQLAlchemy expressions per call
+# costs more than running them).
+_COUNTER = "budget_key = :key AND instance = :instance AND window_start = :start"
+_TYPES = (bindparam("start", type_=DateTime), bindparam("now", type_=DateTime))
+_RESERVE_IF_ROOM = text(
+    f"UPDATE llmtally_budget_counters SET reserved = reserved + :amount, updated_at = :now "
+    f"WHERE {_COUNTER} AND spent + reserved + :amount <= :limit").bindparams(*_TYPES)
+_RESERVE = text(
+    f"UPDATE llmtally_budget_counters SET reserved = reserved + :amount, updated_at = :now "
+    f"WHERE {_COUNTER}").bindparams(*_TYPES)
+_SETTLE = text(
+    f"UPDATE llmtally_budget_counters SET spent = spent + :used, reserved = reserved - :released, "
+    f"updated_at = :now WHERE {_COUNTER} RETURNING spent, reserved").bindparams(*_TYPES)
+_USE = text(f"SELECT spent, reserved FROM llmtally_budget_counters WHERE {_COUNTER}").bindparams(
+    bindparam("start", type_=DateTime))
+_DROP_RESERVATION = text("DELETE FROM llmtally_reservations WHERE id = :id")
+_EXPIRY_INTERVAL = timedelta(seconds=5)  # how often a process looks for dead reservations
 
 
 @dataclass(frozen=True, slots=True)
@@ -149,6 +167,8 @@ class BudgetLedger:
         self.reservation_ttl = reservation_ttl
         self._clock = clock
         self._by_key = {budget.key: budget for budget in self.budgets}
+        self._known_counters: set[tuple[str, str, datetime]] = set()
+        self._next_expiry = datetime.min
         if len(self._by_key) != len(self.budgets):
             from ._errors import ConfigError
 
@@ -173,30 +193,41 @@ class BudgetLedger:
         if not covering:
             return Reservation(reservation_id, ())
         holds: list[Hold] = []
+        seen: list[tuple[str, str, datetime]] = []
         with self.store.write() as conn:
-            self._expire(conn, now)
+            self._fast_commit(conn)
+            if now >= self._next_expiry:
+                self._expire(conn, now)
+                self._next_expiry = now + _EXPIRY_INTERVAL
             for budget, instance, window in covering:
                 amount = to_units(budget.kind, estimate.get(budget.kind, 0.0))
-                limit = to_units(budget.kind, budget.limit)
-                self._ensure_counter(conn, budget, instance, window, now)
-                where = _counter_is(budget.key, instance, window.start)
-                statement = COUNTERS.update().where(where).values(
-                    reserved=COUNTERS.c.reserved + amount, updated_at=now)
+                seen.append(self._ensure_counter(conn, budget, instance, window, now))
+                counter = {"key": budget.key, "instance": instance, "start": window.start}
+                hold = {**counter, "amount": amount, "now": now,
+                        "limit": to_units(budget.kind, budget.limit)}
                 if budget.action == "block":
-                    statement = statement.where(
-                        COUNTERS.c.spent + COUNTERS.c.reserved + amount <= limit)
-                if conn.execute(statement).rowcount != 1:
-                    spent, reserved = conn.execute(
-                        select(COUNTERS.c.spent, COUNTERS.c.reserved).where(where)).one()
+                    updated = conn.execute(_RESERVE_IF_ROOM, hold).rowcount
+                    if updated != 1:  # about to block: first release holds of dead processes
+                        self._expire(conn, now)
+                        updated = conn.execute(_RESERVE_IF_ROOM, hold).rowcount
+                else:
+                    updated = conn.execute(_RESERVE, hold).rowcount
+                if updated != 1:
+                    spent, reserved = conn.execute(_USE, counter).one()
                     scale = UNIT_SCALE[budget.kind]
                     raise BudgetExceeded(  # leaving the block rolls every hold back
                         budget, _scope_of(budget, instance), (spent + reserved) / scale,
                         amount / scale, _aware(window.end, self.tz), self._unit(budget))
                 holds.append(Hold(budget, instance, window, amount))
-            conn.execute(RESERVATIONS.insert().values(
-                id=reservation_id, created_at=now, expires_at=now + self.reservation_ttl,
-                holds=[[h.budget.key, h.instance, h.window.start.isoformat(), h.amount]
-                       for h in holds]))
+            conn.execute(RESERVATIONS.insert(), {
+                "id": reservation_id, "created_at": now, "expires_at": now + self.reservation_ttl,
+                "holds": [[h.budget.key, h.instance, h.window.start.isoformat(), h.amount]
+                          for h in holds]})
+        # Only counters known to be committed are skipped from now on: a sibling thread must
+        # not update a row this transaction had created but not yet committed.
+        if len(self._known_counters) > 100_000:  # one per instance and window: keep it bounded
+            self._known_counters.clear()
+        self._known_counters.update(seen)
         return Reservation(reservation_id, tuple(holds))
 
     def settle(self, reservation: Reservation, actual: Amounts) -> list[Crossing]:
@@ -206,16 +237,18 @@ class BudgetLedger:
         now = _naive(self._clock())
         crossings: list[Crossing] = []
         with self.store.write() as conn:
-            still_held = conn.execute(
-                RESERVATIONS.delete().where(RESERVATIONS.c.id == reservation.id)).rowcount == 1
+            self._fast_commit(conn)
+            still_held = conn.execute(_DROP_RESERVATION, {"id": reservation.id}).rowcount == 1
             for hold in reservation.holds:
                 used = to_units(hold.budget.kind, actual.get(hold.budget.kind, 0.0))
-                released = hold.amount if still_held else 0  # an expired hold was released
-                conn.execute(COUNTERS.update().where(
-                    _counter_is(hold.budget.key, hold.instance, hold.window.start)).values(
-                    spent=COUNTERS.c.spent + used, reserved=COUNTERS.c.reserved - released,
-                    updated_at=now))
-                crossings += self._crossings(conn, hold, now)
+                row = conn.execute(_SETTLE, {
+                    "key": hold.budget.key, "instance": hold.instance, "start": hold.window.start,
+                    "used": used, "now": now,
+                    "released": hold.amount if still_held else 0,  # an expired hold was released
+                }).first()
+                if row is not None and hold.budget.warn_at:
+                    crossings += self._crossings(conn, hold, int(row[0]) - used, int(row[0]),
+                                                 int(row[1]), now)
         return crossings
 
     def release(self, reservation: Reservation, *, requests: float = 0.0) -> list[Crossing]:
@@ -246,15 +279,24 @@ class BudgetLedger:
         return self.currency if budget.kind == "usd" else budget.kind
 
     def _ensure_counter(self, conn: Connection, budget: Budget, instance: str, window: Window,
-                        now: datetime) -> None:
-        exists_already = conn.execute(select(literal(1)).where(
-            _counter_is(budget.key, instance, window.start))).first()
-        if exists_already:
-            return
-        spent = self._seed(conn, budget, instance, window)
-        conn.execute(_insert_ignore(conn).values(
-            budget_key=budget.key, instance=instance, window_start=window.start,
-            window_end=window.end, spent=spent, reserved=0.0, updated_at=now))
+                        now: datetime) -> tuple[str, str, datetime]:
+        """Create the counter if it is new (starting from the ledger's events); returns its key."""
+        known = (budget.key, instance, window.start)
+        if known in self._known_counters:
+            return known
+        if conn.execute(_USE, {"key": budget.key, "instance": instance,
+                               "start": window.start}).first() is None:
+            spent = self._seed(conn, budget, instance, window)
+            conn.execute(_insert_ignore(conn).values(
+                budget_key=budget.key, instance=instance, window_start=window.start,
+                window_end=window.end, spent=spent, reserved=0, updated_at=now))
+        return known
+
+    def _fast_commit(self, conn: Connection) -> None:
+        """On PostgreSQL, budget transactions don't wait for the WAL flush (the row locks still
+        serialise them); a database crash may forget the last few milliseconds of holds."""
+        if conn.dialect.name == "postgresql":
+            conn.exec_driver_sql("SET LOCAL synchronous_commit TO OFF")
 
     def _seed(self, conn: Connection, budget: Budget, instance: str, window: Window) -> int:
         """What the events already in the ledger spent in this window for this instance."""
@@ -283,21 +325,24 @@ class BudgetLedger:
                 conn.execute(COUNTERS.update().where(_counter_is(key, instance, start)).values(
                     reserved=COUNTERS.c.reserved - amount, updated_at=now))
 
-    def _crossings(self, conn: Connection, hold: Hold, now: datetime) -> list[Crossing]:
+    def _crossings(self, conn: Connection, hold: Hold, before: int, spent: int, reserved: int,
+                   now: datetime) -> list[Crossing]:
+        """Thresholds this settlement moved ``spent`` across; each is claimed in the ledger so
+        that only one process (and one call) reports it per window."""
         budget = hold.budget
-        if not budget.warn_at or budget.limit <= 0:
+        limit = to_units(budget.kind, budget.limit)
+        if limit <= 0:
             return []
-        spent, reserved = conn.execute(select(COUNTERS.c.spent, COUNTERS.c.reserved).where(
-            _counter_is(budget.key, hold.instance, hold.window.start))).one()
-        state = CounterState.from_units(budget, hold.instance, hold.window, int(spent), int(reserved))
         crossed = []
         for threshold in budget.warn_at:
-            if state.spent < threshold * budget.limit:
-                break
-            inserted = conn.execute(_insert_ignore(conn, ALERTS).values(
+            mark = threshold * limit
+            if not before < mark <= spent:
+                continue
+            claimed = conn.execute(_insert_ignore(conn, ALERTS).values(
                 budget_key=budget.key, instance=hold.instance, window_start=hold.window.start,
                 threshold=threshold, fired_at=now)).rowcount
-            if inserted == 1:
+            if claimed == 1:
+                state = CounterState.from_units(budget, hold.instance, hold.window, spent, reserved)
                 crossed.append(Crossing(state, threshold))
         return crossed
 

@@ -1,0 +1,104 @@
+"""Budget overhead per call: reserve (check + hold) and settle, with 3 active budgets.
+
+    python benchmarks/budget_check.py [--calls 2000] [--postgres URL]
+
+For SQLite and PostgreSQL: p50/p99 of reserve + record(reservation=...) (which settles) on the
+caller's thread, against record() alone in the same run (the bare, budget-less path).
+Targets (issue 6): <= 1 ms p50 on SQLite, <= 2 ms on local PostgreSQL.
+Also the throughput of 32 threads (one process) reserving and settling against one budget.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import tempfile
+import threading
+import time
+
+from sqlalchemy import create_engine, text
+
+from llmtally import Budget, BudgetExceeded, Price, Tally
+
+BUDGETS = [Budget(usd=10_000, per="month"), Budget(usd=100, per="day", each="user"),
+           Budget(tokens=10**9, per="minute", scope={"project": "bench"})]
+PRICES = {"penny": Price(input=0, output=0.01, per="token")}
+
+
+def percentiles(samples: list[float]) -> tuple[float, float]:
+    samples.sort()
+    return statistics.median(samples), samples[int(len(samples) * 0.99)]
+
+
+def per_call(url: str, calls: int, spill: str) -> dict[str, tuple[float, float]]:
+    out = {}
+    with Tally(url, price_map="bundled", spill_path=spill, prices=PRICES, budgets=BUDGETS) as tally:
+        for label in ("record only", "reserve + settle"):
+            samples = []
+            for i in range(calls):
+                started = time.perf_counter()
+                held = None
+                if label != "record only":
+                    held = tally.reserve(model="penny", input_tokens=10, max_tokens=1,
+                                         user=f"u{i % 20}", project="bench")
+                tally.record(model="penny", input_tokens=10, output_tokens=1, user=f"u{i % 20}",
+                             project="bench", reservation=held)
+                samples.append((time.perf_counter() - started) * 1000)
+            out[label] = percentiles(samples)
+    return out
+
+
+def throughput(url: str, spill: str, threads: int = 32, per_thread: int = 50) -> float:
+    with Tally(url, price_map="bundled", spill_path=spill, prices=PRICES,
+               budgets=[Budget(usd=10**6, per="day")]) as tally:
+        def run() -> None:
+            for _ in range(per_thread):
+                try:
+                    held = tally.reserve(model="penny", input_tokens=0, max_tokens=1)
+                except BudgetExceeded:
+                    continue
+                tally.record(model="penny", output_tokens=1, reservation=held)
+        workers = [threading.Thread(target=run) for _ in range(threads)]
+        started = time.perf_counter()
+        for worker in workers:
+            worker.start()
+        for worker in workers:
+            worker.join()
+        return threads * per_thread / (time.perf_counter() - started)
+
+
+def bench(name: str, url: str, calls: int, workdir: str) -> None:
+    results = per_call(url, calls, os.path.join(workdir, f"{name}.jsonl"))
+    bare, budgeted = results["record only"], results["reserve + settle"]
+    print(f"{name:10} record only p50 {bare[0]:.3f} ms   reserve+settle (3 budgets) p50 "
+          f"{budgeted[0]:.3f} ms p99 {budgeted[1]:.3f} ms   added p50 {budgeted[0] - bare[0]:.3f} ms")
+    rate = throughput(url, os.path.join(workdir, f"{name}-t.jsonl"))
+    print(f"{'':10} 32 threads reserving+settling on one budget: {rate:,.0f} calls/s")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--calls", type=int, default=2000)
+    parser.add_argument("--postgres", default=os.environ.get(
+        "LLMTALLY_TEST_POSTGRES_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test"))
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory() as workdir:
+        bench("sqlite", f"sqlite:///{workdir}/budget.db", args.calls, workdir)
+        if args.postgres:
+            engine = create_engine(args.postgres)
+            with engine.begin() as conn:
+                conn.execute(text("DROP SCHEMA IF EXISTS llmtally_budget_bench CASCADE"))
+                conn.execute(text("CREATE SCHEMA llmtally_budget_bench"))
+            url = args.postgres + ("&" if "?" in args.postgres else "?") + \
+                "options=-csearch_path%3Dllmtally_budget_bench"
+            try:
+                bench("postgresql", url, args.calls, workdir)
+            finally:
+                with engine.begin() as conn:
+                    conn.execute(text("DROP SCHEMA llmtally_budget_bench CASCADE"))
+                engine.dispose()
+
+
+if __name__ == "__main__":
+    main()
