@@ -25,9 +25,14 @@ How LiteLLM's view of a call maps onto a ledger event (checked on litellm 1.110)
 from __future__ import annotations
 
 import asyncio
+import atexit
+import functools
+import gc
+import queue
 import sys
 import threading
 import time
+import weakref
 from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import datetime
@@ -66,7 +71,8 @@ class CallStart:
 
 
 def litellm_event(kwargs: Any, response_obj: Any, start_time: Any, end_time: Any, *,
-                  failed: bool, call_start: CallStart | None = None) -> dict[str, Any]:
+                  failed: bool, call_start: CallStart | None = None,
+                  abandoned: bool = False) -> dict[str, Any]:
     """The keyword arguments for ``tally.record(...)`` describing one LiteLLM call.
 
     ``kwargs``, ``response_obj``, ``start_time`` and ``end_time`` are what LiteLLM passes to a
@@ -87,15 +93,15 @@ def litellm_event(kwargs: Any, response_obj: Any, start_time: Any, end_time: Any
     }
     call_id = _text(kw.get("litellm_call_id"))
     if call_id:
-        event["id"] = call_id
+        event["id"] = _event_id(call_id, kw, params, meta, start_time)
     if failed:
         error = kw.get("exception")
         event["error_type"] = error_type(error) if isinstance(error, BaseException) else None
     else:
-        event["resolved_model"] = response_model(response_obj)
+        event["resolved_model"] = _provider_model(response_obj) or response_model(response_obj)
         if streamed:
             event["ttft_ms"] = _ms_between(start_time, kw.get("completion_start_time"))
-        usage = extract_usage(response_obj)
+        usage = None if abandoned else extract_usage(response_obj)
         if usage is None or (streamed and _usage_not_sent(kw, provider, call_start)):
             usage = _count_offline(kw, response_obj, model)
             event["estimated"] = True
@@ -106,9 +112,25 @@ def litellm_event(kwargs: Any, response_obj: Any, start_time: Any, end_time: Any
         if kw.get("cache_hit") is True:
             event["cache_hit"] = True
     event.update(_attribution(kw, params, meta, call_start))
-    if event.get("estimated"):
+    if call_id and event["id"] != call_id:
+        event["metadata"]["litellm_call_id"] = call_id
+    if abandoned:
+        event["metadata"]["stream_abandoned"] = True
+        event["metadata"]["llmtally_estimated"] = (
+            "the caller left the stream early; prompt and the chunks consumed counted offline")
+    elif event.get("estimated"):
         event["metadata"]["llmtally_estimated"] = "the provider reported no usage; tokens counted offline"
     return event
+
+
+def _provider_model(response_obj: Any) -> str | None:
+    """The model the provider answered with, as LiteLLM kept it: the proxy renames the
+    response's ``model`` to the model group it was asked for (before deferred logging runs)."""
+    try:
+        hidden = getattr(response_obj, "_hidden_params", None)
+    except Exception:
+        return None
+    return _text(hidden.get("provider_response_model")) if isinstance(hidden, dict) else None
 
 
 def _attribution(kw: Mapping[str, Any], params: Mapping[str, Any], meta: Mapping[str, Any],
@@ -127,15 +149,66 @@ def _attribution(kw: Mapping[str, Any], params: Mapping[str, Any], meta: Mapping
                        ("attempted_fallbacks", meta.get("attempted_fallbacks"))):
         if value and (isinstance(value, str) or type(value) is int):
             extra[key] = value
+    proxy = _proxy_caller(kw, params, meta)
+    extra.update((key, value) for key, value in proxy.items() if key not in ("team", "project"))
+    if proxy.get("key_alias"):
+        tags = (*tags, f"key:{proxy['key_alias']}")
+    # On the proxy the authenticated key's user and team win over what the request body says,
+    # so a caller cannot move its spend to someone else's user or project.
     return {
-        "project": _text(meta.get("project")) or scope.project,
-        "user": _text(meta.get("user")) or _text(kw.get("user")) or scope.user,
+        "project": proxy.get("project") or proxy.get("team") or _text(meta.get("project"))
+        or scope.project,
+        "user": proxy.get("user_id") or _text(meta.get("user")) or proxy.get("end_user")
+        or _text(kw.get("user")) or scope.user,
         "session": _text(meta.get("session_id")) or _text(params.get("litellm_session_id"))
         or scope.session,
         "tags": list(_scope.merge_tags(scope.tags, tags)),
         "request_id": _text(meta.get("request_id")) or scope.request_id or trace_id,
         "metadata": extra,
     }
+
+
+# The LiteLLM proxy's caller, as its auth step put it in the request metadata.
+_PROXY_FIELDS = (("key_alias", "user_api_key_alias"), ("user_id", "user_api_key_user_id"),
+                 ("team_id", "user_api_key_team_id"), ("team_alias", "user_api_key_team_alias"),
+                 ("end_user", "user_api_key_end_user_id"), ("org_id", "user_api_key_org_id"),
+                 ("project_id", "user_api_key_project_id"),
+                 ("project_alias", "user_api_key_project_alias"))
+
+
+def _proxy_caller(kw: Mapping[str, Any], params: Mapping[str, Any],
+                  meta: Mapping[str, Any]) -> dict[str, str]:
+    """The proxy's key alias, user, team, organisation and end user, when the call came through
+    the LiteLLM proxy (``user_api_key_*`` metadata), as ``metadata`` entries plus ``project``
+    (LiteLLM project, else the team) and ``team``. The key itself and its hash are never read.
+    """
+    sources = [meta, _mapping(params.get("litellm_metadata")),
+               _mapping(_mapping(kw.get("standard_logging_object")).get("metadata"))]
+    found: dict[str, str] = {}
+    for name, field in _PROXY_FIELDS:
+        for source in sources:
+            value = _text(source.get(field))
+            if value:
+                found[name] = value
+                break
+    if not found:
+        return found
+    team = found.get("team_alias") or found.get("team_id")
+    project = found.get("project_alias") or found.get("project_id")
+    return {**found, **({"team": team} if team else {}), **({"project": project} if project else {})}
+
+
+def _event_id(call_id: str, kw: Mapping[str, Any], params: Mapping[str, Any],
+              meta: Mapping[str, Any], start_time: Any) -> str:
+    """LiteLLM's call id; on the proxy, where the client may choose the call id (header
+    ``x-litellm-call-id``), it is suffixed with the call's start time, so a client repeating
+    an id cannot make a second call collapse into the first one's row."""
+    if not isinstance(start_time, datetime) or not _proxy_caller(kw, params, meta):
+        return call_id
+    try:
+        return f"{call_id[:100]}@{start_time.timestamp():.6f}"
+    except (OverflowError, OSError, ValueError):
+        return call_id
 
 
 def _usage_not_sent(kw: Mapping[str, Any], provider: str | None,
@@ -229,6 +302,8 @@ class LiteLLMLogger(CustomLogger):
         self.tally = tally
         self._starts: dict[str, CallStart] = {}
         self._starts_lock = threading.Lock()
+        _LOGGERS.add(self)
+        install_stream_watch()
 
     # LiteLLM finds hooks by exact method and parameter names: do not rename them.
     # It calls log_pre_api_call on the caller's thread for sync and async calls alike.
@@ -268,6 +343,8 @@ class LiteLLMLogger(CustomLogger):
             call_id = kwargs.get("litellm_call_id") if isinstance(kwargs, Mapping) else None
             with self._starts_lock:
                 start = self._starts.pop(call_id, None) if isinstance(call_id, str) else None
+            if failed and _is_auth_rejection(kwargs):
+                return  # the proxy refused the caller's key: no LLM call, and no row for strangers
             if start is None:  # not seen starting: the attribution in force here is the best guess
                 start = CallStart(_scope.current())
             self.tally.record(**litellm_event(kwargs, response_obj, start_time, end_time,
@@ -275,6 +352,15 @@ class LiteLLMLogger(CustomLogger):
         except Exception as exc:
             warn_limited("litellm-hook", "llmtally: could not record a LiteLLM call (%s: %s)",
                          type(exc).__name__, exc, exc_info=True)
+
+
+def _is_auth_rejection(kwargs: Any) -> bool:
+    """A LiteLLM proxy request refused by its key check (401/403 before any provider call)."""
+    error = kwargs.get("exception") if isinstance(kwargs, Mapping) else None
+    if type(error).__name__ not in ("HTTPException", "ProxyException"):
+        return False
+    code = getattr(error, "status_code", None) or getattr(error, "code", None)
+    return str(code) in ("401", "403")
 
 
 def drain_logging_worker(timeout: float | None = None) -> None:
@@ -289,6 +375,10 @@ def drain_logging_worker(timeout: float | None = None) -> None:
     """
     deadline = time.monotonic() + (_IDLE_WAIT_S if timeout is None else timeout)
     _wait_for_logging_threads(deadline)
+    if any(not _state_of(stream).finished for stream in list(_watched)):
+        gc.collect()  # a stream left unread is freed by the cycle collector only (LiteLLM's
+        # logging object and the stream refer to each other): find such streams now
+    _wait_for_abandoned_streams(deadline)
     module = sys.modules.get("litellm.litellm_core_utils.logging_worker")
     worker = getattr(module, "GLOBAL_LOGGING_WORKER", None)
     if worker is None or getattr(worker, "_queue", None) is None:
@@ -340,3 +430,233 @@ def _flush_on_new_loop(worker: Any, timeout: float | None) -> None:
             loop.run_until_complete(worker.stop())  # cancel the worker task bound to this loop
         finally:
             loop.close()
+
+
+# -- abandoned streams -----------------------------------------------------------------------
+#
+# LiteLLM logs a stream only when the caller reads it to the end. A stream left halfway (a
+# ``break``, an exception in the caller's loop, a cancelled task) logs nothing, although the
+# provider charged for the prompt and for what it sent. ``install_stream_watch()`` (run once by
+# ``tally.litellm()``) wraps four methods of LiteLLM's ``CustomStreamWrapper``:
+#
+# - ``__init__`` notes, for a call one of our loggers saw starting, what the event needs (a
+#   shallow copy of a few LiteLLM kwargs, the wrapper's own list of chunks returned so far) and
+#   registers a ``weakref.finalize`` on the stream;
+# - ``__next__`` / ``__anext__`` mark the stream finished when it ends or fails (LiteLLM then
+#   logs it itself) and note when the first chunk came;
+# - ``close`` / ``aclose``, called by the user (not by LiteLLM itself at the end of a stream),
+#   and otherwise the finalizer when the stream object is released, hand a stream that did not
+#   finish to a daemon thread that records it: ``streamed``, ``estimated``, prompt and consumed
+#   chunks counted offline, ``metadata["stream_abandoned"] = True``.
+#
+# A stream is released by Python's cycle collector, not at once (LiteLLM's logging object and
+# the stream refer to each other), so ``tally.flush()`` runs ``gc.collect()`` while watched
+# streams are alive.
+#
+# The finalizer only puts the stream on a ``queue.SimpleQueue`` (safe from finalizers and GC);
+# nothing is kept per stream once it is released; every wrapped method passes through what
+# LiteLLM returns or raises, and a fault of ours is logged, never raised.
+
+_STATE_ATTR = "_llmtally_stream"
+_SNAPSHOT_KEYS = ("litellm_call_id", "model", "custom_llm_provider", "messages", "input",
+                  "call_type", "litellm_params", "litellm_trace_id", "user", "stream_options",
+                  "model_id")
+_LOGGERS: weakref.WeakSet[LiteLLMLogger] = weakref.WeakSet()
+_watched: weakref.WeakSet[Any] = weakref.WeakSet()  # streams alive and watched
+_ABANDONED: queue.SimpleQueue[Any] = queue.SimpleQueue()
+_install_lock = threading.Lock()
+_installed = False
+_recorder: threading.Thread | None = None
+
+
+class _StreamState:
+    __slots__ = ("call_id", "kwargs", "start_time", "chunks", "first_chunk_at", "ended_at",
+                 "finished", "in_next", "finalizer")
+
+    def __init__(self, call_id: str, kwargs: dict[str, Any], start_time: Any, chunks: list) -> None:
+        self.call_id, self.kwargs, self.start_time, self.chunks = call_id, kwargs, start_time, chunks
+        self.first_chunk_at: datetime | None = None
+        self.ended_at: datetime | None = None
+        self.finished = False
+        self.in_next = False
+        self.finalizer: Any = None
+
+
+def install_stream_watch() -> bool:
+    """Wrap LiteLLM's ``CustomStreamWrapper`` once per process so that abandoned streams are
+    recorded (see the notes above). Returns False if this LiteLLM's wrapper has another shape."""
+    global _installed
+    with _install_lock:
+        if _installed:
+            return True
+        try:
+            from litellm.litellm_core_utils.streaming_handler import CustomStreamWrapper as cls
+        except ImportError:
+            return False
+        if not all(callable(getattr(cls, name, None)) for name in ("__init__", "__next__", "__anext__")):
+            return False
+        original_init, original_next, original_anext = cls.__init__, cls.__next__, cls.__anext__
+
+        @functools.wraps(original_init)
+        def __init__(self, *args, **kwargs):  # type: ignore[no-untyped-def]
+            original_init(self, *args, **kwargs)
+            _watch(self)
+
+        @functools.wraps(original_next)
+        def __next__(self):  # type: ignore[no-untyped-def]
+            state = self.__dict__.get(_STATE_ATTR)
+            if state is None:
+                return original_next(self)
+            state.in_next = True
+            try:
+                chunk = original_next(self)
+            except Exception:  # the end (StopIteration) or a failure: LiteLLM logs both itself
+                state.finished = True
+                raise
+            finally:
+                state.in_next = False
+            if state.first_chunk_at is None:
+                state.first_chunk_at = datetime.now()
+            return chunk
+
+        @functools.wraps(original_anext)
+        async def __anext__(self):  # type: ignore[no-untyped-def]
+            state = self.__dict__.get(_STATE_ATTR)
+            if state is None:
+                return await original_anext(self)
+            state.in_next = True
+            try:
+                chunk = await original_anext(self)
+            except Exception:  # StopAsyncIteration or a failure; not CancelledError
+                state.finished = True
+                raise
+            finally:
+                state.in_next = False
+            if state.first_chunk_at is None:
+                state.first_chunk_at = datetime.now()
+            return chunk
+
+        cls.__init__, cls.__next__, cls.__anext__ = __init__, __next__, __anext__
+        atexit.register(_drain_at_exit)  # after the ledger's exit flush was registered: runs before it
+        if callable(getattr(cls, "close", None)):
+            original_close = cls.close
+
+            @functools.wraps(original_close)
+            def close(self):  # type: ignore[no-untyped-def]
+                try:
+                    return original_close(self)
+                finally:
+                    _closed_by_caller(self)
+
+            cls.close = close
+        if callable(getattr(cls, "aclose", None)):
+            original_aclose = cls.aclose
+
+            @functools.wraps(original_aclose)
+            async def aclose(self):  # type: ignore[no-untyped-def]
+                try:
+                    return await original_aclose(self)
+                finally:
+                    _closed_by_caller(self)
+
+            cls.aclose = aclose
+        _installed = True
+        return True
+
+
+def _watch(stream: Any) -> None:
+    """Register a new stream for a call one of our loggers saw starting."""
+    try:
+        loggers = list(_LOGGERS)
+        if not loggers:
+            return
+        logging_obj = getattr(stream, "logging_obj", None)
+        details = getattr(logging_obj, "model_call_details", None)
+        chunks = getattr(stream, "chunks", None)
+        if not isinstance(details, dict) or not isinstance(chunks, list):
+            return
+        call_id = details.get("litellm_call_id")
+        if not isinstance(call_id, str) or not any(call_id in lg._starts for lg in loggers):
+            return
+        state = _StreamState(call_id, {key: details[key] for key in _SNAPSHOT_KEYS if key in details},
+                             getattr(logging_obj, "start_time", None), chunks)
+        state.finalizer = weakref.finalize(stream, _stream_released, state)
+        state.finalizer.atexit = True
+        stream.__dict__[_STATE_ATTR] = state
+        _watched.add(stream)
+        _ensure_recorder()
+    except Exception as exc:
+        warn_limited("litellm-stream", "llmtally: could not watch a LiteLLM stream (%s: %s)",
+                     type(exc).__name__, exc, exc_info=True)
+
+
+def _state_of(stream: Any) -> _StreamState:
+    return stream.__dict__[_STATE_ATTR]
+
+
+def _closed_by_caller(stream: Any) -> None:
+    state = stream.__dict__.get(_STATE_ATTR) if hasattr(stream, "__dict__") else None
+    if state is not None and not state.in_next and not state.finished and state.finalizer is not None:
+        state.finalizer()  # runs _stream_released now, once
+
+
+def _stream_released(state: _StreamState) -> None:
+    """The stream was closed by its caller or released: queue it if it did not finish. Runs in
+    finalizer context: only a ``SimpleQueue.put``, which is safe there."""
+    if not state.finished:
+        state.finished = True
+        state.ended_at = datetime.now()
+        _ABANDONED.put(state)
+
+
+def _ensure_recorder() -> None:
+    global _recorder
+    if _recorder is None or not _recorder.is_alive():  # also after a fork
+        with _install_lock:
+            if _recorder is None or not _recorder.is_alive():
+                _recorder = threading.Thread(target=_record_abandoned_forever,
+                                             name="llmtally-litellm-streams", daemon=True)
+                _recorder.start()
+
+
+def _record_abandoned_forever() -> None:
+    while True:
+        item = _ABANDONED.get()
+        if isinstance(item, threading.Event):  # a flush waiting for what was queued before it
+            item.set()
+            continue
+        try:
+            _record_abandoned(item)
+        except Exception as exc:
+            warn_limited("litellm-stream", "llmtally: could not record an abandoned LiteLLM stream "
+                         "(%s: %s)", type(exc).__name__, exc, exc_info=True)
+
+
+def _record_abandoned(state: _StreamState) -> None:
+    for logger_ in list(_LOGGERS):
+        with logger_._starts_lock:
+            start = logger_._starts.pop(state.call_id, None)
+        if start is None:  # not this logger's call, or LiteLLM logged it after all
+            continue
+        chunks = list(state.chunks)
+        text = "".join(response_text(chunk) for chunk in chunks)
+        resolved = next((model for model in map(response_model, chunks) if model), None)
+        kwargs = {**state.kwargs, "stream": True, "completion_start_time": state.first_chunk_at}
+        event = litellm_event(kwargs, {"model": resolved, "choices": [{"message": {"content": text}}]},
+                              state.start_time, state.ended_at, failed=False, call_start=start,
+                              abandoned=True)
+        logger_.tally.record(**event)
+
+
+def _wait_for_abandoned_streams(deadline: float) -> None:
+    """Return once the streams released so far are recorded (the recorder runs them in order)."""
+    if _recorder is None:
+        return
+    _ensure_recorder()
+    done = threading.Event()
+    _ABANDONED.put(done)
+    done.wait(max(0.0, deadline - time.monotonic()))
+
+
+def _drain_at_exit() -> None:
+    _wait_for_abandoned_streams(time.monotonic() + 2.0)

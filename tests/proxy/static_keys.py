@@ -1,0 +1,25 @@
+"""Test-only ``general_settings.custom_auth`` for the LiteLLM proxy: a fixed table of keys.
+
+Virtual keys normally live in the proxy's PostgreSQL database (Prisma), which cannot be set up
+offline; this stands in for it and hands the proxy the same ``UserAPIKeyAuth`` fields a
+database key would carry (key alias, user, team), so the callbacks see what they see in
+production.
+"""
+
+from fastapi import HTTPException
+from litellm.proxy._types import UserAPIKeyAuth
+
+KEYS = {
+    "sk-alice": {"key_alias": "alice-laptop", "user_id": "alice", "team_id": "team-search",
+                 "team_alias": "search"},
+    "sk-bob": {"key_alias": "bob-batch", "user_id": "bob", "team_id": "team-ads",
+               "team_alias": "ads"},
+}
+
+
+async def user_api_key_auth(request, api_key):  # noqa: ANN001, ANN201 - LiteLLM's signature
+    key = api_key.removeprefix("Bearer ").strip() if isinstance(api_key, str) else ""
+    fields = KEYS.get(key)
+    if fields is None:
+        raise HTTPException(status_code=401, detail="unknown key")
+    return UserAPIKeyAuth(api_key=f"hashed-{fields['key_alias']}", **fields)

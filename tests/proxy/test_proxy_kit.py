@@ -1,0 +1,266 @@
+"""The LiteLLM proxy kit (integrations/litellm-proxy/): the real ``litellm`` proxy, started from
+a venv of its own with ``litellm[proxy]``, in front of the loopback fake provider.
+
+The venv is built once and cached (``$XDG_CACHE_HOME`` or ``~/.cache``, then
+``llmtally-tests/proxy-<version>/``): ~1 minute and ~750 MB the first time. If it cannot be built
+the tests are skipped, except under ``CI=true`` where they fail.
+
+Virtual keys normally live in the proxy's PostgreSQL database (Prisma), which cannot run
+offline; ``static_keys.py`` (beside this file) is a ``custom_auth`` that returns the same
+``UserAPIKeyAuth`` fields (key alias, user, team) a database key carries.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+import yaml
+from conftest import IN_CI, fetch_events
+
+from llmtally.testing import FakeProvider, FakeUsage
+
+pytestmark = [pytest.mark.proxy, pytest.mark.slow, pytest.mark.timeout(900)]
+
+PROXY_LITELLM = "1.106.12"  # the newest litellm[proxy] installable without the litellm-proxy package
+REPO = Path(__file__).resolve().parents[2]
+KIT = REPO / "integrations" / "litellm-proxy"
+HERE = Path(__file__).resolve().parent
+MASTER_KEY = "sk-master-test"
+MSGS = [{"role": "user", "content": "Say hello to the ledger, please."}]
+REPLY = "Hello from the fake provider."
+
+
+def _venv_dir() -> Path:
+    cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+    return cache / "llmtally-tests" / f"proxy-{PROXY_LITELLM}"
+
+
+def _run(cmd: list[str], timeout: float) -> None:
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+    if done.returncode != 0:
+        raise RuntimeError(f"{' '.join(cmd)} exited {done.returncode}:\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}")
+
+
+def _build_venv(venv: Path) -> Path:
+    """The proxy venv's python: litellm[proxy] pinned, llmtally installed from this checkout
+    (re-installed when the checkout or its pyproject.toml changed)."""
+    python = venv / "bin" / "python"
+    stamp = venv / ".llmtally-stamp"
+    want = json.dumps({"litellm": PROXY_LITELLM, "repo": str(REPO),
+                       "pyproject": hashlib.sha256((REPO / "pyproject.toml").read_bytes()).hexdigest()})
+    venv.parent.mkdir(parents=True, exist_ok=True)
+    with open(venv.parent / f".{venv.name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # one builder at a time
+        have = stamp.read_text() if stamp.exists() else None
+        if have == want and python.exists():
+            return python
+        if have is None or json.loads(have).get("litellm") != PROXY_LITELLM or not python.exists():
+            shutil.rmtree(venv, ignore_errors=True)
+            base = getattr(sys, "_base_executable", None) or sys.executable
+            _run([base, "-m", "venv", str(venv)], 300)
+            _run([str(python), "-m", "pip", "install", "-q", "--disable-pip-version-check",
+                  f"litellm[proxy]=={PROXY_LITELLM}", "-e", str(REPO)], 1800)
+        else:  # litellm is there: only llmtally (path or dependencies) changed
+            _run([str(python), "-m", "pip", "install", "-q", "--disable-pip-version-check",
+                  "-e", str(REPO)], 600)
+        stamp.write_text(want)
+    return python
+
+
+@pytest.fixture(scope="session")
+def proxy_python() -> Path:
+    try:
+        return _build_venv(_venv_dir())
+    except Exception as exc:  # no registry, no disk space, ...
+        message = f"cannot build the litellm[proxy]=={PROXY_LITELLM} venv at {_venv_dir()}: {exc}"
+        if IN_CI:
+            pytest.fail(f"CI=true and {message}")
+        pytest.skip(message)
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _get(url: str) -> int:
+    try:
+        with urllib.request.urlopen(url, timeout=1) as response:
+            return response.status
+    except Exception:
+        return 0
+
+
+class Proxy:
+    def __init__(self, base: str, ledger: str, provider: FakeProvider, anthropic: FakeProvider):
+        self.base, self.ledger, self.provider, self.anthropic = base, ledger, provider, anthropic
+
+    def client(self, key: str):
+        import openai
+
+        return openai.OpenAI(base_url=f"{self.base}/v1", api_key=key, max_retries=0)
+
+    def rows(self, ids: set[str], seconds: float = 20.0) -> list[dict]:
+        """The ledger rows of these LiteLLM call ids, once all are there."""
+        deadline = time.monotonic() + seconds
+        while True:
+            rows = [row for row in fetch_events(self.ledger) if _call_id(row) in ids]
+            if len(rows) >= len(ids) or time.monotonic() > deadline:
+                return rows
+            time.sleep(0.1)
+
+
+def _call_id(row: dict) -> str:
+    return json.loads(row["metadata"]).get("litellm_call_id", row["id"])
+
+
+@pytest.fixture(scope="module")
+def proxy(proxy_python, tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("proxy")
+    ledger = f"sqlite:///{tmp / 'ledger.db'}"
+    with FakeProvider(usage=FakeUsage(prompt_tokens=120, completion_tokens=30, cached_tokens=100),
+                      resolved_model="gpt-4o-mini-2024-07-18", reply=REPLY) as fp, \
+            FakeProvider(usage=FakeUsage(prompt_tokens=100, completion_tokens=50,
+                                         cache_creation_tokens=2000, cache_read_tokens=3000)) as ap:
+        config = yaml.safe_load((KIT / "config.yaml").read_text())
+        config["model_list"] = [
+            {"model_name": "gpt-4o-mini", "litellm_params": {
+                "model": "openai/gpt-4o-mini", "api_base": fp.openai_base, "api_key": "sk-upstream"}},
+            {"model_name": "claude-sonnet", "litellm_params": {
+                "model": "anthropic/claude-sonnet-4-5", "api_base": ap.anthropic_base,
+                "api_key": "sk-upstream"}},
+        ]
+        config.setdefault("general_settings", {})["custom_auth"] = "static_keys.user_api_key_auth"
+        (tmp / "config.yaml").write_text(yaml.safe_dump(config))
+        env = {name: value for name, value in os.environ.items()
+               if not name.startswith(("LLMTALLY_", "LITELLM_", "DATABASE_URL", "PYTHON"))}
+        env.update({
+            "LITELLM_LOCAL_MODEL_COST_MAP": "True", "LITELLM_MASTER_KEY": MASTER_KEY,
+            "LLMTALLY_DATABASE_URL": ledger, "LLMTALLY_PRICE_MAP": "bundled",
+            # the current checkout's code, the kit's callbacks module, the test's custom_auth
+            "PYTHONPATH": os.pathsep.join([str(REPO / "src"), str(KIT), str(HERE)]),
+            # anything that tries the internet fails at once instead of hanging
+            "HTTP_PROXY": "http://127.0.0.1:9", "HTTPS_PROXY": "http://127.0.0.1:9",
+            "NO_PROXY": "127.0.0.1,localhost",
+        })
+        port = _free_port()
+        log = open(tmp / "proxy.log", "w")
+        process = subprocess.Popen(
+            [str(proxy_python), "-m", "litellm.proxy.proxy_cli", "--config", str(tmp / "config.yaml"),
+             "--host", "127.0.0.1", "--port", str(port)],
+            cwd=tmp, env=env, stdout=log, stderr=subprocess.STDOUT)
+        base = f"http://127.0.0.1:{port}"
+        try:
+            deadline = time.monotonic() + 120
+            while _get(f"{base}/health/liveliness") != 200:
+                if process.poll() is not None or time.monotonic() > deadline:
+                    log.flush()
+                    pytest.fail(f"the proxy did not start:\n{(tmp / 'proxy.log').read_text()[-5000:]}")
+                time.sleep(0.2)
+            yield Proxy(base, ledger, fp, ap)
+        finally:
+            process.terminate()
+            try:
+                process.wait(20)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()
+            log.close()
+
+
+def _chat(proxy: Proxy, key: str, **kw):
+    raw = proxy.client(key).chat.completions.with_raw_response.create(
+        model=kw.pop("model", "gpt-4o-mini"), messages=MSGS, **kw)
+    return raw.headers["x-litellm-call-id"], raw.parse()
+
+
+def test_two_keys_are_attributed_to_their_users_and_teams(proxy, make_tally):
+    before = proxy.provider.requests
+    alice_id, alice = _chat(proxy, "sk-alice")
+    bob_id, bob = _chat(proxy, "sk-bob", user="customer-42")
+    assert alice.choices[0].message.content == REPLY == bob.choices[0].message.content
+    assert proxy.provider.requests - before == 2
+    rows = {_call_id(row): row for row in proxy.rows({alice_id, bob_id})}
+    assert set(rows) == {alice_id, bob_id}
+    prices = make_tally().prices
+    for call_id, user, project, alias, team_id in (
+            (alice_id, "alice", "search", "alice-laptop", "team-search"),
+            (bob_id, "bob", "ads", "bob-batch", "team-ads")):
+        row = rows[call_id]
+        meta = json.loads(row["metadata"])
+        assert (row["user"], row["project"], json.loads(row["tags"])) == (user, project, [f"key:{alias}"])
+        assert (meta["key_alias"], meta["user_id"], meta["team_id"]) == (alias, user, team_id)
+        assert (row["source"], row["provider"], row["model"], row["resolved_model"], row["status"],
+                row["streamed"]) == ("litellm", "openai", "gpt-4o-mini", "gpt-4o-mini-2024-07-18",
+                                     "ok", False)
+        assert (row["input_tokens"], row["cache_read_tokens"], row["output_tokens"]) == (120, 100, 30)
+        assert row["cost"] == pytest.approx(prices.cost(
+            model="gpt-4o-mini", provider="openai", input_tokens=120, output_tokens=30,
+            cache_read_tokens=100).cost, abs=1e-12)
+        assert row["cost_status"] == "priced" and row["latency_ms"] > 0
+        assert "sk-alice" not in json.dumps(row) and "sk-bob" not in json.dumps(row)
+    assert json.loads(rows[bob_id]["metadata"])["end_user"] == "customer-42"
+
+
+def test_each_request_is_recorded_once(proxy):
+    ids = {_chat(proxy, "sk-alice")[0] for _ in range(3)}
+    stream = proxy.client("sk-bob").chat.completions.create(
+        model="gpt-4o-mini", messages=MSGS, stream=True, stream_options={"include_usage": True})
+    assert "".join(c.choices[0].delta.content or "" for c in stream if c.choices) == REPLY
+    rows = proxy.rows(ids)
+    assert len(rows) == 3
+    time.sleep(1.0)  # anything recorded twice would be there by now
+    counts: dict[str, int] = {}
+    for row in fetch_events(proxy.ledger):
+        counts[_call_id(row)] = counts.get(_call_id(row), 0) + 1
+    assert all(count == 1 for count in counts.values())
+    streamed = [row for row in fetch_events(proxy.ledger) if row["streamed"]]
+    assert len(streamed) == 1
+    assert (streamed[0]["user"], streamed[0]["input_tokens"], streamed[0]["output_tokens"],
+            streamed[0]["cost_status"]) == ("bob", 120, 30, "priced")
+
+
+@pytest.mark.filterwarnings("ignore:The model 'claude-sonnet-4-5' is deprecated")
+def test_anthropic_deployment_is_recorded_with_its_provider_and_cache_tokens(proxy):
+    call_id, _ = _chat(proxy, "sk-alice", model="claude-sonnet")
+    [row] = proxy.rows({call_id})
+    assert (row["provider"], row["model"], row["user"]) == ("anthropic", "claude-sonnet-4-5", "alice")
+    assert (row["input_tokens"], row["cache_write_tokens"], row["cache_read_tokens"],
+            row["output_tokens"]) == (5100, 2000, 3000, 50)
+    assert json.loads(row["metadata"])["model_group"] == "claude-sonnet"
+
+
+def test_a_client_chosen_call_id_cannot_hide_a_second_call(proxy):
+    client = proxy.client("sk-alice")
+    for _ in range(2):
+        client.chat.completions.create(model="gpt-4o-mini", messages=MSGS,
+                                       extra_headers={"x-litellm-call-id": "replayed-id"})
+    rows = proxy.rows({"replayed-id"}, seconds=5)
+    deadline = time.monotonic() + 10
+    while len(rows) < 2 and time.monotonic() < deadline:
+        time.sleep(0.1)
+        rows = [row for row in fetch_events(proxy.ledger) if _call_id(row) == "replayed-id"]
+    assert len(rows) == 2 and len({row["id"] for row in rows}) == 2
+
+
+def test_an_unknown_key_is_refused_before_the_provider_and_not_recorded(proxy):
+    import openai
+
+    before, rows_before = proxy.provider.requests, len(fetch_events(proxy.ledger))
+    with pytest.raises(openai.AuthenticationError):
+        _chat(proxy, "sk-nobody")
+    time.sleep(0.5)
+    assert proxy.provider.requests == before
+    assert len(fetch_events(proxy.ledger)) == rows_before
