@@ -126,3 +126,13 @@ def _fresh_log_rate_limits():
     _log._last_said.clear()
     _log._suppressed.clear()
     yield
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _collect_litellm_leftovers():
+    """LiteLLM leaves its logging worker task on event loops that asyncio.run has closed; let
+    the collector meet it inside the session, not in the middle of pytest's closing lines."""
+    yield
+    import gc
+
+    gc.collect()

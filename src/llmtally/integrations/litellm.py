@@ -59,6 +59,7 @@ _CALL_TYPES = {
 _OPENAI_FORMAT = frozenset({"openai", "azure", "text-completion-openai", "azure_text",
                             "custom_openai", "litellm_proxy"})
 _IDLE_WAIT_S = 10.0  # how long flush(timeout=None) waits for LiteLLM's logging threads
+_DRAIN_WAIT_S = 30.0  # and at most for LiteLLM's async queue: a drain never hangs a flush
 _MAX_PENDING_STARTS = 10_000  # calls started but not finished (abandoned streams never finish)
 
 
@@ -388,7 +389,7 @@ def drain_logging_worker(timeout: float | None = None) -> None:
         pending = worker._queue.qsize()
     if not pending:
         return
-    left = None if timeout is None else max(0.0, deadline - time.monotonic())
+    left = _DRAIN_WAIT_S if timeout is None else max(0.0, deadline - time.monotonic())
     bound = getattr(worker, "_bound_loop", None)
     try:
         running = asyncio.get_running_loop()
