@@ -17,7 +17,7 @@ import tempfile
 import threading
 import time
 
-from sqlalchemy import create_engine, text
+from _postgres import DEFAULT_URL, scratch_schema
 
 from llmtally import Budget, BudgetExceeded, Price, Tally
 
@@ -80,25 +80,13 @@ def bench(name: str, url: str, calls: int, workdir: str) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--calls", type=int, default=2000)
-    parser.add_argument("--postgres", default=os.environ.get(
-        "LLMTALLY_TEST_POSTGRES_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test"))
+    parser.add_argument("--postgres", default=DEFAULT_URL)
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as workdir:
         bench("sqlite", f"sqlite:///{workdir}/budget.db", args.calls, workdir)
         if args.postgres:
-            engine = create_engine(args.postgres)
-            with engine.begin() as conn:
-                conn.execute(text("DROP SCHEMA IF EXISTS llmtally_budget_bench CASCADE"))
-                conn.execute(text("CREATE SCHEMA llmtally_budget_bench"))
-            url = args.postgres + ("&" if "?" in args.postgres else "?") + \
-                "options=-csearch_path%3Dllmtally_budget_bench"
-            try:
+            with scratch_schema(args.postgres, "llmtally_budget_bench") as url:
                 bench("postgresql", url, args.calls, workdir)
-            finally:
-                with engine.begin() as conn:
-                    conn.execute(text("DROP SCHEMA llmtally_budget_bench CASCADE"))
-                engine.dispose()
-
 
 if __name__ == "__main__":
     main()

@@ -24,6 +24,8 @@ from datetime import datetime, timedelta
 
 from sqlalchemy import create_engine, text
 
+from _postgres import DEFAULT_URL, scratch_schema
+
 from llmtally import Tally
 from llmtally._model import EVENT_COLUMNS
 from llmtally._store import Store
@@ -112,7 +114,8 @@ def reset(url: str) -> None:
         return
     engine = create_engine(url)
     with engine.begin() as conn:
-        conn.execute(text("DROP TABLE IF EXISTS llmtally_events, llmtally_schema"))
+        conn.execute(text("DROP TABLE IF EXISTS llmtally_events, llmtally_schema, "
+                          "llmtally_budget_counters, llmtally_reservations, llmtally_budget_alerts"))
     engine.dispose()
 
 
@@ -134,26 +137,15 @@ def bench(name: str, url: str, count: int, workdir: str) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--events", type=int, default=50_000)
-    parser.add_argument("--postgres", default=os.environ.get(
-        "LLMTALLY_TEST_POSTGRES_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test"),
+    parser.add_argument("--postgres", default=DEFAULT_URL,
         help="PostgreSQL URL ('' to skip); its llmtally tables are dropped and recreated")
     args = parser.parse_args()
     print(f"ingest: {args.events:,} events, batches of {BATCH}, best of 3, python {sys.version.split()[0]}")
     with tempfile.TemporaryDirectory() as workdir:
         bench("sqlite", f"sqlite:///{workdir}/bench.db", args.events, workdir)
         if args.postgres:
-            url = args.postgres + ("&" if "?" in args.postgres else "?") + \
-                "options=-csearch_path%3Dllmtally_bench"
-            engine = create_engine(args.postgres)
-            with engine.begin() as conn:
-                conn.execute(text("CREATE SCHEMA IF NOT EXISTS llmtally_bench"))
-            try:
+            with scratch_schema(args.postgres, "llmtally_bench") as url:
                 bench("postgresql", url, args.events, workdir)
-            finally:
-                with engine.begin() as conn:
-                    conn.execute(text("DROP SCHEMA llmtally_bench CASCADE"))
-                engine.dispose()
-
 
 if __name__ == "__main__":
     main()

@@ -8,7 +8,6 @@ from __future__ import annotations
 import importlib.util
 import json
 import math
-import statistics
 import threading
 import time
 from pathlib import Path

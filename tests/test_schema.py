@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 from conftest import fetch_events
-from sqlalchemy import Column, String, create_engine, inspect, text
+from sqlalchemy import create_engine, inspect, text
 
 from llmtally import LedgerError, Tally, UsageEvent
 from llmtally._migrations import MIGRATIONS, Migration
