@@ -7,6 +7,8 @@ hosts; the default is ``./llmtally.db`` in the proxy's working directory).
 
 Each request is recorded once, with the provider/model of the deployment that served it and
 the proxy's caller in user / project / tags / metadata (see README.md beside this file).
+Budgets from ``llmtally.toml`` are checked before each request is routed: a request over a
+limit gets HTTP 429 with the budget's message and never reaches the provider.
 """
 
 from llmtally import Tally

@@ -448,6 +448,27 @@ class Tally:
             self._before_flush.append(drain_logging_worker)
         return logger_
 
+    def guard(self, fn: F) -> F:
+        """Budgets for a LiteLLM call that has no hook able to stop it: ``litellm.completion``
+        (streamed or not), ``litellm.embedding``, ``Router.completion`` (sync calls).
+
+        >>> litellm.callbacks = [tally.litellm()]
+        >>> completion = tally.guard(litellm.completion)
+        >>> completion(model="openai/gpt-4o-mini", messages=msgs, max_tokens=500)
+
+        Each call gets a ``litellm_call_id`` (a uuid, unless one was passed); its estimate is
+        reserved like :meth:`reserve` (``BudgetExceeded`` is raised before ``fn`` runs, and a
+        ``blocked`` event recorded); then ``fn(..., litellm_call_id=...)`` runs, and the
+        success or failure hook of ``tally.litellm()`` (which must be registered) settles the
+        hold to the call's real cost — for a stream, when it ends or is closed. If ``fn``
+        raises before LiteLLM logged the call, the hold is released. Works on sync and async
+        functions; without budgets it only passes the call through. Async SDK calls and
+        ``Router`` async calls need no guard: ``tally.litellm()`` blocks them itself.
+        """
+        from .integrations.litellm import guard
+
+        return guard(self, fn)  # type: ignore[no-any-return]
+
     # -- budgets -------------------------------------------------------------------------
 
     def reserve(

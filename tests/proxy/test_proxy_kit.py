@@ -38,6 +38,12 @@ KIT = REPO / "integrations" / "litellm-proxy"
 HERE = Path(__file__).resolve().parent
 MASTER_KEY = "sk-master-test"
 MSGS = [{"role": "user", "content": "Say hello to the ledger, please."}]
+BUDGET_TOML = """
+[[budgets]]
+usd = 0.10
+per = "day"
+each = "user"
+"""
 REPLY = "Hello from the fake provider."
 
 
@@ -128,7 +134,17 @@ def _call_id(row: dict) -> str:
 
 @pytest.fixture(scope="module")
 def proxy(proxy_python, tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("proxy")
+    yield from _proxy(proxy_python, tmp_path_factory.mktemp("proxy"))
+
+
+@pytest.fixture(scope="module")
+def budget_proxy(proxy_python, tmp_path_factory):
+    # $0.10 a day for each user: ordinary calls (held at most ~$0.06, settled at ~$0.0001)
+    # pass; one asking for 1,000,000 output tokens (~$0.60) is refused before it is sent.
+    yield from _proxy(proxy_python, tmp_path_factory.mktemp("budget-proxy"), BUDGET_TOML)
+
+
+def _proxy(proxy_python: Path, tmp: Path, llmtally_toml: str | None = None):
     ledger = f"sqlite:///{tmp / 'ledger.db'}"
     with FakeProvider(usage=FakeUsage(prompt_tokens=120, completion_tokens=30, cached_tokens=100),
                       resolved_model="gpt-4o-mini-2024-07-18", reply=REPLY) as fp, \
@@ -144,6 +160,8 @@ def proxy(proxy_python, tmp_path_factory):
         ]
         config.setdefault("general_settings", {})["custom_auth"] = "static_keys.user_api_key_auth"
         (tmp / "config.yaml").write_text(yaml.safe_dump(config))
+        if llmtally_toml is not None:  # read by Tally.from_config() in the proxy's directory
+            (tmp / "llmtally.toml").write_text(llmtally_toml)
         env = {name: value for name, value in os.environ.items()
                if not name.startswith(("LLMTALLY_", "LITELLM_", "DATABASE_URL", "PYTHON"))}
         env.update({
@@ -264,3 +282,49 @@ def test_an_unknown_key_is_refused_before_the_provider_and_not_recorded(proxy):
     time.sleep(0.5)
     assert proxy.provider.requests == before
     assert len(fetch_events(proxy.ledger)) == rows_before
+
+
+def test_a_user_over_budget_gets_429_before_the_provider_and_a_blocked_row(budget_proxy):
+    import openai
+
+    before = budget_proxy.provider.requests
+    with pytest.raises(openai.RateLimitError) as refused:
+        _chat(budget_proxy, "sk-bob", max_tokens=1_000_000)
+    assert refused.value.status_code == 429
+    assert "llmtally budget" in str(refused.value)
+    assert "for user=bob would be exceeded" in str(refused.value)
+    assert budget_proxy.provider.requests == before  # nothing went upstream
+    deadline = time.monotonic() + 10
+    while True:
+        blocked = [row for row in fetch_events(budget_proxy.ledger) if row["status"] == "blocked"]
+        if blocked or time.monotonic() > deadline:
+            break
+        time.sleep(0.1)
+    [row] = blocked
+    assert not [row for row in fetch_events(budget_proxy.ledger) if row["status"] == "error"]
+    assert (row["user"], row["project"], row["model"], row["provider"], row["cost"]) == \
+        ("bob", "ads", "gpt-4o-mini", "openai", 0)
+    assert "key:bob-batch" in json.loads(row["tags"])
+    assert json.loads(row["metadata"])["budget"] == "usd 0.1/day each user"
+    # the same user's ordinary call still goes through, and its hold is settled by its call id
+    call_id, _ = _chat(budget_proxy, "sk-bob")
+    assert budget_proxy.provider.requests == before + 1
+    assert len(budget_proxy.rows({call_id})) == 1
+    deadline = time.monotonic() + 10
+    while _held(budget_proxy.ledger) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert _held(budget_proxy.ledger) == 0
+
+
+def _held(url: str) -> int:
+    from sqlalchemy import create_engine, text
+
+    from llmtally._store import normalize_url
+
+    engine = create_engine(normalize_url(url))
+    try:
+        with engine.connect() as conn:
+            return conn.execute(text(
+                "SELECT COALESCE(SUM(reserved), 0) FROM llmtally_budget_counters")).scalar()
+    finally:
+        engine.dispose()

@@ -20,6 +20,24 @@ How LiteLLM's view of a call maps onto a ledger event (checked on litellm 1.110)
   ``metadata={"project": ..., "user": ..., "session_id": ..., "tags": [...],
   "request_id": ...}`` and the OpenAI ``user=`` parameter (used when ``metadata`` names no
   user). Prompts, responses, keys and headers are never read into the event.
+
+Budgets (when the Tally has any; otherwise none of this runs), checked on litellm 1.110.2 and
+the 1.106.12 proxy — each call's estimate is held under its ``litellm_call_id`` before anything
+is sent and settled by that call's success / failure hook (``record(reservation=...)``):
+
+- ``acompletion`` (streamed or not), ``aembedding`` and ``Router`` async calls:
+  ``async_pre_call_deployment_hook``, which LiteLLM awaits once per attempt after choosing the
+  deployment, letting what it raises reach the caller (its failure hooks run too: a
+  ``BudgetExceeded`` there is not recorded again). A Router retries a blocked attempt like any
+  failure (``num_retries``); each attempt is checked, and recorded as blocked, again.
+- Sync ``completion`` / ``embedding`` / ``Router.completion``: no hook that knows the call can
+  raise into the caller (``log_pre_api_call`` errors are swallowed; ``Router.pre_call_check``
+  gets only the deployment, not the call id or messages), so they are wrapped:
+  :func:`guard` (``tally.guard(litellm.completion)``) makes the call id, holds, then calls.
+- The proxy: ``async_pre_call_hook`` holds with the caller's attribution and turns
+  ``BudgetExceeded`` into ``fastapi.HTTPException(429)``.
+- Holds never settled (a stream never read nor released, a process killed mid-call) are
+  dropped from memory past ``_MAX_PENDING_HOLDS`` and expire in the ledger after the TTL.
 """
 
 from __future__ import annotations
@@ -28,10 +46,12 @@ import asyncio
 import atexit
 import functools
 import gc
+import inspect
 import queue
 import sys
 import threading
 import time
+import uuid
 import weakref
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -45,9 +65,10 @@ from .._log import warn_limited
 from .._usage import Usage, extract_usage, response_model, response_text
 
 if TYPE_CHECKING:
+    from .._reservations import Reservation
     from .._tally import Tally
 
-__all__ = ["LiteLLMLogger", "CallStart", "litellm_event", "drain_logging_worker"]
+__all__ = ["LiteLLMLogger", "CallStart", "litellm_event", "drain_logging_worker", "guard"]
 
 _CALL_TYPES = {
     "completion": "chat", "text_completion": "completion", "embedding": "embedding",
@@ -61,6 +82,7 @@ _OPENAI_FORMAT = frozenset({"openai", "azure", "text-completion-openai", "azure_
 _IDLE_WAIT_S = 10.0  # how long flush(timeout=None) waits for LiteLLM's logging threads
 _DRAIN_WAIT_S = 30.0  # and at most for LiteLLM's async queue: a drain never hangs a flush
 _MAX_PENDING_STARTS = 10_000  # calls started but not finished (abandoned streams never finish)
+_MAX_PENDING_HOLDS = 10_000  # budget holds not settled yet; one dropped here expires by its TTL
 
 
 @dataclass(frozen=True, slots=True)
@@ -303,8 +325,69 @@ class LiteLLMLogger(CustomLogger):
         self.tally = tally
         self._starts: dict[str, CallStart] = {}
         self._starts_lock = threading.Lock()
+        # Budget holds taken before a call, by LiteLLM call id, settled by the same call's
+        # success or failure hook. Guarded by _starts_lock.
+        self._holds: dict[str, Reservation] = {}
         _LOGGERS.add(self)
         install_stream_watch()
+
+    # -- budgets: hold before the call is sent, settle in the success / failure hook --------
+
+    async def async_pre_call_deployment_hook(self, kwargs, call_type):  # type: ignore[no-untyped-def]
+        """Budgets, for ``acompletion`` (streamed or not), ``aembedding`` and ``Router`` async
+        calls: LiteLLM awaits this once per attempt, after a deployment was chosen and before
+        anything is sent, and lets what it raises reach the caller. Holds the call's estimate
+        under its ``litellm_call_id``; ``BudgetExceeded`` propagates and stops the call.
+        Returns None: LiteLLM then sends the kwargs unchanged."""
+        if self.tally.budgets is None or not isinstance(kwargs, Mapping):
+            return None
+        call_id = kwargs.get("litellm_call_id")
+        if isinstance(call_id, str):
+            with self._starts_lock:
+                if call_id in self._holds:  # held already by tally.guard() or the proxy hook
+                    return None
+        name = getattr(call_type, "value", call_type)
+        held = _reserve(self.tally, kwargs, name if isinstance(name, str) else None)
+        self._hold(call_id, held)
+        return None
+
+    async def async_pre_call_hook(self, user_api_key_dict, cache, data, call_type):  # type: ignore[no-untyped-def]
+        """Budgets on the LiteLLM proxy: runs after the caller's key was checked, before the
+        request is routed. The hold is attributed like the request's event (the key's user,
+        team or project, key alias tag). A refusal becomes ``fastapi.HTTPException(429)`` with
+        the budget's message (anything else would be a 500 for the client)."""
+        if self.tally.budgets is None or not isinstance(data, dict):
+            return None
+        from .._budgets import BudgetExceeded
+
+        caller = _caller_metadata(user_api_key_dict)
+        meta = {**_mapping(data.get("metadata")), **_mapping(data.get("litellm_metadata")), **caller}
+        kwargs = {**data, "metadata": meta, "model": _proxy_deployment_model(data.get("model"))}
+        try:
+            held = _reserve(self.tally, kwargs, call_type if isinstance(call_type, str) else None)
+        except BudgetExceeded as exc:
+            from fastapi import HTTPException
+
+            raise HTTPException(status_code=429, detail=str(exc)) from exc
+        self._hold(data.get("litellm_call_id"), held)
+        return None
+
+    def _hold(self, call_id: Any, held: Reservation | None) -> None:
+        if held is None:
+            return
+        if not isinstance(call_id, str):  # cannot be matched to its end: give it back
+            self.tally.release(held)
+            return
+        with self._starts_lock:
+            if len(self._holds) >= _MAX_PENDING_HOLDS:  # never settled: its TTL releases it
+                del self._holds[next(iter(self._holds))]
+            self._holds[call_id] = held
+
+    def _take_hold(self, call_id: Any) -> Reservation | None:
+        if not isinstance(call_id, str):
+            return None
+        with self._starts_lock:
+            return self._holds.pop(call_id, None)
 
     # LiteLLM finds hooks by exact method and parameter names: do not rename them.
     # It calls log_pre_api_call on the caller's thread for sync and async calls alike.
@@ -344,15 +427,171 @@ class LiteLLMLogger(CustomLogger):
             call_id = kwargs.get("litellm_call_id") if isinstance(kwargs, Mapping) else None
             with self._starts_lock:
                 start = self._starts.pop(call_id, None) if isinstance(call_id, str) else None
-            if failed and _is_auth_rejection(kwargs):
-                return  # the proxy refused the caller's key: no LLM call, and no row for strangers
+            held = self._take_hold(call_id)
+            if failed and (_is_auth_rejection(kwargs) or _is_budget_refusal(kwargs)):
+                # the proxy refused the caller's key: no LLM call, and no row for strangers; or
+                # a budget stopped the call: reserve() recorded it as blocked already
+                self.tally.release(held)
+                return
             if start is None:  # not seen starting: the attribution in force here is the best guess
                 start = CallStart(_scope.current())
             self.tally.record(**litellm_event(kwargs, response_obj, start_time, end_time,
-                                              failed=failed, call_start=start))
+                                              failed=failed, call_start=start), reservation=held)
         except Exception as exc:
             warn_limited("litellm-hook", "llmtally: could not record a LiteLLM call (%s: %s)",
                          type(exc).__name__, exc, exc_info=True)
+
+
+def _is_budget_refusal(kwargs: Any) -> bool:
+    """A call our own budget hook stopped (LiteLLM runs its failure hooks for it too)."""
+    from .._budgets import BudgetExceeded
+
+    error = kwargs.get("exception") if isinstance(kwargs, Mapping) else None
+    if isinstance(error, BudgetExceeded) or isinstance(getattr(error, "__cause__", None),
+                                                        BudgetExceeded):
+        return True
+    return type(error).__name__ in ("HTTPException", "ProxyException") and \
+        str(getattr(error, "status_code", None) or getattr(error, "code", None)) == "429" and \
+        str(getattr(error, "detail", None) or getattr(error, "message", "")).startswith("llmtally ")
+
+
+def _reserve(tally: Tally, kw: Mapping[str, Any], call_type: str | None) -> Reservation | None:
+    """``tally.reserve()`` for a LiteLLM call described by its kwargs (as LiteLLM's hooks and
+    ``litellm.completion`` see them): raises ``BudgetExceeded`` if a budget would go over."""
+    params = _mapping(kw.get("litellm_params"))
+    meta = {**_mapping(params.get("metadata")), **_mapping(kw.get("litellm_metadata")),
+            **_mapping(kw.get("metadata"))}
+    model, provider = _model_and_provider(kw)
+    kind = _call_type(call_type)
+    messages = kw.get("messages")
+    input_tokens = None
+    if not isinstance(messages, (list, tuple)):
+        messages = None
+        inputs = kw.get("input")
+        if inputs is not None:
+            from .._tokens import count_text
+
+            inputs = [inputs] if isinstance(inputs, str) else (
+                inputs if isinstance(inputs, list) else [])
+            input_tokens = sum(count_text(item, model) for item in inputs if isinstance(item, str))
+    max_tokens = kw.get("max_tokens") or kw.get("max_completion_tokens")
+    if kind == "embedding":
+        max_tokens = 0
+    who = _attribution(kw, params, meta, CallStart(_scope.current()))
+    return tally.reserve(model=model, provider=provider, messages=messages,
+                         input_tokens=input_tokens,
+                         max_tokens=max_tokens if type(max_tokens) is int else None,
+                         call_type=kind, project=who["project"], user=who["user"],
+                         session=who["session"], tags=who["tags"])
+
+
+def _model_and_provider(kw: Mapping[str, Any]) -> tuple[str, str | None]:
+    """The model name without its route and the provider, as the call's event will have them."""
+    model = _text(kw.get("model")) or "unknown"
+    provider = _text(kw.get("custom_llm_provider"))
+    try:
+        import litellm
+
+        name, found, _, _ = litellm.get_llm_provider(model=model, custom_llm_provider=provider,
+                                                     api_base=_text(kw.get("api_base")))
+        return (_text(name) or model), (_text(found) or provider)
+    except Exception:
+        if provider is None and "/" in model:
+            provider, model = model.split("/", 1)
+        return model, provider
+
+
+def _proxy_deployment_model(model: Any) -> Any:
+    """On the proxy, the (first) deployment's model for a model group name, so that the
+    estimate is priced and ``model=`` budgets match what the event will record."""
+    if not isinstance(model, str):
+        return model
+    try:
+        from litellm.proxy.proxy_server import llm_router
+
+        for deployment in (llm_router.get_model_list(model_name=model) or []) if llm_router else []:
+            found = _text(_mapping(deployment.get("litellm_params")).get("model"))
+            if found:
+                return found
+    except Exception:
+        pass
+    return model
+
+
+_CALLER_FIELDS = (("user_api_key_alias", "key_alias"), ("user_api_key_user_id", "user_id"),
+                  ("user_api_key_team_id", "team_id"), ("user_api_key_team_alias", "team_alias"),
+                  ("user_api_key_end_user_id", "end_user_id"), ("user_api_key_org_id", "org_id"),
+                  ("user_api_key_project_id", "project_id"),
+                  ("user_api_key_project_alias", "project_alias"))
+
+
+def _caller_metadata(user_api_key_dict: Any) -> dict[str, str]:
+    """The proxy caller's identity (a ``UserAPIKeyAuth``) as the ``user_api_key_*`` metadata
+    the proxy puts on the request's logging, so the hold is attributed like the event."""
+    found: dict[str, str] = {}
+    for field, attr in _CALLER_FIELDS:
+        value = (user_api_key_dict.get(attr) if isinstance(user_api_key_dict, Mapping)
+                 else getattr(user_api_key_dict, attr, None))
+        if _text(value):
+            found[field] = value
+    return found
+
+
+def guard(tally: Tally, fn: Any) -> Any:
+    """See :meth:`Tally.guard`."""
+    if getattr(fn, "_llmtally_guarded", None) is tally:
+        return fn
+    logger_ = tally.litellm()
+
+    def begin(args: tuple[Any, ...], kwargs: dict[str, Any]) -> Reservation | None:
+        if tally.budgets is None:
+            return None
+        call_id = kwargs.get("litellm_call_id")
+        if not isinstance(call_id, str) or not call_id:
+            call_id = kwargs["litellm_call_id"] = str(uuid.uuid4())
+        view = dict(kwargs)
+        if args and "model" not in view:
+            view["model"] = args[0]
+        if len(args) > 1 and "messages" not in view and "input" not in view:
+            view["messages" if _is_messages(args[1]) else "input"] = args[1]
+        call_type = "embedding" if "input" in view and "messages" not in view else "completion"
+        held = _reserve(tally, view, call_type)
+        logger_._hold(call_id, held)
+        return held
+
+    def failed(kwargs: Mapping[str, Any]) -> None:
+        # The hook settles what LiteLLM logged; a hold still here was never seen by LiteLLM.
+        tally.release(logger_._take_hold(kwargs.get("litellm_call_id")))
+
+    if inspect.iscoroutinefunction(fn):
+        @functools.wraps(fn)
+        async def guarded_async(*args: Any, **kwargs: Any) -> Any:
+            held = begin(args, kwargs)
+            try:
+                return await fn(*args, **kwargs)
+            except BaseException:
+                if held is not None:
+                    failed(kwargs)
+                raise
+        wrapper: Any = guarded_async
+    else:
+        @functools.wraps(fn)
+        def guarded(*args: Any, **kwargs: Any) -> Any:
+            held = begin(args, kwargs)
+            try:
+                return fn(*args, **kwargs)
+            except BaseException:
+                if held is not None:
+                    failed(kwargs)
+                raise
+        wrapper = guarded
+    wrapper._llmtally_guarded = tally
+    return wrapper
+
+
+def _is_messages(value: Any) -> bool:
+    return isinstance(value, (list, tuple)) and bool(value) and \
+        all(isinstance(item, Mapping) for item in value)
 
 
 def _is_auth_rejection(kwargs: Any) -> bool:
@@ -639,6 +878,7 @@ def _record_abandoned(state: _StreamState) -> None:
             start = logger_._starts.pop(state.call_id, None)
         if start is None:  # not this logger's call, or LiteLLM logged it after all
             continue
+        held = logger_._take_hold(state.call_id)
         chunks = list(state.chunks)
         text = "".join(response_text(chunk) for chunk in chunks)
         resolved = next((model for model in map(response_model, chunks) if model), None)
@@ -646,7 +886,7 @@ def _record_abandoned(state: _StreamState) -> None:
         event = litellm_event(kwargs, {"model": resolved, "choices": [{"message": {"content": text}}]},
                               state.start_time, state.ended_at, failed=False, call_start=start,
                               abandoned=True)
-        logger_.tally.record(**event)
+        logger_.tally.record(**event, reservation=held)
 
 
 def _wait_for_abandoned_streams(deadline: float) -> None:
