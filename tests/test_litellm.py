@@ -723,3 +723,27 @@ def test_fact_streams_without_usage_carry_litellm_estimate_not_zero(provider):
         pass
     _wait_for(lambda: Usages.usages)
     assert Usages.usages and Usages.usages[0] > 0  # NOTES said 0 on 1.106; 1.110 estimates
+
+
+# -- the ledger fails: the user's calls do not -----------------------------------------------
+
+
+def test_calls_succeed_while_the_ledger_is_down_and_the_events_wait_in_the_spill_file(
+        make_tally, provider, tmp_path, caplog):
+    import json
+    import logging
+
+    pytest.importorskip("psycopg")
+    caplog.set_level(logging.WARNING, logger="llmtally")
+    spill = tmp_path / "down.jsonl"
+    tally = make_tally("postgresql+psycopg://postgres@127.0.0.1:1/test", spill_path=spill)
+    litellm.callbacks = [tally.litellm()]
+    responses = [litellm.completion(**_openai(provider)) for _ in range(5)]
+    assert all(r.choices[0].message.content == REPLY for r in responses)
+    assert tally.flush(20)  # durable: in the spill file, since the database is unreachable
+    rows = [json.loads(line) for line in spill.read_text().splitlines()]
+    assert sorted(r["id"] for r in rows) == sorted(r._hidden_params["litellm_call_id"]
+                                                   for r in responses)
+    assert all(r["input_tokens"] == 120 and r["source"] == "litellm" for r in rows)
+    outage_logs = [r for r in caplog.records if "cannot write to the ledger" in r.getMessage()]
+    assert len(outage_logs) == 1  # once per interval, not once per call
