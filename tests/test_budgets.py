@@ -333,3 +333,80 @@ def test_no_budgets_means_no_reservation_and_no_database_work(make_tally):
     assert tally.reserve(model="gpt-4o-mini", input_tokens=10) is None
     assert tally.budget_states() == []
     tally.release(None)
+
+
+# -- webhooks -----------------------------------------------------------------------------------
+
+class _Receiver:
+    """A loopback HTTP endpoint that records JSON POSTs; fails the first ``fail_first`` ones."""
+
+    def __init__(self, fail_first: int = 0) -> None:
+        import threading
+        from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+        receiver = self
+        self.bodies: list[dict] = []
+        self.attempts = 0
+        self.fail_first = fail_first
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self):  # noqa: N802 - http.server's name
+                body = self.rfile.read(int(self.headers["Content-Length"]))
+                receiver.attempts += 1
+                if receiver.attempts <= receiver.fail_first:
+                    self.send_response(500)
+                else:
+                    receiver.bodies.append(json.loads(body))
+                    self.send_response(204)
+                self.end_headers()
+
+            def log_message(self, *args):
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_port}/hooks/secret-token-123"
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self.thread.start()
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+def test_webhooks_get_each_threshold_and_the_block_as_json(make_tally):
+    receiver = _Receiver()
+    try:
+        tally = make_tally(prices=PENNY, alerts=[receiver.url],
+                           budgets=[Budget(usd=0.04, per="day", each="user", warn_at=(0.5,))])
+        results = [_penny_call(tally, user="ann") for _ in range(5)]
+        assert results == [True] * 4 + [False]
+        assert tally._webhooks.drain(10)
+        events = [(body["event"], body.get("threshold")) for body in receiver.bodies]
+        assert events == [("threshold", 0.5), ("blocked", None)]
+        blocked = receiver.bodies[1]
+        assert blocked["budget"] == "usd 0.04/day each user"
+        assert blocked["scope"] == {"user": "ann"} and blocked["limit"] == 0.04
+        assert blocked["used"] == pytest.approx(0.04) and blocked["resets_at"]
+    finally:
+        receiver.close()
+
+
+def test_a_failing_webhook_is_retried_and_never_delays_the_call(make_tally, caplog):
+    import logging
+    import time as _time
+
+    receiver = _Receiver(fail_first=2)
+    try:
+        tally = make_tally(prices=PENNY, alerts=[receiver.url, "http://127.0.0.1:1/hook?token=s3cret"],
+                           budgets=[Budget(usd=0.01, per="day", warn_at=())])
+        caplog.set_level(logging.WARNING, logger="llmtally")
+        assert _penny_call(tally)
+        started = _time.perf_counter()
+        assert not _penny_call(tally)  # blocked: alerts go out on another thread
+        assert _time.perf_counter() - started < 1.0
+        assert tally._webhooks.drain(20)
+        assert receiver.attempts == 3 and len(receiver.bodies) == 1  # 2 failures, then delivered
+        assert "could not be delivered to http://127.0.0.1:1/…" in caplog.text
+        assert "s3cret" not in caplog.text and "secret-token" not in caplog.text
+    finally:
+        receiver.close()

@@ -55,7 +55,7 @@ __all__ = ["load_settings", "DEFAULT_CONFIG_FILE", "ENV_VARIABLES"]
 
 DEFAULT_CONFIG_FILE = "llmtally.toml"
 _TOP_LEVEL = ("database_url", "currency", "price_map", "spill_path", "rates", "scope", "prices",
-              "budgets", "timezone", "fail_closed")
+              "budgets", "timezone", "fail_closed", "alerts")
 _BUDGET_KEYS = ("usd", "tokens", "requests", "per", "scope", "each", "warn_at", "action", "name")
 _SCOPE_KEYS = ("project", "user", "session", "tags", "request_id", "metadata")
 _PRICE_KEYS = ("input", "output", "cache_read", "cache_write", "reasoning", "per", "currency")
@@ -150,6 +150,13 @@ def _validated(settings: Mapping[str, Any], origin: str) -> dict[str, Any]:
             raise _unknown(origin, "", key, _TOP_LEVEL)
         if key == "budgets":
             out["budgets"] = _validated_budgets(origin, value)
+        elif key == "alerts":
+            if not isinstance(value, list) or not all(
+                    v == "log" or (isinstance(v, str) and v.startswith(("http://", "https://")))
+                    for v in value):
+                raise ConfigError(f"{origin}: alerts must be a list of \"log\" and webhook URLs "
+                                  "(https://...)")
+            out["alerts"] = value
         elif key == "fail_closed":
             out["fail_closed"] = _boolean(origin, key, value)
         elif key in ("database_url", "currency", "price_map", "spill_path", "timezone"):

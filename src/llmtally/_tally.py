@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from . import _scope
+from ._alerts import DEFAULT_WEBHOOK_TIMEOUT_S, WebhookSender, is_webhook
 from ._budgets import Budget, BudgetExceeded, zone
 from ._errors import ConfigError
 from ._log import logger, warn_limited
@@ -74,7 +75,8 @@ class Tally:
         timezone: the IANA time zone budget windows are counted in (default UTC).
         fail_closed: if the ledger cannot be reached to check budgets, block calls (default:
             allow them and log).
-        alerts: where budget warnings go: ``"log"`` and/or callables taking a dict.
+        alerts: where budget warnings go: ``"log"``, webhook URLs (a JSON POST each, off the
+            caller's thread, 5 s timeout, 3 attempts) and/or callables taking a dict.
         reservation_ttl_s: a reservation never settled (its process died) is released after this.
         max_output_estimate: output tokens assumed for a call that sets no ``max_tokens`` (or
             the model's own output limit, if lower).
@@ -132,6 +134,9 @@ class Tally:
         self._fail_closed = bool(fail_closed)
         self._max_output_estimate = max_output_estimate
         self._alerts = _check_alerts(alerts)
+        self._webhooks: WebhookSender | None = None
+        if any(is_webhook(target) for target in self._alerts):
+            self._webhooks = WebhookSender()
         self.budgets: BudgetLedger | None = None
         if budgets:
             from ._reservations import BudgetLedger
@@ -595,6 +600,8 @@ class Tally:
             try:
                 if target == "log":
                     logger.warning("llmtally budget %s: %s", kind, json.dumps(payload))
+                elif is_webhook(target):
+                    self._webhooks.send(target, payload)  # type: ignore[union-attr]
                 else:
                     target(payload)
             except Exception as exc:
@@ -619,6 +626,8 @@ class Tally:
         if self._closed:
             return
         self._closed = True
+        if self._webhooks is not None:
+            self._webhooks.drain(DEFAULT_WEBHOOK_TIMEOUT_S)
         if not self._writer.close(timeout):
             logger.warning("llmtally: close() gave up after %ss with %d events not yet written "
                            "(a slow or unreachable ledger); events already spilled are in %s",
@@ -661,9 +670,9 @@ def _check_alerts(alerts: Sequence[Any]) -> tuple[Any, ...]:
     if isinstance(alerts, str):
         alerts = (alerts,)
     for target in alerts:
-        if target != "log" and not callable(target):
-            raise ConfigError(f"alerts: {target!r} is not allowed; use \"log\" or a callable "
-                              "taking the alert as a dict")
+        if target != "log" and not callable(target) and not is_webhook(target):
+            raise ConfigError(f"alerts: {target!r} is not allowed; use \"log\", a webhook URL "
+                              "(https://...) or a callable taking the alert as a dict")
     return tuple(alerts)
 
 
