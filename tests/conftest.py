@@ -136,3 +136,18 @@ def _collect_litellm_leftovers():
     import gc
 
     gc.collect()
+
+
+def reset_litellm_callbacks() -> None:
+    """Unregister every logger from LiteLLM's global lists, so tests don't leak into each other."""
+    import litellm
+
+    litellm.callbacks = []
+    litellm.success_callback = []
+    litellm.failure_callback = []
+    litellm._async_success_callback = []
+    litellm._async_failure_callback = []
+    litellm.input_callback = []
+    manager = getattr(litellm, "logging_callback_manager", None)
+    if manager is not None:
+        manager._reset_all_callbacks()

@@ -15,7 +15,7 @@ import threading
 import time
 
 import pytest
-from conftest import fetch_events
+from conftest import fetch_events, reset_litellm_callbacks
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -36,15 +36,7 @@ IN, CACHED, OUT = 0.15e-6, 0.075e-6, 0.6e-6
 @pytest.fixture(autouse=True)
 def _reset_litellm_callbacks():
     yield
-    litellm.callbacks = []
-    litellm.success_callback = []
-    litellm.failure_callback = []
-    litellm._async_success_callback = []
-    litellm._async_failure_callback = []
-    litellm.input_callback = []
-    manager = getattr(litellm, "logging_callback_manager", None)
-    if manager is not None:
-        manager._reset_all_callbacks()
+    reset_litellm_callbacks()
 
 
 @pytest.fixture

@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 
 import pytest
-from conftest import fetch_events
+from conftest import fetch_events, reset_litellm_callbacks
 
 from llmtally import Budget, BudgetExceeded, Price
 from llmtally.testing import FakeProvider, FakeUsage
@@ -26,15 +26,7 @@ PRICES = {"gpt-4o-mini": Price(input=0, output=0.01, per="token"),
 @pytest.fixture(autouse=True)
 def _reset_litellm_callbacks():
     yield
-    litellm.callbacks = []
-    litellm.success_callback = []
-    litellm.failure_callback = []
-    litellm._async_success_callback = []
-    litellm._async_failure_callback = []
-    litellm.input_callback = []
-    manager = getattr(litellm, "logging_callback_manager", None)
-    if manager is not None:
-        manager._reset_all_callbacks()
+    reset_litellm_callbacks()
 
 
 @pytest.fixture
