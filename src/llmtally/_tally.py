@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 from . import _scope
 from ._alerts import DEFAULT_WEBHOOK_TIMEOUT_S, WebhookSender, is_webhook
 from ._budgets import Budget, BudgetExceeded, zone
-from ._errors import ConfigError
+from ._errors import ConfigError, error_type
 from ._log import logger, warn_limited
 from ._pricing import Price, PriceBook
 from ._ids import EventIds
@@ -282,9 +282,7 @@ class Tally:
             cost, price_source = priced.cost, priced.source
             cost_status = "estimated" if estimated else "priced"
         project, user, session, tags, request_id, metadata = attribution
-        scope = _scope.current()
-        if self._default_scope is not _scope.EMPTY:
-            scope = self._default_scope.merged(scope)
+        scope = self._attribution_here()
         row = {
             "id": event_id,
             "ts": _as_utc_naive(self._clock() if ts is None else ts),
@@ -426,7 +424,7 @@ class Tally:
                 cache_write_tokens=usage.cache_write_tokens,
                 reasoning_tokens=usage.reasoning_tokens,
                 latency_ms=latency_ms, status="ok" if error is None else "error",
-                error_type=_error_type(error) if error is not None else None,
+                error_type=error_type(error) if error is not None else None,
                 call_type=call_type, resolved_model=answered, estimated=estimated,
                 reservation=held, **{**attribution, "metadata": metadata or None},
             )
@@ -557,14 +555,20 @@ class Tally:
             warn_limited("budget-settle", "llmtally: could not settle a budget reservation "
                          "(%s: %s); it expires on its own", type(exc).__name__, exc)
 
-    def _budget_attributes(self, model: str, provider: str | None, project: str | None,
-                           user: str | None, session: str | None,
-                           tags: Iterable[str] | None) -> dict[str, Any]:
+    def _attribution_here(self) -> _scope.Attribution:
+        """The scope in force here, over the Tally's default scope."""
         scope = _scope.current()
         if self._default_scope is not _scope.EMPTY:
             scope = self._default_scope.merged(scope)
+        return scope
+
+    def _budget_attributes(self, model: str, provider: str | None, project: str | None,
+                           user: str | None, session: str | None,
+                           tags: Iterable[str] | None) -> dict[str, Any]:
+        scope = self._attribution_here()
+        known = self.prices.lookup(model) if provider is None else None
         return {
-            "model": model, "provider": provider or self.prices.cost(model=model).provider,
+            "model": model, "provider": provider or (known.provider if known else None),
             "project": project or scope.project, "user": user or scope.user,
             "session": session or scope.session,
             "tags": _scope.merge_tags(scope.tags, tuple(tags or ())),
@@ -839,12 +843,3 @@ def _tag_tuple(tags: Any, notes: list[str]) -> tuple[str, ...]:
 def _text_kwarg(kwargs: Mapping[str, Any], name: str) -> str | None:
     value = kwargs.get(name)
     return value if isinstance(value, str) and value else None
-
-
-def _error_type(error: BaseException) -> str:
-    cls = type(error)
-    module = cls.__module__
-    if module in ("builtins", "__main__"):
-        return cls.__qualname__
-    public = ".".join(part for part in module.split(".") if not part.startswith("_"))
-    return f"{public}.{cls.__qualname__}" if public else cls.__qualname__

@@ -61,6 +61,7 @@ from typing import TYPE_CHECKING, Any
 from litellm.integrations.custom_logger import CustomLogger
 
 from .. import _scope
+from .._errors import error_type
 from .._log import warn_limited
 from .._usage import Usage, extract_usage, response_model, response_text
 
@@ -270,17 +271,6 @@ def _count_offline(kw: Mapping[str, Any], response_obj: Any, model: str) -> Usag
         inputs = [inputs] if isinstance(inputs, str) else inputs if isinstance(inputs, list) else []
         prompt = sum(count_text(item, model) for item in inputs if isinstance(item, str))
     return Usage(input_tokens=prompt, output_tokens=count_text(response_text(response_obj), model))
-
-
-def error_type(error: BaseException) -> str:
-    """``litellm.RateLimitError`` for classes the top-level package exports, else
-    ``module.Class`` with private module parts dropped."""
-    cls = type(error)
-    top = cls.__module__.split(".", 1)[0]
-    if getattr(sys.modules.get(top), cls.__name__, None) is cls:
-        return f"{top}.{cls.__name__}"
-    public = ".".join(part for part in cls.__module__.split(".") if not part.startswith("_"))
-    return f"{public}.{cls.__qualname__}" if public and public != "builtins" else cls.__qualname__
 
 
 def _call_type(value: Any) -> str:
