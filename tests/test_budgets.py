@@ -229,10 +229,12 @@ def test_a_blocked_tracked_call_never_reaches_the_provider(make_tally):
 
 CONCURRENT_WORKER = """
 import sys, threading
+from datetime import datetime
 from llmtally import Budget, BudgetExceeded, Price, Tally
 url, spill, kind = sys.argv[1], sys.argv[2], sys.argv[3]
+now = datetime.fromisoformat(sys.argv[4])  # one fixed moment: the run never straddles a window
 budget = Budget(usd=1.00, per="day") if kind == "usd" else Budget(tokens=1000, per="minute")
-tally = Tally(url, price_map="bundled", spill_path=spill, budgets=[budget],
+tally = Tally(url, price_map="bundled", spill_path=spill, budgets=[budget], clock=lambda: now,
               prices={"penny": Price(input=0, output=0.01, per="token")})
 ok = blocked = 0
 lock = threading.Lock()
@@ -258,8 +260,9 @@ print(ok, blocked)
 def test_four_processes_of_eight_threads_never_overshoot(ledger_url, tmp_path, kind):
     script = tmp_path / "worker.py"
     script.write_text(CONCURRENT_WORKER)
+    moment = datetime.now(timezone.utc).replace(second=30).isoformat()
     procs = [subprocess.Popen([sys.executable, str(script), ledger_url,
-                               str(tmp_path / f"spill-{n}.jsonl"), kind],
+                               str(tmp_path / f"spill-{n}.jsonl"), kind, moment],
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
              for n in range(4)]
     ok = blocked = 0
