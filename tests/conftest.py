@@ -19,7 +19,7 @@ import pytest
 os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")
 # Never let a developer's own ledger settings leak into tests.
 for _name in list(os.environ):
-    if _name.startswith("LLMTALLY_") and _name != "LLMTALLY_TEST_POSTGRES_URL":
+    if _name.startswith("LLMTALLY_") and not _name.startswith("LLMTALLY_TEST_"):
         del os.environ[_name]
 
 PG_URL = os.environ.get(

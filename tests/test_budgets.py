@@ -233,22 +233,26 @@ from datetime import datetime
 from llmtally import Budget, BudgetExceeded, Price, Tally
 url, spill, kind = sys.argv[1], sys.argv[2], sys.argv[3]
 now = datetime.fromisoformat(sys.argv[4])  # one fixed moment: the run never straddles a window
-budget = Budget(usd=1.00, per="day") if kind == "usd" else Budget(tokens=1000, per="minute")
-tally = Tally(url, price_map="bundled", spill_path=spill, budgets=[budget], clock=lambda: now,
+budgets = {"usd": [Budget(usd=1.00, per="day")], "tokens": [Budget(tokens=1000, per="minute")],
+           # several counters per call, shared in different combinations: locks taken in order
+           "overlapping": [Budget(usd=1.00, per="day"), Budget(usd=5, per="day", each="user"),
+                           Budget(requests=10**6, per="month", scope={"project": "p"})]}[kind]
+tally = Tally(url, price_map="bundled", spill_path=spill, budgets=budgets, clock=lambda: now,
               prices={"penny": Price(input=0, output=0.01, per="token")})
 ok = blocked = 0
 lock = threading.Lock()
-def run():
+def run(n):
     global ok, blocked
+    who = {"user": f"u{n % 3}", "project": "p"}
     for _ in range(10):
         try:
-            held = tally.reserve(model="penny", input_tokens=0, max_tokens=10 if kind == "tokens" else 1)
+            held = tally.reserve(model="penny", input_tokens=0, max_tokens=10 if kind == "tokens" else 1, **who)
         except BudgetExceeded:
             with lock: blocked += 1
             continue
-        tally.record(model="penny", output_tokens=10 if kind == "tokens" else 1, reservation=held)
+        tally.record(model="penny", output_tokens=10 if kind == "tokens" else 1, reservation=held, **who)
         with lock: ok += 1
-threads = [threading.Thread(target=run) for _ in range(8)]
+threads = [threading.Thread(target=run, args=(n,)) for n in range(8)]
 for t in threads: t.start()
 for t in threads: t.join()
 tally.close()
@@ -256,7 +260,7 @@ print(ok, blocked)
 """
 
 
-@pytest.mark.parametrize("kind", ["usd", "tokens"])
+@pytest.mark.parametrize("kind", ["usd", "tokens", "overlapping"])
 def test_four_processes_of_eight_threads_never_overshoot(ledger_url, tmp_path, kind):
     script = tmp_path / "worker.py"
     script.write_text(CONCURRENT_WORKER)
@@ -275,7 +279,7 @@ def test_four_processes_of_eight_threads_never_overshoot(ledger_url, tmp_path, k
     assert (ok, blocked) == (100, 220)
     rows = fetch_events(ledger_url)
     assert sum(r["status"] == "ok" for r in rows) == 100
-    if kind == "usd":
+    if kind != "tokens":
         assert sum(r["cost"] for r in rows if r["status"] == "ok") == pytest.approx(1.0, abs=1e-9)
 
 
@@ -329,6 +333,27 @@ def test_fail_open_allows_calls_when_the_ledger_is_unreachable(tmp_path, caplog)
     with pytest.raises(BudgetExceeded, match="could not check budgets.*fail_closed=True"):
         closed.reserve(model="penny", input_tokens=0, max_tokens=1)
     closed.close()
+
+
+def test_calls_let_through_unchecked_are_charged_to_the_budget_once(ledger_url, make_tally):
+    """Fail open, then reconcile: a call that went out while the budgets could not be checked
+    carries its attributes; settling it adds its real cost to every covering budget (a counter
+    it creates starts from the ledger's other events, so the call is not counted twice)."""
+    from llmtally._reservations import Reservation
+
+    tally = make_tally(ledger_url, prices=PENNY, budgets=[Budget(usd=0.03, per="day"),
+                                                          Budget(usd=1, per="day", each="user")])
+    assert _penny_call(tally, user="ann")  # the day counter exists; ann's is created
+    for user in ("ann", "bob"):            # bob's counter is first created by the charge
+        unchecked = Reservation(f"open-{user}", (), unchecked={
+            "model": "penny", "provider": None, "project": None, "user": user,
+            "session": None, "tags": ()})
+        tally.record(model="penny", output_tokens=1, user=user, reservation=unchecked)
+    tally.flush()
+    spent = {(s.budget.label, s.instance): round(s.spent, 9) for s in tally.budget_states()}
+    assert spent == {("usd 0.03/day", ""): 0.03, ("usd 1/day each user", "ann"): 0.02,
+                     ("usd 1/day each user", "bob"): 0.01}
+    assert not _penny_call(tally, user="carl")  # $0.03 of $0.03 spent: the next call is refused
 
 
 def test_no_budgets_means_no_reservation_and_no_database_work(make_tally):

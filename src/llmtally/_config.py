@@ -24,6 +24,7 @@ currency = "CNY"
 
 timezone = "Europe/Berlin"        # budget windows are calendar windows here
 fail_closed = false
+durability = "batched"            # batched | sync (record() waits for the commit)
 
 [[budgets]]
 usd = 50
@@ -55,7 +56,7 @@ __all__ = ["load_settings", "DEFAULT_CONFIG_FILE", "ENV_VARIABLES"]
 
 DEFAULT_CONFIG_FILE = "llmtally.toml"
 _TOP_LEVEL = ("database_url", "currency", "price_map", "spill_path", "rates", "scope", "prices",
-              "budgets", "timezone", "fail_closed", "alerts")
+              "budgets", "timezone", "fail_closed", "alerts", "durability")
 _BUDGET_KEYS = ("usd", "tokens", "requests", "per", "scope", "each", "warn_at", "action", "name")
 _SCOPE_KEYS = ("project", "user", "session", "tags", "request_id", "metadata")
 _PRICE_KEYS = ("input", "output", "cache_read", "cache_write", "reasoning", "per", "currency")
@@ -66,6 +67,7 @@ ENV_VARIABLES = {
     "LLMTALLY_SPILL_PATH": "spill_path",
     "LLMTALLY_TIMEZONE": "timezone",
     "LLMTALLY_FAIL_CLOSED": "fail_closed",
+    "LLMTALLY_DURABILITY": "durability",
     "LLMTALLY_RATES": "rates",
     "LLMTALLY_PROJECT": "scope.project",
     "LLMTALLY_USER": "scope.user",
@@ -159,6 +161,8 @@ def _validated(settings: Mapping[str, Any], origin: str) -> dict[str, Any]:
             out["alerts"] = value
         elif key == "fail_closed":
             out["fail_closed"] = _boolean(origin, key, value)
+        elif key == "durability":
+            out["durability"] = _durability(origin, value)
         elif key in ("database_url", "currency", "price_map", "spill_path", "timezone"):
             if not isinstance(value, str) or not value.strip():
                 raise ConfigError(f"{origin}: {key} = {value!r} must be a non-empty string")
@@ -178,6 +182,15 @@ def _boolean(origin: str, key: str, value: Any) -> bool:
     if isinstance(value, str) and value.strip().lower() in ("1", "true", "yes", "0", "false", "no"):
         return value.strip().lower() in ("1", "true", "yes")
     raise ConfigError(f"{origin}: {key} = {value!r} must be true or false")
+
+
+def _durability(origin: str, value: Any) -> str:
+    choice = value.strip().lower() if isinstance(value, str) else value
+    if choice not in ("batched", "sync"):
+        raise ConfigError(f"{origin}: durability = {value!r} is not allowed; use \"batched\" "
+                          "(the default: events are written in background batches) or \"sync\" "
+                          "(each record waits until its event is committed)")
+    return choice
 
 
 def _validated_budgets(origin: str, budgets: Any) -> list[Budget]:

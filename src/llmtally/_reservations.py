@@ -92,6 +92,45 @@ _USE = text(f"SELECT spent, reserved FROM llmtally_budget_counters WHERE {_COUNT
 _DROP_RESERVATION = text("DELETE FROM llmtally_reservations WHERE id = :id")
 _EXPIRY_INTERVAL = timedelta(seconds=5)  # how often a process looks for dead reservations
 
+# PostgreSQL: reserve and settle as one statement each (one round trip, committed on its own).
+# The counters are locked in one global order first (ORDER BY ... FOR UPDATE), so two calls
+# covering the same counters never deadlock; a hold goes in only if every counter has room.
+_PG_WANTED = ("SELECT * FROM unnest(%(keys)s::text[], %(instances)s::text[], "
+              "%(starts)s::timestamp[], %(amounts)s::bigint[], %(limits)s::bigint[], "
+              "%(blocks)s::bool[]) AS w(budget_key, instance, window_start, amount, lim, block)")
+_PG_LOCKED = ("SELECT c.budget_key, c.instance, c.window_start, c.spent, c.reserved "
+              "FROM llmtally_budget_counters c JOIN wanted w "
+              "USING (budget_key, instance, window_start) "
+              "ORDER BY c.budget_key, c.instance, c.window_start FOR UPDATE OF c")
+_PG_SAME_COUNTER = ("c.budget_key = r.budget_key AND c.instance = r.instance "
+                    "AND c.window_start = r.window_start")
+_PG_RESERVE = f"""
+WITH wanted AS ({_PG_WANTED}),
+locked AS ({_PG_LOCKED}),
+room AS (SELECT w.* FROM locked l JOIN wanted w USING (budget_key, instance, window_start)
+         WHERE NOT w.block OR l.spent + l.reserved + w.amount <= w.lim),
+decision AS (SELECT count(*) = %(n)s AS ok FROM room),
+held AS (UPDATE llmtally_budget_counters c
+            SET reserved = c.reserved + r.amount, updated_at = %(now)s
+           FROM room r WHERE (SELECT ok FROM decision) AND {_PG_SAME_COUNTER}
+         RETURNING 1),
+saved AS (INSERT INTO llmtally_reservations (id, created_at, expires_at, holds)
+          SELECT %(id)s, %(now)s, %(expires)s, %(holds)s::jsonb WHERE (SELECT ok FROM decision)
+          RETURNING 1)
+SELECT (SELECT count(*) FROM held), (SELECT count(*) FROM saved)
+"""
+_PG_SETTLE = f"""
+WITH wanted AS ({_PG_WANTED}),
+dropped AS (DELETE FROM llmtally_reservations WHERE id = %(id)s RETURNING 1),
+locked AS ({_PG_LOCKED})
+UPDATE llmtally_budget_counters c
+   SET spent = c.spent + r.lim,
+       reserved = c.reserved - CASE WHEN EXISTS (SELECT 1 FROM dropped) THEN r.amount ELSE 0 END,
+       updated_at = %(now)s
+  FROM wanted r WHERE (SELECT count(*) FROM locked) >= 0 AND {_PG_SAME_COUNTER}
+RETURNING c.budget_key, c.instance, c.spent, c.reserved
+"""
+
 
 @dataclass(frozen=True, slots=True)
 class Hold:
@@ -109,6 +148,9 @@ class Reservation:
 
     id: str
     holds: tuple[Hold, ...]
+    # Set when the budgets could not be checked (ledger down, fail open): the call's real use
+    # is charged to the covering budgets when it settles, so the spend is not lost to them.
+    unchecked: Mapping[str, Any] | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -192,6 +234,12 @@ class BudgetLedger:
         covering = self.covering(attributes, now)
         if not covering:
             return Reservation(reservation_id, ())
+        if self._one_statement_ok(covering, now):
+            fast = self._reserve_in_one_statement(reservation_id, covering, estimate, now)
+            if fast is not None:
+                return fast
+            # Some budget has no room: the transaction below expires dead holds, retries, and
+            # names the budget that refuses.
         holds: list[Hold] = []
         seen: list[tuple[str, str, datetime]] = []
         with self.store.write() as conn:
@@ -221,8 +269,7 @@ class BudgetLedger:
                 holds.append(Hold(budget, instance, window, amount))
             conn.execute(RESERVATIONS.insert(), {
                 "id": reservation_id, "created_at": now, "expires_at": now + self.reservation_ttl,
-                "holds": [[h.budget.key, h.instance, h.window.start.isoformat(), h.amount]
-                          for h in holds]})
+                "holds": _holds_json(holds)})
         # Only counters known to be committed are skipped from now on: a sibling thread must
         # not update a row this transaction had created but not yet committed.
         if len(self._known_counters) > 100_000:  # one per instance and window: keep it bounded
@@ -235,6 +282,8 @@ class BudgetLedger:
         if not reservation.holds:
             return []
         now = _naive(self._clock())
+        if self.store.dialect == "postgresql":
+            return self._settle_in_one_statement(reservation, actual, now)
         crossings: list[Crossing] = []
         with self.store.write() as conn:
             self._fast_commit(conn)
@@ -249,6 +298,30 @@ class BudgetLedger:
                 if row is not None and hold.budget.warn_at:
                     crossings += self._crossings(conn, hold, int(row[0]) - used, int(row[0]),
                                                  int(row[1]), now)
+        return crossings
+
+    def charge(self, attributes: Mapping[str, Any], actual: Amounts, when: datetime,
+               event_id: str) -> list[Crossing]:
+        """Add a call's real use to every budget covering it, without a limit check (the call
+        went out while the budgets could not be checked). A counter created here starts from
+        the ledger's events without ``event_id``, so the call is counted once either way."""
+        when = _naive(when)
+        crossings: list[Crossing] = []
+        with self.store.write() as conn:
+            for budget, instance, window in self.covering(attributes, when):
+                counter = {"key": budget.key, "instance": instance, "start": window.start}
+                if conn.execute(_USE, counter).first() is None:
+                    conn.execute(_insert_ignore(conn).values(
+                        budget_key=budget.key, instance=instance, window_start=window.start,
+                        window_end=window.end, reserved=0, updated_at=when,
+                        spent=self._seed(conn, budget, instance, window, without=event_id)))
+                used = to_units(budget.kind, actual.get(budget.kind, 0.0))
+                row = conn.execute(_SETTLE, {**counter, "used": used, "released": 0,
+                                             "now": when}).first()
+                hold = Hold(budget, instance, window, 0)
+                if row is not None and _thresholds_crossed(budget, int(row[0]) - used, int(row[0])):
+                    crossings += self._crossings(conn, hold, int(row[0]) - used, int(row[0]),
+                                                 int(row[1]), when)
         return crossings
 
     def release(self, reservation: Reservation, *, requests: float = 0.0) -> list[Crossing]:
@@ -275,6 +348,46 @@ class BudgetLedger:
 
     # -- internals -----------------------------------------------------------------------
 
+    def _one_statement_ok(self, covering: Sequence[tuple[Budget, str, Window]],
+                          now: datetime) -> bool:
+        """PostgreSQL, every counter already created, and no expiry sweep due."""
+        return (self.store.dialect == "postgresql" and now < self._next_expiry
+                and all((b.key, i, w.start) in self._known_counters for b, i, w in covering))
+
+    def _reserve_in_one_statement(self, reservation_id: str,
+                                  covering: Sequence[tuple[Budget, str, Window]],
+                                  estimate: Amounts, now: datetime) -> Reservation | None:
+        """Hold on every counter in one round trip; None if any budget has no room."""
+        holds = tuple(Hold(budget, instance, window,
+                           to_units(budget.kind, estimate.get(budget.kind, 0.0)))
+                      for budget, instance, window in covering)
+        params = {
+            **_counter_arrays(holds),
+            "limits": [to_units(h.budget.kind, h.budget.limit) for h in holds],
+            "blocks": [h.budget.action == "block" for h in holds],
+            "n": len(holds), "id": reservation_id, "now": now,
+            "expires": now + self.reservation_ttl, "holds": json.dumps(_holds_json(holds)),
+        }
+        held, saved = self.store.run_statement(_PG_RESERVE, params)[0]
+        return Reservation(reservation_id, holds) if held == len(holds) and saved == 1 else None
+
+    def _settle_in_one_statement(self, reservation: Reservation, actual: Amounts,
+                                 now: datetime) -> list[Crossing]:
+        holds = reservation.holds
+        used = [to_units(h.budget.kind, actual.get(h.budget.kind, 0.0)) for h in holds]
+        # "lim" carries what was used, "amount" what was held: one unnest shape for both.
+        rows = self.store.run_statement(_PG_SETTLE, {
+            **_counter_arrays(holds), "limits": used, "blocks": [False] * len(holds),
+            "id": reservation.id, "now": now})
+        after = {(key, instance): (int(spent), int(reserved)) for key, instance, spent, reserved in rows}
+        crossings: list[Crossing] = []
+        for hold, amount in zip(holds, used):
+            spent, reserved = after.get((hold.budget.key, hold.instance), (0, 0))
+            if _thresholds_crossed(hold.budget, spent - amount, spent):  # rare: claim them
+                with self.store.write() as conn:
+                    crossings += self._crossings(conn, hold, spent - amount, spent, reserved, now)
+        return crossings
+
     def _unit(self, budget: Budget) -> str:
         return self.currency if budget.kind == "usd" else budget.kind
 
@@ -298,13 +411,17 @@ class BudgetLedger:
         if conn.dialect.name == "postgresql":
             conn.exec_driver_sql("SET LOCAL synchronous_commit TO OFF")
 
-    def _seed(self, conn: Connection, budget: Budget, instance: str, window: Window) -> int:
-        """What the events already in the ledger spent in this window for this instance."""
+    def _seed(self, conn: Connection, budget: Budget, instance: str, window: Window,
+              without: str | None = None) -> int:
+        """What the events already in the ledger spent in this window for this instance
+        (leaving out the event ``without``)."""
         amount = {"usd": func.coalesce(func.sum(_E.cost), 0.0),
                   "tokens": func.coalesce(func.sum(_E.input_tokens + _E.output_tokens), 0),
                   "requests": func.count()}[budget.kind]
         statement = select(amount).select_from(UsageEvent.__table__).where(
             _E.ts >= window.start, _E.status != "blocked")
+        if without is not None:
+            statement = statement.where(_E.id != without)
         if window.end is not None:
             statement = statement.where(_E.ts < window.end)
         for key, value in budget.scope.items():
@@ -330,14 +447,8 @@ class BudgetLedger:
         """Thresholds this settlement moved ``spent`` across; each is claimed in the ledger so
         that only one process (and one call) reports it per window."""
         budget = hold.budget
-        limit = to_units(budget.kind, budget.limit)
-        if limit <= 0:
-            return []
         crossed = []
-        for threshold in budget.warn_at:
-            mark = threshold * limit
-            if not before < mark <= spent:
-                continue
+        for threshold in _thresholds_crossed(budget, before, spent):
             claimed = conn.execute(_insert_ignore(conn, ALERTS).values(
                 budget_key=budget.key, instance=hold.instance, window_start=hold.window.start,
                 threshold=threshold, fired_at=now)).rowcount
@@ -345,6 +456,14 @@ class BudgetLedger:
                 state = CounterState.from_units(budget, hold.instance, hold.window, spent, reserved)
                 crossed.append(Crossing(state, threshold))
         return crossed
+
+
+def _thresholds_crossed(budget: Budget, before: int, spent: int) -> list[float]:
+    """The warning thresholds that going from ``before`` to ``spent`` units passes."""
+    limit = to_units(budget.kind, budget.limit)
+    if limit <= 0:
+        return []
+    return [t for t in budget.warn_at if before < t * limit <= spent]
 
 
 def _counter_is(key: str, instance: str, window_start: datetime) -> Any:
@@ -365,6 +484,16 @@ def _has_tag(conn: Connection, tag: str) -> Any:
         return _E.tags.op("@>")(literal([tag], type_=JSONB))
     each = func.json_each(_E.tags).table_valued("value")
     return exists(select(literal(1)).select_from(each).where(each.c.value == tag))
+
+
+def _holds_json(holds: Iterable[Hold]) -> list[list[Any]]:
+    return [[h.budget.key, h.instance, h.window.start.isoformat(), h.amount] for h in holds]
+
+
+def _counter_arrays(holds: Sequence[Hold]) -> dict[str, list[Any]]:
+    """The unnest() arrays naming each hold's counter, and its held amount."""
+    return {"keys": [h.budget.key for h in holds], "instances": [h.instance for h in holds],
+            "starts": [h.window.start for h in holds], "amounts": [h.amount for h in holds]}
 
 
 def _holds(raw: Any) -> Iterable[tuple[str, str, datetime, int]]:

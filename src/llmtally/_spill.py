@@ -4,11 +4,16 @@ Appends are whole lines under an exclusive ``flock`` (several processes may shar
 a line cut short by a power cut is skipped on replay and never glued to the next event.
 A replayer first *claims* the file by renaming it to ``<name>.replaying.<pid>``, so two
 processes never replay the same file, and a claim left by a dead process is taken over.
-Event ids make a replay idempotent, so replaying twice adds nothing.
+It then holds the claimed file's lock from reading it to deleting it; an appender that opened
+the file before it was claimed finds, once it has the lock, that the path now names another
+file, and appends there instead (without that check, its events could land in a file that was
+already read, and be deleted with it). Event ids make a replay idempotent, so replaying twice
+adds nothing.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import threading
@@ -29,12 +34,13 @@ _CLAIM_MARK = ".replaying."
 
 
 def encode_event(row: Mapping[str, Any]) -> str:
-    """One event as a JSON line (``ts`` as ISO 8601)."""
+    """One event as a JSON line (``ts`` as ISO 8601), plain ASCII: any text, even invalid
+    UTF-8 (a lone surrogate), is escaped, so writing the line never fails."""
     out = dict(row)
     ts = out.get("ts")
     if isinstance(ts, datetime):
         out["ts"] = ts.isoformat()
-    return json.dumps(out, separators=(",", ":"), ensure_ascii=False, default=str)
+    return json.dumps(out, separators=(",", ":"), default=str)
 
 
 def decode_event(line: str) -> dict[str, Any]:
@@ -64,17 +70,33 @@ class SpillFile:
         data = "".join(encode_event(row) + "\n" for row in rows).encode("utf-8")
         self.path.parent.mkdir(parents=True, exist_ok=True)
         with self._lock:
-            fd = os.open(self.path, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o600)
-            try:
-                if fcntl is not None:
-                    fcntl.flock(fd, fcntl.LOCK_EX)
-                size = os.fstat(fd).st_size
-                if size and os.pread(fd, 1, size - 1) != b"\n":
-                    data = b"\n" + data  # a previous writer died mid-line: keep its stub apart
-                os.write(fd, data)
-                os.fsync(fd)
-            finally:
-                os.close(fd)
+            while True:
+                fd = os.open(self.path, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o600)
+                try:
+                    if fcntl is not None:
+                        fcntl.flock(fd, fcntl.LOCK_EX)
+                        if not _still_at(fd, self.path):
+                            continue  # claimed by a replayer meanwhile: append to the new file
+                    size = os.fstat(fd).st_size
+                    if size and os.pread(fd, 1, size - 1) != b"\n":
+                        data = b"\n" + data  # a previous writer died mid-line: keep its stub apart
+                    os.write(fd, data)
+                    os.fsync(fd)
+                    return
+                finally:
+                    os.close(fd)
+
+    @contextlib.contextmanager
+    def replaying(self, path: Path) -> Iterator[None]:
+        """Hold a claimed file's lock while it is read, written to the ledger and deleted, so
+        that no append can slip in after it was read."""
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            if fcntl is not None:
+                fcntl.flock(fd, fcntl.LOCK_EX)
+            yield
+        finally:
+            os.close(fd)
 
     def has_backlog(self) -> bool:
         """True if there is a spill file, or a claim left by a process that is gone."""
@@ -118,6 +140,16 @@ class SpillFile:
             pid = int(pid_text)
             if pid == own_pid or not _process_alive(pid):
                 yield path
+
+
+def _still_at(fd: int, path: Path) -> bool:
+    """Whether the open file ``fd`` is still the one named ``path``."""
+    try:
+        here = os.stat(path)
+    except FileNotFoundError:
+        return False
+    mine = os.fstat(fd)
+    return (mine.st_dev, mine.st_ino) == (here.st_dev, here.st_ino)
 
 
 def _lines(path: Path) -> Iterator[tuple[int, str]]:

@@ -24,6 +24,7 @@ from sqlalchemy.exc import ArgumentError, DatabaseError, NoSuchModuleError, Oper
 from sqlalchemy.pool import StaticPool
 
 from ._errors import ConfigError, LedgerError
+from ._log import warn_limited
 from ._migrations import MIGRATIONS, Migration, migrate
 from ._model import EVENT_COLUMNS, EVENTS_TABLE, UsageEvent
 
@@ -56,7 +57,7 @@ def normalize_url(url: str) -> str:
 
 def is_outage(exc: BaseException) -> bool:
     """True when ``exc`` means the database is unreachable or busy (worth retrying), not that a row is bad."""
-    if isinstance(exc, OperationalError):
+    if isinstance(exc, (OperationalError, LedgerError)):  # LedgerError: the file cannot be used now
         return True
     if isinstance(exc, DatabaseError):
         return bool(getattr(exc, "connection_invalidated", False))
@@ -71,10 +72,13 @@ class Store:
     its database is down; events wait in the writer meanwhile.
     """
 
-    def __init__(self, url: str, *, migrations: Sequence[Migration] = MIGRATIONS) -> None:
+    def __init__(self, url: str, *, migrations: Sequence[Migration] = MIGRATIONS,
+                 durable_commits: bool = False) -> None:
         self.url = normalize_url(url)
         self._migrations = migrations
         self._migrated = False
+        self._durable_commits = durable_commits  # SQLite synchronous=FULL (durability="sync")
+        self._file_id: tuple[int, int] | None = None  # the SQLite file's (device, inode)
         try:
             parsed = make_url(self.url)
         except ArgumentError as exc:
@@ -119,11 +123,13 @@ class Store:
         else:
             path = Path(database)
             self.path = path
-            _create_private_file(path)
+            self._file_id = _create_private_file(path)
             engine = self._create_engine(
                 self.url, connect_args={"timeout": _SQLITE_BUSY_TIMEOUT_S, "check_same_thread": False},
             )
         event.listen(engine, "connect", _sqlite_on_connect)
+        if self._durable_commits:
+            event.listen(engine, "connect", _sqlite_full_sync)
         event.listen(engine, "begin", _sqlite_on_begin)
         return engine
 
@@ -164,11 +170,37 @@ class Store:
         """
         if not rows:
             return 0
+        self._follow_moved_file()
         self.ensure_schema()
         params = [_driver_row(row, self._sqlite_ts) for row in rows]
         with self.write() as conn:
             result = conn.exec_driver_sql(self._insert_sql, params)
+        if self._follow_moved_file():  # deleted or replaced while we wrote: write it again
+            self.ensure_schema()
+            with self.write() as conn:
+                result = conn.exec_driver_sql(self._insert_sql, params)
         return max(result.rowcount, 0)
+
+    def _follow_moved_file(self) -> bool:
+        """SQLite: if the ledger file was deleted, renamed or replaced while open, stop writing
+        into the old file (on Linux an open connection would keep writing into the unlinked
+        inode, and those events would be lost) and open, or create, the file now at the path.
+        Returns True if it had moved. An unusable new file raises, like any outage."""
+        if self._file_id is None:
+            return False
+        try:
+            info = os.stat(self.path)
+            if (info.st_dev, info.st_ino) == self._file_id:
+                return False
+        except FileNotFoundError:
+            pass
+        warn_limited("ledger-moved", "llmtally: the SQLite ledger %s was deleted or replaced "
+                     "while in use; events now go to the file at that path (created if missing)",
+                     self.path)
+        self.engine.dispose()  # closes (and checkpoints) the connections to the old file
+        self._file_id = _create_private_file(self.path, error=OSError)
+        self._migrated = False
+        return True
 
     @contextlib.contextmanager
     def write(self) -> Iterator[Connection]:
@@ -178,6 +210,31 @@ class Store:
         with self.engine.connect().execution_options(sqlite_immediate=True) as conn:
             with conn.begin():
                 yield conn
+
+    def run_statement(self, sql: str, params: Mapping[str, Any]) -> list[tuple[Any, ...]]:
+        """PostgreSQL only: run one statement as its own transaction and return its rows.
+
+        Budget holds use this: a statement that does all its work (CTEs) commits in a single
+        round trip, and it does not wait for the WAL flush (``synchronous_commit=off``: a
+        database crash may forget the last few milliseconds of holds; row locks still
+        serialise them). A connection found dead is replaced and the statement tried once more.
+        """
+        self.ensure_schema()
+        for attempt in (1, 2):
+            try:
+                with self._autocommit_engine.connect() as conn:
+                    return [tuple(row) for row in conn.exec_driver_sql(sql, params)]
+            except DatabaseError as exc:
+                if attempt == 2 or not getattr(exc, "connection_invalidated", False):
+                    raise
+        raise AssertionError("unreachable")
+
+    @functools.cached_property
+    def _autocommit_engine(self) -> Engine:
+        engine = self._create_engine(self.url, isolation_level="AUTOCOMMIT",
+                                     connect_args={"connect_timeout": _PG_CONNECT_TIMEOUT_S})
+        event.listen(engine, "connect", _pg_no_commit_wait)
+        return engine
 
     @functools.cached_property
     def _insert_sql(self) -> str:
@@ -198,10 +255,16 @@ class Store:
 
     def forget_connections(self) -> None:
         """After a fork: drop the parent's pooled connections without closing them under it."""
-        self.engine.dispose(close=False)
+        for engine in self._engines():
+            engine.dispose(close=False)
 
     def close(self) -> None:
-        self.engine.dispose()
+        for engine in self._engines():
+            engine.dispose()
+
+    def _engines(self) -> list[Engine]:
+        extra = self.__dict__.get("_autocommit_engine")
+        return [self.engine] + ([extra] if extra is not None else [])
 
 
 _ROW_VALUES = operator.itemgetter(*EVENT_COLUMNS)
@@ -226,17 +289,22 @@ def _driver_row(row: Mapping[str, Any], sqlite_ts: bool) -> tuple[Any, ...]:
 _json_text = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False).encode
 
 
-def _create_private_file(path: Path) -> None:
-    """Create the SQLite file (and its directory) readable by its owner only.
+def _create_private_file(path: Path, error: type[Exception] = LedgerError) -> tuple[int, int]:
+    """Create the SQLite file (and its directory) readable by its owner only; return its
+    (device, inode), which identifies it while it is in use.
 
     SQLite gives its -wal and -shm files the main file's permissions, so they stay private too.
     """
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         fd = os.open(path, os.O_CREAT | os.O_RDWR, 0o600)
-        os.close(fd)
+        try:
+            info = os.fstat(fd)
+        finally:
+            os.close(fd)
+        return info.st_dev, info.st_ino
     except OSError as exc:
-        raise LedgerError(
+        raise error(
             f"cannot create the SQLite ledger {path} ({exc.strerror or exc}); choose a writable "
             "location with LLMTALLY_DATABASE_URL or Tally('sqlite:///path/to/ledger.db')."
         ) from exc
@@ -246,6 +314,15 @@ def _sqlite_on_connect(dbapi_conn: sqlite3.Connection, _record: Any) -> None:
     # Let SQLAlchemy's "begin" event emit BEGIN itself (pysqlite's own handling defers it).
     dbapi_conn.isolation_level = None
     dbapi_conn.execute("PRAGMA synchronous=NORMAL")
+
+
+def _pg_no_commit_wait(dbapi_conn: Any, _record: Any) -> None:
+    dbapi_conn.autocommit = True
+    dbapi_conn.execute("SET synchronous_commit TO OFF")
+
+
+def _sqlite_full_sync(dbapi_conn: sqlite3.Connection, _record: Any) -> None:
+    dbapi_conn.execute("PRAGMA synchronous=FULL")  # a commit is on disk when it returns
 
 
 def _use_wal(engine: Engine) -> None:

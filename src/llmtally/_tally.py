@@ -7,10 +7,13 @@ import functools
 import hashlib
 import inspect
 import json
+import logging
 import os
 import sys
+import threading
 import time
 import weakref
+from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from datetime import datetime, timedelta, timezone
@@ -42,6 +45,7 @@ CALL_TYPES = frozenset({"chat", "completion", "embedding", "image", "audio", "re
                         "moderation", "responses", "other"})
 SOURCES = frozenset({"litellm", "langchain", "manual", "import"})
 DEFAULT_EXIT_FLUSH_TIMEOUT_S = 10.0
+DURABILITIES = ("batched", "sync")
 DEFAULT_RESERVATION_TTL_S = 900.0
 DEFAULT_MAX_OUTPUT_ESTIMATE = 4096
 _SCOPE_KEYS = ("project", "user", "session", "tags", "request_id", "metadata")
@@ -75,6 +79,12 @@ class Tally:
         timezone: the IANA time zone budget windows are counted in (default UTC).
         fail_closed: if the ledger cannot be reached to check budgets, block calls (default:
             allow them and log).
+        durability: ``"batched"`` (default): :meth:`record` only queues the event and a
+            background thread commits batches (a SIGKILL loses at most the last
+            ``flush_interval_s``, 0.2 s, of events). ``"sync"``: :meth:`record` returns once its
+            event is committed (SQLite ``synchronous=FULL``) or, while the database is
+            unreachable, fsync'd in the spill file, so a killed process loses no recorded call;
+            concurrent records share a commit. Costs a commit wait per call (see the README).
         alerts: where budget warnings go: ``"log"``, webhook URLs (a JSON POST each, off the
             caller's thread, 5 s timeout, 3 attempts) and/or callables taking a dict.
         reservation_ttl_s: a reservation never settled (its process died) is released after this.
@@ -99,6 +109,7 @@ class Tally:
         budgets: Sequence[Budget] = (),
         timezone: str | None = None,
         fail_closed: bool = False,
+        durability: str = "batched",
         alerts: Sequence[str | Callable[[dict[str, Any]], Any]] = ("log",),
         reservation_ttl_s: float = DEFAULT_RESERVATION_TTL_S,
         max_output_estimate: int = DEFAULT_MAX_OUTPUT_ESTIMATE,
@@ -121,8 +132,15 @@ class Tally:
         for name, value in writer_options.items():
             if not isinstance(value, (int, float)) or isinstance(value, bool) or value <= 0:
                 raise ConfigError(f"{name}={value!r} is not allowed: give a positive number")
+        if durability not in DURABILITIES:
+            raise ConfigError(f"durability={durability!r} is not allowed; use \"batched\" (the "
+                              "default: background batches) or \"sync\" (record() waits for "
+                              "the commit)")
+        self.durability = durability
+        self._sync = durability == "sync"
         url = database_url or os.environ.get("LLMTALLY_DATABASE_URL") or DEFAULT_DATABASE_URL
-        self.store: Store = Store(url)  # last of the checks: it creates the SQLite file
+        # last of the checks: it creates the SQLite file
+        self.store: Store = Store(url, durable_commits=self._sync)
         from ._spill import SpillFile
 
         self.spill_path = Path(spill_path) if spill_path else _default_spill_path(self.store)
@@ -131,6 +149,7 @@ class Tally:
         # Run before each flush (and so at exit): integrations drain their own buffers here,
         # e.g. LiteLLM's deferred async logging queue. Each gets the flush's timeout.
         self._before_flush: list[Callable[[float | None], None]] = []
+        self.tz = zone(timezone)  # calendar windows of budgets and reports
         self._fail_closed = bool(fail_closed)
         self._max_output_estimate = max_output_estimate
         self._alerts = _check_alerts(alerts)
@@ -138,6 +157,11 @@ class Tally:
         if any(is_webhook(target) for target in self._alerts):
             self._webhooks = WebhookSender()
         self.budgets: BudgetLedger | None = None
+        # Calls let through while the budgets could not be checked, to charge once they can
+        # (bounded: a very long outage forgets the oldest).
+        self._unreconciled: deque[tuple[Mapping[str, Any], dict[str, float], datetime, str]] = (
+            deque(maxlen=100_000))
+        self._reconciling = threading.Lock()
         if budgets:
             from ._reservations import BudgetLedger
 
@@ -145,7 +169,7 @@ class Tally:
                 if not isinstance(budget, Budget):
                     raise ConfigError(f"budgets: {budget!r} is not a llmtally.Budget")
             self.budgets = BudgetLedger(
-                self.store, budgets, tz=zone(timezone), currency=self.currency,
+                self.store, budgets, tz=self.tz, currency=self.currency,
                 reservation_ttl=timedelta(seconds=reservation_ttl_s), clock=self._clock)
         _register_exit_flush(self)
 
@@ -242,7 +266,13 @@ class Tally:
                 estimated=estimated, cache_hit=cache_hit, ts=ts, source=source,
                 attribution=(project, user, session, tags, request_id, metadata),
             )
-            self._writer.submit(row)
+            if not self._sync:
+                self._writer.submit(row)
+            elif not self._writer.submit_and_wait(row):
+                warn_limited("sync-timeout", "llmtally: durability=\"sync\" could not make an "
+                             "event durable in time (the ledger hangs and the spill file %s "
+                             "cannot be written); it stays queued", self.spill_path,
+                             level=logging.ERROR)
             if reservation is not None:
                 self._settle(reservation, row)
         except Exception as exc:  # never into the caller's code
@@ -467,10 +497,49 @@ class Tally:
         raises before LiteLLM logged the call, the hold is released. Works on sync and async
         functions; without budgets it only passes the call through. Async SDK calls and
         ``Router`` async calls need no guard: ``tally.litellm()`` blocks them itself.
+
+        With ``durability="sync"`` a guarded call that is not streamed also returns only once
+        its event is durable (LiteLLM records calls on its own logging thread or event-loop
+        task, just after the call returned to you, so an unguarded call killed in that instant
+        can be missing).
         """
         from .integrations.litellm import guard
 
         return guard(self, fn)  # type: ignore[no-any-return]
+
+    def langchain(self) -> Any:
+        """The LangChain callback handler that records every model call:
+        ``chain.invoke(x, config={"callbacks": [tally.langchain()]})``.
+
+        Returns the same handler each time. Each chat or text-completion model call of a
+        chain, agent or bare model (``invoke``, ``ainvoke``, ``batch``, ``stream``,
+        ``astream``, ``astream_events``) becomes one event with ``source="langchain"``; with
+        budgets, a call that would go over raises :class:`BudgetExceeded` before it is sent.
+        ``metadata={"llmtally_project": ..., "llmtally_user": ..., "llmtally_session": ...}``
+        and ``tags`` in the run config attribute the calls.
+        """
+        try:
+            from .integrations.langchain import handler_for
+        except ImportError as exc:
+            raise ImportError('tally.langchain() needs LangChain: pip install "llmtally[langchain]"') from exc
+        return handler_for(self)
+
+    def wrap_embeddings(self, embeddings: Any, *, model: str | None = None,
+                        provider: str | None = None) -> Any:
+        """LangChain ``Embeddings`` that record each call (LangChain reports none for them).
+
+        >>> emb = tally.wrap_embeddings(OpenAIEmbeddings(model="text-embedding-3-small"))
+        >>> vectors = emb.embed_documents(texts)      # one event, call_type="embedding"
+
+        ``embed_documents``, ``embed_query``, ``aembed_documents`` and ``aembed_query`` are
+        recorded with their input tokens counted offline (``estimated``), checked against the
+        budgets first; ``model`` and ``provider`` default to what the object names.
+        """
+        try:
+            from .integrations.langchain import wrap_embeddings
+        except ImportError as exc:
+            raise ImportError('tally.wrap_embeddings() needs LangChain: pip install "llmtally[langchain]"') from exc
+        return wrap_embeddings(self, embeddings, model=model, provider=provider)
 
     # -- budgets -------------------------------------------------------------------------
 
@@ -509,7 +578,10 @@ class Tally:
         estimate = self._estimate(model, provider, messages, input_tokens, max_tokens)
         reservation_id = _ids.next_id()
         try:
-            return self.budgets.reserve(reservation_id, attributes, estimate)
+            held = self.budgets.reserve(reservation_id, attributes, estimate)
+            if self._unreconciled:
+                self._reconcile()
+            return held
         except BudgetExceeded as exc:
             self.record(id=reservation_id, model=model, provider=provider, status="blocked",
                         error_type="llmtally.BudgetExceeded", call_type=call_type,
@@ -524,7 +596,7 @@ class Tally:
             warn_limited("budget-open", "llmtally: budgets could not be checked (%s: %s); the "
                          "call is allowed (fail open). Use fail_closed=True to block instead.",
                          type(exc).__name__, exc)
-            return Reservation(reservation_id, ())
+            return Reservation(reservation_id, (), unchecked=attributes)
 
     def release(self, reservation: Reservation | None, *, sent: bool = False) -> None:
         """Give a reservation back: the call was not made (``sent=False``) or failed before
@@ -544,16 +616,40 @@ class Tally:
         return self.budgets.states()
 
     def _settle(self, reservation: Reservation, row: Mapping[str, Any]) -> None:
-        if self.budgets is None or not reservation.holds:
+        if self.budgets is None:
             return
         actual = {"usd": row["cost"] or 0.0,
                   "tokens": row["input_tokens"] + row["output_tokens"],
                   "requests": 0.0 if row["status"] == "blocked" else 1.0}
+        if reservation.unchecked is not None:
+            self._unreconciled.append((reservation.unchecked, actual, row["ts"], row["id"]))
+            self._reconcile()
+            return
+        if not reservation.holds:
+            return
         try:
             self._deliver(self.budgets.settle(reservation, actual))
         except Exception as exc:
             warn_limited("budget-settle", "llmtally: could not settle a budget reservation "
                          "(%s: %s); it expires on its own", type(exc).__name__, exc)
+
+    def _reconcile(self) -> None:
+        """Charge the budgets for calls that went out while they could not be checked (fail
+        open); what cannot be charged yet waits for the next call that reaches the ledger."""
+        assert self.budgets is not None
+        if not self._reconciling.acquire(blocking=False):
+            return  # another thread is at it
+        try:
+            while self._unreconciled:
+                attributes, actual, when, event_id = self._unreconciled[0]
+                try:
+                    crossings = self.budgets.charge(attributes, actual, when, event_id)
+                except Exception:
+                    return  # still unreachable: the reserve path has said so in the log
+                self._unreconciled.popleft()
+                self._deliver(crossings)
+        finally:
+            self._reconciling.release()
 
     def _attribution_here(self) -> _scope.Attribution:
         """The scope in force here, over the Tally's default scope."""
@@ -666,6 +762,25 @@ class Tally:
         with self.store.connect() as conn:
             return unpriced_models(conn, since=since, now=self._clock())
 
+    def report(self, path: str | os.PathLike[str] | None = None, *, week: str | None = None,
+               since: str | datetime | None = None, until: str | datetime | None = None,
+               project: str | None = None) -> Path:
+        """Write the HTML usage report and return its path.
+
+        ``week="last"`` (the default), ``"this"`` or an ISO week (``"2026-W47"``), in this
+        Tally's time zone; or ``since``/``until`` ("7d", "2026-11-01", a datetime). ``path`` is
+        a file, or a directory (existing, or ending with ``/``; default ``reports/``) to hold
+        ``llmtally-2026-W47.html``. The file is self-contained (inline CSS and SVG, no script,
+        no URL) and written atomically. Flushes first, so this Tally's own events are in it.
+
+        >>> tally.report("reports/", week="last")
+        PosixPath('reports/llmtally-2026-W47.html')
+        """
+        from ._report import write_report
+
+        return write_report(self, path, week=week, since=since, until=until,
+                            project=project).path
+
 
 # -- helpers -------------------------------------------------------------------------------
 
@@ -745,8 +860,12 @@ def _default_spill_path(store: Store) -> Path:
 
 
 def _register_exit_flush(tally: Tally) -> None:
-    """Flush at interpreter exit, and keep working in forked children (multiprocessing,
-    gunicorn, Celery prefork), without keeping the Tally alive."""
+    """Flush at interpreter exit and on SIGTERM (unless the application handles it), and keep
+    working in forked children (multiprocessing, gunicorn, Celery prefork), without keeping
+    the Tally alive."""
+    from ._signals import flush_on_sigterm
+
+    flush_on_sigterm(tally)
     ref = weakref.ref(tally)
 
     def flush_at_exit() -> None:

@@ -9,6 +9,11 @@ spill file instead, so ``flush()`` always means "durable": in the ledger or in t
 When the database answers again the spill file is replayed. Rows the database rejects for
 their content (not an outage) are written one by one; the few that still fail go to
 ``<spill>.rejected.jsonl`` and are logged, so one bad row never blocks the others.
+
+``submit_and_wait()`` (``durability="sync"``) queues an event the same way, wakes the writer
+and waits until *that* event is committed or spilled (fsync'd); events submitted meanwhile by
+other threads share the transaction (group commit). While the database is unreachable such
+events are spilled at once instead of waiting ``spill_after_s``.
 """
 
 from __future__ import annotations
@@ -18,6 +23,7 @@ import json
 import logging
 import math
 import queue
+import re
 import threading
 import time
 from collections.abc import Callable, Mapping
@@ -35,6 +41,7 @@ DEFAULT_FLUSH_INTERVAL_S = 0.2
 DEFAULT_MAX_QUEUE = 100_000
 DEFAULT_SPILL_AFTER_S = 5.0
 DEFAULT_MAX_PENDING = 10_000
+DEFAULT_SYNC_TIMEOUT_S = 10.0  # the longest a durability="sync" record() waits for its event
 _RETRY_MIN_S = 0.25
 _RETRY_MAX_S = 15.0
 
@@ -76,6 +83,9 @@ class Writer:
         self._flush_wanted = 0
         self._stop = False
         self._pending: list[dict[str, Any]] = []
+        # durability="sync": id(row) -> the Event its submitter waits on (rows stay referenced
+        # in the queue or _pending until they are done, so their ids cannot be reused meanwhile)
+        self._waiters: dict[int, threading.Event] = {}
         self._down_since: float | None = None
         self._next_retry = 0.0
         self._retry_delay = _RETRY_MIN_S
@@ -101,11 +111,28 @@ class Writer:
         """Queue one event; never blocks, never raises for a full queue (it spills instead)."""
         self._last_submitted = next(self._submitted)
         if self._queue.qsize() >= self.max_queue:
-            self._spill_now([row], reason="the in-memory queue is full")
-            return
+            if self._spill_now([row], reason="the in-memory queue is full"):
+                return
+            # the disk refused too: keep it queued past the bound rather than drop it
         self._queue.put(row)
         if self._queue.qsize() >= self.batch_size:
             self._wake.set()
+
+    def submit_and_wait(self, row: dict[str, Any], timeout: float = DEFAULT_SYNC_TIMEOUT_S) -> bool:
+        """Queue one event and wait until it is in the ledger or fsync'd in the spill file.
+
+        Returns False if that took longer than ``timeout`` seconds (the database hangs and the
+        disk refuses the spill file too); the event then stays queued like any other.
+        """
+        done = threading.Event()
+        key = id(row)
+        self._waiters[key] = done
+        self.submit(row)
+        self._wake.set()
+        if done.wait(timeout):
+            return True
+        self._waiters.pop(key, None)
+        return done.is_set()
 
     def flush(self, timeout: float | None = None) -> bool:
         """Wait until every event submitted so far is in the ledger or the spill file.
@@ -166,15 +193,16 @@ class Writer:
     def _cycle(self) -> None:
         self._drain_queue()
         flushing = self._flush_wanted > 0 or self._stop
+        settle = flushing or bool(self._waiters)  # someone waits: spill rather than keep waiting
         if self._down_since is not None and self._clock() < self._next_retry:
-            if self._pending and (flushing or self._must_spill(self._clock())):
+            if self._pending and (settle or self._must_spill(self._clock())):
                 self._spill_pending()
             return
         if self._pending:
             self._write_pending()
         elif self._down_since is not None:
             self._try_replay()  # nothing new to write: probe the ledger with the backlog
-        if self._pending and (flushing or self._must_spill(self._clock())):
+        if self._pending and (settle or self._must_spill(self._clock())):
             self._spill_pending()
         elif flushing and self._down_since is None:
             self._try_replay()
@@ -201,15 +229,18 @@ class Writer:
                     return
                 self._insert_one_by_one(batch)
             del self._pending[: len(batch)]
-            self._mark_done(len(batch))
+            self._mark_done(batch)
         self._recovered()
 
     def _recovered(self) -> None:
+        self._back_up()
+        self._try_replay()
+
+    def _back_up(self) -> None:
         if self._down_since is not None:
             logger.warning("llmtally: the ledger %s is reachable again", self.store.display_url)
             self._down_since = None
             self._retry_delay = _RETRY_MIN_S
-        self._try_replay()
 
     def _insert(self, rows: list[dict[str, Any]]) -> None:
         self.store.insert_many([_json_safe(row) for row in rows])
@@ -231,8 +262,10 @@ class Writer:
             self.rejected += len(bad)
             try:
                 SpillFile(self._rejected_path).append(bad)
-            except OSError:
-                logger.error("llmtally: could not keep %d rejected events", len(bad))
+            except Exception as exc:  # never let a row that cannot be kept wedge the writer
+                logger.error("llmtally: could not keep %d rejected events (%s: %s): %s",
+                             len(bad), type(exc).__name__, exc,
+                             ", ".join(str(row.get("id")) for row in bad[:10]))
 
     @property
     def _rejected_path(self) -> Path:
@@ -265,13 +298,18 @@ class Writer:
         self.spilled += len(rows)
         warn_limited("spilled", "llmtally: %s; %d events kept in %s, replayed when it is back",
                      reason, len(rows), self.spill.path)
-        self._mark_done(len(rows))
+        self._mark_done(rows)
         return True
 
-    def _mark_done(self, count: int) -> None:
+    def _mark_done(self, rows: list[dict[str, Any]]) -> None:
         with self._done_cond:
-            self._done += count
+            self._done += len(rows)
             self._done_cond.notify_all()
+        if self._waiters:
+            for row in rows:
+                waiter = self._waiters.pop(id(row), None)
+                if waiter is not None:
+                    waiter.set()
 
     def _try_replay(self) -> None:
         """Replay spilled events (ours or another process's) once the ledger answers."""
@@ -279,13 +317,15 @@ class Writer:
             if not self.spill.has_backlog():
                 return
             for path in self.spill.claim():
-                rows, bad_lines = self.spill.read(path)
-                for start in range(0, len(rows), self.batch_size):
-                    self.store.insert_many([_json_safe(r) for r in rows[start:start + self.batch_size]])
-                if bad_lines:
-                    logger.warning("llmtally: %s had %d unreadable lines (%s); they were skipped",
-                                   path, len(bad_lines), ", ".join(map(str, bad_lines[:10])))
-                path.unlink()
+                with self.spill.replaying(path):
+                    rows, bad_lines = self.spill.read(path)
+                    for start in range(0, len(rows), self.batch_size):
+                        self.store.insert_many([_json_safe(r) for r in rows[start:start + self.batch_size]])
+                    if bad_lines:
+                        logger.warning("llmtally: %s had %d unreadable lines (%s); they were "
+                                       "skipped", path, len(bad_lines),
+                                       ", ".join(map(str, bad_lines[:10])))
+                    path.unlink()
                 logger.info("llmtally: replayed %d spilled events from %s", len(rows), path)
         except Exception as exc:
             if is_outage(exc):
@@ -294,9 +334,47 @@ class Writer:
                 warn_limited("replay", "llmtally: could not replay %s (%s: %s); will try again",
                              self.spill.path, type(exc).__name__, exc)
         else:
-            if self._down_since is not None:
-                self._down_since = None
-                self._retry_delay = _RETRY_MIN_S
+            self._back_up()
+
+
+MAX_METADATA_TEXT = 1024  # characters in one metadata string (key or value)
+MAX_METADATA_JSON = 65_536  # characters of one event's metadata as JSON
+_SURROGATE = re.compile(r"\\ud[89a-f][0-9a-f]{2}", re.IGNORECASE)
+
+
+def _bounded_metadata(meta: Any) -> dict[str, Any]:
+    notes: list[str] = []
+    cleaned = _clean_tree(meta, notes)
+    if not isinstance(cleaned, dict):
+        cleaned = {"value": cleaned}
+    size = len(json.dumps(cleaned))
+    if size > MAX_METADATA_JSON:
+        cleaned = {"llmtally_metadata_dropped": size}
+        notes = [f"metadata was {size} characters of JSON; dropped (limit {MAX_METADATA_JSON})"]
+    if notes:
+        cleaned["llmtally_warnings"] = [*(cleaned.get("llmtally_warnings") or []), *notes][:20]
+    return cleaned
+
+
+def _clean_tree(value: Any, notes: list[str]) -> Any:
+    if isinstance(value, str):
+        return _clean_string(value, notes)
+    if isinstance(value, list):
+        return [_clean_tree(item, notes) for item in value]
+    if isinstance(value, dict):
+        return {_clean_string(key, notes): _clean_tree(item, notes) for key, item in value.items()}
+    return value
+
+
+def _clean_string(text: str, notes: list[str]) -> str:
+    if "\x00" in text:
+        text = text.replace("\x00", "")
+    if not text.isascii():
+        text = text.encode("utf-8", "replace").decode("utf-8")  # a lone surrogate becomes "?"
+    if len(text) > MAX_METADATA_TEXT:
+        notes.append(f"a metadata text of {len(text)} characters was cut to {MAX_METADATA_TEXT}")
+        text = text[:MAX_METADATA_TEXT]
+    return text
 
 
 def _first_line(exc: BaseException) -> str:
@@ -304,12 +382,18 @@ def _first_line(exc: BaseException) -> str:
 
 
 def _json_safe(row: Mapping[str, Any]) -> dict[str, Any]:
-    """Make metadata and tags storable: JSON types only, no NaN (PostgreSQL's JSON refuses it)."""
+    """Make metadata storable in any database: JSON types only, no NaN (PostgreSQL's JSON
+    refuses it), no NUL character (PostgreSQL refuses it in text and JSON), no lone surrogate
+    (invalid UTF-8: no driver can send it), every string at most ``MAX_METADATA_TEXT``
+    characters and the whole at most ``MAX_METADATA_JSON``; a cut is noted in the metadata."""
     out = dict(row)
     meta = out.get("metadata")
     if meta:
-        out["metadata"] = json.loads(json.dumps(meta, default=str, allow_nan=True),
-                                     parse_constant=lambda _: None)
+        text = json.dumps(meta, default=str, allow_nan=True)  # ASCII: odd characters escaped
+        if len(text) > MAX_METADATA_TEXT or "\\u0000" in text or _SURROGATE.search(text):
+            out["metadata"] = _bounded_metadata(json.loads(text, parse_constant=lambda _: None))
+        else:
+            out["metadata"] = json.loads(text, parse_constant=lambda _: None)
     for key in ("cost", "latency_ms", "ttft_ms"):
         value = out.get(key)
         if isinstance(value, float) and not math.isfinite(value):

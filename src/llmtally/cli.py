@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import functools
 import json
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from datetime import datetime, timezone
 from typing import Any, TypeVar
 
@@ -63,11 +64,39 @@ def main() -> None:
 
     \b
     Examples:
+      llmtally demo
       llmtally summary --since 7d --by model
       llmtally prices anthropic/claude-sonnet-4-5
       llmtally unpriced
       llmtally budgets
+      llmtally report --week last -o reports/
     """
+
+
+@main.command()
+@click.option("--db", "database", default="llmtally-demo.db", show_default=True,
+              type=click.Path(dir_okay=False), help="The SQLite file to fill (made fresh).")
+@click.option("-o", "--output", default="reports/", show_default=True,
+              help="Where the report goes (a directory, or a file name).")
+def demo(database: str, output: str) -> None:
+    """Two weeks of simulated traffic, live calls through LiteLLM and LangChain (mock
+    responses, nothing leaves the machine), a budget blocking a call, and the report.
+
+    \b
+    Example:
+      llmtally demo && open reports/llmtally-*.html
+    """
+    from ._demo import run_demo
+
+    with _errors_as_one_line():
+        result = run_demo(database, output, say=click.echo)
+    click.echo("")
+    for line in result.headline:
+        click.echo("  " + line)
+    click.echo("")
+    click.echo(f"Report: {result.report}")
+    click.echo(f"Ledger: {result.database}  (next: llmtally summary --db {database} --by project)")
+    click.echo(f"Done in {result.seconds:.1f} s.")
 
 
 @main.command()
@@ -215,6 +244,146 @@ def budgets(tally: Any, as_json: bool) -> None:
           _quantity(r["limit"], unit[r["kind"]]),
           "-" if r["percent"] is None else f"{r['percent']:.1f}",
           r["resets_at"] or "never", r["runs_out_at"] or "-"] for r in rows], left=2)
+
+
+@main.command()
+@click.option("--week", default=None, metavar="WEEK",
+              help="last (default), this, or an ISO week such as 2026-W47.")
+@click.option("--since", default=None, help="Start instead of a week: a date or a duration (30d).")
+@click.option("--until", default=None, help="End (exclusive) with --since. Default: now.")
+@click.option("--project", default=None, help="Only this project.")
+@click.option("-o", "--output", default=None, metavar="PATH",
+              help="File, or directory for llmtally-<week>.html (default: reports/).")
+@ledger_options
+def report(tally: Any, week: str | None, since: str | None, until: str | None,
+           project: str | None, output: str | None) -> None:
+    """Write the HTML usage report (one self-contained file) and print its headline.
+
+    \b
+    Example:
+      llmtally report --week last -o reports/
+      llmtally report --since 2026-11-01 --until 2026-11-15 --project search -o r.html
+    """
+    from ._report import write_report
+
+    written = write_report(tally, output, week=week, since=since, until=until, project=project)
+    click.echo(str(written.path))
+    for line in written.report.headline_lines():
+        click.echo(f"  {line}")
+
+
+@main.command("export")
+@click.option("--format", "fmt", type=click.Choice(["jsonl", "csv"]), default=None,
+              help="jsonl or csv (default: from -o's extension, else jsonl).")
+@click.option("--since", default=None, help="Start: a duration (30d) or a date. Default: all.")
+@click.option("--until", default=None, help="End (exclusive): a duration ago or a date.")
+@click.option("--project", default=None, help="Only this project.")
+@click.option("-o", "--output", default=None, metavar="FILE", type=click.Path(dir_okay=False),
+              help="Write to FILE (complete or not at all; .gz compresses). Default: stdout.")
+@ledger_options
+def export(tally: Any, fmt: str | None, since: str | None, until: str | None,
+           project: str | None, output: str | None) -> None:
+    """Write events as JSONL or CSV: every column, ts in UTC (ISO 8601), oldest first.
+
+    \b
+    Example:
+      llmtally export --format csv --since 30d > usage.csv
+      llmtally export --project search -o search.jsonl.gz
+    """
+    from ._transfer import export_events
+
+    with _export_progress(tally, since=since, until=until, project=project) as progress:
+        to_file = output not in (None, "-")
+        result = export_events(tally.store, output if to_file else sys.stdout.buffer,
+                               format=fmt, since=since, until=until, project=project,
+                               progress=progress)
+    if to_file:
+        click.echo(f"exported {result.rows:,} events to {output} ({result.format})", err=True)
+
+
+@main.command("import")
+@click.argument("file", metavar="FILE")
+@click.option("--format", "fmt", type=click.Choice(["jsonl", "csv"]), default=None,
+              help="jsonl or csv (default: from FILE's extension, else its content).")
+@ledger_options
+def import_(tally: Any, file: str, fmt: str | None) -> None:
+    """Add the events of FILE (JSONL or CSV from `export`, .gz too, - for stdin).
+
+    Idempotent: an event whose id is already in the ledger is skipped, so importing a file
+    twice adds nothing. Invalid lines are listed and left out; all valid lines are written in
+    one transaction. Exit code 0: every line imported or already there; 1: some lines were
+    invalid (the others were imported); 2: nothing imported (unreadable or wrong-format file,
+    ledger error).
+
+    \b
+    Example:
+      llmtally import usage.jsonl
+      llmtally export --db a.db | llmtally import - --db merged.db
+    """
+    from ._transfer import import_events
+
+    source = sys.stdin.buffer if file == "-" else file
+    result = import_events(tally.store, source, format=fmt)
+    click.echo(f"imported {result.imported:,} events from {file} ({result.format}); "
+               f"skipped {result.skipped:,} already in the ledger; invalid lines: {result.invalid:,}")
+    for line, reason in result.invalid_lines:
+        click.echo(f"  line {line}: {reason}")
+    if result.invalid > len(result.invalid_lines):
+        click.echo(f"  ... and {result.invalid - len(result.invalid_lines):,} more")
+    if result.invalid:
+        raise SystemExit(1)
+
+
+def _require_older_than(_ctx: click.Context, _param: click.Parameter, value: str | None) -> str:
+    if not value:
+        raise CommandError("prune needs --older-than (e.g. 90d or 2026-01-01): it deletes "
+                           "events, so it never guesses a cutoff")
+    return value
+
+
+@main.command()
+@click.option("--older-than", callback=_require_older_than, metavar="AGE|DATE",
+              help="Required. Delete events older than this: 90d, 12w, or a date (2026-01-01).")
+@click.option("--archive", default=None, metavar="FILE.jsonl.gz", type=click.Path(dir_okay=False),
+              help="First write them to this new file (gzip JSONL; `llmtally import` reads it).")
+@click.option("--dry-run", is_flag=True, help="Print what would be deleted; delete nothing.")
+@ledger_options
+def prune(tally: Any, older_than: str, archive: str | None, dry_run: bool) -> None:
+    """Delete events older than a cutoff, in one transaction (budget counters are kept).
+
+    With --archive they are written to the archive first, and only those are deleted.
+
+    \b
+    Example:
+      llmtally prune --older-than 90d --dry-run
+      llmtally prune --older-than 90d --archive old-2026Q3.jsonl.gz
+    """
+    from ._transfer import prune_events
+
+    result = prune_events(tally.store, older_than, archive=archive, dry_run=dry_run)
+    details = [f"cost {_money(amount, currency)}" for currency, amount in result.cost.items()]
+    if result.unpriced:
+        details.append(f"{result.unpriced:,} unpriced")
+    what = f"{result.events:,} events older than {_iso(result.cutoff)}" + (
+        f" ({'; '.join(details)})" if details else "")
+    if result.dry_run:
+        click.echo(f"would delete {what}" + (f", archiving them to {archive}" if archive else "")
+                   + "; nothing deleted (--dry-run)")
+    else:
+        click.echo(f"deleted {what}" + (f"; archived to {archive}" if archive else ""))
+
+
+@contextlib.contextmanager
+def _export_progress(tally: Any, **filters: Any) -> Iterator[Callable[[int], None] | None]:
+    """A progress bar on stderr when it is a terminal (it needs a count first), else nothing."""
+    if not sys.stderr.isatty():
+        yield None
+        return
+    from ._transfer import count_events
+
+    total = count_events(tally.store, **filters)
+    with click.progressbar(length=total, label="exporting", file=sys.stderr) as bar:
+        yield bar.update
 
 
 def _iso(moment: datetime | None) -> str | None:

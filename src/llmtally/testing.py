@@ -26,12 +26,13 @@ import struct
 import sys
 import threading
 import time
-from collections.abc import Iterator
-from dataclasses import asdict, dataclass
+from collections import deque
+from collections.abc import Iterator, Sequence
+from dataclasses import asdict, dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
-__all__ = ["FakeProvider", "FakeUsage"]
+__all__ = ["FakeProvider", "FakeUsage", "FakeToolCall"]
 
 
 @dataclass
@@ -69,6 +70,19 @@ class FakeUsage:
             "cache_read_input_tokens": self.cache_read_tokens,
         }
 
+
+@dataclass(frozen=True)
+class FakeToolCall:
+    """A tool call in a scripted reply (:meth:`FakeProvider.queue_replies`): the fake model
+    asks for tool ``name`` with ``arguments`` (sent as JSON), as OpenAI ``tool_calls`` or an
+    Anthropic ``tool_use`` block."""
+
+    name: str
+    arguments: dict[str, Any] = field(default_factory=dict)
+    id: str | None = None
+
+
+_Reply = str | tuple[FakeToolCall, ...]
 
 _ERROR_TYPES = {
     400: "invalid_request_error",
@@ -248,8 +262,53 @@ class _Handler(BaseHTTPRequestHandler):
 # -- OpenAI ----------------------------------------------------------------------------------
 
 
+def _openai_tool_calls(calls: tuple[FakeToolCall, ...], fp: FakeProvider) -> list[dict[str, Any]]:
+    return [{"id": call.id or fp._new_id("call_fake"), "type": "function",
+             "function": {"name": call.name, "arguments": json.dumps(call.arguments)}}
+            for call in calls]
+
+
+def _chat_tool_calls(h: _Handler, fp: FakeProvider, body: dict[str, Any],
+                     calls: tuple[FakeToolCall, ...]) -> None:
+    model, usage = fp._resolve(body), fp.usage.openai()
+    rid, created = fp._new_id("chatcmpl-fake"), int(time.time())
+    tool_calls = _openai_tool_calls(calls, fp)
+    if not body.get("stream"):
+        message = {"role": "assistant", "content": None, "tool_calls": tool_calls, "refusal": None}
+        choice = {"index": 0, "message": message, "logprobs": None, "finish_reason": "tool_calls"}
+        return h._send_json(200, {"id": rid, "object": "chat.completion", "created": created, "model": model,
+                                  "choices": [choice], "usage": usage, "system_fingerprint": "fp_fake"})
+    include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
+    head = {"id": rid, "object": "chat.completion.chunk", "created": created, "model": model,
+            "system_fingerprint": "fp_fake"}
+    extra = {"usage": None} if include_usage else {}
+
+    def events() -> Iterator[_Event]:
+        for i, call in enumerate(tool_calls):
+            opening = {"index": i, "id": call["id"], "type": "function",
+                       "function": {"name": call["function"]["name"], "arguments": ""}}
+            delta: dict[str, Any] = {"tool_calls": [opening]}
+            if i == 0:
+                delta = {"role": "assistant", "content": None, **delta}
+            choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": None}
+            yield "", {**head, "choices": [choice], **extra}, True
+            arguments = {"tool_calls": [{"index": i, "function": {"arguments": call["function"]["arguments"]}}]}
+            choice = {"index": 0, "delta": arguments, "logprobs": None, "finish_reason": None}
+            yield "", {**head, "choices": [choice], **extra}, True
+        choice = {"index": 0, "delta": {}, "logprobs": None, "finish_reason": "tool_calls"}
+        yield "", {**head, "choices": [choice], **extra}, False
+        if include_usage:
+            yield "", {**head, "choices": [], "usage": usage}, False
+        yield "", "[DONE]", False
+
+    h._send_sse(events(), fp._cut_after)
+
+
 def _chat_completions(h: _Handler, fp: FakeProvider, body: dict[str, Any]) -> None:
-    model, usage, reply = fp._resolve(body), fp.usage.openai(), fp.reply
+    scripted = fp._next_reply()
+    if isinstance(scripted, tuple):
+        return _chat_tool_calls(h, fp, body, scripted)
+    model, usage, reply = fp._resolve(body), fp.usage.openai(), scripted
     rid, created = fp._new_id("chatcmpl-fake"), int(time.time())
     if not body.get("stream"):
         message = {"role": "assistant", "content": reply, "refusal": None}
@@ -324,12 +383,21 @@ def _embeddings(h: _Handler, fp: FakeProvider, body: dict[str, Any]) -> None:
 
 
 def _messages(h: _Handler, fp: FakeProvider, body: dict[str, Any]) -> None:
-    model, usage, reply = fp._resolve(body), fp.usage.anthropic(), fp.reply
+    scripted = fp._next_reply()
+    model, usage = fp._resolve(body), fp.usage.anthropic()
+    reply = scripted if isinstance(scripted, str) else ""
+    calls = scripted if isinstance(scripted, tuple) else ()
+    tool_blocks = [{"type": "tool_use", "id": call.id or fp._new_id("toolu_fake"), "name": call.name,
+                    "input": call.arguments} for call in calls]
+    stop_reason = "tool_use" if calls else "end_turn"
     mid = fp._new_id("msg_fake")
     message: dict[str, Any] = {"id": mid, "type": "message", "role": "assistant", "model": model}
     if not body.get("stream"):
-        return h._send_json(200, {**message, "content": [{"type": "text", "text": reply}],
-                                  "stop_reason": "end_turn", "stop_sequence": None, "usage": usage})
+        content = tool_blocks or [{"type": "text", "text": reply}]
+        return h._send_json(200, {**message, "content": content,
+                                  "stop_reason": stop_reason, "stop_sequence": None, "usage": usage})
+    if calls:
+        return h._send_sse(_anthropic_tool_events(message, usage, tool_blocks), fp._cut_after)
 
     def events() -> Iterator[_Event]:
         start_usage = {**usage, "output_tokens": 1}  # the real API reports a placeholder here
@@ -343,11 +411,30 @@ def _messages(h: _Handler, fp: FakeProvider, body: dict[str, Any]) -> None:
             yield "content_block_delta", {"type": "content_block_delta", "index": 0, "delta": delta}, True
         yield "content_block_stop", {"type": "content_block_stop", "index": 0}, False
         stop = {"stop_reason": "end_turn", "stop_sequence": None}
+        # The real API's message_delta carries the cumulative usage, input and cache included.
         yield "message_delta", {"type": "message_delta", "delta": stop,
-                                "usage": {"output_tokens": usage["output_tokens"]}}, False
+                                "usage": usage}, False
         yield "message_stop", {"type": "message_stop"}, False
 
     h._send_sse(events(), fp._cut_after)
+
+
+def _anthropic_tool_events(message: dict[str, Any], usage: dict[str, Any],
+                           blocks: list[dict[str, Any]]) -> Iterator[_Event]:
+    start = {**message, "content": [], "stop_reason": None, "stop_sequence": None,
+             "usage": {**usage, "output_tokens": 1}}
+    yield "message_start", {"type": "message_start", "message": start}, False
+    for index, block in enumerate(blocks):
+        opening = {**block, "input": {}}
+        yield "content_block_start", {"type": "content_block_start", "index": index,
+                                      "content_block": opening}, False
+        delta = {"type": "input_json_delta", "partial_json": json.dumps(block["input"])}
+        yield "content_block_delta", {"type": "content_block_delta", "index": index, "delta": delta}, True
+        yield "content_block_stop", {"type": "content_block_stop", "index": index}, False
+    stop = {"stop_reason": "tool_use", "stop_sequence": None}
+    yield "message_delta", {"type": "message_delta", "delta": stop,
+                            "usage": usage}, False
+    yield "message_stop", {"type": "message_stop"}, False
 
 
 _ROUTES = {
@@ -366,7 +453,8 @@ class FakeProvider:
 
     Endpoints: ``POST /v1/chat/completions``, ``/v1/completions``, ``/v1/embeddings`` (OpenAI) and
     ``/v1/messages`` (Anthropic), each non-streamed and streamed (SSE, chunked encoding). Anything
-    else answers 404; a body that is not a JSON object answers 400.
+    else answers 404; a body that is not a JSON object answers 400. Chat answers can be
+    scripted, tool calls included, with :meth:`queue_replies`.
 
     Base URLs for clients:
 
@@ -415,6 +503,7 @@ class FakeProvider:
             self._fail_body: dict[str, Any] | None = None
             self._delay = 0.0
             self._cut_after: int | None = None
+            self._queued: deque[_Reply] = deque()
 
     # -- lifecycle --
 
@@ -508,8 +597,28 @@ class FakeProvider:
         with self._lock:
             self._cut_after = chunks
 
+    def queue_replies(self, *replies: str | Sequence[FakeToolCall]) -> None:
+        """Script the next chat answers (OpenAI chat completions and Anthropic messages, streamed
+        or not), one per request in order; then ``reply`` again. Each is a text, or a list of
+        :class:`FakeToolCall` for an answer that calls tools (``finish_reason="tool_calls"`` /
+        ``stop_reason="tool_use"``)::
+
+            fp.queue_replies([FakeToolCall("get_weather", {"city": "Paris"})], "It is sunny.")
+        """
+        items: list[_Reply] = []
+        for reply in replies:
+            if isinstance(reply, str):
+                items.append(reply)
+            else:
+                calls = tuple(reply)
+                if not calls or not all(isinstance(call, FakeToolCall) for call in calls):
+                    raise TypeError(f"a reply is a str or a non-empty list of FakeToolCall, not {reply!r}")
+                items.append(calls)
+        with self._lock:
+            self._queued.extend(items)
+
     def reset(self) -> None:
-        """Zero the counter, clear the log and turn off every failure mode.
+        """Zero the counter, clear the log, drop queued replies and turn off every failure mode.
         ``usage``, ``reply`` and ``resolved_model`` are kept."""
         self._reset_state()
 
@@ -537,6 +646,10 @@ class FakeProvider:
         with self._lock:
             seconds = self._delay
         return not (seconds and self._stopping.wait(seconds))
+
+    def _next_reply(self) -> _Reply:
+        with self._lock:
+            return self._queued.popleft() if self._queued else self.reply
 
     def _resolve(self, body: dict[str, Any]) -> str:
         return self.resolved_model or str(body.get("model") or "fake-model")

@@ -64,6 +64,7 @@ from .. import _scope
 from .._errors import error_type
 from .._log import warn_limited
 from .._usage import Usage, extract_usage, response_model, response_text
+from ._handoff import claim as _claim_offered, take_hold as _take_offered_hold
 
 if TYPE_CHECKING:
     from .._reservations import Reservation
@@ -84,6 +85,7 @@ _IDLE_WAIT_S = 10.0  # how long flush(timeout=None) waits for LiteLLM's logging 
 _DRAIN_WAIT_S = 30.0  # and at most for LiteLLM's async queue: a drain never hangs a flush
 _MAX_PENDING_STARTS = 10_000  # calls started but not finished (abandoned streams never finish)
 _MAX_PENDING_HOLDS = 10_000  # budget holds not settled yet; one dropped here expires by its TTL
+_SYNC_WAIT_S = 15.0  # durability="sync": the longest a guarded call waits for its event
 
 
 @dataclass(frozen=True, slots=True)
@@ -318,6 +320,9 @@ class LiteLLMLogger(CustomLogger):
         # Budget holds taken before a call, by LiteLLM call id, settled by the same call's
         # success or failure hook. Guarded by _starts_lock.
         self._holds: dict[str, Reservation] = {}
+        # durability="sync": call ids whose guarded caller waits until the call's event is
+        # durable (set once the hook's record() returned). Guarded by _starts_lock.
+        self._awaited: dict[str, threading.Event] = {}
         _LOGGERS.add(self)
         install_stream_watch()
 
@@ -336,6 +341,10 @@ class LiteLLMLogger(CustomLogger):
             with self._starts_lock:
                 if call_id in self._holds:  # held already by tally.guard() or the proxy hook
                     return None
+        offered = _claim_offered(self.tally)
+        if offered is not None and offered.hold is not None:  # held by the LangChain run making it
+            self._hold(call_id, _take_offered_hold(offered))
+            return None
         name = getattr(call_type, "value", call_type)
         held = _reserve(self.tally, kwargs, name if isinstance(name, str) else None)
         self._hold(call_id, held)
@@ -390,7 +399,16 @@ class LiteLLMLogger(CustomLogger):
             if not isinstance(call_id, str):
                 return
             asked = _asks_for_usage(kwargs) if kwargs.get("stream") is True else None
-            start = CallStart(_scope.current(), asked)
+            scope = _scope.current()
+            offered = _claim_offered(self.tally)
+            if offered is not None:  # made by a LangChain run that tally.langchain() watches:
+                # this logger records the call, with LangChain's attribution (see _handoff)
+                scope = scope.merged(offered.attribution())
+                held = _take_offered_hold(offered)
+                with self._starts_lock:
+                    held_already = call_id in self._holds
+                self.tally.release(held) if held_already else self._hold(call_id, held)
+            start = CallStart(scope, asked)
             with self._starts_lock:
                 if len(self._starts) >= _MAX_PENDING_STARTS:
                     del self._starts[next(iter(self._starts))]
@@ -430,6 +448,28 @@ class LiteLLMLogger(CustomLogger):
         except Exception as exc:
             warn_limited("litellm-hook", "llmtally: could not record a LiteLLM call (%s: %s)",
                          type(exc).__name__, exc, exc_info=True)
+        finally:
+            if self._awaited:
+                self._recorded(kwargs.get("litellm_call_id") if isinstance(kwargs, Mapping) else None)
+
+    # -- durability="sync": a guarded call returns once its event is durable ----------------
+
+    def _await_record(self, call_id: str) -> threading.Event:
+        done = threading.Event()
+        with self._starts_lock:
+            self._awaited[call_id] = done
+        return done
+
+    def _recorded(self, call_id: Any) -> None:
+        if isinstance(call_id, str):
+            with self._starts_lock:
+                done = self._awaited.pop(call_id, None)
+            if done is not None:
+                done.set()
+
+    def _forget_await(self, call_id: Any) -> None:
+        with self._starts_lock:
+            self._awaited.pop(call_id, None)
 
 
 def _is_budget_refusal(kwargs: Any) -> bool:
@@ -532,13 +572,18 @@ def guard(tally: Tally, fn: Any) -> Any:
     if getattr(fn, "_llmtally_guarded", None) is tally:
         return fn
     logger_ = tally.litellm()
+    sync_durable = tally.durability == "sync"
 
     def begin(args: tuple[Any, ...], kwargs: dict[str, Any]) -> Reservation | None:
-        if tally.budgets is None:
+        if tally.budgets is None and not sync_durable:
             return None
         call_id = kwargs.get("litellm_call_id")
         if not isinstance(call_id, str) or not call_id:
             call_id = kwargs["litellm_call_id"] = str(uuid.uuid4())
+        if sync_durable and _registered(logger_):
+            logger_._await_record(call_id)
+        if tally.budgets is None:
+            return None
         view = dict(kwargs)
         if args and "model" not in view:
             view["model"] = args[0]
@@ -553,30 +598,71 @@ def guard(tally: Tally, fn: Any) -> Any:
         # The hook settles what LiteLLM logged; a hold still here was never seen by LiteLLM.
         tally.release(logger_._take_hold(kwargs.get("litellm_call_id")))
 
+    def waiter(kwargs: Mapping[str, Any], result: Any) -> threading.Event | None:
+        """The event a sync-durability caller waits on (None for streams: they are recorded
+        when read to the end, after the guarded call returned them)."""
+        call_id = kwargs.get("litellm_call_id")
+        with logger_._starts_lock:
+            done = logger_._awaited.get(call_id) if isinstance(call_id, str) else None
+        if done is not None and _is_stream(result):
+            logger_._forget_await(call_id)
+            return None
+        return done
+
     if inspect.iscoroutinefunction(fn):
         @functools.wraps(fn)
         async def guarded_async(*args: Any, **kwargs: Any) -> Any:
             held = begin(args, kwargs)
             try:
-                return await fn(*args, **kwargs)
+                result = await fn(*args, **kwargs)
             except BaseException:
+                logger_._forget_await(kwargs.get("litellm_call_id"))
                 if held is not None:
                     failed(kwargs)
                 raise
+            done = waiter(kwargs, result) if sync_durable else None
+            if done is not None:
+                await _wait_async(done, _SYNC_WAIT_S)  # LiteLLM logs async calls on this loop
+                logger_._forget_await(kwargs.get("litellm_call_id"))
+            return result
         wrapper: Any = guarded_async
     else:
         @functools.wraps(fn)
         def guarded(*args: Any, **kwargs: Any) -> Any:
             held = begin(args, kwargs)
             try:
-                return fn(*args, **kwargs)
+                result = fn(*args, **kwargs)
             except BaseException:
+                logger_._forget_await(kwargs.get("litellm_call_id"))
                 if held is not None:
                     failed(kwargs)
                 raise
+            done = waiter(kwargs, result) if sync_durable else None
+            if done is not None:
+                done.wait(_SYNC_WAIT_S)  # LiteLLM logs sync calls on its logging thread
+                logger_._forget_await(kwargs.get("litellm_call_id"))
+            return result
         wrapper = guarded
     wrapper._llmtally_guarded = tally
     return wrapper
+
+
+def _registered(logger_: LiteLLMLogger) -> bool:
+    """Whether LiteLLM will call ``logger_`` (else a sync-durability guard must not wait)."""
+    litellm = sys.modules.get("litellm")
+    lists = (getattr(litellm, name, None) for name in
+             ("callbacks", "success_callback", "_async_success_callback"))
+    return any(isinstance(found, list) and any(cb is logger_ for cb in found) for found in lists)
+
+
+def _is_stream(result: Any) -> bool:
+    return hasattr(result, "__next__") or hasattr(result, "__anext__")
+
+
+async def _wait_async(done: threading.Event, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while not done.is_set() and time.monotonic() < deadline:
+        await asyncio.sleep(0.001)
 
 
 def _is_messages(value: Any) -> bool:

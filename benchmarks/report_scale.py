@@ -1,0 +1,142 @@
+"""The weekly report on a big ledger: time, peak memory and file size at 10k, 100k and 1M events.
+
+    python benchmarks/report_scale.py [--sizes 10000,100000,1000000] [--span-days 365]
+                                      [--postgres URL | --postgres '']
+
+Each ledger holds N sample events (``llmtally._sample``: several projects, users, providers,
+errors, cache hits, streams, an unpriced model) spread over the ``--span-days`` before
+2026-11-25, written in bulk. The report is the one for the fixed week 2026-W47, made in a fresh
+process (``Tally.report``-equivalent: flush, the aggregate queries, render, atomic write):
+its wall time (first run, and best of three), the peak RSS of that whole process (Python,
+SQLAlchemy and Jinja2 included), and the HTML's size. PostgreSQL is measured at the largest N.
+
+Targets (issue 7): <= 5 s and <= 300 MB RSS at 1M events on SQLite; time growing sub-linearly in
+N for a fixed week (the queries read the week through the ``ts`` index, not the whole ledger);
+HTML size independent of N.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from datetime import datetime, timedelta, timezone
+from pathlib import Path
+
+from _postgres import DEFAULT_URL, scratch_schema
+
+NOW = datetime(2026, 11, 25, 10, 0, tzinfo=timezone.utc)
+WEEK = "2026-W47"
+SIZES = (10_000, 100_000, 1_000_000)
+
+
+def load(url: str, count: int, span_days: int) -> tuple[float, int]:
+    """Write ``count`` sample events ending at NOW; returns (seconds, events in the week)."""
+    from sqlalchemy import DateTime, bindparam, text
+
+    from llmtally._pricing import PriceBook
+    from llmtally._sample import bulk_load
+    from llmtally._store import Store
+
+    store = Store(url)
+    prices = PriceBook(None, price_map="bundled")
+    started = time.perf_counter()
+    bulk_load(store, prices, NOW - timedelta(days=span_days), NOW, count=count,
+              batch_size=5000)
+    elapsed = time.perf_counter() - started
+    with store.engine.begin() as conn:
+        if store.dialect == "postgresql":
+            conn.execute(text("ANALYZE llmtally_events"))   # what autovacuum would do by itself
+        in_week = conn.execute(
+            text("SELECT COUNT(*) FROM llmtally_events WHERE ts >= :a AND ts < :b").bindparams(
+                bindparam("a", type_=DateTime), bindparam("b", type_=DateTime)),
+            {"a": datetime(2026, 11, 16), "b": datetime(2026, 11, 23)}).scalar()
+    store.close()
+    return elapsed, int(in_week)
+
+
+def child(url: str, out_dir: str) -> None:
+    """Run in a fresh process: make the report three times, print timings, RSS and size."""
+    from llmtally import Tally
+    from llmtally._report import write_report
+
+    tally = Tally(url, price_map="bundled", clock=lambda: NOW,
+                  spill_path=Path(out_dir) / "spill.jsonl")
+    rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    times = []
+    for _ in range(3):
+        started = time.perf_counter()
+        written = write_report(tally, out_dir + "/", week=WEEK)
+        times.append(time.perf_counter() - started)
+    tally.close()
+    print(json.dumps({
+        "first_s": times[0], "best_s": min(times),
+        "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "rss_before_mb": rss_before, "html_bytes": written.path.stat().st_size,
+        "calls": written.report.current.calls,
+    }))
+
+
+def measure(url: str, out_dir: str) -> dict:
+    result = subprocess.run([sys.executable, __file__, "--child", url, out_dir],
+                            capture_output=True, text=True, timeout=1200,
+                            env={**os.environ, "LITELLM_LOCAL_MODEL_COST_MAP": "True"})
+    if result.returncode:
+        raise SystemExit(f"the report run failed:\n{result.stderr}")
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+def row(database: str, count: int, load_s: float, in_week: int, figures: dict) -> str:
+    return (f"{database:10} {count:>9,} {in_week:>9,} {load_s:>7.0f} s {figures['first_s']:>8.2f} s "
+            f"{figures['best_s']:>8.2f} s {figures['peak_rss_mb']:>7.0f} MB "
+            f"{figures['html_bytes'] / 1024:>7.1f} KiB")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--sizes", default=",".join(str(n) for n in SIZES),
+                        help="event counts, comma-separated")
+    parser.add_argument("--span-days", type=int, default=365,
+                        help="days of history the events are spread over")
+    parser.add_argument("--postgres", default=DEFAULT_URL,
+                        help="PostgreSQL URL for the largest size ('' to skip)")
+    parser.add_argument("--child", nargs=2, metavar=("URL", "DIR"), help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:
+        child(*args.child)
+        return
+    sizes = [int(n) for n in args.sizes.split(",") if n]
+    print(f"report_scale: weekly report for {WEEK}, events spread over the {args.span_days} days "
+          f"before {NOW:%Y-%m-%d}; python {sys.version.split()[0]}")
+    header = (f"{'database':10} {'events':>9} {'in week':>9} {'load':>9} {'report':>10} "
+              f"{'best of 3':>10} {'peak RSS':>10} {'HTML':>11}")
+    print(header)
+    print("-" * len(header))
+    results = []
+    with tempfile.TemporaryDirectory() as workdir:
+        for count in sizes:
+            url = f"sqlite:///{workdir}/ledger-{count}.db"
+            load_s, in_week = load(url, count, args.span_days)
+            figures = measure(url, f"{workdir}/out-{count}")
+            results.append((count, figures))
+            print(row("sqlite", count, load_s, in_week, figures), flush=True)
+            os.remove(url[len("sqlite:///"):])
+        if args.postgres and sizes:
+            with scratch_schema(args.postgres, "llmtally_report_bench") as url:
+                load_s, in_week = load(url, max(sizes), args.span_days)
+                figures = measure(url, f"{workdir}/out-pg")
+                print(row("postgresql", max(sizes), load_s, in_week, figures), flush=True)
+    if len(results) >= 2:
+        (small, first), (large, last) = results[0], results[-1]
+        print(f"\n{large // small}x the events: {last['best_s'] / first['best_s']:.1f}x the time "
+              f"(best of 3), HTML {last['html_bytes'] / first['html_bytes']:.2f}x the size")
+    print("targets: <= 5 s and <= 300 MB at 1M events (SQLite); sub-linear time; HTML size flat")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,111 @@
+"""The report in a real browser: headless Chromium (Debian's ``chromium``, which ``.ci/run``
+installs) opens the file offline, makes no request besides the file itself, draws it, prints
+it, and shows the ledger's SQL totals in the headline. On a phone-sized screen nothing runs off
+the side.
+
+Driven by Playwright against the system Chromium (``executable_path``): Playwright's own
+browser downloads are never used. Without Chromium (or Playwright) the test is skipped
+locally and fails under ``CI=true``.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import shutil
+import struct
+from datetime import datetime, timedelta, timezone
+
+import pytest
+
+from llmtally._report import format_money
+from llmtally._sample import record_history
+
+from conftest import IN_CI
+from test_report import W47, sql_totals
+
+NOW = datetime(2026, 11, 25, 10, 0, tzinfo=timezone.utc)
+CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking"]
+
+
+def chromium() -> str:
+    """The system Chromium, or skip (fail under CI) saying what is missing."""
+    path = os.environ.get("LLMTALLY_TEST_CHROMIUM") or shutil.which("chromium") or \
+        shutil.which("chromium-browser")
+    problem = None
+    if path is None:
+        problem = ("no chromium on PATH (Debian: apt-get install chromium; .ci/run installs it)")
+    else:
+        if importlib.util.find_spec("playwright") is None:
+            problem = "playwright is not installed; pip install -e '.[dev]'"
+    if problem:
+        if IN_CI:
+            pytest.fail(f"CI=true and {problem}")
+        pytest.skip(problem)
+    return path  # type: ignore[return-value]
+
+
+def png_size(data: bytes) -> tuple[int, int]:
+    assert data[:8] == b"\x89PNG\r\n\x1a\n", "not a PNG"
+    width, height = struct.unpack(">II", data[16:24])
+    return width, height
+
+
+@pytest.fixture
+def report_file(tmp_path, make_tally):
+    tally = make_tally(f"sqlite:///{tmp_path / 'ledger.db'}", clock=lambda: NOW)
+    record_history(tally, NOW - timedelta(days=17), NOW, count=1500)
+    written = tally.report(f"{tmp_path / 'report'}/", week="last")
+    return written, f"sqlite:///{tmp_path / 'ledger.db'}"
+
+
+def test_report_renders_offline_in_headless_chromium(report_file, tmp_path):
+    executable = chromium()
+    from playwright.sync_api import sync_playwright
+
+    path, url = report_file
+    totals = sql_totals(url, *W47)
+    requests: list[str] = []
+    failed: list[str] = []
+    console_errors: list[str] = []
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=executable, args=CHROMIUM_ARGS)
+        try:
+            page = browser.new_page(viewport={"width": 1280, "height": 900})
+            page.on("request", lambda request: requests.append(request.url))
+            page.on("requestfailed", lambda request: failed.append(request.url))
+            page.on("console", lambda message: console_errors.append(message.text)
+                    if message.type == "error" else None)
+            page.goto(path.resolve().as_uri(), wait_until="load")
+
+            assert requests == [path.resolve().as_uri()], requests
+            assert failed == [] and console_errors == []
+            assert page.title().startswith("LLM usage 2026-W47")
+            cost = page.locator("#headline-cost")
+            assert float(cost.get_attribute("data-value")) == pytest.approx(totals["cost"], rel=1e-9)
+            assert cost.inner_text() == format_money(totals["cost"], "USD")
+            assert page.locator("#headline-calls").inner_text() == f"{totals['calls']:,}"
+            assert page.locator("#headline-tokens").inner_text() == f"{totals['tokens']:,}"
+            # the chart is drawn: one bar per day, with a size
+            bars = page.locator("svg.chart rect.now")
+            assert bars.count() == 7
+            assert all(box["height"] > 0 for box in (bars.nth(i).bounding_box() for i in range(5)))
+
+            shot = tmp_path / "report.png"
+            page.screenshot(path=str(shot), full_page=True)
+            data = shot.read_bytes()
+            width, height = png_size(data)
+            assert width == 1280 and height > 2000 and len(data) > 50_000
+
+            pdf = page.pdf(path=str(tmp_path / "report.pdf"))     # print media
+            assert pdf.startswith(b"%PDF") and len(pdf) > 20_000
+
+            phone = browser.new_page(viewport={"width": 390, "height": 844}, is_mobile=True)
+            phone.goto(path.resolve().as_uri(), wait_until="load")
+            overflow = phone.evaluate("document.documentElement.scrollWidth - window.innerWidth")
+            assert overflow <= 0, f"the page is {overflow}px wider than a phone"
+            phone_shot = phone.screenshot(full_page=True)
+            assert png_size(phone_shot)[0] == 390 * int(phone.evaluate("window.devicePixelRatio"))
+        finally:
+            browser.close()
+    assert requests == [path.resolve().as_uri()]
