@@ -305,11 +305,11 @@ def test_a_killed_processes_reservation_expires(sqlite_url, tmp_path, make_tally
     assert _penny_call(tally)      # its hold expired
 
 
-def test_each_threshold_fires_once_per_window_across_tallies(sqlite_url, make_tally):
+def test_each_threshold_fires_once_per_window_across_tallies(ledger_url, make_tally):
     seen = []
     budget = Budget(usd=0.10, per="day", warn_at=(0.5, 0.8))
-    first = make_tally(sqlite_url, prices=PENNY, budgets=[budget], alerts=[seen.append])
-    second = make_tally(sqlite_url, prices=PENNY, budgets=[budget], alerts=[seen.append])
+    first = make_tally(ledger_url, prices=PENNY, budgets=[budget], alerts=[seen.append])
+    second = make_tally(ledger_url, prices=PENNY, budgets=[budget], alerts=[seen.append])
     for turn in range(10):
         assert _penny_call(first if turn % 2 else second)
     assert not _penny_call(first)

@@ -16,7 +16,9 @@ import subprocess
 import sys
 import threading
 import tracemalloc
+import time
 import uuid
+from datetime import datetime, timezone
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -139,6 +141,23 @@ def test_invoke_is_one_exact_event(make_tally, ledger_url, provider):
     assert _meta(row) == {"langchain_root_run_id": str(run_id)}
     assert 0 < row["latency_ms"] < 10_000 and row["ttft_ms"] is None
     assert tally.langchain()._runs == {}
+
+
+def test_the_event_is_built_later_but_timed_when_the_call_ended(make_tally, provider):
+    """Without a budget hold, the handler leaves reading and pricing to the writer thread; the
+    latency and timestamp are still taken on the caller's thread when the call ends."""
+    tally = make_tally(flush_interval_s=60)  # the writer sleeps until flush()
+    began = datetime.now(timezone.utc)
+    started = time.perf_counter()
+    _chat(provider).invoke(PROMPT, config={"callbacks": [tally.langchain()]})
+    wall_ms = (time.perf_counter() - started) * 1000
+    ended = datetime.now(timezone.utc)
+    time.sleep(0.3)
+    [row] = _rows(tally)
+    _assert_mini(row)
+    assert 0 < row["latency_ms"] <= wall_ms
+    ts = datetime.fromisoformat(str(row["ts"]))  # SQLite hands back text
+    assert began.replace(tzinfo=None) <= ts <= ended.replace(tzinfo=None)
 
 
 def test_without_langchain_the_error_names_the_extra(tmp_path):

@@ -213,6 +213,7 @@ def test_record_on_callers_thread_never_touches_the_database(tmp_path, make_tall
 
 def test_full_queue_spills_instead_of_blocking_or_dropping(tmp_path, make_tally):
     tally = make_tally(max_queue=10, flush_interval_s=60)
+    assert tally.flush(10)  # the writer's start-up replay is over: it would take a spill line
     for _ in range(25):
         tally.record(model="gpt-4o-mini", input_tokens=1)
     spill = Path(tally.spill_path)
@@ -220,6 +221,43 @@ def test_full_queue_spills_instead_of_blocking_or_dropping(tmp_path, make_tally)
     assert tally.flush(10)  # the flush replays the spilled 15 and writes the queued 10
     assert len(fetch_events(f"sqlite:///{tmp_path / 'ledger.db'}")) == 25
     assert not spill.exists()
+
+
+def test_events_built_on_the_writer_thread_are_written_and_a_failing_builder_loses_only_itself(
+        tmp_path, make_tally, caplog):
+    """Integrations may queue a builder instead of a row (Tally._record_later): it runs on the
+    writer thread, also when a full queue spills it; one that raises is logged and skipped."""
+    tally = make_tally(max_queue=3, flush_interval_s=60)
+
+    def broken() -> dict:
+        raise ValueError("odd response")
+
+    for n in range(6):
+        assert tally._record_later(lambda n=n: {"id": f"later-{n}", "model": "gpt-4o-mini",
+                                                "input_tokens": n, "source": "langchain"})
+    tally._record_later(broken)
+    assert tally.flush(10)
+    rows = fetch_events(f"sqlite:///{tmp_path / 'ledger.db'}")
+    assert sorted((r["id"], r["input_tokens"], r["source"]) for r in rows) == [
+        (f"later-{n}", n, "langchain") for n in range(6)]
+    assert "could not build a deferred event (ValueError: odd response)" in caplog.text
+
+
+def test_a_call_recorded_after_close_waits_in_the_spill_file_for_the_next_tally(
+        ledger_url, tmp_path, caplog):
+    """LiteLLM keeps a logger registered even after litellm.callbacks is reassigned, so a
+    closed Tally may still be handed calls: they are kept, not dropped."""
+    from llmtally import Tally
+
+    spill = tmp_path / "after-close.jsonl"
+    first = Tally(ledger_url, price_map="bundled", spill_path=spill)
+    first.record(model="gpt-4o-mini", input_tokens=1, id="before-close")
+    first.close()
+    first.record(model="gpt-4o-mini", input_tokens=2, id="after-close")
+    assert "recorded after this Tally was closed" in caplog.text
+    with Tally(ledger_url, price_map="bundled", spill_path=spill) as second:
+        assert second.flush(10)
+    assert sorted(r["id"] for r in fetch_events(ledger_url)) == ["after-close", "before-close"]
 
 
 def test_forked_children_keep_recording(ledger_url, make_tally):

@@ -121,6 +121,14 @@ def test_async_completion_is_in_the_ledger_after_flush(tally, provider):
     assert 0 < row["latency_ms"] <= wall_ms
 
 
+def test_closing_the_tally_writes_the_async_events_litellm_deferred(tally, provider):
+    """``with Tally() as t:`` ends with close(), not flush(): it drains LiteLLM's queue too."""
+    asyncio.run(litellm.acompletion(**_openai(provider)))
+    tally.close()
+    [row] = fetch_events(tally.store.url)
+    assert (row["input_tokens"], row["output_tokens"], row["status"]) == (120, 30, "ok")
+
+
 def test_flush_inside_a_running_event_loop_once_litellm_has_queued_the_event(tally, provider):
     """LiteLLM first schedules a task on the caller's loop that queues the logging; a flush
     that blocks that loop cannot run it, so the loop must have turned once (any await)."""

@@ -172,6 +172,15 @@ def test_guarded_completion_is_blocked_and_settled(tally, provider):
     assert all(len(row["id"]) == 36 for row in rows if row["status"] == "ok")  # the guard's uuid
 
 
+def test_a_guard_without_the_callback_registered_says_how_to_fix_it(make_tally, provider, caplog):
+    tally = make_tally(prices=PRICES, budgets=[Budget(usd=0.02, per="day")])
+    reset_litellm_callbacks()  # tally.litellm() is not registered
+    tally.guard(litellm.completion)(**_chat(provider))
+    assert provider.requests == 1  # the call itself is never broken
+    assert "tally.litellm() is not in litellm.callbacks" in caplog.text
+    assert "litellm.callbacks.append(tally.litellm())" in caplog.text
+
+
 def test_guarded_completion_takes_positional_model_and_messages(tally, provider):
     completion = tally.guard(litellm.completion)
     _assert_two_through_third_blocked(

@@ -449,10 +449,11 @@ class BudgetLedger:
         budget = hold.budget
         crossed = []
         for threshold in _thresholds_crossed(budget, before, spent):
+            # RETURNING says whether this insert won (psycopg reports rowcount -1 for it)
             claimed = conn.execute(_insert_ignore(conn, ALERTS).values(
                 budget_key=budget.key, instance=hold.instance, window_start=hold.window.start,
-                threshold=threshold, fired_at=now)).rowcount
-            if claimed == 1:
+                threshold=threshold, fired_at=now).returning(ALERTS.c.threshold)).first()
+            if claimed is not None:
                 state = CounterState.from_units(budget, hold.instance, hold.window, spent, reserved)
                 crossed.append(Crossing(state, threshold))
         return crossed

@@ -13,6 +13,7 @@ import json
 import operator
 import os
 import sqlite3
+import time
 from collections.abc import Iterator, Mapping, Sequence
 from datetime import datetime
 from pathlib import Path
@@ -34,6 +35,7 @@ DEFAULT_DATABASE_URL = "sqlite:///llmtally.db"
 _EVENTS = UsageEvent.__table__
 _PG_CONNECT_TIMEOUT_S = 5
 _SQLITE_BUSY_TIMEOUT_S = 30
+_WAL_ATTEMPTS = 100  # 50 ms apart
 
 
 def normalize_url(url: str) -> str:
@@ -326,12 +328,23 @@ def _sqlite_full_sync(dbapi_conn: sqlite3.Connection, _record: Any) -> None:
 
 
 def _use_wal(engine: Engine) -> None:
-    """Switch the file to WAL (persistent; readers then never block the writer)."""
-    raw = engine.raw_connection()
-    try:
-        raw.driver_connection.execute("PRAGMA journal_mode=WAL")
-    finally:
-        raw.close()
+    """Switch the file to WAL (persistent; readers then never block the writer).
+
+    The switch needs the file to itself, and SQLite answers "database is locked" at once,
+    without its busy wait, when another process is opening the same new ledger at that moment
+    (its migration holds the write lock): so it is tried again for up to ~5 s.
+    """
+    for attempt in range(_WAL_ATTEMPTS):
+        raw = engine.raw_connection()
+        try:
+            raw.driver_connection.execute("PRAGMA journal_mode=WAL")
+            return
+        except sqlite3.OperationalError as exc:
+            if "locked" not in str(exc) or attempt == _WAL_ATTEMPTS - 1:
+                raise
+        finally:
+            raw.close()
+        time.sleep(0.05)
 
 
 def _sqlite_on_begin(conn: Connection) -> None:

@@ -52,6 +52,11 @@ _SCOPE_KEYS = ("project", "user", "session", "tags", "request_id", "metadata")
 _TOKEN_FIELDS = ("input_tokens", "output_tokens", "cache_read_tokens", "cache_write_tokens",
                  "reasoning_tokens")
 _ids = EventIds()
+_ATTRIBUTION_FIELDS = ("project", "user", "session", "tags", "request_id", "metadata")
+_DEFERRED_DEFAULTS = {  # record()'s defaults, for events built by _deferred_row
+    "latency_ms": None, "ttft_ms": None, "status": "ok", "error_type": None, "call_type": "chat",
+    "streamed": False, "resolved_model": None, "estimated": False, "cache_hit": False,
+    "ts": None, "source": "manual"}
 
 
 class Tally:
@@ -266,19 +271,51 @@ class Tally:
                 estimated=estimated, cache_hit=cache_hit, ts=ts, source=source,
                 attribution=(project, user, session, tags, request_id, metadata),
             )
-            if not self._sync:
-                self._writer.submit(row)
-            elif not self._writer.submit_and_wait(row):
-                warn_limited("sync-timeout", "llmtally: durability=\"sync\" could not make an "
-                             "event durable in time (the ledger hangs and the spill file %s "
-                             "cannot be written); it stays queued", self.spill_path,
-                             level=logging.ERROR)
-            if reservation is not None:
-                self._settle(reservation, row)
+            self._submit(row, reservation)
         except Exception as exc:  # never into the caller's code
             warn_limited("record", "llmtally: could not record a call to %r (%s: %s)", model,
                          type(exc).__name__, exc, exc_info=True)
         return event_id
+
+    def _record_later(self, build: Callable[[], Mapping[str, Any]]) -> bool:
+        """Have the writer thread build and record an event: ``build()`` returns
+        :meth:`record`'s keyword arguments, ``id`` and ``ts`` included (the attribution in
+        force on the writer thread is the Tally's default scope only). Returns False, and does
+        nothing, when the event must be recorded on the caller's thread (``durability="sync"``)."""
+        if self._sync or self._closed:
+            return False
+        self._writer.submit(functools.partial(self._deferred_row, build))
+        return True
+
+    def _keep_after_close(self, row: dict[str, Any]) -> None:
+        """A call recorded after close() (say, by a LiteLLM logger still registered): its
+        writer has stopped, so the event goes to the spill file, which the next Tally on this
+        ledger replays."""
+        warn_limited("after-close", "llmtally: a call was recorded after this Tally was closed; "
+                     "it is kept in %s until a Tally on this ledger replays it", self.spill_path)
+        self._writer.spill_now([row], reason="the Tally is closed")
+
+    def _deferred_row(self, build: Callable[[], Mapping[str, Any]]) -> dict[str, Any]:
+        kwargs = dict(build())
+        return self._event_row(
+            event_id=_clean_id(kwargs.pop("id")), model=kwargs.pop("model"),
+            provider=kwargs.pop("provider", None),
+            tokens=tuple(kwargs.pop(name, 0) for name in _TOKEN_FIELDS),
+            attribution=tuple(kwargs.pop(name, None) for name in _ATTRIBUTION_FIELDS),
+            **{**_DEFERRED_DEFAULTS, **kwargs})
+
+    def _submit(self, row: dict[str, Any], reservation: Reservation | None) -> None:
+        if self._closed:
+            self._keep_after_close(row)
+        elif not self._sync:
+            self._writer.submit(row)
+        elif not self._writer.submit_and_wait(row):
+            warn_limited("sync-timeout", "llmtally: durability=\"sync\" could not make an "
+                         "event durable in time (the ledger hangs and the spill file %s "
+                         "cannot be written); it stays queued", self.spill_path,
+                         level=logging.ERROR)
+        if reservation is not None:
+            self._settle(reservation, row)
 
     def _event_row(self, *, event_id: str, model: Any, provider: Any, tokens: tuple[Any, ...],
                    latency_ms: Any, ttft_ms: Any, status: Any, error_type: Any, call_type: Any,
@@ -713,19 +750,38 @@ class Tally:
     def flush(self, timeout: float | None = None) -> bool:
         """Wait until every event recorded so far is in the ledger (or, if the database is
         unreachable, safe in the spill file). Returns False if ``timeout`` ran out."""
+        self._drain_integrations(timeout)
+        return self._writer.flush(timeout)
+
+    def _drain_integrations(self, timeout: float | None) -> None:
+        """Let each integration hand over what it still holds (e.g. LiteLLM's deferred async
+        logging) so that it is written with this flush or close."""
         for drain in list(self._before_flush):
             try:
                 drain(timeout)
             except Exception as exc:
                 warn_limited("before-flush", "llmtally: could not drain %r before flushing (%s: %s)",
                              drain, type(exc).__name__, exc)
-        return self._writer.flush(timeout)
+
+    async def aflush(self, timeout: float | None = None) -> bool:
+        """:meth:`flush` for async code, without blocking the event loop. Await it before your
+        event loop ends (e.g. at the end of the ``main()`` given to ``asyncio.run``): LiteLLM
+        logs async calls in tasks on that loop, and cancels those still running when the loop
+        closes, so calls that finished just before would never be recorded."""
+        if getattr(self, "_litellm_logger", None) is not None:
+            from .integrations.litellm import adrain_logging_worker
+
+            await adrain_logging_worker(timeout)
+        import asyncio
+
+        return await asyncio.to_thread(self.flush, timeout)
 
     def close(self, timeout: float | None = DEFAULT_EXIT_FLUSH_TIMEOUT_S) -> None:
         """Flush, stop the writer and release the database. Idempotent."""
         if self._closed:
             return
         self._closed = True
+        self._drain_integrations(timeout)
         if self._webhooks is not None:
             self._webhooks.drain(DEFAULT_WEBHOOK_TIMEOUT_S)
         if not self._writer.close(timeout):

@@ -107,11 +107,20 @@ class Writer:
 
     # -- caller side ---------------------------------------------------------------------
 
-    def submit(self, row: dict[str, Any]) -> None:
-        """Queue one event; never blocks, never raises for a full queue (it spills instead)."""
+    def submit(self, row: dict[str, Any] | Callable[[], dict[str, Any] | None]) -> None:
+        """Queue one event; never blocks, never raises for a full queue (it spills instead).
+
+        ``row`` may be a function that builds the event: it then runs on the writer thread
+        (an integration's way to keep that work off the caller's thread); None or an
+        exception from it drops that event, with a warning.
+        """
         self._last_submitted = next(self._submitted)
         if self._queue.qsize() >= self.max_queue:
-            if self._spill_now([row], reason="the in-memory queue is full"):
+            row = row if isinstance(row, dict) else _built(row)
+            if row is None:
+                self._count_dropped()
+                return
+            if self.spill_now([row], reason="the in-memory queue is full"):
                 return
             # the disk refused too: keep it queued past the bound rather than drop it
         self._queue.put(row)
@@ -210,9 +219,15 @@ class Writer:
     def _drain_queue(self) -> None:
         while True:
             try:
-                self._pending.append(self._queue.get_nowait())
+                row = self._queue.get_nowait()
             except queue.Empty:
                 return
+            if not isinstance(row, dict):
+                row = _built(row)
+                if row is None:
+                    self._count_dropped()
+                    continue
+            self._pending.append(row)
 
     def _must_spill(self, now: float) -> bool:
         return len(self._pending) >= self.max_pending or (
@@ -283,11 +298,13 @@ class Writer:
 
     def _spill_pending(self) -> None:
         rows, self._pending = self._pending, []
-        if self._spill_now(rows, reason="the ledger is unreachable"):
+        if self.spill_now(rows, reason="the ledger is unreachable"):
             return
         self._pending = rows + self._pending  # the disk refused too: keep them in memory
 
-    def _spill_now(self, rows: list[dict[str, Any]], *, reason: str) -> bool:
+    def spill_now(self, rows: list[dict[str, Any]], *, reason: str) -> bool:
+        """Append ``rows`` to the spill file now (fsync'd), saying ``reason`` in the log (rate
+        limited). False if the disk refused them too."""
         try:
             self.spill.append([_json_safe(row) for row in rows])
         except OSError as exc:
@@ -300,6 +317,12 @@ class Writer:
                      reason, len(rows), self.spill.path)
         self._mark_done(rows)
         return True
+
+    def _count_dropped(self) -> None:
+        """A deferred event that could not be built is done with (flush must not wait for it)."""
+        with self._done_cond:
+            self._done += 1
+            self._done_cond.notify_all()
 
     def _mark_done(self, rows: list[dict[str, Any]]) -> None:
         with self._done_cond:
@@ -375,6 +398,16 @@ def _clean_string(text: str, notes: list[str]) -> str:
         notes.append(f"a metadata text of {len(text)} characters was cut to {MAX_METADATA_TEXT}")
         text = text[:MAX_METADATA_TEXT]
     return text
+
+
+def _built(build: Callable[[], dict[str, Any] | None]) -> dict[str, Any] | None:
+    """Run a deferred event's builder; a failure loses that one event, loudly."""
+    try:
+        return build()
+    except Exception as exc:
+        warn_limited("deferred", "llmtally: could not build a deferred event (%s: %s)",
+                     type(exc).__name__, exc, exc_info=True)
+        return None
 
 
 def _first_line(exc: BaseException) -> str:

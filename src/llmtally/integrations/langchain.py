@@ -46,11 +46,13 @@ recorded once, by LiteLLM, with LangChain's attribution added (see ``_handoff``)
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import threading
 import time
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Mapping, Sequence
+from datetime import datetime
 from dataclasses import replace
 from types import MappingProxyType
 from typing import TYPE_CHECKING, Any, TypeVar
@@ -153,13 +155,15 @@ class RunStart:
 
 
 def langchain_event(start: RunStart | None, response: Any, *, run_id: Any, parent_run_id: Any = None,
-                    tags: Any = None, error: BaseException | None = None) -> dict[str, Any]:
+                    tags: Any = None, error: BaseException | None = None,
+                    ended: float | None = None) -> dict[str, Any]:
     """The keyword arguments for ``tally.record(...)`` describing one LangChain model call.
 
     ``start`` is what the handler saw when the run started (None for a run it never saw
     start); ``response`` the ``LLMResult`` of ``on_llm_end`` (or the partial one given to
-    ``on_llm_error`` with ``error``). Tolerates any shape: odd fields give None / 0 or an
-    offline count, never an exception.
+    ``on_llm_error`` with ``error``); ``ended`` the ``time.perf_counter()`` at its end
+    (default: now). Tolerates any shape: odd fields give None / 0 or an offline count, never
+    an exception.
     """
     generations = _generations(response)
     generation = generations[0] if generations else None
@@ -168,7 +172,8 @@ def langchain_event(start: RunStart | None, response: Any, *, run_id: Any, paren
     resolved = _resolved_model(generation, message, llm_output)
     event_id = str(run_id)
     if start is not None:
-        event, meta = _started_event(start, resolved, event_id)
+        event, meta = _started_event(start, resolved, event_id,
+                                     time.perf_counter() if ended is None else ended)
     else:
         event, meta = _unstarted_event(message, resolved, parent_run_id, tags)
     event.update(source="langchain", id=event_id, resolved_model=resolved)
@@ -183,13 +188,22 @@ def langchain_event(start: RunStart | None, response: Any, *, run_id: Any, paren
     return event
 
 
-def _started_event(start: RunStart, resolved: str | None,
-                   event_id: str) -> tuple[dict[str, Any], dict[str, Any]]:
+def _later_event(start: RunStart, response: Any, run_id: Any, parent_run_id: Any, tags: Any,
+                 ended: float, ts: datetime) -> dict[str, Any]:
+    """A finished run's event, built on the writer thread from what the caller's thread saw."""
+    event = langchain_event(start, response, run_id=run_id, parent_run_id=parent_run_id,
+                            tags=tags, ended=ended)
+    event["ts"] = ts
+    return event
+
+
+def _started_event(start: RunStart, resolved: str | None, event_id: str,
+                   ended: float) -> tuple[dict[str, Any], dict[str, Any]]:
     scope = start.scope  # the attribution in force where the call started
     root = event_id if start.root is start.run_id else str(start.root)
     event = {"model": start.model or _route(start.provider, resolved)[1] or start.class_name,
              "provider": start.provider, "call_type": start.call_type,
-             "latency_ms": (time.perf_counter() - start.started) * 1000.0,
+             "latency_ms": (ended - start.started) * 1000.0,
              "project": start.project or scope.project, "user": start.user or scope.user,
              "session": start.session or scope.session,
              "request_id": start.request_id or scope.request_id or root,
@@ -545,6 +559,10 @@ class LangChainHandler(BaseCallbackHandler):
                 if run is not None:
                     self.tally.release(run.hold)
                 return
+            if run is not None and run.hold is None and error is None and self.tally._record_later(
+                    functools.partial(_later_event, run, response, run_id, parent_run_id, tags,
+                                      time.perf_counter(), self.tally._clock())):
+                return  # the usual case: the event is read and priced on the writer thread
             event = langchain_event(run, response, run_id=run_id, parent_run_id=parent_run_id,
                                     tags=tags, error=error)
             self.tally.record(**event, reservation=run.hold if run is not None else None)

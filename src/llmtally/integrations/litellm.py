@@ -70,7 +70,8 @@ if TYPE_CHECKING:
     from .._reservations import Reservation
     from .._tally import Tally
 
-__all__ = ["LiteLLMLogger", "CallStart", "litellm_event", "drain_logging_worker", "guard"]
+__all__ = ["LiteLLMLogger", "CallStart", "litellm_event", "drain_logging_worker",
+           "adrain_logging_worker", "guard"]
 
 _CALL_TYPES = {
     "completion": "chat", "text_completion": "completion", "embedding": "embedding",
@@ -424,10 +425,18 @@ class LiteLLMLogger(CustomLogger):
         self._record(kwargs, response_obj, start_time, end_time, failed=True)
 
     async def async_log_success_event(self, kwargs, response_obj, start_time, end_time):  # type: ignore[no-untyped-def]
-        self._record(kwargs, response_obj, start_time, end_time, failed=False)
+        await self._record_async(kwargs, response_obj, start_time, end_time, failed=False)
 
     async def async_log_failure_event(self, kwargs, response_obj, start_time, end_time):  # type: ignore[no-untyped-def]
-        self._record(kwargs, response_obj, start_time, end_time, failed=True)
+        await self._record_async(kwargs, response_obj, start_time, end_time, failed=True)
+
+    async def _record_async(self, kwargs: Any, response_obj: Any, start_time: Any, end_time: Any,
+                            *, failed: bool) -> None:
+        if self.tally.durability == "sync":  # record() waits for a commit: not on the event loop
+            await asyncio.to_thread(self._record, kwargs, response_obj, start_time, end_time,
+                                    failed=failed)
+        else:
+            self._record(kwargs, response_obj, start_time, end_time, failed=failed)
 
     def _record(self, kwargs: Any, response_obj: Any, start_time: Any, end_time: Any, *,
                 failed: bool) -> None:
@@ -584,6 +593,11 @@ def guard(tally: Tally, fn: Any) -> Any:
             logger_._await_record(call_id)
         if tally.budgets is None:
             return None
+        if not _registered(logger_):
+            warn_limited("guard-unregistered", "llmtally: tally.guard() checks the budgets, but "
+                         "tally.litellm() is not in litellm.callbacks, so what the call really "
+                         "cost is not recorded and its hold is only released after "
+                         "reservation_ttl_s: add litellm.callbacks.append(tally.litellm())")
         view = dict(kwargs)
         if args and "model" not in view:
             view["model"] = args[0]
@@ -722,6 +736,24 @@ def drain_logging_worker(timeout: float | None = None) -> None:
                                   name="llmtally-litellm-drain", daemon=True)
         helper.start()
         helper.join(left)
+
+
+async def adrain_logging_worker(timeout: float | None = None) -> None:
+    """On a running event loop: let the logging LiteLLM runs on this loop finish. When the loop
+    ends (``asyncio.run`` returning), LiteLLM's logging tasks still in flight are cancelled
+    and those calls are never logged; awaiting this before then keeps them (see
+    :meth:`Tally.aflush`)."""
+    for _ in range(3):  # let the tasks that hand finished calls to the worker run
+        await asyncio.sleep(0)
+    module = sys.modules.get("litellm.litellm_core_utils.logging_worker")
+    worker = getattr(module, "GLOBAL_LOGGING_WORKER", None)
+    if worker is None or getattr(worker, "_queue", None) is None:
+        return
+    try:
+        await asyncio.wait_for(worker.flush(), _DRAIN_WAIT_S if timeout is None else timeout)
+    except asyncio.TimeoutError:
+        warn_limited("litellm-drain", "llmtally: LiteLLM's async logging did not finish within "
+                     "%s s", timeout)
 
 
 def _wait_for_logging_threads(deadline: float) -> None:
