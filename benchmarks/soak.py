@@ -10,7 +10,10 @@ so this process only runs LiteLLM and llmtally. Workloads, each timed without an
 alternating rounds: ``--threads`` threads of sync ``litellm.completion``, and one event loop
 with as many ``acompletion`` calls in flight. The ledger is SQLite (batched and
 ``durability="sync"``) and, unless ``--postgres ''``, PostgreSQL. Prints calls/s and the
-ratio with/without.
+ratio with/without, and how many calls the ledger holds against how many were made with
+llmtally registered: a few more may be recorded, since LiteLLM runs a sync call's success
+callbacks on a thread after the call returns, so a call that ends just before a "without"
+round switches to "with" can be logged by the newly registered callback.
 """
 
 from __future__ import annotations
@@ -166,14 +169,16 @@ def main() -> None:
           f"{version('litellm')}, fake provider in its own process", flush=True)
     try:
         with tempfile.TemporaryDirectory() as workdir:
-            record_latency("sqlite", f"sqlite:///{workdir}/latency.db", f"{workdir}/s.jsonl")
+            # One spill file per ledger: a spill file is replayed into whichever ledger the
+            # Tally that finds it writes to.
+            record_latency("sqlite", f"sqlite:///{workdir}/latency.db", f"{workdir}/s1.jsonl")
             if args.postgres:
                 with scratch_schema(args.postgres, "llmtally_soak") as url:
-                    record_latency("postgresql", url, f"{workdir}/s.jsonl")
-            bench("sqlite", f"sqlite:///{workdir}/soak.db", f"{workdir}/s.jsonl", args, base)
+                    record_latency("postgresql", url, f"{workdir}/s2.jsonl")
+            bench("sqlite", f"sqlite:///{workdir}/soak.db", f"{workdir}/s3.jsonl", args, base)
             if args.postgres:
                 with scratch_schema(args.postgres, "llmtally_soak") as url:
-                    bench("postgresql", url, f"{workdir}/s.jsonl", args, base)
+                    bench("postgresql", url, f"{workdir}/s4.jsonl", args, base)
     finally:
         provider.terminate()
         provider.wait(10)
