@@ -52,6 +52,9 @@ _SCOPE_KEYS = ("project", "user", "session", "tags", "request_id", "metadata")
 _TOKEN_FIELDS = ("input_tokens", "output_tokens", "cache_read_tokens", "cache_write_tokens",
                  "reasoning_tokens")
 _ids = EventIds()
+# After the budgets were found unreachable, settling a let-through call does not try the
+# ledger again for this long (each try may wait for a connection timeout on the caller's thread).
+_RECONCILE_PAUSE_S = 5.0
 _ATTRIBUTION_FIELDS = ("project", "user", "session", "tags", "request_id", "metadata")
 _DEFERRED_DEFAULTS = {  # record()'s defaults, for events built by _deferred_row
     "latency_ms": None, "ttft_ms": None, "status": "ok", "error_type": None, "call_type": "chat",
@@ -167,6 +170,7 @@ class Tally:
         self._unreconciled: deque[tuple[Mapping[str, Any], dict[str, float], datetime, str]] = (
             deque(maxlen=100_000))
         self._reconciling = threading.Lock()
+        self._budgets_down_until = 0.0  # time.monotonic(): no charge attempts before then
         if budgets:
             from ._reservations import BudgetLedger
 
@@ -626,10 +630,13 @@ class Tally:
                         metadata={"budget": exc.budget.label, "budget_scope": exc.scope})
             self._alert("blocked", exc.budget, exc.scope, used=exc.used, requested=exc.requested,
                         resets_at=exc.resets_at)
+            if self._unreconciled:  # the ledger answers: charge what went out unchecked
+                self._reconcile()
             raise
         except Exception as exc:
             if self._fail_closed:
                 raise BudgetExceeded.unavailable(exc) from exc
+            self._budgets_down_until = time.monotonic() + _RECONCILE_PAUSE_S
             warn_limited("budget-open", "llmtally: budgets could not be checked (%s: %s); the "
                          "call is allowed (fail open). Use fail_closed=True to block instead.",
                          type(exc).__name__, exc)
@@ -660,7 +667,8 @@ class Tally:
                   "requests": 0.0 if row["status"] == "blocked" else 1.0}
         if reservation.unchecked is not None:
             self._unreconciled.append((reservation.unchecked, actual, row["ts"], row["id"]))
-            self._reconcile()
+            if time.monotonic() >= self._budgets_down_until:  # else a call just found it down
+                self._reconcile()
             return
         if not reservation.holds:
             return
@@ -682,7 +690,9 @@ class Tally:
                 try:
                     crossings = self.budgets.charge(attributes, actual, when, event_id)
                 except Exception:
-                    return  # still unreachable: the reserve path has said so in the log
+                    # still unreachable (the reserve path has said so in the log)
+                    self._budgets_down_until = time.monotonic() + _RECONCILE_PAUSE_S
+                    return
                 self._unreconciled.popleft()
                 self._deliver(crossings)
         finally:
@@ -751,6 +761,8 @@ class Tally:
         """Wait until every event recorded so far is in the ledger (or, if the database is
         unreachable, safe in the spill file). Returns False if ``timeout`` ran out."""
         self._drain_integrations(timeout)
+        if self._unreconciled:
+            self._reconcile()
         return self._writer.flush(timeout)
 
     def _drain_integrations(self, timeout: float | None) -> None:
@@ -782,6 +794,8 @@ class Tally:
             return
         self._closed = True
         self._drain_integrations(timeout)
+        if self._unreconciled:
+            self._reconcile()
         if self._webhooks is not None:
             self._webhooks.drain(DEFAULT_WEBHOOK_TIMEOUT_S)
         if not self._writer.close(timeout):
