@@ -95,9 +95,12 @@ _EXPIRY_INTERVAL = timedelta(seconds=5)  # how often a process looks for dead re
 # PostgreSQL: reserve and settle as one statement each (one round trip, committed on its own).
 # The counters are locked in one global order first (ORDER BY ... FOR UPDATE), so two calls
 # covering the same counters never deadlock; a hold goes in only if every counter has room.
-_PG_WANTED = ("SELECT * FROM unnest(%(keys)s::text[], %(instances)s::text[], "
-              "%(starts)s::timestamp[], %(amounts)s::bigint[], %(limits)s::bigint[], "
-              "%(blocks)s::bool[]) AS w(budget_key, instance, window_start, amount, lim, block)")
+_PG_COUNTERS = ("%(keys)s::text[], %(instances)s::text[], %(starts)s::timestamp[], "
+                "%(amounts)s::bigint[]")  # each hold's counter and held amount
+_PG_TO_RESERVE = (f"SELECT * FROM unnest({_PG_COUNTERS}, %(limits)s::bigint[], %(blocks)s::bool[]) "
+                  "AS w(budget_key, instance, window_start, amount, lim, block)")
+_PG_TO_SETTLE = (f"SELECT * FROM unnest({_PG_COUNTERS}, %(used)s::bigint[]) "
+                 "AS w(budget_key, instance, window_start, amount, used)")
 _PG_LOCKED = ("SELECT c.budget_key, c.instance, c.window_start, c.spent, c.reserved "
               "FROM llmtally_budget_counters c JOIN wanted w "
               "USING (budget_key, instance, window_start) "
@@ -105,7 +108,7 @@ _PG_LOCKED = ("SELECT c.budget_key, c.instance, c.window_start, c.spent, c.reser
 _PG_SAME_COUNTER = ("c.budget_key = r.budget_key AND c.instance = r.instance "
                     "AND c.window_start = r.window_start")
 _PG_RESERVE = f"""
-WITH wanted AS ({_PG_WANTED}),
+WITH wanted AS ({_PG_TO_RESERVE}),
 locked AS ({_PG_LOCKED}),
 room AS (SELECT w.* FROM locked l JOIN wanted w USING (budget_key, instance, window_start)
          WHERE NOT w.block OR l.spent + l.reserved + w.amount <= w.lim),
@@ -120,11 +123,11 @@ saved AS (INSERT INTO llmtally_reservations (id, created_at, expires_at, holds)
 SELECT (SELECT count(*) FROM held), (SELECT count(*) FROM saved)
 """
 _PG_SETTLE = f"""
-WITH wanted AS ({_PG_WANTED}),
+WITH wanted AS ({_PG_TO_SETTLE}),
 dropped AS (DELETE FROM llmtally_reservations WHERE id = %(id)s RETURNING 1),
 locked AS ({_PG_LOCKED})
 UPDATE llmtally_budget_counters c
-   SET spent = c.spent + r.lim,
+   SET spent = c.spent + r.used,
        reserved = c.reserved - CASE WHEN EXISTS (SELECT 1 FROM dropped) THEN r.amount ELSE 0 END,
        updated_at = %(now)s
   FROM wanted r WHERE (SELECT count(*) FROM locked) >= 0 AND {_PG_SAME_COUNTER}
@@ -309,19 +312,14 @@ class BudgetLedger:
         crossings: list[Crossing] = []
         with self.store.write() as conn:
             for budget, instance, window in self.covering(attributes, when):
-                counter = {"key": budget.key, "instance": instance, "start": window.start}
-                if conn.execute(_USE, counter).first() is None:
-                    conn.execute(_insert_ignore(conn).values(
-                        budget_key=budget.key, instance=instance, window_start=window.start,
-                        window_end=window.end, reserved=0, updated_at=when,
-                        spent=self._seed(conn, budget, instance, window, without=event_id)))
+                self._ensure_counter(conn, budget, instance, window, when, without=event_id)
                 used = to_units(budget.kind, actual.get(budget.kind, 0.0))
-                row = conn.execute(_SETTLE, {**counter, "used": used, "released": 0,
+                row = conn.execute(_SETTLE, {"key": budget.key, "instance": instance,
+                                             "start": window.start, "used": used, "released": 0,
                                              "now": when}).first()
-                hold = Hold(budget, instance, window, 0)
-                if row is not None and _thresholds_crossed(budget, int(row[0]) - used, int(row[0])):
-                    crossings += self._crossings(conn, hold, int(row[0]) - used, int(row[0]),
-                                                 int(row[1]), when)
+                if row is not None:
+                    crossings += self._crossings(conn, Hold(budget, instance, window, 0),
+                                                 int(row[0]) - used, int(row[0]), int(row[1]), when)
         return crossings
 
     def release(self, reservation: Reservation, *, requests: float = 0.0) -> list[Crossing]:
@@ -375,10 +373,8 @@ class BudgetLedger:
                                  now: datetime) -> list[Crossing]:
         holds = reservation.holds
         used = [to_units(h.budget.kind, actual.get(h.budget.kind, 0.0)) for h in holds]
-        # "lim" carries what was used, "amount" what was held: one unnest shape for both.
         rows = self.store.run_statement(_PG_SETTLE, {
-            **_counter_arrays(holds), "limits": used, "blocks": [False] * len(holds),
-            "id": reservation.id, "now": now})
+            **_counter_arrays(holds), "used": used, "id": reservation.id, "now": now})
         after = {(key, instance): (int(spent), int(reserved)) for key, instance, spent, reserved in rows}
         crossings: list[Crossing] = []
         for hold, amount in zip(holds, used):
@@ -392,14 +388,15 @@ class BudgetLedger:
         return self.currency if budget.kind == "usd" else budget.kind
 
     def _ensure_counter(self, conn: Connection, budget: Budget, instance: str, window: Window,
-                        now: datetime) -> tuple[str, str, datetime]:
-        """Create the counter if it is new (starting from the ledger's events); returns its key."""
+                        now: datetime, without: str | None = None) -> tuple[str, str, datetime]:
+        """Create the counter if it is new (starting from the ledger's events, leaving out the
+        event ``without``); returns its key."""
         known = (budget.key, instance, window.start)
         if known in self._known_counters:
             return known
         if conn.execute(_USE, {"key": budget.key, "instance": instance,
                                "start": window.start}).first() is None:
-            spent = self._seed(conn, budget, instance, window)
+            spent = self._seed(conn, budget, instance, window, without=without)
             conn.execute(_insert_ignore(conn).values(
                 budget_key=budget.key, instance=instance, window_start=window.start,
                 window_end=window.end, spent=spent, reserved=0, updated_at=now))

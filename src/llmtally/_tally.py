@@ -56,10 +56,6 @@ _ids = EventIds()
 # ledger again for this long (each try may wait for a connection timeout on the caller's thread).
 _RECONCILE_PAUSE_S = 5.0
 _ATTRIBUTION_FIELDS = ("project", "user", "session", "tags", "request_id", "metadata")
-_DEFERRED_DEFAULTS = {  # record()'s defaults, for events built by _deferred_row
-    "latency_ms": None, "ttft_ms": None, "status": "ok", "error_type": None, "call_type": "chat",
-    "streamed": False, "resolved_model": None, "estimated": False, "cache_hit": False,
-    "ts": None, "source": "manual"}
 
 
 class Tally:
@@ -300,13 +296,14 @@ class Tally:
         self._writer.spill_now([row], reason="the Tally is closed")
 
     def _deferred_row(self, build: Callable[[], Mapping[str, Any]]) -> dict[str, Any]:
-        kwargs = dict(build())
+        values = {**_record_defaults(), **build()}
+        del values["reservation"]  # never deferred: a hold is settled on the caller's thread
         return self._event_row(
-            event_id=_clean_id(kwargs.pop("id")), model=kwargs.pop("model"),
-            provider=kwargs.pop("provider", None),
-            tokens=tuple(kwargs.pop(name, 0) for name in _TOKEN_FIELDS),
-            attribution=tuple(kwargs.pop(name, None) for name in _ATTRIBUTION_FIELDS),
-            **{**_DEFERRED_DEFAULTS, **kwargs})
+            event_id=_clean_id(event_id) if (event_id := values.pop("id")) is not None
+            else _ids.next_id(), model=values.pop("model"),
+            provider=values.pop("provider"),
+            tokens=tuple(values.pop(name) for name in _TOKEN_FIELDS),
+            attribution=tuple(values.pop(name) for name in _ATTRIBUTION_FIELDS), **values)
 
     def _submit(self, row: dict[str, Any], reservation: Reservation | None) -> None:
         if self._closed:
@@ -853,6 +850,14 @@ class Tally:
 
 
 # -- helpers -------------------------------------------------------------------------------
+
+
+@functools.cache
+def _record_defaults() -> dict[str, Any]:
+    """:meth:`Tally.record`'s keyword defaults (for events built on the writer thread)."""
+    return {name: parameter.default
+            for name, parameter in inspect.signature(Tally.record).parameters.items()
+            if parameter.default is not inspect.Parameter.empty}
 
 
 def _check_alerts(alerts: Sequence[Any]) -> tuple[Any, ...]:

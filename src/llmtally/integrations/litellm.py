@@ -608,9 +608,11 @@ def guard(tally: Tally, fn: Any) -> Any:
         logger_._hold(call_id, held)
         return held
 
-    def failed(kwargs: Mapping[str, Any]) -> None:
-        # The hook settles what LiteLLM logged; a hold still here was never seen by LiteLLM.
-        tally.release(logger_._take_hold(kwargs.get("litellm_call_id")))
+    def failed(kwargs: Mapping[str, Any], held: Reservation | None) -> None:
+        logger_._forget_await(kwargs.get("litellm_call_id"))
+        if held is not None:
+            # The hook settles what LiteLLM logged; a hold still here was never seen by LiteLLM.
+            tally.release(logger_._take_hold(kwargs.get("litellm_call_id")))
 
     def waiter(kwargs: Mapping[str, Any], result: Any) -> threading.Event | None:
         """The event a sync-durability caller waits on (None for streams: they are recorded
@@ -630,9 +632,7 @@ def guard(tally: Tally, fn: Any) -> Any:
             try:
                 result = await fn(*args, **kwargs)
             except BaseException:
-                logger_._forget_await(kwargs.get("litellm_call_id"))
-                if held is not None:
-                    failed(kwargs)
+                failed(kwargs, held)
                 raise
             done = waiter(kwargs, result) if sync_durable else None
             if done is not None:
@@ -647,9 +647,7 @@ def guard(tally: Tally, fn: Any) -> Any:
             try:
                 result = fn(*args, **kwargs)
             except BaseException:
-                logger_._forget_await(kwargs.get("litellm_call_id"))
-                if held is not None:
-                    failed(kwargs)
+                failed(kwargs, held)
                 raise
             done = waiter(kwargs, result) if sync_durable else None
             if done is not None:
