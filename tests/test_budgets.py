@@ -183,6 +183,7 @@ def test_warn_budgets_never_block(make_tally):
     tally = make_tally(prices=PENNY, alerts=[seen.append],
                        budgets=[Budget(usd=0.05, action="warn", warn_at=(0.5, 1.0))])
     assert all(_penny_call(tally) for _ in range(10))
+    tally.flush()  # warnings fire when the events that cross them are stored
     assert [(a["event"], a["threshold"]) for a in seen] == [("threshold", 0.5), ("threshold", 1.0)]
     assert tally.budget_states()[0].spent == pytest.approx(0.10)
 
@@ -313,6 +314,8 @@ def test_each_threshold_fires_once_per_window_across_tallies(ledger_url, make_ta
     for turn in range(10):
         assert _penny_call(first if turn % 2 else second)
     assert not _penny_call(first)
+    first.flush()
+    second.flush()
     thresholds = [a["threshold"] for a in seen if a["event"] == "threshold"]
     assert thresholds == [0.5, 0.8]
     blocked = [a for a in seen if a["event"] == "blocked"]
@@ -336,24 +339,25 @@ def test_fail_open_allows_calls_when_the_ledger_is_unreachable(tmp_path, caplog)
 
 
 def test_calls_let_through_unchecked_are_charged_to_the_budget_once(ledger_url, make_tally):
-    """Fail open, then reconcile: a call that went out while the budgets could not be checked
-    carries its attributes; settling it adds its real cost to every covering budget (a counter
-    it creates starts from the ledger's other events, so the call is not counted twice)."""
+    """A call that went out without a hold — fail open (an empty reservation) or simply
+    recorded — is charged to every covering budget by the transaction that stores it, once,
+    including a counter that does not exist yet (seeded from the ledger, this event in it)."""
     from llmtally._reservations import Reservation
 
     tally = make_tally(ledger_url, prices=PENNY, budgets=[Budget(usd=0.03, per="day"),
                                                           Budget(usd=1, per="day", each="user")])
     assert _penny_call(tally, user="ann")  # the day counter exists; ann's is created
-    for user in ("ann", "bob"):            # bob's counter is first created by the charge
-        unchecked = Reservation(f"open-{user}", (), unchecked={
-            "model": "penny", "provider": None, "project": None, "user": user,
-            "session": None, "tags": ()})
-        tally.record(model="penny", output_tokens=1, user=user, reservation=unchecked)
+    tally.record(model="penny", output_tokens=1, user="ann",
+                 reservation=Reservation("let-through", ()))  # fail open: nothing held
+    tally.record(model="penny", output_tokens=1, user="bob")  # bob's counter does not exist yet
     tally.flush()
     spent = {(s.budget.label, s.instance): round(s.spent, 9) for s in tally.budget_states()}
-    assert spent == {("usd 0.03/day", ""): 0.03, ("usd 1/day each user", "ann"): 0.02,
-                     ("usd 1/day each user", "bob"): 0.01}
-    assert not _penny_call(tally, user="carl")  # $0.03 of $0.03 spent: the next call is refused
+    assert spent == {("usd 0.03/day", ""): 0.03, ("usd 1/day each user", "ann"): 0.02}
+    assert _penny_call(tally, user="bob") is False  # the day budget is spent: refused
+    assert round(tally.budget_states()[0].spent, 9) == 0.03
+    from llmtally._reservations import check_counters
+
+    assert check_counters(tally.store) == []  # every counter equals the ledger's GROUP BY
 
 
 def test_no_budgets_means_no_reservation_and_no_database_work(make_tally):
@@ -408,9 +412,10 @@ def test_webhooks_get_each_threshold_and_the_block_as_json(make_tally):
                            budgets=[Budget(usd=0.04, per="day", each="user", warn_at=(0.5,))])
         results = [_penny_call(tally, user="ann") for _ in range(5)]
         assert results == [True] * 4 + [False]
+        tally.flush()  # the threshold fires when the events crossing it are stored
         assert tally._webhooks.drain(10)
         events = [(body["event"], body.get("threshold")) for body in receiver.bodies]
-        assert events == [("threshold", 0.5), ("blocked", None)]
+        assert sorted(events, key=str) == [("blocked", None), ("threshold", 0.5)]
         blocked = receiver.bodies[1]
         assert blocked["budget"] == "usd 0.04/day each user"
         assert blocked["scope"] == {"user": "ann"} and blocked["limit"] == 0.04

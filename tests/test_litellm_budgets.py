@@ -9,6 +9,7 @@ the budget's ``spent`` must equal the ledger's cost of the calls that went throu
 from __future__ import annotations
 
 import asyncio
+import json
 
 import pytest
 from conftest import fetch_events, reset_litellm_callbacks
@@ -169,7 +170,8 @@ def test_a_failed_async_call_releases_its_hold(make_tally):
 def test_guarded_completion_is_blocked_and_settled(tally, provider):
     completion = tally.guard(litellm.completion)
     rows = _assert_two_through_third_blocked(tally, provider, lambda: completion(**_chat(provider)))
-    assert all(len(row["id"]) == 36 for row in rows if row["status"] == "ok")  # the guard's uuid
+    assert all(len(json.loads(row["metadata"])["litellm_call_id"]) == 36  # the guard's uuid
+               for row in rows if row["status"] == "ok")
 
 
 def test_a_guard_without_the_callback_registered_says_how_to_fix_it(make_tally, provider, caplog):

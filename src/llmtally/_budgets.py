@@ -123,6 +123,24 @@ class Budget:
     def _label_for_errors(self) -> str:
         return f"Budget({self.name!r})" if self.name else "Budget"
 
+    def to_dict(self) -> dict[str, Any]:
+        """The definition as plain JSON values (how the ledger stores it)."""
+        return {self.kind: self.usd if self.kind == "usd" else int(self.limit), "per": self.per,
+                "scope": dict(self.scope), "each": self.each, "warn_at": list(self.warn_at),
+                "action": self.action, "name": self.name}
+
+    @classmethod
+    def from_dict(cls, values: Mapping[str, Any]) -> Budget:
+        """A Budget from :meth:`to_dict`'s form (ConfigError if it is not a valid definition)."""
+        if not isinstance(values, Mapping):
+            raise ConfigError(f"a budget definition must be a table, not {type(values).__name__}")
+        known = {"usd", "tokens", "requests", "per", "scope", "each", "warn_at", "action", "name"}
+        unknown = set(values) - known
+        if unknown:
+            raise ConfigError(f"budget definition has unknown keys {sorted(unknown)}")
+        return cls(**{key: value for key, value in values.items()
+                      if value is not None or key in ("usd", "tokens", "requests")})
+
 
 class BudgetExceeded(Exception):
     """A call was stopped before it was sent: it would take a budget over its limit.
@@ -135,6 +153,7 @@ class BudgetExceeded(Exception):
     def __init__(self, budget: Budget, scope: Mapping[str, str], used: float, requested: float,
                  resets_at: datetime | None, unit: str) -> None:
         self.budget = budget
+        self.unpriced_under: Budget | None = None
         self.scope = dict(scope)
         self.used = used
         self.requested = requested
@@ -157,6 +176,18 @@ class BudgetExceeded(Exception):
                                   f"{reason}) and fail_closed=True, so the call is blocked")
         error.budget, error.scope, error.used, error.requested = None, {}, 0.0, 0.0
         error.limit, error.resets_at = 0.0, None
+        return error
+
+    @classmethod
+    def unpriced(cls, model: str, budget: Budget) -> BudgetExceeded:
+        """A call of a model with no price under a usd budget, with ``unpriced="block"``."""
+        error = cls.__new__(cls)
+        Exception.__init__(error, f"llmtally: {model!r} has no price, so budget '{budget.label}' "
+                                  "cannot count it and unpriced=\"block\" stops the call; add a "
+                                  f"price override for {model!r} (prices=) to allow it")
+        error.budget, error.scope, error.used, error.requested = None, {}, 0.0, 0.0
+        error.limit, error.resets_at = budget.limit, None
+        error.unpriced_under = budget
         return error
 
 

@@ -28,6 +28,7 @@ from sqlalchemy import (
     MetaData,
     String,
     Table,
+    Text,
     inspect,
     select,
     text,
@@ -132,9 +133,25 @@ def m002_budgets(conn: Connection) -> None:
     meta.create_all(conn)
 
 
+def m003_budget_definitions(conn: Connection) -> None:
+    """Budget definitions, so every process, the CLI and reports see the budgets in force and
+    every writer charges every event to them (whichever process defined them)."""
+    meta = MetaData()
+    Table(
+        "llmtally_budgets", meta,
+        Column("budget_key", String(512), primary_key=True),
+        Column("definition", Text, nullable=False),      # Budget.to_dict() as JSON
+        Column("timezone", String(64), nullable=False),  # the zone its windows are counted in
+        Column("updated_at", DateTime, nullable=False),
+        Column("updated_by", String(256), nullable=False),  # host:pid of the Tally that set it
+    )
+    meta.create_all(conn)
+
+
 MIGRATIONS: tuple[Migration, ...] = (
     Migration(1, "initial", m001_initial),
     Migration(2, "budgets", m002_budgets),
+    Migration(3, "budget definitions", m003_budget_definitions),
 )
 
 

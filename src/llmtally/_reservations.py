@@ -1,42 +1,67 @@
-"""Budget accounting in the ledger: reserve before a call, settle after, in one transaction each.
+"""Budget accounting in the ledger: holds before a call, charges in the transaction that stores it.
 
-Every (budget, instance, window) has a counter row with ``spent`` and ``reserved``. A call
-reserves its estimate on every budget that covers it with one conditional update per counter::
+Every (budget, instance, window) has a counter row with ``spent`` and ``reserved``.
+
+**The ledger is the truth.** ``spent`` is a cache of a ``GROUP BY`` over the events: the sum
+over the window's events that the budget covers (blocked calls aside). It changes in two
+places only, each in the transaction that changes what it summarises:
+
+- the transaction that inserts events (the writer's batch, a spill replay, an import) adds
+  every newly inserted event to every covering counter that exists
+  (:class:`EventCharges`), whatever path recorded it — a settled hold, ``record()``, an
+  unguarded call, a call let through while the ledger was down — and releases the holds of the
+  reservations those events settle;
+- a counter that does not exist yet is created seeded from the ledger's events.
+
+On PostgreSQL the two are serialised by an advisory lock (shared by inserting transactions,
+exclusive while a counter or definition is created), so a seed never misses an event that a
+concurrent transaction is inserting. On SQLite the write lock does that.
+
+A call reserves its estimate on every budget that covers it with one conditional update per
+counter::
 
     UPDATE llmtally_budget_counters SET reserved = reserved + :x
      WHERE <counter> AND spent + reserved + :x <= :limit
 
-inside one transaction (SQLite: ``BEGIN IMMEDIATE``; PostgreSQL: the row lock makes a
-concurrent update wait and re-check the condition). If any counter refuses, the whole
-transaction rolls back and the call is blocked: concurrent callers never take a budget past its
-limit by more than the error of their own estimates. Settling moves the hold from ``reserved``
-to the real amount in ``spent``; a reservation whose process died expires after its TTL.
+inside one transaction (SQLite: ``BEGIN IMMEDIATE``; PostgreSQL: one statement that locks the
+counters in a global order). If any counter refuses, nothing is held and the call is blocked:
+concurrent callers never take a budget past its limit by more than the error of their own
+estimates. A reservation whose process died expires after its TTL.
+
+Budget definitions live in the ledger (``llmtally_budgets``): every process charges every
+budget defined there, and ``llmtally budgets`` shows them all. When two processes define one
+budget (same kind, window, scope and ``each=``) with different limits, the definition
+published last wins for every process (each re-reads the definitions every few seconds) and
+the change is logged by both.
 
 Amounts are integers — nano-units of the ledger's currency, tokens, requests — so a hundred
 $0.01 calls add up to exactly $1.00 and the hundred-and-first is refused.
-
-A counter created in a window that already has events starts from their sum, so a budget added
-mid-month counts the month's spend so far.
 """
 
 from __future__ import annotations
 
 import json
+import logging
+import os
+import socket
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
 from typing import Any
 
 from sqlalchemy import (JSON, BigInteger, Column, Connection, DateTime, Float, MetaData, String,
-                        Table, and_, bindparam, exists, func, literal, select, text)
+                        Table, Text, and_, bindparam, delete, exists, func, literal, select, text)
 from sqlalchemy.dialects.postgresql import JSONB
 
-from ._budgets import Budget, BudgetExceeded, Window, instance_for, window_for
+from ._budgets import Budget, BudgetExceeded, Window, instance_for, window_for, zone
+from ._errors import ConfigError
+from ._log import logger, warn_limited
 from ._model import UsageEvent
 from ._store import Store
 
-__all__ = ["BudgetLedger", "Hold", "Reservation", "CounterState", "Crossing", "UNIT_SCALE",
-           "to_units"]
+__all__ = ["BudgetLedger", "EventCharges", "Hold", "Reservation", "CounterState", "Crossing",
+           "Drift", "UNIT_SCALE", "to_units", "defined_budgets", "check_counters",
+           "rebuild_counters_before"]
 
 UNIT_SCALE = {"usd": 10**9, "tokens": 1, "requests": 1}
 """Counters hold integers: nano-units of money, whole tokens, whole requests."""
@@ -45,6 +70,7 @@ UNIT_SCALE = {"usd": 10**9, "tokens": 1, "requests": 1}
 def to_units(kind: str, amount: float) -> int:
     """An amount of ``kind`` as the integer the counters hold."""
     return int(round(float(amount) * UNIT_SCALE[kind]))
+
 
 _meta = MetaData()
 COUNTERS = Table(
@@ -72,6 +98,14 @@ ALERTS = Table(
     Column("threshold", Float, primary_key=True),
     Column("fired_at", DateTime, nullable=False),
 )
+DEFINITIONS = Table(
+    "llmtally_budgets", _meta,
+    Column("budget_key", String(512), primary_key=True),
+    Column("definition", Text, nullable=False),
+    Column("timezone", String(64), nullable=False),
+    Column("updated_at", DateTime, nullable=False),
+    Column("updated_by", String(256), nullable=False),
+)
 _E = UsageEvent.__table__.c
 
 # The hot path runs these few statements, built once (building SQLAlchemy expressions per call
@@ -84,23 +118,27 @@ _RESERVE_IF_ROOM = text(
 _RESERVE = text(
     f"UPDATE llmtally_budget_counters SET reserved = reserved + :amount, updated_at = :now "
     f"WHERE {_COUNTER}").bindparams(*_TYPES)
-_SETTLE = text(
+_CHARGE = text(
     f"UPDATE llmtally_budget_counters SET spent = spent + :used, reserved = reserved - :released, "
     f"updated_at = :now WHERE {_COUNTER} RETURNING spent, reserved").bindparams(*_TYPES)
 _USE = text(f"SELECT spent, reserved FROM llmtally_budget_counters WHERE {_COUNTER}").bindparams(
     bindparam("start", type_=DateTime))
-_DROP_RESERVATION = text("DELETE FROM llmtally_reservations WHERE id = :id")
 _EXPIRY_INTERVAL = timedelta(seconds=5)  # how often a process looks for dead reservations
+_REFRESH_INTERVAL = timedelta(seconds=5)  # and re-reads the budget definitions
 
-# PostgreSQL: reserve and settle as one statement each (one round trip, committed on its own).
-# The counters are locked in one global order first (ORDER BY ... FOR UPDATE), so two calls
-# covering the same counters never deadlock; a hold goes in only if every counter has room.
+# PostgreSQL: inserting events takes this lock shared, creating a counter or a definition takes
+# it exclusive (per schema: tests and tenants may share a database).
+_PG_LOCK = "hashtext(current_schema() || '.llmtally_budget_counters')"
+_PG_SHARED_LOCK = text(f"SELECT pg_advisory_xact_lock_shared({_PG_LOCK})")
+_PG_EXCLUSIVE_LOCK = text(f"SELECT pg_advisory_xact_lock({_PG_LOCK})")
+
+# PostgreSQL: reserve in one statement (one round trip, committed on its own). The counters are
+# locked in one global order first (ORDER BY ... FOR UPDATE), so two calls covering the same
+# counters never deadlock; a hold goes in only if every counter has room.
 _PG_COUNTERS = ("%(keys)s::text[], %(instances)s::text[], %(starts)s::timestamp[], "
                 "%(amounts)s::bigint[]")  # each hold's counter and held amount
 _PG_TO_RESERVE = (f"SELECT * FROM unnest({_PG_COUNTERS}, %(limits)s::bigint[], %(blocks)s::bool[]) "
                   "AS w(budget_key, instance, window_start, amount, lim, block)")
-_PG_TO_SETTLE = (f"SELECT * FROM unnest({_PG_COUNTERS}, %(used)s::bigint[]) "
-                 "AS w(budget_key, instance, window_start, amount, used)")
 _PG_LOCKED = ("SELECT c.budget_key, c.instance, c.window_start, c.spent, c.reserved "
               "FROM llmtally_budget_counters c JOIN wanted w "
               "USING (budget_key, instance, window_start) "
@@ -122,17 +160,6 @@ saved AS (INSERT INTO llmtally_reservations (id, created_at, expires_at, holds)
           RETURNING 1)
 SELECT (SELECT count(*) FROM held), (SELECT count(*) FROM saved)
 """
-_PG_SETTLE = f"""
-WITH wanted AS ({_PG_TO_SETTLE}),
-dropped AS (DELETE FROM llmtally_reservations WHERE id = %(id)s RETURNING 1),
-locked AS ({_PG_LOCKED})
-UPDATE llmtally_budget_counters c
-   SET spent = c.spent + r.used,
-       reserved = c.reserved - CASE WHEN EXISTS (SELECT 1 FROM dropped) THEN r.amount ELSE 0 END,
-       updated_at = %(now)s
-  FROM wanted r WHERE (SELECT count(*) FROM locked) >= 0 AND {_PG_SAME_COUNTER}
-RETURNING c.budget_key, c.instance, c.spent, c.reserved
-"""
 
 
 @dataclass(frozen=True, slots=True)
@@ -147,13 +174,12 @@ class Hold:
 
 @dataclass(frozen=True, slots=True)
 class Reservation:
-    """What a call has reserved; settle or release it exactly once."""
+    """What a call has reserved. The event that records the call releases it (``record(...,
+    reservation=...)``), in the transaction that stores the event; :meth:`Tally.release`
+    gives it back when no call was made."""
 
     id: str
     holds: tuple[Hold, ...]
-    # Set when the budgets could not be checked (ledger down, fail open): the call's real use
-    # is charged to the covering budgets when it settles, so the spend is not lost to them.
-    unchecked: Mapping[str, Any] | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -197,28 +223,121 @@ class Crossing:
     threshold: float
 
 
+@dataclass(frozen=True, slots=True)
+class Defined:
+    """A budget as the ledger defines it, with the time zone its windows are counted in."""
+
+    budget: Budget
+    timezone: str
+    updated_by: str = ""
+    updated_at: datetime | None = None
+
+    @property
+    def tz(self) -> Any:
+        return zone(self.timezone)
+
+
+@dataclass(frozen=True, slots=True)
+class Drift:
+    """A counter that disagrees with the ledger (``llmtally budgets --check``)."""
+
+    budget: Budget
+    instance: str
+    window_start: datetime
+    spent: float
+    expected_spent: float
+    reserved: float
+    expected_reserved: float
+
+
 Amounts = Mapping[str, float]  # {"usd": ..., "tokens": ..., "requests": ...}
 
 
 class BudgetLedger:
-    """Reserve, settle, release and expire budget holds in ``store``."""
+    """Reserve, release and expire budget holds in ``store`` for this process's budgets."""
 
     def __init__(self, store: Store, budgets: Sequence[Budget], *, tz: Any, currency: str,
-                 reservation_ttl: timedelta, clock: Callable[[], datetime]) -> None:
+                 reservation_ttl: timedelta, clock: Callable[[], datetime],
+                 timezone_name: str = "UTC") -> None:
         self.store = store
         self.currency = currency
         self.budgets = tuple(budgets)
         self.tz = tz
+        self.timezone_name = timezone_name
         self.reservation_ttl = reservation_ttl
         self._clock = clock
         self._by_key = {budget.key: budget for budget in self.budgets}
         self._known_counters: set[tuple[str, str, datetime]] = set()
         self._next_expiry = datetime.min
+        self._next_refresh = datetime.min
+        self._published = False
         if len(self._by_key) != len(self.budgets):
-            from ._errors import ConfigError
-
             raise ConfigError("two budgets count the same thing (same kind, window, scope and "
                               "each=); keep one, with the limit you want")
+
+    # -- definitions ---------------------------------------------------------------------
+
+    def publish(self) -> None:
+        """Write this process's budget definitions to the ledger (once). A definition that
+        differs from the one stored replaces it — the latest published wins — and is logged."""
+        if self._published:
+            return
+        now = _naive(self._clock())
+        me = _whoami()
+        with self.store.write() as conn:
+            if conn.dialect.name == "postgresql":
+                conn.execute(_PG_EXCLUSIVE_LOCK)
+            stored = {row.budget_key: row for row in conn.execute(select(DEFINITIONS).where(
+                DEFINITIONS.c.budget_key.in_(list(self._by_key)))).all()}
+            for budget in self.budgets:
+                definition = _definition_text(budget)
+                old = stored.get(budget.key)
+                if old is None:
+                    conn.execute(DEFINITIONS.insert().values(
+                        budget_key=budget.key, definition=definition,
+                        timezone=self.timezone_name, updated_at=now, updated_by=me))
+                    continue
+                if old.definition != definition or old.timezone != self.timezone_name:
+                    logger.warning(
+                        "llmtally: budget '%s' was defined in the ledger as %s (timezone %s, by "
+                        "%s at %s); this process defines %s (timezone %s). The latest definition "
+                        "wins: every process now enforces this one", budget.label,
+                        old.definition, old.timezone, old.updated_by, old.updated_at,
+                        definition, self.timezone_name)
+                conn.execute(DEFINITIONS.update().where(
+                    DEFINITIONS.c.budget_key == budget.key).values(
+                    definition=definition, timezone=self.timezone_name, updated_at=now,
+                    updated_by=me))
+        self._published = True
+        self._next_refresh = now + _REFRESH_INTERVAL
+
+    def _refresh(self, now: datetime) -> None:
+        """Adopt a definition of one of our budgets that another process published since."""
+        self._next_refresh = now + _REFRESH_INTERVAL
+        with self.store.connect() as conn:
+            rows = conn.execute(select(DEFINITIONS.c.budget_key, DEFINITIONS.c.definition,
+                                       DEFINITIONS.c.updated_by).where(
+                DEFINITIONS.c.budget_key.in_(list(self._by_key)))).all()
+        changed = False
+        for key, definition, updated_by in rows:
+            mine = self._by_key.get(key)
+            if mine is None or _definition_text(mine) == definition:
+                continue
+            try:
+                theirs = Budget.from_dict(json.loads(definition))
+            except (ValueError, TypeError, ConfigError):
+                continue
+            if theirs.key != key:
+                continue
+            logger.warning("llmtally: budget '%s' was redefined in the ledger by %s as %s; this "
+                           "process enforces that definition from now on", mine.label,
+                           updated_by, definition)
+            self._by_key[key] = theirs
+            changed = True
+        if changed:
+            self.budgets = tuple(self._by_key[budget.key] for budget in self.budgets)
+
+    # -- holds ---------------------------------------------------------------------------
 
     def covering(self, attributes: Mapping[str, Any], now: datetime) -> list[tuple[Budget, str, Window]]:
         """The budget instances and windows a call with these attributes counts against, in one
@@ -234,15 +353,21 @@ class BudgetLedger:
                 estimate: Amounts) -> Reservation:
         """Hold ``estimate`` on every covering budget, or raise BudgetExceeded (nothing held)."""
         now = _naive(self._clock())
+        if not self._published:
+            self.publish()
+        elif now >= self._next_refresh:
+            self._refresh(now)
         covering = self.covering(attributes, now)
         if not covering:
             return Reservation(reservation_id, ())
-        if self._one_statement_ok(covering, now):
-            fast = self._reserve_in_one_statement(reservation_id, covering, estimate, now)
-            if fast is not None:
-                return fast
-            # Some budget has no room: the transaction below expires dead holds, retries, and
-            # names the budget that refuses.
+        if self.store.dialect == "postgresql":
+            self._ensure_counters_pg(covering, now)
+            if now < self._next_expiry:
+                fast = self._reserve_in_one_statement(reservation_id, covering, estimate, now)
+                if fast is not None:
+                    return fast
+            # Some budget has no room (or expiry is due): the transaction below expires dead
+            # holds, retries, and names the budget that refuses.
         holds: list[Hold] = []
         seen: list[tuple[str, str, datetime]] = []
         with self.store.write() as conn:
@@ -273,84 +398,45 @@ class BudgetLedger:
             conn.execute(RESERVATIONS.insert(), {
                 "id": reservation_id, "created_at": now, "expires_at": now + self.reservation_ttl,
                 "holds": _holds_json(holds)})
-        # Only counters known to be committed are skipped from now on: a sibling thread must
-        # not update a row this transaction had created but not yet committed.
-        if len(self._known_counters) > 100_000:  # one per instance and window: keep it bounded
-            self._known_counters.clear()
-        self._known_counters.update(seen)
+        self._remember(seen)
         return Reservation(reservation_id, tuple(holds))
 
-    def settle(self, reservation: Reservation, actual: Amounts) -> list[Crossing]:
-        """Replace the holds by what the call really used; returns thresholds newly crossed."""
+    def release(self, reservation: Reservation) -> None:
+        """Give the holds back (the call was not made, or its event will not be written)."""
         if not reservation.holds:
-            return []
-        now = _naive(self._clock())
-        if self.store.dialect == "postgresql":
-            return self._settle_in_one_statement(reservation, actual, now)
-        crossings: list[Crossing] = []
+            return
         with self.store.write() as conn:
             self._fast_commit(conn)
-            still_held = conn.execute(_DROP_RESERVATION, {"id": reservation.id}).rowcount == 1
-            for hold in reservation.holds:
-                used = to_units(hold.budget.kind, actual.get(hold.budget.kind, 0.0))
-                row = conn.execute(_SETTLE, {
-                    "key": hold.budget.key, "instance": hold.instance, "start": hold.window.start,
-                    "used": used, "now": now,
-                    "released": hold.amount if still_held else 0,  # an expired hold was released
-                }).first()
-                if row is not None and hold.budget.warn_at:
-                    crossings += self._crossings(conn, hold, int(row[0]) - used, int(row[0]),
-                                                 int(row[1]), now)
-        return crossings
-
-    def charge(self, attributes: Mapping[str, Any], actual: Amounts, when: datetime,
-               event_id: str) -> list[Crossing]:
-        """Add a call's real use to every budget covering it, without a limit check (the call
-        went out while the budgets could not be checked). A counter created here starts from
-        the ledger's events without ``event_id``, so the call is counted once either way."""
-        when = _naive(when)
-        crossings: list[Crossing] = []
-        with self.store.write() as conn:
-            for budget, instance, window in self.covering(attributes, when):
-                self._ensure_counter(conn, budget, instance, window, when, without=event_id)
-                used = to_units(budget.kind, actual.get(budget.kind, 0.0))
-                row = conn.execute(_SETTLE, {"key": budget.key, "instance": instance,
-                                             "start": window.start, "used": used, "released": 0,
-                                             "now": when}).first()
-                if row is not None:
-                    crossings += self._crossings(conn, Hold(budget, instance, window, 0),
-                                                 int(row[0]) - used, int(row[0]), int(row[1]), when)
-        return crossings
-
-    def release(self, reservation: Reservation, *, requests: float = 0.0) -> list[Crossing]:
-        """The call failed or never went out: give the holds back (counting ``requests``)."""
-        return self.settle(reservation, {"usd": 0.0, "tokens": 0.0, "requests": requests})
+            release_reservations(conn, [reservation.id], _naive(self._clock()))
 
     def states(self, now: datetime | None = None) -> list[CounterState]:
         """Every budget instance with a counter in its current window (plus each budget
         without ``each=`` even if unused), for ``llmtally budgets``."""
         now = _naive(now or self._clock())
-        states: list[CounterState] = []
+        defined = [Defined(budget, self.timezone_name) for budget in self.budgets]
         with self.store.connect() as conn:
-            for budget in self.budgets:
-                window = window_for(budget.per, now, self.tz)
-                rows = conn.execute(select(COUNTERS.c.instance, COUNTERS.c.spent,
-                                           COUNTERS.c.reserved).where(
-                    COUNTERS.c.budget_key == budget.key,
-                    COUNTERS.c.window_start == window.start).order_by(COUNTERS.c.instance)).all()
-                if not rows and budget.each is None:
-                    rows = [("", self._seed(conn, budget, "", window), 0)]
-                states += [CounterState.from_units(budget, row[0], window, int(row[1]), int(row[2]))
-                           for row in rows]
-        return states
+            return _states(conn, defined, now)
 
     # -- internals -----------------------------------------------------------------------
 
-    def _one_statement_ok(self, covering: Sequence[tuple[Budget, str, Window]],
-                          now: datetime) -> bool:
-        """PostgreSQL, every counter already created, and no expiry sweep due."""
-        return (self.store.dialect == "postgresql" and now < self._next_expiry
-                and all((b.key, i, w.start) in self._known_counters for b, i, w in covering))
+    def _remember(self, seen: Iterable[tuple[str, str, datetime]]) -> None:
+        # Only counters known to be committed are skipped from now on: a sibling thread must
+        # not update a row this transaction had created but not yet committed.
+        if len(self._known_counters) > 100_000:  # one per instance and window: keep it bounded
+            self._known_counters.clear()
+        self._known_counters.update(seen)
+
+    def _ensure_counters_pg(self, covering: Sequence[tuple[Budget, str, Window]],
+                            now: datetime) -> None:
+        """PostgreSQL: create missing counters in a transaction of their own, holding the
+        exclusive lock (a reserve transaction must not wait for it while holding row locks)."""
+        missing = [(b, i, w) for b, i, w in covering if (b.key, i, w.start) not in self._known_counters]
+        if not missing:
+            return
+        with self.store.write() as conn:
+            conn.execute(_PG_EXCLUSIVE_LOCK)
+            seen = [self._ensure_counter(conn, b, i, w, now) for b, i, w in missing]
+        self._remember(seen)
 
     def _reserve_in_one_statement(self, reservation_id: str,
                                   covering: Sequence[tuple[Budget, str, Window]],
@@ -369,37 +455,17 @@ class BudgetLedger:
         held, saved = self.store.run_statement(_PG_RESERVE, params)[0]
         return Reservation(reservation_id, holds) if held == len(holds) and saved == 1 else None
 
-    def _settle_in_one_statement(self, reservation: Reservation, actual: Amounts,
-                                 now: datetime) -> list[Crossing]:
-        holds = reservation.holds
-        used = [to_units(h.budget.kind, actual.get(h.budget.kind, 0.0)) for h in holds]
-        rows = self.store.run_statement(_PG_SETTLE, {
-            **_counter_arrays(holds), "used": used, "id": reservation.id, "now": now})
-        after = {(key, instance): (int(spent), int(reserved)) for key, instance, spent, reserved in rows}
-        crossings: list[Crossing] = []
-        for hold, amount in zip(holds, used):
-            spent, reserved = after.get((hold.budget.key, hold.instance), (0, 0))
-            if _thresholds_crossed(hold.budget, spent - amount, spent):  # rare: claim them
-                with self.store.write() as conn:
-                    crossings += self._crossings(conn, hold, spent - amount, spent, reserved, now)
-        return crossings
-
     def _unit(self, budget: Budget) -> str:
         return self.currency if budget.kind == "usd" else budget.kind
 
     def _ensure_counter(self, conn: Connection, budget: Budget, instance: str, window: Window,
-                        now: datetime, without: str | None = None) -> tuple[str, str, datetime]:
-        """Create the counter if it is new (starting from the ledger's events, leaving out the
-        event ``without``); returns its key."""
+                        now: datetime) -> tuple[str, str, datetime]:
+        """Create the counter if it is new, starting from the ledger's events; returns its key.
+        (On PostgreSQL the caller holds the exclusive lock.)"""
         known = (budget.key, instance, window.start)
         if known in self._known_counters:
             return known
-        if conn.execute(_USE, {"key": budget.key, "instance": instance,
-                               "start": window.start}).first() is None:
-            spent = self._seed(conn, budget, instance, window, without=without)
-            conn.execute(_insert_ignore(conn).values(
-                budget_key=budget.key, instance=instance, window_start=window.start,
-                window_end=window.end, spent=spent, reserved=0, updated_at=now))
+        ensure_counter(conn, budget, instance, window, now)
         return known
 
     def _fast_commit(self, conn: Connection) -> None:
@@ -408,52 +474,291 @@ class BudgetLedger:
         if conn.dialect.name == "postgresql":
             conn.exec_driver_sql("SET LOCAL synchronous_commit TO OFF")
 
-    def _seed(self, conn: Connection, budget: Budget, instance: str, window: Window,
-              without: str | None = None) -> int:
-        """What the events already in the ledger spent in this window for this instance
-        (leaving out the event ``without``)."""
-        amount = {"usd": func.coalesce(func.sum(_E.cost), 0.0),
-                  "tokens": func.coalesce(func.sum(_E.input_tokens + _E.output_tokens), 0),
-                  "requests": func.count()}[budget.kind]
-        statement = select(amount).select_from(UsageEvent.__table__).where(
-            _E.ts >= window.start, _E.status != "blocked")
-        if without is not None:
-            statement = statement.where(_E.id != without)
-        if window.end is not None:
-            statement = statement.where(_E.ts < window.end)
-        for key, value in budget.scope.items():
-            statement = statement.where(_has_tag(conn, value) if key == "tag" else _E[key] == value)
-        if budget.each:
-            statement = statement.where(_E[budget.each] == instance)
-        return to_units(budget.kind, conn.execute(statement).scalar() or 0)
-
     def _expire(self, conn: Connection, now: datetime) -> None:
         """Give back the holds of reservations whose process never settled them."""
-        expired = conn.execute(select(RESERVATIONS.c.id, RESERVATIONS.c.holds).where(
-            RESERVATIONS.c.expires_at < now).limit(500)).all()
-        for reservation_id, holds in expired:
-            if conn.execute(RESERVATIONS.delete().where(
-                    RESERVATIONS.c.id == reservation_id)).rowcount != 1:
-                continue
-            for key, instance, start, amount in _holds(holds):  # amounts in units
-                conn.execute(COUNTERS.update().where(_counter_is(key, instance, start)).values(
-                    reserved=COUNTERS.c.reserved - amount, updated_at=now))
+        expired = conn.execute(select(RESERVATIONS.c.id).where(
+            RESERVATIONS.c.expires_at < now).limit(500)).scalars().all()
+        if expired:
+            release_reservations(conn, list(expired), now)
 
-    def _crossings(self, conn: Connection, hold: Hold, before: int, spent: int, reserved: int,
-                   now: datetime) -> list[Crossing]:
-        """Thresholds this settlement moved ``spent`` across; each is claimed in the ledger so
-        that only one process (and one call) reports it per window."""
-        budget = hold.budget
-        crossed = []
-        for threshold in _thresholds_crossed(budget, before, spent):
-            # RETURNING says whether this insert won (psycopg reports rowcount -1 for it)
-            claimed = conn.execute(_insert_ignore(conn, ALERTS).values(
-                budget_key=budget.key, instance=hold.instance, window_start=hold.window.start,
-                threshold=threshold, fired_at=now).returning(ALERTS.c.threshold)).first()
-            if claimed is not None:
-                state = CounterState.from_units(budget, hold.instance, hold.window, spent, reserved)
-                crossed.append(Crossing(state, threshold))
-        return crossed
+
+# -- charging events: in the transaction that inserts them ------------------------------------
+
+
+@dataclass
+class _Batch:
+    """What an inserting transaction needs to charge its events (from :meth:`EventCharges.begin`)."""
+
+    definitions: list[Defined]
+    reservation_ids: list[str] = field(default_factory=list)
+
+
+class EventCharges:
+    """Charges newly inserted events to every budget defined in the ledger, and releases the
+    holds they settle, inside the transaction that inserts them (see the module docstring).
+
+    ``begin(conn, rows)`` runs first in that transaction (on PostgreSQL it takes the shared
+    lock and reads the definitions); it returns None when there is nothing to do, and the store
+    then inserts as plainly as ever. ``after_insert(conn, batch, inserted)`` gets the rows that
+    were really inserted (ids already stored are not charged again) and returns an action to run
+    once the transaction committed (delivering the warnings crossed), or None.
+    """
+
+    def __init__(self, clock: Callable[[], datetime],
+                 on_crossings: Callable[[list[Crossing]], None] | None = None) -> None:
+        self._clock = clock
+        self.on_crossings = on_crossings
+        self._parsed: dict[tuple[str, str], Defined | None] = {}
+
+    def begin(self, conn: Connection, rows: Sequence[Mapping[str, Any]]) -> _Batch | None:
+        if conn.dialect.name == "postgresql":
+            conn.execute(_PG_SHARED_LOCK)
+        definitions = self._definitions(conn)
+        reservation_ids = [row["_reservation"] for row in rows if row.get("_reservation")]
+        if not definitions and not reservation_ids:
+            return None
+        return _Batch(definitions, reservation_ids)
+
+    def after_insert(self, conn: Connection, batch: _Batch,
+                     inserted: Sequence[Mapping[str, Any]]) -> Callable[[], None] | None:
+        now = _naive(self._clock())
+        used = charges_of(batch.definitions, inserted)
+        released = release_reservations(conn, batch.reservation_ids, now, apply=False)
+        crossings: list[Crossing] = []
+        for counter in sorted(set(used) | set(released)):  # one global lock order
+            amount = used.get(counter, 0)
+            key, instance, start = counter
+            row = conn.execute(_CHARGE, {"key": key, "instance": instance, "start": start,
+                                         "used": amount, "released": released.get(counter, 0),
+                                         "now": now}).first()
+            if row is None or not amount:
+                continue  # no counter yet: it is seeded from the ledger, these events included
+            defined = _by_key(batch.definitions).get(key)
+            if defined is not None and defined.budget.warn_at:
+                window = window_for(defined.budget.per, start, defined.tz) \
+                    if defined.budget.per != "total" else Window(start, None)
+                if window.end is None or window.end > now:  # warn about open windows only
+                    hold = Hold(defined.budget, instance, window, 0)
+                    crossings += _crossings(conn, hold, int(row[0]) - amount, int(row[0]),
+                                            int(row[1]), now)
+        if crossings and self.on_crossings is not None:
+            deliver = self.on_crossings
+            return lambda: deliver(crossings)
+        return None
+
+    def _definitions(self, conn: Connection) -> list[Defined]:
+        rows = conn.execute(select(DEFINITIONS.c.definition, DEFINITIONS.c.timezone)).all()
+        out = []
+        for definition, tz in rows:
+            parsed = self._parsed.get((definition, tz), ...)
+            if parsed is ...:
+                parsed = _parse_definition(definition, tz)
+                if len(self._parsed) > 10_000:
+                    self._parsed.clear()
+                self._parsed[(definition, tz)] = parsed
+            if parsed is not None:
+                out.append(parsed)
+        return out
+
+
+def charges_of(definitions: Sequence[Defined],
+               events: Iterable[Mapping[str, Any]]) -> dict[tuple[str, str, datetime], int]:
+    """What ``events`` add to each counter (key, instance, window start), in units."""
+    used: dict[tuple[str, str, datetime], int] = {}
+    if not definitions:
+        return used
+    zones = {d.timezone: d.tz for d in definitions}
+    for event in events:
+        if event.get("status") == "blocked":
+            continue
+        ts = _naive(event["ts"]) if isinstance(event.get("ts"), datetime) else None
+        if ts is None:
+            continue
+        for defined in definitions:
+            budget = defined.budget
+            instance = instance_for(budget, event)
+            if instance is None:
+                continue
+            window = window_for(budget.per, ts, zones[defined.timezone])
+            amount = _amount_of(budget.kind, event)
+            counter = (budget.key, instance, window.start)
+            used[counter] = used.get(counter, 0) + amount
+    return used
+
+
+def _amount_of(kind: str, event: Mapping[str, Any]) -> int:
+    if kind == "usd":
+        return to_units("usd", event.get("cost") or 0.0)
+    if kind == "tokens":
+        return int(event.get("input_tokens") or 0) + int(event.get("output_tokens") or 0)
+    return 1
+
+
+def release_reservations(conn: Connection, ids: Sequence[str], now: datetime, *,
+                         apply: bool = True) -> dict[tuple[str, str, datetime], int]:
+    """Delete these reservations (those still there: each is released once) and return the
+    amounts they held per counter; ``apply`` takes them off the counters' ``reserved`` now."""
+    released: dict[tuple[str, str, datetime], int] = {}
+    for start in range(0, len(ids), 500):
+        chunk = list(dict.fromkeys(ids[start:start + 500]))
+        rows = conn.execute(delete(RESERVATIONS).where(RESERVATIONS.c.id.in_(chunk))
+                            .returning(RESERVATIONS.c.holds)).all()
+        for (holds,) in rows:
+            for key, instance, window_start, amount in _holds(holds):
+                counter = (key, instance, window_start)
+                released[counter] = released.get(counter, 0) + amount
+    if apply:
+        for counter in sorted(released):
+            key, instance, window_start = counter
+            conn.execute(_CHARGE, {"key": key, "instance": instance, "start": window_start,
+                                   "used": 0, "released": released[counter], "now": now})
+    return released
+
+
+def ensure_counter(conn: Connection, budget: Budget, instance: str, window: Window,
+                   now: datetime) -> None:
+    """Create the counter, seeded from the ledger's events, if it does not exist."""
+    if conn.execute(_USE, {"key": budget.key, "instance": instance,
+                           "start": window.start}).first() is None:
+        spent = seed(conn, budget, instance, window)
+        conn.execute(_insert_ignore(conn).values(
+            budget_key=budget.key, instance=instance, window_start=window.start,
+            window_end=window.end, spent=spent, reserved=0, updated_at=now))
+
+
+def seed(conn: Connection, budget: Budget, instance: str, window: Window) -> int:
+    """What the ledger's events spent in this window for this instance, in units: the
+    ``GROUP BY`` a counter caches. Money is summed per event rounded to nano-units, as charges
+    add it one event at a time, so a seed and a running counter agree to the unit."""
+    amount = {"usd": func.coalesce(func.sum(func.round(func.coalesce(_E.cost, 0.0)
+                                                       * UNIT_SCALE["usd"])), 0),
+              "tokens": func.coalesce(func.sum(_E.input_tokens + _E.output_tokens), 0),
+              "requests": func.count()}[budget.kind]
+    statement = select(amount).select_from(UsageEvent.__table__).where(
+        _E.ts >= window.start, _E.status != "blocked")
+    if window.end is not None:
+        statement = statement.where(_E.ts < window.end)
+    for key, value in budget.scope.items():
+        statement = statement.where(_has_tag(conn, value) if key == "tag" else _E[key] == value)
+    if budget.each:
+        statement = statement.where(_E[budget.each] == instance)
+    return int(conn.execute(statement).scalar() or 0)
+
+
+# -- reading the ledger's budgets (llmtally budgets, reports, --check) --------------------------
+
+
+def defined_budgets(conn: Connection) -> list[Defined]:
+    """Every budget defined in the ledger (by any process), in key order."""
+    from ._migrations import schema_version
+
+    if schema_version(conn) < 3:
+        return []
+    rows = conn.execute(select(DEFINITIONS).order_by(DEFINITIONS.c.budget_key)).all()
+    out = []
+    for row in rows:
+        parsed = _parse_definition(row.definition, row.timezone)
+        if parsed is not None:
+            out.append(Defined(parsed.budget, parsed.timezone, row.updated_by, row.updated_at))
+    return out
+
+
+def ledger_states(conn: Connection, now: datetime) -> list[CounterState]:
+    """:meth:`BudgetLedger.states` for every budget defined in the ledger."""
+    return _states(conn, defined_budgets(conn), _naive(now))
+
+
+def _states(conn: Connection, defined: Sequence[Defined], now: datetime) -> list[CounterState]:
+    states: list[CounterState] = []
+    for item in defined:
+        budget = item.budget
+        window = window_for(budget.per, now, item.tz)
+        rows = conn.execute(select(COUNTERS.c.instance, COUNTERS.c.spent,
+                                   COUNTERS.c.reserved).where(
+            COUNTERS.c.budget_key == budget.key,
+            COUNTERS.c.window_start == window.start).order_by(COUNTERS.c.instance)).all()
+        if not rows and budget.each is None:
+            rows = [("", seed(conn, budget, "", window), 0)]
+        states += [CounterState.from_units(budget, row[0], window, int(row[1]), int(row[2]))
+                   for row in rows]
+    return states
+
+
+def check_counters(store: Store, *, repair: bool = False,
+                   window_starts_before: datetime | None = None) -> list[Drift]:
+    """Compare every counter with the ledger's events (``spent``) and open reservations
+    (``reserved``); ``repair`` rewrites those that differ. Returns the drifts found.
+
+    Runs in one write transaction (on PostgreSQL holding the exclusive lock, so no insert is
+    half-charged meanwhile). ``window_starts_before`` limits it to older windows (prune)."""
+    drifts: list[Drift] = []
+    with store.write() as conn:
+        if conn.dialect.name == "postgresql":
+            conn.execute(_PG_EXCLUSIVE_LOCK)
+        by_key = {d.budget.key: d for d in defined_budgets(conn)}
+        query = select(COUNTERS).order_by(COUNTERS.c.budget_key, COUNTERS.c.instance,
+                                          COUNTERS.c.window_start)
+        if window_starts_before is not None:
+            query = query.where(COUNTERS.c.window_start < window_starts_before)
+        if conn.dialect.name == "postgresql":
+            query = query.with_for_update()
+        counters = conn.execute(query).all()
+        held: dict[tuple[str, str, datetime], int] = {}
+        for (holds,) in conn.execute(select(RESERVATIONS.c.holds)).all():
+            for key, instance, start, amount in _holds(holds):
+                held[(key, instance, start)] = held.get((key, instance, start), 0) + amount
+        now = _naive(datetime.now(timezone.utc))
+        for row in counters:
+            defined = by_key.get(row.budget_key)
+            if defined is None:
+                continue  # a budget no longer defined: nothing charges it, nothing reads it
+            budget = defined.budget
+            window = Window(row.window_start, row.window_end)
+            expected = seed(conn, budget, row.instance, window)
+            expected_reserved = held.get((row.budget_key, row.instance, row.window_start), 0)
+            if int(row.spent) == expected and int(row.reserved) == expected_reserved:
+                continue
+            scale = UNIT_SCALE[budget.kind]
+            drifts.append(Drift(budget, row.instance, row.window_start, int(row.spent) / scale,
+                                expected / scale, int(row.reserved) / scale,
+                                expected_reserved / scale))
+            if repair:
+                conn.execute(COUNTERS.update().where(_counter_is(
+                    row.budget_key, row.instance, row.window_start)).values(
+                    spent=expected, reserved=expected_reserved, updated_at=now))
+    return drifts
+
+
+def rebuild_counters_before(store: Store, cutoff: datetime) -> int:
+    """After events older than ``cutoff`` were deleted (prune): drop the counters of windows
+    that ended by then and recompute those that straddle it. Returns the counters changed."""
+    cutoff = _naive(cutoff)
+    with store.write() as conn:
+        if conn.dialect.name == "postgresql":
+            conn.execute(_PG_EXCLUSIVE_LOCK)
+        dropped = conn.execute(delete(COUNTERS).where(
+            COUNTERS.c.window_end.is_not(None), COUNTERS.c.window_end <= cutoff)).rowcount
+    return max(dropped, 0) + len(check_counters(store, repair=True, window_starts_before=cutoff))
+
+
+# -- helpers -----------------------------------------------------------------------------------
+
+
+def _crossings(conn: Connection, hold: Hold, before: int, spent: int, reserved: int,
+               now: datetime) -> list[Crossing]:
+    """Thresholds this charge moved ``spent`` across; each is claimed in the ledger so that
+    only one process (and one event) reports it per window."""
+    budget = hold.budget
+    crossed = []
+    for threshold in _thresholds_crossed(budget, before, spent):
+        # RETURNING says whether this insert won (psycopg reports rowcount -1 for it)
+        claimed = conn.execute(_insert_ignore(conn, ALERTS).values(
+            budget_key=budget.key, instance=hold.instance, window_start=hold.window.start,
+            threshold=threshold, fired_at=now).returning(ALERTS.c.threshold)).first()
+        if claimed is not None:
+            state = CounterState.from_units(budget, hold.instance, hold.window, spent, reserved)
+            crossed.append(Crossing(state, threshold))
+    return crossed
 
 
 def _thresholds_crossed(budget: Budget, before: int, spent: int) -> list[float]:
@@ -462,6 +767,30 @@ def _thresholds_crossed(budget: Budget, before: int, spent: int) -> list[float]:
     if limit <= 0:
         return []
     return [t for t in budget.warn_at if before < t * limit <= spent]
+
+
+def _definition_text(budget: Budget) -> str:
+    return json.dumps(budget.to_dict(), sort_keys=True)
+
+
+def _parse_definition(definition: str, tz: str) -> Defined | None:
+    try:
+        budget = Budget.from_dict(json.loads(definition))
+        zone(tz)
+    except (ValueError, TypeError, ConfigError) as exc:
+        warn_limited("budget-definition", "llmtally: a budget definition in the ledger cannot "
+                     "be read (%s: %s); it is ignored", type(exc).__name__, exc,
+                     level=logging.ERROR)
+        return None
+    return Defined(budget, tz)
+
+
+def _by_key(definitions: Sequence[Defined]) -> dict[str, Defined]:
+    return {d.budget.key: d for d in definitions}
+
+
+def _whoami() -> str:
+    return f"{socket.gethostname()[:200]}:{os.getpid()}"
 
 
 def _counter_is(key: str, instance: str, window_start: datetime) -> Any:
@@ -514,4 +843,3 @@ def _naive(moment: datetime) -> datetime:
 
 def _aware(moment: datetime | None, tz: Any) -> datetime | None:
     return None if moment is None else moment.replace(tzinfo=timezone.utc).astimezone(tz)
-

@@ -14,10 +14,10 @@ import operator
 import os
 import sqlite3
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from datetime import datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from sqlalchemy import Connection, Engine, create_engine, event
 from sqlalchemy.engine import make_url
@@ -29,9 +29,18 @@ from ._log import warn_limited
 from ._migrations import MIGRATIONS, Migration, migrate
 from ._model import EVENT_COLUMNS, EVENTS_TABLE, UsageEvent
 
-__all__ = ["Store", "normalize_url", "DEFAULT_DATABASE_URL", "is_outage"]
+__all__ = ["Store", "InsertHook", "normalize_url", "DEFAULT_DATABASE_URL", "is_outage"]
 
 DEFAULT_DATABASE_URL = "sqlite:///llmtally.db"
+
+
+class InsertHook(Protocol):
+    """What runs inside an inserting transaction (the budgets' :class:`EventCharges`)."""
+
+    def begin(self, conn: Connection, rows: Sequence[Mapping[str, Any]]) -> Any | None: ...
+
+    def after_insert(self, conn: Connection, batch: Any,
+                     inserted: Sequence[Mapping[str, Any]]) -> Callable[[], None] | None: ...
 _EVENTS = UsageEvent.__table__
 _PG_CONNECT_TIMEOUT_S = 5
 _SQLITE_BUSY_TIMEOUT_S = 30
@@ -164,24 +173,70 @@ class Store:
 
     # -- writing -------------------------------------------------------------------------
 
-    def insert_many(self, rows: Sequence[Mapping[str, Any]]) -> int:
+    def insert_many(self, rows: Sequence[Mapping[str, Any]],
+                    charges: InsertHook | None = None) -> int:
         """Insert events in one transaction; ids already stored are skipped. Returns rows inserted.
 
         Rows go to the driver's ``executemany`` as tuples, converted here once (timestamps in
         SQLAlchemy's SQLite format, JSON as text), which is what makes batches fast.
+        ``charges`` (budgets) sees the rows really inserted, in the same transaction; what it
+        asks to run after the commit runs then.
         """
         if not rows:
             return 0
         self._follow_moved_file()
         self.ensure_schema()
-        params = [_driver_row(row, self._sqlite_ts) for row in rows]
         with self.write() as conn:
-            result = conn.exec_driver_sql(self._insert_sql, params)
+            inserted, after = self.insert_rows(conn, rows, charges)
         if self._follow_moved_file():  # deleted or replaced while we wrote: write it again
             self.ensure_schema()
             with self.write() as conn:
-                result = conn.exec_driver_sql(self._insert_sql, params)
-        return max(result.rowcount, 0)
+                inserted, after = self.insert_rows(conn, rows, charges)
+        if after is not None:
+            after()
+        return inserted
+
+    def insert_rows(self, conn: Connection, rows: Sequence[Mapping[str, Any]],
+                    charges: InsertHook | None = None) -> tuple[int, Callable[[], None] | None]:
+        """:meth:`insert_many` inside the caller's write transaction: returns the number of
+        rows inserted and the action ``charges`` wants run after the commit (or None)."""
+        params = [_driver_row(row, self._sqlite_ts) for row in rows]
+        batch = charges.begin(conn, rows) if charges is not None else None
+        if batch is None:
+            return max(conn.exec_driver_sql(self._insert_sql, params).rowcount, 0), None
+        new_ids = self._insert_new(conn, rows, params)
+        fresh: list[Mapping[str, Any]] = []
+        for row in rows:  # the first row of an id is the one stored
+            if row["id"] in new_ids:
+                new_ids.discard(row["id"])
+                fresh.append(row)
+        return len(fresh), charges.after_insert(conn, batch, fresh)  # type: ignore[union-attr]
+
+    def _insert_new(self, conn: Connection, rows: Sequence[Mapping[str, Any]],
+                    params: list[tuple[Any, ...]]) -> set[str]:
+        """Insert, returning the ids that were not stored before."""
+        if self.dialect == "postgresql":
+            # executemany with RETURNING: concurrent inserts of one id are told apart exactly
+            cursor = conn.connection.dbapi_connection.cursor()  # type: ignore[union-attr]
+            try:
+                cursor.executemany(self._insert_sql + " RETURNING id", params, returning=True)
+                new: set[str] = set()
+                while True:
+                    new.update(row[0] for row in cursor.fetchall())
+                    if not cursor.nextset():
+                        return new
+            finally:
+                cursor.close()
+        # SQLite: this transaction holds the write lock, so what is stored cannot change meanwhile
+        ids = list(dict.fromkeys(row["id"] for row in rows))
+        stored: set[str] = set()
+        for start in range(0, len(ids), 500):
+            chunk = ids[start:start + 500]
+            stored.update(found for (found,) in conn.exec_driver_sql(
+                f"SELECT id FROM {EVENTS_TABLE} WHERE id IN ({', '.join('?' * len(chunk))})",
+                tuple(chunk)))
+        conn.exec_driver_sql(self._insert_sql, params)
+        return set(ids) - stored
 
     def _follow_moved_file(self) -> bool:
         """SQLite: if the ledger file was deleted, renamed or replaced while open, stop writing

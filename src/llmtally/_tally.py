@@ -10,10 +10,8 @@ import json
 import logging
 import os
 import sys
-import threading
 import time
 import weakref
-from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from datetime import datetime, timedelta, timezone
@@ -48,13 +46,15 @@ DEFAULT_EXIT_FLUSH_TIMEOUT_S = 10.0
 DURABILITIES = ("batched", "sync")
 DEFAULT_RESERVATION_TTL_S = 900.0
 DEFAULT_MAX_OUTPUT_ESTIMATE = 4096
+UNPRICED_POLICIES = ("allow", "block")
 _SCOPE_KEYS = ("project", "user", "session", "tags", "request_id", "metadata")
 _TOKEN_FIELDS = ("input_tokens", "output_tokens", "cache_read_tokens", "cache_write_tokens",
                  "reasoning_tokens")
 _ids = EventIds()
-# After the budgets were found unreachable, settling a let-through call does not try the
-# ledger again for this long (each try may wait for a connection timeout on the caller's thread).
-_RECONCILE_PAUSE_S = 5.0
+# After the budgets were found unreachable, calls don't try the ledger again for this long
+# (each try may wait for a connection timeout on the caller's thread).
+_BUDGETS_DOWN_PAUSE_S = 5.0
+_FLUSH_BEFORE_BLOCKING_S = 2.0
 _ATTRIBUTION_FIELDS = ("project", "user", "session", "tags", "request_id", "metadata")
 
 
@@ -94,6 +94,10 @@ class Tally:
         reservation_ttl_s: a reservation never settled (its process died) is released after this.
         max_output_estimate: output tokens assumed for a call that sets no ``max_tokens`` (or
             the model's own output limit, if lower).
+        unpriced: a call of a model with no known price under a ``usd=`` budget: ``"allow"``
+            (default: let it through, warned once per model, its calls counted by
+            ``llmtally budgets``) or ``"block"`` (raise :class:`BudgetExceeded`). A price
+            override prices it from then on.
         clock: returns "now" as an aware datetime (a seam for tests).
     """
 
@@ -117,6 +121,7 @@ class Tally:
         alerts: Sequence[str | Callable[[dict[str, Any]], Any]] = ("log",),
         reservation_ttl_s: float = DEFAULT_RESERVATION_TTL_S,
         max_output_estimate: int = DEFAULT_MAX_OUTPUT_ESTIMATE,
+        unpriced: str = "allow",
         clock: Callable[[], datetime] | None = None,
     ) -> None:
         from ._store import DEFAULT_DATABASE_URL, Store
@@ -160,13 +165,19 @@ class Tally:
         self._webhooks: WebhookSender | None = None
         if any(is_webhook(target) for target in self._alerts):
             self._webhooks = WebhookSender()
+        if unpriced not in UNPRICED_POLICIES:
+            raise ConfigError(f"unpriced={unpriced!r} is not allowed; use \"allow\" (the default: "
+                              "calls to a model with no price pass usd budgets, with a warning) "
+                              "or \"block\"")
+        self._unpriced_policy = unpriced
+        self._unpriced_warned: set[str] = set()
+        from ._reservations import EventCharges
+
+        # Every event this Tally writes is charged to every budget defined in the ledger (by any
+        # process), in the transaction that stores it.
+        self._writer.charges = EventCharges(self._clock, on_crossings=self._deliver)
         self.budgets: BudgetLedger | None = None
-        # Calls let through while the budgets could not be checked, to charge once they can
-        # (bounded: a very long outage forgets the oldest).
-        self._unreconciled: deque[tuple[Mapping[str, Any], dict[str, float], datetime, str]] = (
-            deque(maxlen=100_000))
-        self._reconciling = threading.Lock()
-        self._budgets_down_until = 0.0  # time.monotonic(): no charge attempts before then
+        self._budgets_down_until = 0.0  # time.monotonic(): no budget checks before then
         if budgets:
             from ._reservations import BudgetLedger
 
@@ -175,7 +186,9 @@ class Tally:
                     raise ConfigError(f"budgets: {budget!r} is not a llmtally.Budget")
             self.budgets = BudgetLedger(
                 self.store, budgets, tz=self.tz, currency=self.currency,
-                reservation_ttl=timedelta(seconds=reservation_ttl_s), clock=self._clock)
+                reservation_ttl=timedelta(seconds=reservation_ttl_s), clock=self._clock,
+                timezone_name=timezone or "UTC")
+            self._publish_budgets()
         _register_exit_flush(self)
 
     @classmethod
@@ -306,6 +319,9 @@ class Tally:
             attribution=tuple(values.pop(name) for name in _ATTRIBUTION_FIELDS), **values)
 
     def _submit(self, row: dict[str, Any], reservation: Reservation | None) -> None:
+        if reservation is not None and reservation.holds:
+            # released by the transaction that stores this event, which also charges it
+            row["_reservation"] = reservation.id
         if self._closed:
             self._keep_after_close(row)
         elif not self._sync:
@@ -315,8 +331,6 @@ class Tally:
                          "event durable in time (the ledger hangs and the spill file %s "
                          "cannot be written); it stays queued", self.spill_path,
                          level=logging.ERROR)
-        if reservation is not None:
-            self._settle(reservation, row)
 
     def _event_row(self, *, event_id: str, model: Any, provider: Any, tokens: tuple[Any, ...],
                    latency_ms: Any, ttft_ms: Any, status: Any, error_type: Any, call_type: Any,
@@ -589,6 +603,7 @@ class Tally:
         messages: Iterable[Any] | None = None,
         input_tokens: int | None = None,
         max_tokens: int | None = None,
+        choices: int | None = None,
         call_type: str = "chat",
         project: str | None = None,
         user: str | None = None,
@@ -600,9 +615,12 @@ class Tally:
         would go over. Returns None when no budget is configured.
 
         The estimate is the prompt (``input_tokens``, else ``messages`` counted offline) plus
-        ``max_tokens`` (else the model's output limit, at most ``max_output_estimate``), priced
-        by the price engine. Pass the result to :meth:`record` (``reservation=``) to settle it
-        to the real cost, or to :meth:`release` if the call was not made.
+        ``choices`` (``n``; default 1) times the output: ``max_tokens`` (capped at the model's
+        output limit), else the model's output limit, at most ``max_output_estimate``; a
+        ``max_tokens`` that is not a positive whole number counts as absent. Priced by the price
+        engine. Pass the result to :meth:`record` (``reservation=``): the transaction that
+        stores the event releases the hold and charges the real cost. Use :meth:`release` if
+        the call was not made.
 
         >>> held = tally.reserve(model="gpt-4o-mini", messages=msgs, max_tokens=500)
         >>> response = client.chat.completions.create(model="gpt-4o-mini", messages=msgs, max_tokens=500)
@@ -613,87 +631,105 @@ class Tally:
         from ._reservations import Reservation
 
         attributes = self._budget_attributes(model, provider, project, user, session, tags)
-        estimate = self._estimate(model, provider, messages, input_tokens, max_tokens)
+        estimate, priced = self._estimate(model, provider, messages, input_tokens, max_tokens,
+                                          choices, has_output=call_type != "embedding")
         reservation_id = _ids.next_id()
         try:
-            held = self.budgets.reserve(reservation_id, attributes, estimate)
-            if self._unreconciled:
-                self._reconcile()
-            return held
+            if not priced:
+                self._unpriced_call(model, attributes)
+            if time.monotonic() < self._budgets_down_until:
+                raise _BudgetsDown("the ledger was unreachable moments ago")
+            try:
+                return self.budgets.reserve(reservation_id, attributes, estimate)
+            except BudgetExceeded:
+                if not self._writer.queued and not self._before_flush:
+                    raise
+                # About to block: calls that finished here may still hold more than they used
+                # until their events are stored (which releases their holds): store them, retry.
+                self.flush(_FLUSH_BEFORE_BLOCKING_S)
+                return self.budgets.reserve(reservation_id, attributes, estimate)
         except BudgetExceeded as exc:
+            budget = exc.budget or getattr(exc, "unpriced_under", None)
+            if budget is None:  # fail closed: the ledger could not be asked
+                raise
             self.record(id=reservation_id, model=model, provider=provider, status="blocked",
                         error_type="llmtally.BudgetExceeded", call_type=call_type,
                         project=project, user=user, session=session, tags=tags,
-                        metadata={"budget": exc.budget.label, "budget_scope": exc.scope})
-            self._alert("blocked", exc.budget, exc.scope, used=exc.used, requested=exc.requested,
+                        metadata={"budget": budget.label, "budget_scope": exc.scope,
+                                  **({"unpriced": True} if exc.budget is None else {})})
+            self._alert("blocked", budget, exc.scope, used=exc.used, requested=exc.requested,
                         resets_at=exc.resets_at)
-            if self._unreconciled:  # the ledger answers: charge what went out unchecked
-                self._reconcile()
             raise
         except Exception as exc:
             if self._fail_closed:
                 raise BudgetExceeded.unavailable(exc) from exc
-            self._budgets_down_until = time.monotonic() + _RECONCILE_PAUSE_S
+            if not isinstance(exc, _BudgetsDown):
+                # calls in the next few seconds don't wait for a connection timeout each
+                self._budgets_down_until = time.monotonic() + _BUDGETS_DOWN_PAUSE_S
             warn_limited("budget-open", "llmtally: budgets could not be checked (%s: %s); the "
-                         "call is allowed (fail open). Use fail_closed=True to block instead.",
+                         "call is allowed (fail open) and charged to the budgets when its event "
+                         "is written. Use fail_closed=True to block instead.",
                          type(exc).__name__, exc)
-            return Reservation(reservation_id, (), unchecked=attributes)
+            return Reservation(reservation_id, ())
+
+    async def areserve(self, **call: Any) -> Reservation | None:
+        """:meth:`reserve` for async code: the database work runs on a worker thread, so the
+        event loop never waits for it (the scope in force is carried over)."""
+        if self.budgets is None:
+            return None
+        import asyncio
+
+        return await asyncio.to_thread(functools.partial(self.reserve, **call))
 
     def release(self, reservation: Reservation | None, *, sent: bool = False) -> None:
-        """Give a reservation back: the call was not made (``sent=False``) or failed before
-        using anything. A sent request still counts against ``requests=`` budgets. Never raises."""
-        if reservation is None or self.budgets is None:
+        """Give a reservation back when no event will record the call (it was not made).
+        A call that was made is recorded instead (``record(..., reservation=...)``), which
+        releases the hold and charges what it used; ``sent`` is accepted for compatibility and
+        changes nothing: only events count. Never raises."""
+        if reservation is None or self.budgets is None or not reservation.holds:
             return
         try:
-            self._deliver(self.budgets.release(reservation, requests=1.0 if sent else 0.0))
+            self.budgets.release(reservation)
         except Exception as exc:
             warn_limited("budget-settle", "llmtally: could not release a budget reservation "
                          "(%s: %s); it expires on its own", type(exc).__name__, exc)
 
     def budget_states(self) -> list[CounterState]:
-        """Each budget (and each ``each=`` instance with use) in its current window."""
+        """Each budget (and each ``each=`` instance with use) in its current window. Flushes
+        first, so this Tally's own calls are charged."""
         if self.budgets is None:
             return []
+        self.flush(DEFAULT_EXIT_FLUSH_TIMEOUT_S)
         return self.budgets.states()
 
-    def _settle(self, reservation: Reservation, row: Mapping[str, Any]) -> None:
+    def _publish_budgets(self) -> bool:
+        """Put this Tally's budget definitions in the ledger (retried until it answers)."""
         if self.budgets is None:
-            return
-        actual = {"usd": row["cost"] or 0.0,
-                  "tokens": row["input_tokens"] + row["output_tokens"],
-                  "requests": 0.0 if row["status"] == "blocked" else 1.0}
-        if reservation.unchecked is not None:
-            self._unreconciled.append((reservation.unchecked, actual, row["ts"], row["id"]))
-            if time.monotonic() >= self._budgets_down_until:  # else a call just found it down
-                self._reconcile()
-            return
-        if not reservation.holds:
-            return
+            return True
         try:
-            self._deliver(self.budgets.settle(reservation, actual))
+            self.budgets.publish()
+            return True
         except Exception as exc:
-            warn_limited("budget-settle", "llmtally: could not settle a budget reservation "
-                         "(%s: %s); it expires on its own", type(exc).__name__, exc)
+            warn_limited("budget-publish", "llmtally: could not write the budget definitions to "
+                         "the ledger yet (%s: %s); will try again", type(exc).__name__, exc)
+            return False
 
-    def _reconcile(self) -> None:
-        """Charge the budgets for calls that went out while they could not be checked (fail
-        open); what cannot be charged yet waits for the next call that reaches the ledger."""
+    def _unpriced_call(self, model: str, attributes: Mapping[str, Any]) -> None:
+        """A call of a model with no price, under a usd budget: warn once per model, or block."""
         assert self.budgets is not None
-        if not self._reconciling.acquire(blocking=False):
-            return  # another thread is at it
-        try:
-            while self._unreconciled:
-                attributes, actual, when, event_id = self._unreconciled[0]
-                try:
-                    crossings = self.budgets.charge(attributes, actual, when, event_id)
-                except Exception:
-                    # still unreachable (the reserve path has said so in the log)
-                    self._budgets_down_until = time.monotonic() + _RECONCILE_PAUSE_S
-                    return
-                self._unreconciled.popleft()
-                self._deliver(crossings)
-        finally:
-            self._reconciling.release()
+        now = self._clock()
+        usd = [b for b, _, _ in self.budgets.covering(attributes, now)
+               if b.kind == "usd" and b.action == "block"]
+        if not usd:
+            return
+        if self._unpriced_policy == "block":
+            raise BudgetExceeded.unpriced(model, usd[0])
+        if model not in self._unpriced_warned and len(self._unpriced_warned) < 10_000:
+            self._unpriced_warned.add(model)
+            logger.warning("llmtally: %r has no price, so usd budgets (%s) cannot count its "
+                           "calls; they are allowed (unpriced=\"allow\"). Add a price override "
+                           "(prices={%r: Price(...)}) or use unpriced=\"block\"; `llmtally "
+                           "budgets` counts these calls", model, usd[0].label, model)
 
     def _attribution_here(self) -> _scope.Attribution:
         """The scope in force here, over the Tally's default scope."""
@@ -715,19 +751,28 @@ class Tally:
         }
 
     def _estimate(self, model: str, provider: str | None, messages: Iterable[Any] | None,
-                  input_tokens: int | None, max_tokens: int | None) -> dict[str, float]:
+                  input_tokens: Any, max_tokens: Any, choices: Any = None, *,
+                  has_output: bool = True) -> tuple[dict[str, float], bool]:
+        """A call's estimated use, and whether its model has a price (an embedding has no
+        output)."""
         from ._tokens import count_messages
 
         prompt = coerce_count(input_tokens)
         if prompt is None:
             prompt = count_messages(list(messages), model) if messages else 0
-        output = coerce_count(max_tokens)
-        if output is None:
-            limit = self.prices.max_output_tokens(model, provider)
+        limit = self.prices.max_output_tokens(model, provider)
+        output = coerce_count(max_tokens) if has_output else 0
+        if not has_output:
+            pass
+        elif not output:  # absent, zero, negative or not a whole number: as if not given
             output = min(limit, self._max_output_estimate) if limit else self._max_output_estimate
+        elif limit:
+            output = min(output, limit)  # the provider sends no more than the model's limit
+        output *= _choices(choices)
         priced = self.prices.cost(model=model, provider=provider, input_tokens=prompt,
                                   output_tokens=output)
-        return {"usd": priced.cost or 0.0, "tokens": prompt + output, "requests": 1.0}
+        return ({"usd": priced.cost or 0.0, "tokens": prompt + output, "requests": 1.0},
+                priced.cost is not None)
 
     def _deliver(self, crossings: Iterable[Crossing]) -> None:
         for crossing in crossings:
@@ -758,8 +803,7 @@ class Tally:
         """Wait until every event recorded so far is in the ledger (or, if the database is
         unreachable, safe in the spill file). Returns False if ``timeout`` ran out."""
         self._drain_integrations(timeout)
-        if self._unreconciled:
-            self._reconcile()
+        self._publish_budgets()
         return self._writer.flush(timeout)
 
     def _drain_integrations(self, timeout: float | None) -> None:
@@ -791,8 +835,6 @@ class Tally:
             return
         self._closed = True
         self._drain_integrations(timeout)
-        if self._unreconciled:
-            self._reconcile()
         if self._webhooks is not None:
             self._webhooks.drain(DEFAULT_WEBHOOK_TIMEOUT_S)
         if not self._writer.close(timeout):
@@ -858,6 +900,19 @@ def _record_defaults() -> dict[str, Any]:
     return {name: parameter.default
             for name, parameter in inspect.signature(Tally.record).parameters.items()
             if parameter.default is not inspect.Parameter.empty}
+
+
+MAX_CHOICES = 128  # OpenAI's own limit for n
+
+
+def _choices(value: Any) -> int:
+    """``n`` / ``best_of`` as a multiplier of the output estimate (1 if absent or not usable)."""
+    count = coerce_count(value)
+    return min(count, MAX_CHOICES) if count else 1
+
+
+class _BudgetsDown(Exception):
+    """The ledger was found unreachable moments ago: don't wait for it again yet."""
 
 
 def _check_alerts(alerts: Sequence[Any]) -> tuple[Any, ...]:

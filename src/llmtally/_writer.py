@@ -32,7 +32,7 @@ from typing import Any
 
 from ._log import logger, warn_limited
 from ._spill import SpillFile
-from ._store import Store, is_outage
+from ._store import InsertHook, Store, is_outage
 
 __all__ = ["Writer", "DEFAULT_BATCH_SIZE", "DEFAULT_FLUSH_INTERVAL_S", "DEFAULT_MAX_QUEUE"]
 
@@ -69,6 +69,8 @@ class Writer:
         self.spill_after_s = spill_after_s
         self.max_pending = max_pending
         self._clock = clock
+        # Budgets: charges every batch's new events to the counters in the same transaction.
+        self.charges: InsertHook | None = None
         self._start()
 
     def _start(self) -> None:
@@ -258,7 +260,7 @@ class Writer:
             self._retry_delay = _RETRY_MIN_S
 
     def _insert(self, rows: list[dict[str, Any]]) -> None:
-        self.store.insert_many([_json_safe(row) for row in rows])
+        self.store.insert_many([_json_safe(row) for row in rows], self.charges)
         self.written += len(rows)
 
     def _insert_one_by_one(self, rows: list[dict[str, Any]]) -> None:
@@ -343,7 +345,8 @@ class Writer:
                 with self.spill.replaying(path):
                     rows, bad_lines = self.spill.read(path)
                     for start in range(0, len(rows), self.batch_size):
-                        self.store.insert_many([_json_safe(r) for r in rows[start:start + self.batch_size]])
+                        self.store.insert_many([_json_safe(r) for r in rows[start:start + self.batch_size]],
+                                               self.charges)
                     if bad_lines:
                         logger.warning("llmtally: %s had %d unreadable lines (%s); they were "
                                        "skipped", path, len(bad_lines),

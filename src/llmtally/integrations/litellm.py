@@ -2,9 +2,11 @@
 
 How LiteLLM's view of a call maps onto a ledger event (checked on litellm 1.110):
 
-- ``id`` is LiteLLM's ``litellm_call_id``, so a logger registered twice (two instances,
-  ``callbacks`` plus ``success_callback``, a re-assigned ``litellm.callbacks``) stores one row.
-  Each Router attempt (retry, fallback) has its own call id and is its own event; the attempts
+- ``id`` is our own id, stamped on the call when LiteLLM sets it up (see
+  :func:`install_setup_hook`), so a logger registered twice stores one row, and two calls that
+  pass the same ``litellm_call_id`` (the caller's to choose; the proxy takes it from the
+  client's ``x-litellm-call-id`` header) are two events; the caller's id is kept in
+  ``metadata["litellm_call_id"]``. Each Router attempt (retry, fallback) is its own event; the attempts
   of one logical request share ``litellm_trace_id``, kept in ``metadata["litellm_trace_id"]``
   and used as ``request_id`` unless the caller gave one.
 - ``provider`` is LiteLLM's ``custom_llm_provider``; ``model`` is LiteLLM's model name without
@@ -22,18 +24,20 @@ How LiteLLM's view of a call maps onto a ledger event (checked on litellm 1.110)
   user). Prompts, responses, keys and headers are never read into the event.
 
 Budgets (when the Tally has any; otherwise none of this runs), checked on litellm 1.110.2 and
-the 1.106.12 proxy — each call's estimate is held under its ``litellm_call_id`` before anything
-is sent and settled by that call's success / failure hook (``record(reservation=...)``):
+the 1.106.12 proxy — each call's estimate is held under its stamp before anything is sent;
+that call's success / failure hook records it with the hold (``record(reservation=...)``), and
+the transaction storing the event releases the hold and charges the real cost:
 
 - ``acompletion`` (streamed or not), ``aembedding`` and ``Router`` async calls:
   ``async_pre_call_deployment_hook``, which LiteLLM awaits once per attempt after choosing the
   deployment, letting what it raises reach the caller (its failure hooks run too: a
   ``BudgetExceeded`` there is not recorded again). A Router retries a blocked attempt like any
   failure (``num_retries``); each attempt is checked, and recorded as blocked, again.
-- Sync ``completion`` / ``embedding`` / ``Router.completion``: no hook that knows the call can
-  raise into the caller (``log_pre_api_call`` errors are swallowed; ``Router.pre_call_check``
-  gets only the deployment, not the call id or messages), so they are wrapped:
-  :func:`guard` (``tally.guard(litellm.completion)``) makes the call id, holds, then calls.
+- Sync ``completion`` / ``text_completion`` / ``embedding`` / ``Router.completion``: no
+  ``CustomLogger`` hook that knows the call can raise into the caller, so the logger wraps
+  LiteLLM's ``function_setup`` (which every SDK entry point calls before anything is sent,
+  and whose exceptions reach the caller) and holds there; :func:`install_setup_hook` checks
+  its shape and otherwise falls back to :func:`guard` (``tally.guard(litellm.completion)``).
 - The proxy: ``async_pre_call_hook`` holds with the caller's attribution and turns
   ``BudgetExceeded`` into ``fastapi.HTTPException(429)``.
 - Holds never settled (a stream never read nor released, a process killed mid-call) are
@@ -47,6 +51,7 @@ import atexit
 import functools
 import gc
 import inspect
+import logging
 import queue
 import sys
 import threading
@@ -62,6 +67,7 @@ from litellm.integrations.custom_logger import CustomLogger
 
 from .. import _scope
 from .._errors import error_type
+from .._ids import EventIds
 from .._log import warn_limited
 from .._usage import Usage, extract_usage, response_model, response_text
 from ._handoff import claim as _claim_offered, take_hold as _take_offered_hold
@@ -119,8 +125,9 @@ def litellm_event(kwargs: Any, response_obj: Any, start_time: Any, end_time: Any
         "status": "error" if failed else "ok", "latency_ms": _ms_between(start_time, end_time),
     }
     call_id = _text(kw.get("litellm_call_id"))
-    if call_id:
-        event["id"] = _event_id(call_id, kw, params, meta, start_time)
+    event_id = _text(kw.get(EVENT_ID_KEY))
+    if event_id or call_id:
+        event["id"] = event_id or _event_id(call_id, start_time)  # type: ignore[arg-type]
     if failed:
         error = kw.get("exception")
         event["error_type"] = error_type(error) if isinstance(error, BaseException) else None
@@ -139,7 +146,7 @@ def litellm_event(kwargs: Any, response_obj: Any, start_time: Any, end_time: Any
         if kw.get("cache_hit") is True:
             event["cache_hit"] = True
     event.update(_attribution(kw, params, meta, call_start))
-    if call_id and event["id"] != call_id:
+    if call_id:
         event["metadata"]["litellm_call_id"] = call_id
     if abandoned:
         event["metadata"]["stream_abandoned"] = True
@@ -195,6 +202,9 @@ def _attribution(kw: Mapping[str, Any], params: Mapping[str, Any], meta: Mapping
     }
 
 
+# What the LiteLLM proxy puts as the user of requests made with its master key
+# (``litellm.constants.LITELLM_PROXY_ADMIN_NAME``).
+_PROXY_ADMIN = "default_user_id"
 # The LiteLLM proxy's caller, as its auth step put it in the request metadata.
 _PROXY_FIELDS = (("key_alias", "user_api_key_alias"), ("user_id", "user_api_key_user_id"),
                  ("team_id", "user_api_key_team_id"), ("team_alias", "user_api_key_team_alias"),
@@ -215,6 +225,8 @@ def _proxy_caller(kw: Mapping[str, Any], params: Mapping[str, Any],
     for name, field in _PROXY_FIELDS:
         for source in sources:
             value = _text(source.get(field))
+            if value == _PROXY_ADMIN and name == "user_id":
+                continue  # the master key's placeholder, not a person: the end user decides
             if value:
                 found[name] = value
                 break
@@ -225,17 +237,16 @@ def _proxy_caller(kw: Mapping[str, Any], params: Mapping[str, Any],
     return {**found, **({"team": team} if team else {}), **({"project": project} if project else {})}
 
 
-def _event_id(call_id: str, kw: Mapping[str, Any], params: Mapping[str, Any],
-              meta: Mapping[str, Any], start_time: Any) -> str:
-    """LiteLLM's call id; on the proxy, where the client may choose the call id (header
-    ``x-litellm-call-id``), it is suffixed with the call's start time, so a client repeating
-    an id cannot make a second call collapse into the first one's row."""
-    if not isinstance(start_time, datetime) or not _proxy_caller(kw, params, meta):
-        return call_id
+def _event_id(call_id: str, start_time: Any) -> str:
+    """An event id when LiteLLM ran no hook of ours before the call (no stamp): the caller may
+    choose the call id (``litellm_call_id=``, the proxy's ``x-litellm-call-id`` header), so it
+    is suffixed with the call's start time, and two calls sharing an id stay two events."""
+    if not isinstance(start_time, datetime):
+        return call_id[:128]
     try:
         return f"{call_id[:100]}@{start_time.timestamp():.6f}"
     except (OverflowError, OSError, ValueError):
-        return call_id
+        return call_id[:128]
 
 
 def _usage_not_sent(kw: Mapping[str, Any], provider: str | None,
@@ -310,45 +321,70 @@ class LiteLLMLogger(CustomLogger):
     """A LiteLLM ``CustomLogger`` that records every call in a :class:`~llmtally.Tally`.
 
     Get it with ``tally.litellm()`` (one instance per Tally) and register it with
-    ``litellm.callbacks = [tally.litellm()]``. Its hooks never raise into LiteLLM.
+    ``litellm.callbacks = [tally.litellm()]``. Its hooks never raise into LiteLLM, except
+    ``BudgetExceeded`` before a call is sent.
     """
 
     def __init__(self, tally: Tally) -> None:
         super().__init__()
         self.tally = tally
+        # LiteLLM keeps one logger per "key" (class name and public scalar attributes): this
+        # makes each Tally's logger its own, so a second Tally's is not skipped as a duplicate.
+        self.llmtally_instance = f"{id(tally):x}"
         self._starts: dict[str, CallStart] = {}
         self._starts_lock = threading.Lock()
-        # Budget holds taken before a call, by LiteLLM call id, settled by the same call's
-        # success or failure hook. Guarded by _starts_lock.
+        # Budget holds taken before a call, by the call's key (our stamp), released by the
+        # transaction that stores the call's event. Guarded by _starts_lock.
         self._holds: dict[str, Reservation] = {}
         # durability="sync": call ids whose guarded caller waits until the call's event is
         # durable (set once the hook's record() returned). Guarded by _starts_lock.
         self._awaited: dict[str, threading.Event] = {}
         _LOGGERS.add(self)
         install_stream_watch()
+        install_setup_hook()
 
-    # -- budgets: hold before the call is sent, settle in the success / failure hook --------
+    # -- budgets: hold before the call is sent ------------------------------------------------
 
-    async def async_pre_call_deployment_hook(self, kwargs, call_type):  # type: ignore[no-untyped-def]
-        """Budgets, for ``acompletion`` (streamed or not), ``aembedding`` and ``Router`` async
-        calls: LiteLLM awaits this once per attempt, after a deployment was chosen and before
-        anything is sent, and lets what it raises reach the caller. Holds the call's estimate
-        under its ``litellm_call_id``; ``BudgetExceeded`` propagates and stops the call.
-        Returns None: LiteLLM then sends the kwargs unchanged."""
-        if self.tally.budgets is None or not isinstance(kwargs, Mapping):
-            return None
-        call_id = kwargs.get("litellm_call_id")
-        if isinstance(call_id, str):
-            with self._starts_lock:
-                if call_id in self._holds:  # held already by tally.guard() or the proxy hook
-                    return None
+    def _before_sync_call(self, details: dict[str, Any], kwargs: Mapping[str, Any],
+                          call_type: Any) -> None:
+        """From LiteLLM's ``function_setup`` (see :func:`install_setup_hook`), on the caller's
+        thread, for a sync SDK or Router call: hold its estimate, or raise BudgetExceeded."""
+        if self.tally.budgets is None:
+            return
+        key = details.get(EVENT_ID_KEY)
         offered = _claim_offered(self.tally)
         if offered is not None and offered.hold is not None:  # held by the LangChain run making it
-            self._hold(call_id, _take_offered_hold(offered))
+            self._hold(key, _take_offered_hold(offered))
+            return
+        self._hold(key, _reserve(self.tally, kwargs, call_type if isinstance(call_type, str) else None))
+
+    async def async_pre_call_deployment_hook(self, kwargs, call_type):  # type: ignore[no-untyped-def]
+        """Budgets, for ``acompletion`` (streamed or not), ``aembedding``, ``atext_completion``
+        and ``Router`` async calls: LiteLLM awaits this once per attempt, after a deployment was
+        chosen and before anything is sent, and lets what it raises reach the caller. Holds the
+        call's estimate on a worker thread (the event loop never waits for the database);
+        ``BudgetExceeded`` propagates and stops the call. Returns None: LiteLLM then sends the
+        kwargs unchanged."""
+        if self.tally.budgets is None or not isinstance(kwargs, Mapping):
+            return None
+        key = _call_key(kwargs)
+        if key is None:
+            return None
+        with self._starts_lock:
+            if key in self._holds:  # held already (tally.guard())
+                return None
+            proxy_hold = self._holds.pop(_proxy_token(kwargs) or "", None)
+        if proxy_hold is not None:  # held by the proxy's pre-call hook for this request
+            self._hold(key, proxy_hold)
+            return None
+        offered = _claim_offered(self.tally)
+        if offered is not None and offered.hold is not None:  # held by the LangChain run making it
+            self._hold(key, _take_offered_hold(offered))
             return None
         name = getattr(call_type, "value", call_type)
-        held = _reserve(self.tally, kwargs, name if isinstance(name, str) else None)
-        self._hold(call_id, held)
+        held = await asyncio.to_thread(_reserve, self.tally, kwargs,
+                                       name if isinstance(name, str) else None)
+        self._hold(key, held)
         return None
 
     async def async_pre_call_hook(self, user_api_key_dict, cache, data, call_type):  # type: ignore[no-untyped-def]
@@ -364,30 +400,43 @@ class LiteLLMLogger(CustomLogger):
         meta = {**_mapping(data.get("metadata")), **_mapping(data.get("litellm_metadata")), **caller}
         kwargs = {**data, "metadata": meta, "model": _proxy_deployment_model(data.get("model"))}
         try:
-            held = _reserve(self.tally, kwargs, call_type if isinstance(call_type, str) else None)
+            held = await asyncio.to_thread(_reserve, self.tally, kwargs,
+                                           call_type if isinstance(call_type, str) else None)
         except BudgetExceeded as exc:
             from fastapi import HTTPException
 
             raise HTTPException(status_code=429, detail=str(exc)) from exc
-        self._hold(data.get("litellm_call_id"), held)
+        if held is not None:
+            # Our own token, never the client's call id: the deployment hook of this request
+            # finds the hold by it (a client-chosen value is overwritten here).
+            token = uuid.uuid4().hex
+            target = "litellm_metadata" if isinstance(data.get("litellm_metadata"), dict) \
+                and not isinstance(data.get("metadata"), dict) else "metadata"
+            if not isinstance(data.get(target), dict):
+                data[target] = {}
+            data[target][_PROXY_TOKEN_KEY] = token
+            self._hold(token, held)
         return None
 
-    def _hold(self, call_id: Any, held: Reservation | None) -> None:
+    def _hold(self, key: Any, held: Reservation | None) -> None:
         if held is None:
             return
-        if not isinstance(call_id, str):  # cannot be matched to its end: give it back
+        if not isinstance(key, str):  # cannot be matched to its end: give it back
             self.tally.release(held)
             return
         with self._starts_lock:
             if len(self._holds) >= _MAX_PENDING_HOLDS:  # never settled: its TTL releases it
                 del self._holds[next(iter(self._holds))]
-            self._holds[call_id] = held
+            replaced = self._holds.get(key)
+            self._holds[key] = held
+        if replaced is not None and replaced is not held:
+            self.tally.release(replaced)
 
-    def _take_hold(self, call_id: Any) -> Reservation | None:
-        if not isinstance(call_id, str):
+    def _take_hold(self, key: Any) -> Reservation | None:
+        if not isinstance(key, str):
             return None
         with self._starts_lock:
-            return self._holds.pop(call_id, None)
+            return self._holds.pop(key, None)
 
     # LiteLLM finds hooks by exact method and parameter names: do not rename them.
     # It calls log_pre_api_call on the caller's thread for sync and async calls alike.
@@ -396,8 +445,8 @@ class LiteLLMLogger(CustomLogger):
         """Capture the caller's attribution: success hooks may run where it is not visible
         (sync streams finish on a thread pool that does not copy the context)."""
         try:
-            call_id = kwargs.get("litellm_call_id")
-            if not isinstance(call_id, str):
+            key = _call_key(kwargs)
+            if key is None:
                 return
             asked = _asks_for_usage(kwargs) if kwargs.get("stream") is True else None
             scope = _scope.current()
@@ -407,13 +456,13 @@ class LiteLLMLogger(CustomLogger):
                 scope = scope.merged(offered.attribution())
                 held = _take_offered_hold(offered)
                 with self._starts_lock:
-                    held_already = call_id in self._holds
-                self.tally.release(held) if held_already else self._hold(call_id, held)
+                    held_already = key in self._holds
+                self.tally.release(held) if held_already else self._hold(key, held)
             start = CallStart(scope, asked)
             with self._starts_lock:
                 if len(self._starts) >= _MAX_PENDING_STARTS:
                     del self._starts[next(iter(self._starts))]
-                self._starts[call_id] = start
+                self._starts[key] = start
         except Exception as exc:
             warn_limited("litellm-hook", "llmtally: LiteLLM pre-call hook failed (%s: %s)",
                          type(exc).__name__, exc, exc_info=True)
@@ -441,10 +490,12 @@ class LiteLLMLogger(CustomLogger):
     def _record(self, kwargs: Any, response_obj: Any, start_time: Any, end_time: Any, *,
                 failed: bool) -> None:
         try:
-            call_id = kwargs.get("litellm_call_id") if isinstance(kwargs, Mapping) else None
+            key = _call_key(kwargs) if isinstance(kwargs, Mapping) else None
             with self._starts_lock:
-                start = self._starts.pop(call_id, None) if isinstance(call_id, str) else None
-            held = self._take_hold(call_id)
+                start = self._starts.pop(key, None) if key is not None else None
+            held = self._take_hold(key)
+            if held is None and isinstance(kwargs, Mapping):  # a proxy hold no hook moved
+                held = self._take_hold(_proxy_token(kwargs))
             if failed and (_is_auth_rejection(kwargs) or _is_budget_refusal(kwargs)):
                 # the proxy refused the caller's key: no LLM call, and no row for strangers; or
                 # a budget stopped the call: reserve() recorded it as blocked already
@@ -481,6 +532,127 @@ class LiteLLMLogger(CustomLogger):
             self._awaited.pop(call_id, None)
 
 
+# Our own id for one LiteLLM call, put in its logging details (``model_call_details``) when
+# LiteLLM sets the call up: every hook of the call sees it, and it becomes the event's id. The
+# caller's ``litellm_call_id`` (which a client of the proxy can choose) is never trusted as a key.
+EVENT_ID_KEY = "llmtally_event_id"
+_PROXY_TOKEN_KEY = "llmtally_hold"  # in a proxy request's metadata: its hold, taken before routing
+_ids = EventIds()
+
+
+def _call_key(kwargs: Any) -> str | None:
+    """The key of a call's hold and start: our stamp; failing that (a LiteLLM whose set-up hook
+    could not be installed), LiteLLM's call id."""
+    if not isinstance(kwargs, Mapping):
+        return None
+    key = kwargs.get(EVENT_ID_KEY)
+    if not isinstance(key, str):
+        details = getattr(kwargs.get("litellm_logging_obj"), "model_call_details", None)
+        key = details.get(EVENT_ID_KEY) if isinstance(details, dict) else None
+    if isinstance(key, str):
+        return key
+    call_id = kwargs.get("litellm_call_id")
+    return call_id if isinstance(call_id, str) else None
+
+
+def _proxy_token(kwargs: Mapping[str, Any]) -> str | None:
+    params = _mapping(kwargs.get("litellm_params"))
+    for meta in (kwargs.get("metadata"), kwargs.get("litellm_metadata"), params.get("metadata"),
+                 params.get("litellm_metadata")):
+        token = _mapping(meta).get(_PROXY_TOKEN_KEY)
+        if isinstance(token, str):
+            return token
+    return None
+
+
+_setup_installed = False
+
+
+def install_setup_hook() -> bool:
+    """Wrap ``litellm.utils.function_setup`` once per process. LiteLLM's ``client`` decorator
+    (on ``completion``, ``acompletion``, ``embedding``, ``text_completion``… — also on what
+    ``from litellm import completion`` bound earlier, and under ``Router``) calls it by its
+    module-global name before every call, on the caller's thread, and re-raises what it raises.
+    The wrapper stamps the call with our id and, for sync calls, holds its budgets there
+    (async calls are held by :meth:`LiteLLMLogger.async_pre_call_deployment_hook`, off the
+    event loop). Returns False, and changes nothing, if this LiteLLM's ``function_setup`` has
+    another shape (then sync calls need :meth:`Tally.guard`)."""
+    global _setup_installed
+    with _install_lock:
+        if _setup_installed:
+            return True
+        try:
+            import litellm.utils as utils
+        except ImportError:
+            return False
+        original = getattr(utils, "function_setup", None)
+        if not callable(original) or not _setup_shape_ok(original):
+            warn_limited("litellm-setup", "llmtally: this LiteLLM's function_setup has an "
+                         "unknown shape; sync calls are recorded but not budget-checked unless "
+                         "wrapped with tally.guard()", level=logging.ERROR)
+            return False
+
+        @functools.wraps(original)
+        def function_setup(original_function, rules_obj, start_time, *args, **kwargs):  # type: ignore[no-untyped-def]
+            logging_obj, call_kwargs = original(original_function, rules_obj, start_time,
+                                                *args, **kwargs)
+            _on_setup(logging_obj, call_kwargs, original_function, args,
+                      is_async=kwargs.get("is_async_call", True) is not False)
+            return logging_obj, call_kwargs
+
+        function_setup._llmtally_original = original  # type: ignore[attr-defined]
+        utils.function_setup = function_setup
+        _setup_installed = True
+        return True
+
+
+def _setup_shape_ok(function: Any) -> bool:
+    try:
+        names = list(inspect.signature(function).parameters)
+    except (TypeError, ValueError):
+        return False
+    return names[:3] == ["original_function", "rules_obj", "start_time"] and "is_async_call" in names
+
+
+def _on_setup(logging_obj: Any, kwargs: Any, call_type: Any, args: tuple[Any, ...], *,
+              is_async: bool) -> None:
+    """Stamp the call and, for a sync call, hold its budgets (BudgetExceeded propagates)."""
+    details = getattr(logging_obj, "model_call_details", None)
+    if not isinstance(details, dict) or not isinstance(kwargs, Mapping):
+        return
+    loggers = [logger_ for logger_ in list(_LOGGERS) if _registered(logger_)]
+    if not loggers:
+        return
+    if not isinstance(details.get(EVENT_ID_KEY), str):
+        details[EVENT_ID_KEY] = _ids.next_id()
+    if is_async:
+        return
+    view = dict(kwargs)
+    if args and "model" not in view:
+        view["model"] = args[0]
+    if len(args) > 1 and "messages" not in view and "input" not in view:
+        view["messages" if _is_messages(args[1]) else "input"] = args[1]
+    if "prompt" in view and "messages" not in view and "input" not in view:
+        view["input"] = view["prompt"]
+    held: list[LiteLLMLogger] = []
+    try:
+        for logger_ in loggers:
+            logger_._before_sync_call(details, view, call_type)
+            held.append(logger_)
+    except BaseException:
+        key = details.get(EVENT_ID_KEY)
+        for logger_ in held:  # another Tally refused: give back what the others held
+            logger_.tally.release(logger_._take_hold(key))
+        restore = getattr(sys.modules.get("litellm.utils"),
+                          "_restore_correlation_context_if_supported", None)
+        if callable(restore):  # as LiteLLM does when its own set-up fails
+            try:
+                restore(logging_obj)
+            except Exception:
+                pass
+        raise
+
+
 def _is_budget_refusal(kwargs: Any) -> bool:
     """A call our own budget hook stopped (LiteLLM runs its failure hooks for it too)."""
     from .._budgets import BudgetExceeded
@@ -496,7 +668,11 @@ def _is_budget_refusal(kwargs: Any) -> bool:
 
 def _reserve(tally: Tally, kw: Mapping[str, Any], call_type: str | None) -> Reservation | None:
     """``tally.reserve()`` for a LiteLLM call described by its kwargs (as LiteLLM's hooks and
-    ``litellm.completion`` see them): raises ``BudgetExceeded`` if a budget would go over."""
+    ``litellm.completion`` see them): raises ``BudgetExceeded`` if a budget would go over.
+
+    The estimate: the prompt (``messages``, or every ``input`` / ``prompt`` of an embedding or
+    text completion, counted offline) plus ``max_tokens`` (or ``max_completion_tokens``) times
+    ``n`` (or ``best_of``, the larger)."""
     params = _mapping(kw.get("litellm_params"))
     meta = {**_mapping(params.get("metadata")), **_mapping(kw.get("litellm_metadata")),
             **_mapping(kw.get("metadata"))}
@@ -507,21 +683,42 @@ def _reserve(tally: Tally, kw: Mapping[str, Any], call_type: str | None) -> Rese
     if not isinstance(messages, (list, tuple)):
         messages = None
         inputs = kw.get("input")
+        if inputs is None:
+            inputs = kw.get("prompt")
         if inputs is not None:
-            from .._tokens import count_text
-
-            inputs = [inputs] if isinstance(inputs, str) else (
-                inputs if isinstance(inputs, list) else [])
-            input_tokens = sum(count_text(item, model) for item in inputs if isinstance(item, str))
-    max_tokens = kw.get("max_tokens") or kw.get("max_completion_tokens")
-    if kind == "embedding":
-        max_tokens = 0
+            input_tokens = _count_inputs(inputs, model)
+    max_tokens = kw.get("max_tokens")
+    if max_tokens is None:
+        max_tokens = kw.get("max_completion_tokens")
+    choices = max((_positive(kw.get("n")), _positive(kw.get("best_of"))))
     who = _attribution(kw, params, meta, CallStart(_scope.current()))
     return tally.reserve(model=model, provider=provider, messages=messages,
-                         input_tokens=input_tokens,
-                         max_tokens=max_tokens if type(max_tokens) is int else None,
+                         input_tokens=input_tokens, max_tokens=max_tokens, choices=choices,
                          call_type=kind, project=who["project"], user=who["user"],
                          session=who["session"], tags=who["tags"])
+
+
+def _count_inputs(inputs: Any, model: str) -> int:
+    """Tokens of every input: texts counted offline, token-id lists by their length."""
+    from .._tokens import count_text
+
+    if isinstance(inputs, str):
+        return count_text(inputs, model)
+    if not isinstance(inputs, (list, tuple)):
+        return 0
+    if inputs and all(type(item) is int for item in inputs):  # one input given as token ids
+        return len(inputs)
+    total = 0
+    for item in inputs:
+        if isinstance(item, str):
+            total += count_text(item, model)
+        elif isinstance(item, (list, tuple)):
+            total += len(item)
+    return total
+
+
+def _positive(value: Any) -> int:
+    return value if type(value) is int and value > 0 else 1
 
 
 def _model_and_provider(kw: Mapping[str, Any]) -> tuple[str, str | None]:
@@ -571,7 +768,7 @@ def _caller_metadata(user_api_key_dict: Any) -> dict[str, str]:
     for field, attr in _CALLER_FIELDS:
         value = (user_api_key_dict.get(attr) if isinstance(user_api_key_dict, Mapping)
                  else getattr(user_api_key_dict, attr, None))
-        if _text(value):
+        if _text(value) and not (attr == "user_id" and value == _PROXY_ADMIN):
             found[field] = value
     return found
 
@@ -582,18 +779,21 @@ def guard(tally: Tally, fn: Any) -> Any:
         return fn
     logger_ = tally.litellm()
     sync_durable = tally.durability == "sync"
+    hooked = install_setup_hook()  # then budgets are held by the set-up hook, for every call
 
     def begin(args: tuple[Any, ...], kwargs: dict[str, Any]) -> Reservation | None:
-        if tally.budgets is None and not sync_durable:
+        registered = _registered(logger_)
+        held_by_hook = hooked and registered  # the set-up hook holds every call's budgets
+        if (tally.budgets is None or held_by_hook) and not sync_durable:
             return None
         call_id = kwargs.get("litellm_call_id")
         if not isinstance(call_id, str) or not call_id:
             call_id = kwargs["litellm_call_id"] = str(uuid.uuid4())
-        if sync_durable and _registered(logger_):
+        if sync_durable and registered:
             logger_._await_record(call_id)
-        if tally.budgets is None:
+        if tally.budgets is None or held_by_hook:
             return None
-        if not _registered(logger_):
+        if not registered:
             warn_limited("guard-unregistered", "llmtally: tally.guard() checks the budgets, but "
                          "tally.litellm() is not in litellm.callbacks, so what the call really "
                          "cost is not recorded and its hold is only released after "
@@ -660,7 +860,7 @@ def guard(tally: Tally, fn: Any) -> Any:
 
 
 def _registered(logger_: LiteLLMLogger) -> bool:
-    """Whether LiteLLM will call ``logger_`` (else a sync-durability guard must not wait)."""
+    """Whether LiteLLM will call ``logger_``."""
     litellm = sys.modules.get("litellm")
     lists = (getattr(litellm, name, None) for name in
              ("callbacks", "success_callback", "_async_success_callback"))
@@ -804,7 +1004,7 @@ def _flush_on_new_loop(worker: Any, timeout: float | None) -> None:
 # LiteLLM returns or raises, and a fault of ours is logged, never raised.
 
 _STATE_ATTR = "_llmtally_stream"
-_SNAPSHOT_KEYS = ("litellm_call_id", "model", "custom_llm_provider", "messages", "input",
+_SNAPSHOT_KEYS = ("llmtally_event_id", "litellm_call_id", "model", "custom_llm_provider", "messages", "input",
                   "call_type", "litellm_params", "litellm_trace_id", "user", "stream_options",
                   "model_id")
 _LOGGERS: weakref.WeakSet[LiteLLMLogger] = weakref.WeakSet()
@@ -921,8 +1121,8 @@ def _watch(stream: Any) -> None:
         chunks = getattr(stream, "chunks", None)
         if not isinstance(details, dict) or not isinstance(chunks, list):
             return
-        call_id = details.get("litellm_call_id")
-        if not isinstance(call_id, str) or not any(call_id in lg._starts for lg in loggers):
+        call_id = _call_key(details)
+        if call_id is None or not any(call_id in lg._starts for lg in loggers):
             return
         state = _StreamState(call_id, {key: details[key] for key in _SNAPSHOT_KEYS if key in details},
                              getattr(logging_obj, "start_time", None), chunks)
