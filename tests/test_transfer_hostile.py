@@ -364,3 +364,48 @@ def test_cli_import_of_an_exported_formula_csv(tmp_path, make_tally):
     assert imported.exit_code == 0, imported.output
     (event,) = fetch_events(target)
     assert (event["model"], event["user"]) == ('=HYPERLINK("http://x")', "+1")
+
+
+# -- found on the read-through -------------------------------------------------------------------
+
+
+class _Terminal(io.BytesIO):
+    def isatty(self) -> bool:
+        return True
+
+
+ESCAPES = "\x1b]0;PWNED\x07\x1b[2J\x9b31m\u2028\rover"
+
+
+def test_export_to_a_terminal_cannot_drive_it(sqlite_url, make_tally, stores, new_ledger,
+                                              tmp_path):
+    tally = make_tally(sqlite_url)
+    tally.record(id="t", model=ESCAPES, user="=x", input_tokens=1, metadata={"m": ESCAPES})
+    assert tally.flush(10)
+    screen = _Terminal()
+    export_events(stores(sqlite_url), screen, format="csv")
+    shown = screen.getvalue().decode()
+    assert "\\x1b]0;PWNED\\x07\\x1b[2J\\x9b31m\\u2028\\x0dover" in shown
+    assert not any(c in shown for c in "\x1b\x07\x9b\u2028") and "\rover" not in shown
+
+    jsonl = _Terminal()  # JSONL escapes every control character, on a terminal or not
+    export_events(stores(sqlite_url), jsonl, format="jsonl")
+    assert not any(c in jsonl.getvalue().decode() for c in "\x1b\x07\x9b\u2028\r")
+    target = new_ledger(sqlite_url)
+    assert import_events(stores(target), io.BytesIO(jsonl.getvalue())).imported == 1
+    assert typed_rows(stores(target)) == typed_rows(stores(sqlite_url))
+
+    export_events(stores(sqlite_url), tmp_path / "file.csv")  # a file keeps the exact value
+    again = new_ledger(sqlite_url)
+    assert import_events(stores(again), tmp_path / "file.csv").imported == 1
+    assert typed_rows(stores(again))["t"]["model"] == ESCAPES
+
+
+def test_a_metadata_number_json_cannot_hold_is_one_invalid_line(ledger_url, stores, tmp_path):
+    path = tmp_path / "inf.jsonl"
+    path.write_text('{"id": "inf", "ts": "2026-01-05T10:00:00Z", "model": "m", '
+                    '"metadata": {"x": [1e999]}}\n' + json.dumps(_event("fine")) + "\n")
+    result = import_events(stores(ledger_url), path)  # PostgreSQL refused the whole import
+    assert (result.imported, result.invalid_lines) == (1, [(1, "metadata holds a number too "
+                                                               "large for JSON")])
+    assert [e["id"] for e in fetch_events(ledger_url)] == ["fine"]

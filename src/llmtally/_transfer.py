@@ -154,14 +154,46 @@ def export_events(
             with _atomic_output(path) as out:
                 rows = _write_events(conn, statement, out, fmt, progress, chunk_rows)
             return ExportResult(rows=rows, format=fmt, path=path)
+        out: Any = target
+        if fmt == "csv" and _is_terminal(target):
+            out = _ShownControls(target)  # type: ignore[arg-type]
         try:
-            rows = _write_events(conn, statement, target, fmt, progress, chunk_rows)  # type: ignore[arg-type]
+            rows = _write_events(conn, statement, out, fmt, progress, chunk_rows)
         except BrokenPipeError:
             raise  # the reader went away (`| head`): not an error worth a message
         except OSError as exc:
             raise TransferError(f"cannot write the export ({_reason(exc)}); what was written "
                                 "is incomplete") from exc
     return ExportResult(rows=rows, format=fmt, path=None)
+
+
+def _is_terminal(stream: Any) -> bool:
+    try:
+        return bool(stream.isatty())
+    except (AttributeError, ValueError, OSError):
+        return False
+
+
+# C0 controls but tab and newline (and CR that ends a record), DEL, C1, line/paragraph separators
+_TERMINAL_UNSAFE = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f\u2028\u2029]|\r(?!\n)")
+
+
+class _ShownControls:
+    """A terminal as the target of a CSV export: a control character in a cell is written as
+    ``\\x1b`` (``\\u2028``) instead of being sent to the terminal to act on. (The JSONL
+    export escapes them anyway; a CSV file keeps them, for an exact round trip.)"""
+
+    def __init__(self, out: IO[bytes]) -> None:
+        self._out = out
+
+    def write(self, data: bytes) -> int:
+        text = _TERMINAL_UNSAFE.sub(_shown, data.decode("utf-8", "surrogateescape"))
+        return self._out.write(text.encode("utf-8", "surrogateescape"))
+
+
+def _shown(match: re.Match[str]) -> str:
+    code = ord(match.group())
+    return f"\\x{code:02x}" if code < 0x100 else f"\\u{code:04x}"
 
 
 def count_events(store: Store, *, since: Any = None, until: Any = None, project: str | None = None,
@@ -189,40 +221,67 @@ def _filtered(statement: Select[Any], *, since: Any, until: Any, project: str | 
 
 def _write_events(conn: Connection, statement: Select[Any], out: IO[bytes], fmt: str,
                   progress: Callable[[int], None] | None, chunk_rows: int) -> int:
-    """Stream the statement's rows to ``out``, one encoded chunk at a time; returns the count."""
+    """Stream the statement's rows to ``out``, in pieces of about _WRITE_PIECE bytes; returns
+    the count."""
     encode = _encode_jsonl if fmt == "jsonl" else _encode_csv
     if fmt == "csv":
-        out.write(_encode_csv([EVENT_COLUMNS]))  # the header row
+        out.write(b"".join(_encode_csv([EVENT_COLUMNS])))  # the header row
     ordered = statement.order_by(_EVENTS.c.ts, _EVENTS.c.id)
     result = conn.execute(ordered, execution_options={"yield_per": chunk_rows})
     count = 0
     for chunk in result.partitions():
-        out.write(encode(chunk))
+        for piece in encode(chunk):
+            out.write(piece)
         count += len(chunk)
         if progress is not None:
             progress(len(chunk))
     return count
 
 
+_WRITE_PIECE = 1 << 20
 _TS_INDEX = EVENT_COLUMNS.index("ts")
 _json_line = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False).encode
+# JSON leaves these raw (ensure_ascii=False); escaped, a JSONL export is safe to print on a
+# terminal (DEL, the C1 controls such as CSI) and to paste into JavaScript (U+2028, U+2029).
+_JSON_UNSAFE = re.compile("[\x7f-\x9f\u2028\u2029]")
 
 
-def _encode_jsonl(rows: Iterable[Sequence[Any]]) -> bytes:
-    lines = []
+def _json_escape(match: re.Match[str]) -> str:
+    return f"\\u{ord(match.group()):04x}"
+
+
+def _encode_jsonl(rows: Iterable[Sequence[Any]]) -> Iterator[bytes]:
+    lines: list[str] = []
+    size = 0
     for row in rows:
         values = dict(zip(EVENT_COLUMNS, row))
         values["ts"] = _iso_utc(row[_TS_INDEX])
-        lines.append(_json_line(values))
+        line = _json_line(values)
+        lines.append(line)
+        size += len(line)
+        if size >= _WRITE_PIECE:
+            yield _jsonl_bytes(lines)
+            lines, size = [], 0
+    if lines:
+        yield _jsonl_bytes(lines)
+
+
+def _jsonl_bytes(lines: list[str]) -> bytes:
     lines.append("")
-    return "\n".join(lines).encode("utf-8")
+    return _JSON_UNSAFE.sub(_json_escape, "\n".join(lines)).encode("utf-8")
 
 
-def _encode_csv(rows: Iterable[Sequence[Any]]) -> bytes:
+def _encode_csv(rows: Iterable[Sequence[Any]]) -> Iterator[bytes]:
     buffer = io.StringIO()
     writer = csv.writer(buffer)  # "\r\n" ends records, so a "\r" inside a value is quoted too
-    writer.writerows([_csv_cell(value) for value in row] for row in rows)
-    return buffer.getvalue().encode("utf-8")
+    for row in rows:
+        writer.writerow([_csv_cell(value) for value in row])
+        if buffer.tell() >= _WRITE_PIECE:
+            yield buffer.getvalue().encode("utf-8")
+            buffer.seek(0)
+            buffer.truncate()
+    if buffer.tell():
+        yield buffer.getvalue().encode("utf-8")
 
 
 def _csv_cell(value: Any) -> str:
@@ -810,6 +869,9 @@ def _check_json(value: Any, depth: int) -> None:
         raise _Invalid(f"metadata is nested more than {MAX_METADATA_DEPTH} levels deep")
     if isinstance(value, str):
         _check_string(value, "metadata")
+    elif isinstance(value, float) and not math.isfinite(value):
+        # 1e999 parses as inf, which JSON cannot hold: PostgreSQL would refuse the whole import
+        raise _Invalid("metadata holds a number too large for JSON")
     elif isinstance(value, dict):
         for key, item in value.items():
             _check_string(key, "metadata")
@@ -874,6 +936,9 @@ def _valid_batches(records: Iterable[tuple[int, Any]], result: ImportResult, lin
             batch.append(_driver_row(_event_row(record), sqlite))
         except _Invalid as invalid:
             result._note_invalid(number, str(invalid))
+            continue
+        except RecursionError:  # a value nested nearly as deep as the JSON decoder allows
+            result._note_invalid(number, "a value is nested too deeply")
             continue
         if len(batch) >= batch_size or lines.bytes_read - start >= IMPORT_BATCH_BYTES:
             yield batch
