@@ -14,7 +14,6 @@ import json
 import math
 import os
 import re
-import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timezone, tzinfo
@@ -23,6 +22,7 @@ from typing import TYPE_CHECKING, Any
 
 from . import _report_data as data
 from ._errors import ConfigError
+from ._files import create_beside
 from ._report_period import Period, resolve_period
 
 if TYPE_CHECKING:
@@ -636,8 +636,7 @@ def _write_atomically(target: Path, content: bytes) -> None:
     the old file or the new one, never half of one."""
     try:
         target.parent.mkdir(parents=True, exist_ok=True)
-        handle, temporary = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.",
-                                             suffix=".tmp")
+        handle, temporary = create_beside(target, ".tmp")
     except OSError as exc:
         raise ConfigError(f"cannot write the report to {target} ({exc.strerror or exc}); "
                           "choose a writable file or directory") from exc
@@ -646,7 +645,6 @@ def _write_atomically(target: Path, content: bytes) -> None:
             out.write(content)
             out.flush()
             os.fsync(out.fileno())
-        os.chmod(temporary, 0o644)
         os.replace(temporary, target)
     except BaseException as exc:
         try:

@@ -4,7 +4,8 @@
 chunks read through a server-side cursor on PostgreSQL (SQLite cursors stream by nature), so
 memory stays flat however large the ledger. ``ts`` is ISO 8601 in UTC (``...Z``); in CSV,
 ``tags`` and ``metadata`` are JSON text, ``streamed`` is ``true``/``false``, an empty cell is
-NULL. Written to a path, the file appears complete or not at all (a temporary file renamed
+NULL, and a text cell a spreadsheet would run as a formula (it starts with ``= + - @``, a tab
+or a CR) starts with a ``'`` that import takes off again. Written to a path, the file appears complete or not at all (a temporary file renamed
 into place); a name ending in ``.gz`` is gzip-compressed.
 
 **Import** reads what export writes (JSONL or CSV, gzip-compressed or not) and is idempotent:
@@ -13,7 +14,11 @@ and merging two ledgers is export + import. Every line is validated (types, boun
 status / call_type / cost_status values, the token parts within their whole); invalid lines
 are counted and their numbers reported, valid ones are inserted — all of them in **one
 transaction**, so an import either adds every valid line or, if anything fails on the way
-(unreadable file, wrong format, the database), nothing at all. Values are never altered to
+(unreadable file, wrong format, the database), nothing at all. The file is read and checked
+first, in bounded memory (blank lines are counted, not kept; lines, CSV records and batches
+have size caps), its valid rows kept compressed in a temporary file; only then is the write
+transaction opened, so reading a large or junk-filled file never holds SQLite's write lock.
+Values are never altered to
 make them fit: a line the ledger could not have written (a 300-character model name, a NUL
 character, invalid UTF-8, NaN) is invalid, not cut.
 
@@ -32,10 +37,10 @@ import io
 import json
 import math
 import os
+import pickle
 import re
 import tempfile
 import zlib
-from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import date, datetime, timezone
@@ -46,6 +51,7 @@ from sqlalchemy import Connection, Select, case, delete, func, select
 from sqlalchemy.exc import SQLAlchemyError
 
 from ._errors import ConfigError, LedgerError
+from ._files import create_beside
 from ._model import EVENT_COLUMNS, MAX_ID, MAX_TEXT, UsageEvent
 from ._store import Store, _driver_row
 from ._tally import CALL_TYPES, SOURCES, STATUSES
@@ -64,6 +70,7 @@ MAX_LINE_BYTES = 1 << 20
 MAX_METADATA_DEPTH = 64
 DEFAULT_CHUNK_ROWS = 2000
 DEFAULT_IMPORT_BATCH = 5000
+IMPORT_BATCH_BYTES = 8 << 20
 INVALID_LINES_KEPT = 20
 _EVENTS = UsageEvent.__table__
 _TOKEN_FIELDS = ("input_tokens", "output_tokens", "cache_read_tokens", "cache_write_tokens",
@@ -147,14 +154,46 @@ def export_events(
             with _atomic_output(path) as out:
                 rows = _write_events(conn, statement, out, fmt, progress, chunk_rows)
             return ExportResult(rows=rows, format=fmt, path=path)
+        out: Any = target
+        if fmt == "csv" and _is_terminal(target):
+            out = _ShownControls(target)  # type: ignore[arg-type]
         try:
-            rows = _write_events(conn, statement, target, fmt, progress, chunk_rows)  # type: ignore[arg-type]
+            rows = _write_events(conn, statement, out, fmt, progress, chunk_rows)
         except BrokenPipeError:
             raise  # the reader went away (`| head`): not an error worth a message
         except OSError as exc:
             raise TransferError(f"cannot write the export ({_reason(exc)}); what was written "
                                 "is incomplete") from exc
     return ExportResult(rows=rows, format=fmt, path=None)
+
+
+def _is_terminal(stream: Any) -> bool:
+    try:
+        return bool(stream.isatty())
+    except (AttributeError, ValueError, OSError):
+        return False
+
+
+# C0 controls but tab and newline (and CR that ends a record), DEL, C1, line/paragraph separators
+_TERMINAL_UNSAFE = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f\u2028\u2029]|\r(?!\n)")
+
+
+class _ShownControls:
+    """A terminal as the target of a CSV export: a control character in a cell is written as
+    ``\\x1b`` (``\\u2028``) instead of being sent to the terminal to act on. (The JSONL
+    export escapes them anyway; a CSV file keeps them, for an exact round trip.)"""
+
+    def __init__(self, out: IO[bytes]) -> None:
+        self._out = out
+
+    def write(self, data: bytes) -> int:
+        text = _TERMINAL_UNSAFE.sub(_shown, data.decode("utf-8", "surrogateescape"))
+        return self._out.write(text.encode("utf-8", "surrogateescape"))
+
+
+def _shown(match: re.Match[str]) -> str:
+    code = ord(match.group())
+    return f"\\x{code:02x}" if code < 0x100 else f"\\u{code:04x}"
 
 
 def count_events(store: Store, *, since: Any = None, until: Any = None, project: str | None = None,
@@ -182,40 +221,67 @@ def _filtered(statement: Select[Any], *, since: Any, until: Any, project: str | 
 
 def _write_events(conn: Connection, statement: Select[Any], out: IO[bytes], fmt: str,
                   progress: Callable[[int], None] | None, chunk_rows: int) -> int:
-    """Stream the statement's rows to ``out``, one encoded chunk at a time; returns the count."""
+    """Stream the statement's rows to ``out``, in pieces of about _WRITE_PIECE bytes; returns
+    the count."""
     encode = _encode_jsonl if fmt == "jsonl" else _encode_csv
     if fmt == "csv":
-        out.write(_encode_csv([EVENT_COLUMNS]))  # the header row
+        out.write(b"".join(_encode_csv([EVENT_COLUMNS])))  # the header row
     ordered = statement.order_by(_EVENTS.c.ts, _EVENTS.c.id)
     result = conn.execute(ordered, execution_options={"yield_per": chunk_rows})
     count = 0
     for chunk in result.partitions():
-        out.write(encode(chunk))
+        for piece in encode(chunk):
+            out.write(piece)
         count += len(chunk)
         if progress is not None:
             progress(len(chunk))
     return count
 
 
+_WRITE_PIECE = 1 << 20
 _TS_INDEX = EVENT_COLUMNS.index("ts")
 _json_line = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False).encode
+# JSON leaves these raw (ensure_ascii=False); escaped, a JSONL export is safe to print on a
+# terminal (DEL, the C1 controls such as CSI) and to paste into JavaScript (U+2028, U+2029).
+_JSON_UNSAFE = re.compile("[\x7f-\x9f\u2028\u2029]")
 
 
-def _encode_jsonl(rows: Iterable[Sequence[Any]]) -> bytes:
-    lines = []
+def _json_escape(match: re.Match[str]) -> str:
+    return f"\\u{ord(match.group()):04x}"
+
+
+def _encode_jsonl(rows: Iterable[Sequence[Any]]) -> Iterator[bytes]:
+    lines: list[str] = []
+    size = 0
     for row in rows:
         values = dict(zip(EVENT_COLUMNS, row))
         values["ts"] = _iso_utc(row[_TS_INDEX])
-        lines.append(_json_line(values))
+        line = _json_line(values)
+        lines.append(line)
+        size += len(line)
+        if size >= _WRITE_PIECE:
+            yield _jsonl_bytes(lines)
+            lines, size = [], 0
+    if lines:
+        yield _jsonl_bytes(lines)
+
+
+def _jsonl_bytes(lines: list[str]) -> bytes:
     lines.append("")
-    return "\n".join(lines).encode("utf-8")
+    return _JSON_UNSAFE.sub(_json_escape, "\n".join(lines)).encode("utf-8")
 
 
-def _encode_csv(rows: Iterable[Sequence[Any]]) -> bytes:
+def _encode_csv(rows: Iterable[Sequence[Any]]) -> Iterator[bytes]:
     buffer = io.StringIO()
     writer = csv.writer(buffer)  # "\r\n" ends records, so a "\r" inside a value is quoted too
-    writer.writerows([_csv_cell(value) for value in row] for row in rows)
-    return buffer.getvalue().encode("utf-8")
+    for row in rows:
+        writer.writerow([_csv_cell(value) for value in row])
+        if buffer.tell() >= _WRITE_PIECE:
+            yield buffer.getvalue().encode("utf-8")
+            buffer.seek(0)
+            buffer.truncate()
+    if buffer.tell():
+        yield buffer.getvalue().encode("utf-8")
 
 
 def _csv_cell(value: Any) -> str:
@@ -229,7 +295,32 @@ def _csv_cell(value: Any) -> str:
         return _json_line(value)
     if isinstance(value, float):
         return repr(value)
+    if isinstance(value, str):
+        return _neutralised(value)
     return str(value)
+
+
+# A spreadsheet evaluates a cell that starts with one of these (OWASP "CSV injection"); such a
+# text cell gets a leading "'" so it is shown as text, and import takes that quote off again.
+# A value that itself starts with "'" and one of these (or a second "'") is quoted as well, so
+# the round trip is exact; any other value, "'abc" included, is written as it is.
+_FORMULA_START = frozenset("=+-@\t\r")
+_QUOTED_START = _FORMULA_START | {"'"}
+
+
+def _neutralised(text: str) -> str:
+    if text and (text[0] in _FORMULA_START or _is_quoted(text)):
+        return "'" + text
+    return text
+
+
+def _is_quoted(cell: str) -> bool:
+    return len(cell) > 1 and cell[0] == "'" and cell[1] in _QUOTED_START
+
+
+def _unquoted(cell: str) -> str:
+    """The value a text cell of our CSV export stands for (see ``_neutralised``)."""
+    return cell[1:] if _is_quoted(cell) else cell
 
 
 def _iso_utc(moment: datetime) -> str:
@@ -241,61 +332,111 @@ def _iso_utc(moment: datetime) -> str:
 # -- import: reading lines -------------------------------------------------------------------
 
 
-class _Lines:
-    """The physical lines of a binary stream as text, numbered from 1.
+_READ_BLOCK = 1 << 20
+MAX_RECORD_BYTES = 4 * MAX_LINE_BYTES
+"""A CSV record (quoted fields may span lines) larger than this is invalid."""
+# Lines of spaces, tabs and CRs alone are blank (between records, in JSONL and CSV alike).
+# A run of them is counted and passed over at C speed: a file of a billion blank lines must
+# not take a billion Python steps.
+_BLANK_BYTES = b" \t\r\n"
+_BLANK_LINES = re.compile(rb"[ \t\r\n]*\n")
 
-    A line longer than :data:`MAX_LINE_BYTES` is cut (the rest skipped) and one that is not
-    valid UTF-8 is decoded with surrogate escapes; either way its number is put in
-    ``flagged`` with the reason, and whatever record contains it is invalid.
+
+class _RecordTooLong(Exception):
+    """A CSV record grew past MAX_RECORD_BYTES (raised through csv.reader to its caller)."""
+
+
+class _Lines:
+    """The physical lines of a binary stream as text, numbered from 1, read in blocks.
+
+    Memory stays bounded whatever the stream holds: runs of blank lines are counted, not
+    kept; a line longer than :data:`MAX_LINE_BYTES` is cut (the rest skipped) and one that is
+    not valid UTF-8 is decoded with surrogate escapes — either way its number is put in
+    ``flagged`` with the reason, and whatever record contains it is invalid. A CSV record
+    (``csv_records()``) longer than :data:`MAX_RECORD_BYTES` raises :class:`_RecordTooLong`.
     """
 
     def __init__(self, stream: IO[bytes]) -> None:
-        self._readline = stream.readline
-        self._read_count = 0
-        self._buffer: deque[tuple[int, str]] = deque()
-        self.number = 0
+        self._read = stream.read
+        self._data = b""
+        self._pos = 0
+        self._eof = False
+        self._read_count = 0  # physical lines consumed, blank ones included
+        self._pushed: tuple[int, str] | None = None
+        self._long_head = ""
+        self._csv = False
+        self._record_start = True
+        self._record_bytes = 0
+        self.number = 0  # the line last returned
+        self.record_first = 1  # CSV: the first line of the record being read
+        self.bytes_read = 0  # of the lines returned (not of the blank lines passed over)
         self.flagged: dict[int, str] = {}
+
+    def csv_records(self) -> None:
+        """Read CSV: call :meth:`start_record` before each record is parsed."""
+        self._csv = True
+
+    def start_record(self) -> None:
+        self._record_start = True
+        self._record_bytes = 0
+        self.record_first = self._pushed[0] if self._pushed else self._read_count + 1
 
     def __iter__(self) -> Iterator[str]:
         return self
 
     def __next__(self) -> str:
-        if self._buffer:
-            self.number, text = self._buffer.popleft()
-            return text
-        item = self._read_line()
-        if item is None:
-            raise StopIteration
+        if self._pushed is not None:
+            item, self._pushed = self._pushed, None
+        else:
+            item = self._read_line(self._record_start or not self._csv)
+            if item is None:
+                raise StopIteration
         self.number, text = item
+        if self._csv:
+            if self._record_start:
+                self._record_start = False
+                self.record_first = self.number
+            self._record_bytes += len(text)
+            if self._record_bytes > MAX_RECORD_BYTES:
+                raise _RecordTooLong(f"the record is longer than {MAX_RECORD_BYTES:,} bytes")
         return text
 
     def first_content(self) -> str:
-        """The first non-blank line, without consuming it ("" for an empty file)."""
-        for _, text in self._buffer:
-            if text.strip():
-                return text
-        while (item := self._read_line()) is not None:
-            self._buffer.append(item)
-            if item[1].strip():
-                return item[1]
-        return ""
+        """The first line that is not blank, without consuming it ("" if there is none).
+        The blank lines before it are consumed (blank in CSV and JSONL alike)."""
+        if self._pushed is None:
+            while (item := self._read_line(True)) is not None:
+                if item[1].strip() or item[0] in self.flagged:
+                    self._pushed = item
+                    break
+            else:
+                return ""
+        number, text = self._pushed
+        # a line cut for its length: its start tells the format
+        return self._long_head if text == "\n" and number in self.flagged else text
 
     def flag_in(self, first: int, last: int) -> str | None:
         """The reason a line in [first, last] was flagged, if one was (and forget them)."""
         if not self.flagged:
             return None
-        reasons = [self.flagged.pop(n) for n in range(first, last + 1) if n in self.flagged]
+        numbers = sorted(n for n in self.flagged if first <= n <= last)
+        reasons = [self.flagged.pop(n) for n in numbers]
         return reasons[0] if reasons else None
 
-    def _read_line(self) -> tuple[int, str] | None:
-        raw = self._readline(MAX_LINE_BYTES + 1)
-        if not raw:
-            return None
-        self._read_count += 1
+    def _read_line(self, pass_blank: bool) -> tuple[int, str] | None:
+        while True:
+            if pass_blank:
+                self._pass_blank_lines()
+            raw, too_long = self._next_raw()
+            if raw is None:
+                return None
+            self._read_count += 1
+            if not (pass_blank and not too_long and not raw.strip(_BLANK_BYTES)):
+                break  # (a blank line that straddled two blocks is passed over here)
         number = self._read_count
-        if len(raw) > MAX_LINE_BYTES and not raw.endswith(b"\n"):
-            while (rest := self._readline(1 << 16)) and not rest.endswith(b"\n"):
-                pass
+        self.bytes_read += len(raw)
+        if too_long:
+            self._long_head = raw[:64].decode("utf-8", "replace")
             self.flagged[number] = f"the line is longer than {MAX_LINE_BYTES:,} bytes"
             return number, "\n"
         if number == 1 and raw.startswith(b"\xef\xbb\xbf"):
@@ -305,6 +446,57 @@ class _Lines:
         except UnicodeDecodeError as exc:
             self.flagged[number] = f"not valid UTF-8 (byte {exc.start + 1})"
             return number, raw.decode("utf-8", "surrogateescape")
+
+    def _pass_blank_lines(self) -> None:
+        while True:
+            if self._pos < len(self._data) and self._data[self._pos] not in _BLANK_BYTES:
+                return  # the usual case: a line of content
+            blank = _BLANK_LINES.match(self._data, self._pos)
+            if blank is not None:
+                self._read_count += self._data.count(b"\n", self._pos, blank.end())
+                self._pos = blank.end()
+            if self._pos < len(self._data) or not self._fill():
+                return
+
+    def _next_raw(self) -> tuple[bytes | None, bool]:
+        """The next line's bytes with its newline, and whether it was cut at MAX_LINE_BYTES."""
+        while True:
+            end = self._data.find(b"\n", self._pos)
+            if end >= 0:
+                raw = self._data[self._pos:end + 1]
+                self._pos = end + 1
+                return raw, end - (self._pos - len(raw)) > MAX_LINE_BYTES
+            if len(self._data) - self._pos > MAX_LINE_BYTES:
+                raw = self._data[self._pos:self._pos + MAX_LINE_BYTES]
+                self._skip_line()
+                return raw, True
+            if not self._fill():
+                raw = self._data[self._pos:]
+                self._pos = len(self._data)
+                return (raw or None), len(raw) > MAX_LINE_BYTES
+
+    def _skip_line(self) -> None:
+        """Pass over the rest of the current line (up to and including its newline)."""
+        while True:
+            end = self._data.find(b"\n", self._pos)
+            if end >= 0:
+                self._pos = end + 1
+                return
+            self._pos = len(self._data)
+            if not self._fill():
+                return
+
+    def _fill(self) -> bool:
+        """Append the next block to the unread bytes; False at the end of the stream."""
+        if self._eof:
+            return False
+        block = self._read(_READ_BLOCK)
+        if not block:
+            self._eof = True
+            return False
+        self._data = self._data[self._pos:] + block
+        self._pos = 0
+        return True
 
 
 def _is_stream(target: Any) -> bool:
@@ -407,20 +599,24 @@ def _csv_records(lines: _Lines, name: str) -> Iterator[tuple[int, Any]]:
     limit = csv.field_size_limit()
     if limit < MAX_LINE_BYTES:
         csv.field_size_limit(MAX_LINE_BYTES)  # only ever raised: a field may be as long as a line
+    lines.csv_records()
     reader = csv.reader(lines)
     header = _csv_header(reader, lines, name)
 
     def records() -> Iterator[tuple[int, Any]]:
         while True:
-            first = lines.number + 1
+            lines.start_record()
             try:
                 fields = next(reader)
             except StopIteration:
                 return
-            except csv.Error as exc:
+            except (csv.Error, _RecordTooLong) as exc:
+                first = lines.record_first
                 lines.flag_in(first, lines.number)
-                yield first, _Invalid(f"not CSV ({exc})")
+                yield first, _Invalid(str(exc) if isinstance(exc, _RecordTooLong)
+                                      else f"not CSV ({exc})")
                 continue
+            first = lines.record_first
             flagged = lines.flag_in(first, lines.number)
             if flagged is not None:
                 yield first, _Invalid(flagged)
@@ -438,10 +634,12 @@ def _csv_header(reader: Any, lines: _Lines, name: str) -> list[str]:
     hint = ("give a file written by `llmtally export --format csv` (its first line names the "
             "columns: id, ts, model, ...), or --format jsonl for JSONL")
     try:
+        lines.start_record()
         header = next(reader, [])
         while header == [] and lines.first_content():
+            lines.start_record()
             header = next(reader, [])
-    except csv.Error as exc:
+    except (csv.Error, _RecordTooLong) as exc:
         raise TransferError(f"{name} is not an llmtally CSV file ({exc}); {hint}") from exc
     names = [column.strip() for column in header]
     missing = [column for column in ("id", "ts", "model") if column not in names]
@@ -480,7 +678,7 @@ def _from_csv(header: Sequence[str], fields: Sequence[str]) -> dict[str, Any] | 
             except (ValueError, RecursionError):
                 return _Invalid(f"{name}: {_short(text)} is not JSON")
         else:
-            record[name] = text
+            record[name] = _unquoted(text)
     return record
 
 
@@ -671,6 +869,9 @@ def _check_json(value: Any, depth: int) -> None:
         raise _Invalid(f"metadata is nested more than {MAX_METADATA_DEPTH} levels deep")
     if isinstance(value, str):
         _check_string(value, "metadata")
+    elif isinstance(value, float) and not math.isfinite(value):
+        # 1e999 parses as inf, which JSON cannot hold: PostgreSQL would refuse the whole import
+        raise _Invalid("metadata holds a number too large for JSON")
     elif isinstance(value, dict):
         for key, item in value.items():
             _check_string(key, "metadata")
@@ -693,7 +894,10 @@ def import_events(
     """Add the events of a JSONL or CSV file (plain or gzip) to the ledger; see the module
     docstring. Raises TransferError, having written nothing, if the file cannot be read or
     is not JSONL/CSV, or if the ledger fails."""
-    with _open_input(source) as (stream, name):
+    sqlite = store.dialect == "sqlite"
+    with _ledger_errors(store, "the import"):
+        store.ensure_schema()  # an unreachable ledger is found before a long read, not after
+    with _open_input(source) as (stream, name), _Spool() as spool:
         lines = _Lines(stream)
         path = None if _is_stream(source) else Path(source)  # type: ignore[arg-type]
         try:
@@ -704,39 +908,91 @@ def import_events(
                 return result  # an empty file: nothing to import
             records = (_jsonl_records(lines, result, name) if fmt == "jsonl"
                        else _csv_records(lines, name))
-            with _ledger_errors(store, "the import"), store.write() as conn:
-                for batch in _valid_batches(records, result, batch_size):
-                    inserted = _insert(conn, store, batch)
-                    result.imported += inserted
-                    result.skipped += len(batch) - inserted
+            for batch in _valid_batches(records, result, lines, batch_size, sqlite):
+                spool.write(batch)
         except (OSError, EOFError, zlib.error) as exc:
             raise TransferError(f"cannot read {name} ({_reason(exc)}); nothing was imported. "
                                 "Check the file (a .gz must be complete)") from exc
+        # The whole file is read and checked: only now take the write lock (SQLite), for the
+        # valid rows alone, so a file of junk never keeps the application's writes waiting.
+        with _ledger_errors(store, "the import"), store.write() as conn:
+            for batch in spool.batches():
+                inserted = max(conn.exec_driver_sql(store._insert_sql, batch).rowcount, 0)
+                result.imported += inserted
+                result.skipped += len(batch) - inserted
     return result
 
 
-def _valid_batches(records: Iterable[tuple[int, Any]], result: ImportResult,
-                   batch_size: int) -> Iterator[list[dict[str, Any]]]:
-    batch: list[dict[str, Any]] = []
+def _valid_batches(records: Iterable[tuple[int, Any]], result: ImportResult, lines: _Lines,
+                   batch_size: int, sqlite: bool) -> Iterator[list[tuple[Any, ...]]]:
+    """The valid records as driver rows (see ``_driver_row``), in batches of at most
+    ``batch_size`` rows or about IMPORT_BATCH_BYTES of input; invalid ones noted in ``result``."""
+    batch: list[tuple[Any, ...]] = []
+    start = lines.bytes_read
     for number, record in records:
         try:
             if isinstance(record, _Invalid):
                 raise record
-            batch.append(_event_row(record))
+            batch.append(_driver_row(_event_row(record), sqlite))
         except _Invalid as invalid:
             result._note_invalid(number, str(invalid))
             continue
-        if len(batch) >= batch_size:
+        except RecursionError:  # a value nested nearly as deep as the JSON decoder allows
+            result._note_invalid(number, "a value is nested too deeply")
+            continue
+        if len(batch) >= batch_size or lines.bytes_read - start >= IMPORT_BATCH_BYTES:
             yield batch
             batch = []
+            start = lines.bytes_read
     if batch:
         yield batch
 
 
-def _insert(conn: Connection, store: Store, rows: Sequence[Mapping[str, Any]]) -> int:
-    """The store's own insert (ON CONFLICT (id) DO NOTHING), inside the caller's transaction."""
-    params = [_driver_row(row, store.dialect == "sqlite") for row in rows]
-    return max(conn.exec_driver_sql(store._insert_sql, params).rowcount, 0)
+class _Spool:
+    """The valid rows of an import, kept in a private temporary file (in TMPDIR, compressed)
+    between reading the file and writing them to the ledger in one transaction."""
+
+    def __init__(self) -> None:
+        self._file: IO[bytes] | None = None
+        self._packed: gzip.GzipFile | None = None
+        self._batches = 0
+
+    def __enter__(self) -> _Spool:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        if self._file is not None:
+            with contextlib.suppress(OSError, ValueError):
+                self._packed.close()  # type: ignore[union-attr]
+            self._file.close()  # the file was never linked: closing it frees the space
+
+    def write(self, batch: list[tuple[Any, ...]]) -> None:
+        try:
+            if self._packed is None:
+                self._file = tempfile.TemporaryFile(prefix="llmtally-import-")
+                self._packed = gzip.GzipFile(fileobj=self._file, mode="wb", compresslevel=1)
+            pickle.dump(batch, self._packed, protocol=pickle.HIGHEST_PROTOCOL)
+            self._batches += 1
+        except OSError as exc:
+            raise self._error(exc) from exc
+
+    def batches(self) -> Iterator[list[tuple[Any, ...]]]:
+        if self._packed is None:
+            return
+        try:
+            self._packed.close()
+            self._file.seek(0)  # type: ignore[union-attr]
+            packed = gzip.GzipFile(fileobj=self._file, mode="rb")
+            for _ in range(self._batches):
+                yield pickle.load(packed)  # our own rows, in a file only this process can reach
+        except (OSError, EOFError) as exc:
+            raise self._error(exc) from exc
+
+    @staticmethod
+    def _error(exc: OSError | EOFError) -> TransferError:
+        return TransferError(f"cannot use a temporary file in {tempfile.gettempdir()} for the "
+                             f"import ({_reason(exc)}); nothing was imported. Free some space "
+                             "there or set TMPDIR to a roomier directory")
 
 
 # -- prune -------------------------------------------------------------------------------------
@@ -834,10 +1090,9 @@ def _snapshot(store: Store) -> Iterator[Connection]:
 def _atomic_output(path: Path, *, exclusive: bool = False) -> Iterator[IO[bytes]]:
     """A binary stream that becomes ``path`` only when the block completes (fsync'd, renamed);
     on any failure the temporary file is removed. ``.gz`` names are gzip-compressed;
-    ``exclusive`` never replaces an existing file."""
-    directory = path.parent
+    ``exclusive`` never replaces an existing file. The file takes the user's umask."""
     try:
-        fd, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".part", dir=directory)
+        fd, temporary = create_beside(path, ".part")
     except OSError as exc:
         raise TransferError(f"cannot write {path} ({_reason(exc)}); choose a writable "
                             "location") from exc
