@@ -24,6 +24,11 @@ def llmtally(*args: str, cwd=None, env=None) -> subprocess.CompletedProcess:
                           env={**os.environ, **(env or {})})
 
 
+def empty_ledger(path) -> str:
+    Tally(f"sqlite:///{path}", price_map="bundled", spill_path=f"{path}.spill.jsonl").close()
+    return str(path)
+
+
 @pytest.fixture
 def ledger(tmp_path):
     db = tmp_path / "cli.db"
@@ -116,18 +121,21 @@ def test_errors_are_one_line_with_exit_code_2(tmp_path):
     result = llmtally("summary", "--db", str(broken))
     assert result.returncode == 2
     assert result.stderr.count("\n") == 1 and "not a usable SQLite database" in result.stderr
-    result = llmtally("summary", "--since", "yesterday-ish", "--db", str(tmp_path / "ok.db"))
+    result = llmtally("summary", "--since", "yesterday-ish", "--db", empty_ledger(tmp_path / "ok.db"))
     assert result.returncode == 2 and "neither a date" in result.stderr
     config = tmp_path / "llmtally.toml"
     config.write_text('currency = "XYZ"\n')
-    result = llmtally("summary", "--config", str(config), "--db", str(tmp_path / "ok.db"))
+    result = llmtally("summary", "--config", str(config), "--db", empty_ledger(tmp_path / "ok.db"))
     assert result.returncode == 2 and "XYZ" in result.stderr
     assert "Traceback" not in result.stderr
 
 
 def test_an_empty_ledger_says_so(tmp_path):
-    result = llmtally("summary", "--db", str(tmp_path / "empty.db"))
+    result = llmtally("summary", "--db", empty_ledger(tmp_path / "empty.db"))
     assert result.returncode == 0 and "No calls recorded" in result.stdout
+    result = llmtally("summary", "--db", str(tmp_path / "missing.db"))
+    assert result.returncode == 2 and "does not exist" in result.stderr
+    assert not (tmp_path / "missing.db").exists()  # a read never creates a ledger
 
 
 def test_budgets_shows_use_limit_reset_and_instances(tmp_path):
@@ -158,5 +166,5 @@ each = "user"
     assert alice["percent"] == pytest.approx(43.2)
     table = llmtally("budgets", "--config", str(config))
     assert table.returncode == 0 and "user=bob" in table.stdout and "1,080" in table.stdout
-    empty = llmtally("budgets", "--db", str(tmp_path / "other.db"))
+    empty = llmtally("budgets", "--db", empty_ledger(tmp_path / "other.db"))
     assert "No budgets configured" in empty.stdout

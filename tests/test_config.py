@@ -160,3 +160,87 @@ warn_at = [0.5]
             tally.record(model="penny", output_tokens=1, user="ann", reservation=held)
         with pytest.raises(BudgetExceeded):
             tally.reserve(model="penny", input_tokens=0, max_tokens=1, user="ann")
+
+
+# -- Tally(...) arguments: as strict as the same keys in the file ------------------------------
+
+_WRONG_ARGUMENTS = [
+    ("fail_closed", "false", "must be True or False"),
+    ("fail_closed", 0, "must be True or False"),
+    ("database_url", 5, "must be a non-empty string"),
+    ("database_url", b"llmtally.db", "must be a non-empty string"),
+    ("prices", ["gpt-4o"], "must be a dict of model name"),
+    ("prices", {"m": 0.5}, "prices['m'] must be a llmtally.Price"),
+    ("prices", {"m": {"input": "0.5"}}, "prices['m']['input'] = '0.5' must be a number"),
+    ("currency", 978, "must be a non-empty string"),
+    ("rates", {"CNY": "0.14"}, "rates['CNY'] = '0.14' must be a number > 0"),
+    ("rates", {"CNY": True}, "rates['CNY'] = True must be a number > 0"),
+    ("rates", [("CNY", 0.14)], "must be a dict of currency code"),
+    ("price_map", 1, "must be a path"),
+    ("scope", "project=search", "must be a dict such as"),
+    ("scope", {"project": 7}, "scope['project'] = 7 must be a string"),
+    ("scope", {"tags": "a,b".split(",") + [3]}, "scope['tags']"),
+    ("scope", {"metadata": "x"}, "scope['metadata'] must be a dict"),
+    ("scope", {"team": "x"}, "scope has unknown keys ['team']"),
+    ("spill_path", 5, "must be a path"),
+    ("batch_size", "500", "must be a whole number > 0"),
+    ("batch_size", True, "must be a whole number > 0"),
+    ("batch_size", 2.5, "must be a whole number > 0"),
+    ("flush_interval_s", True, "must be a number of seconds > 0"),
+    ("flush_interval_s", "0.2", "must be a number of seconds > 0"),
+    ("flush_interval_s", float("nan"), "must be a number of seconds > 0"),
+    ("max_queue", 1.5, "must be a whole number > 0"),
+    ("max_queue", 0, "must be a whole number > 0"),
+    ("budgets", "usd=50", "must be a list of llmtally.Budget"),
+    ("budgets", {"usd": 50, "per": "day"}, "must be a list of llmtally.Budget"),
+    ("budgets", [{"usd": 50, "per": "day"}], "is not a llmtally.Budget"),
+    ("timezone", 1, "must be a non-empty string"),
+    ("durability", "Sync!", "use \"batched\""),
+    ("durability", True, "use \"batched\""),
+    ("alerts", "email", "'email' is not allowed"),
+    ("alerts", {"log": True}, "must be a list of \"log\""),
+    ("alerts", ["log", 5], "5 is not allowed"),
+    ("reservation_ttl_s", "900", "must be a number of seconds > 0"),
+    ("reservation_ttl_s", False, "must be a number of seconds > 0"),
+    ("reservation_ttl_s", -1, "must be a number of seconds > 0"),
+    ("max_output_estimate", "4096", "must be a whole number > 0"),
+    ("max_output_estimate", 4096.0, "must be a whole number > 0"),
+    ("clock", "now", "must be a callable"),
+]
+
+
+@pytest.mark.parametrize(("name", "value", "message"), _WRONG_ARGUMENTS,
+                         ids=[f"{n}={v!r}" for n, v, _ in _WRONG_ARGUMENTS])
+def test_each_tally_argument_of_the_wrong_type_is_a_config_error(tmp_path, name, value, message):
+    db = tmp_path / "never-made.db"
+    arguments = {"spill_path": tmp_path / "s.jsonl", "price_map": "bundled", name: value}
+    arguments.setdefault("database_url", f"sqlite:///{db}")
+    with pytest.raises(ConfigError) as caught:
+        Tally(**arguments)
+    assert str(caught.value).startswith(f"Tally({name}=")
+    assert message in str(caught.value)
+    assert not db.exists()  # refused before the ledger file was created
+
+
+def test_fail_closed_string_false_no_longer_fails_closed(tmp_path):
+    """The reported bug: a truthy string made the Tally fail closed."""
+    with pytest.raises(ConfigError, match=r"Tally\(fail_closed='false'\): must be True or False"):
+        Tally(f"sqlite:///{tmp_path / 'l.db'}", fail_closed="false", price_map="bundled")
+
+
+def test_right_types_in_every_form_are_accepted(tmp_path):
+    from datetime import datetime, timezone
+
+    from llmtally import Budget, Price
+
+    with Tally(f"sqlite:///{tmp_path / 'ok.db'}", spill_path=tmp_path / "s.jsonl",
+               price_map="bundled", fail_closed=True, currency="USD", rates={"CNY": 0.14},
+               prices={"a": Price(input=1.0), "b": {"input": 1, "output": 2.5, "per": "1M"}},
+               scope={"project": "p", "tags": ("x", "y"), "metadata": {"k": 1}},
+               batch_size=10, flush_interval_s=1, max_queue=1000,
+               budgets=(Budget(usd=5, per="day"),), timezone="Europe/Berlin",
+               durability="sync", alerts="log", reservation_ttl_s=60.5,
+               max_output_estimate=100, clock=lambda: datetime.now(timezone.utc)) as tally:
+        tally.record(model="b", input_tokens=1_000_000, output_tokens=1_000_000)
+    [row] = fetch_events(f"sqlite:///{tmp_path / 'ok.db'}")
+    assert row["cost"] == pytest.approx(3.5) and row["project"] == "p"

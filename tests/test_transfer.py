@@ -297,6 +297,7 @@ def test_prune_refuses_without_older_than(tmp_path):
     assert result.stderr == ("Error: prune needs --older-than (e.g. 90d or 2026-01-01): it "
                              "deletes events, so it never guesses a cutoff\n")
     assert not db.exists()
+    Tally(f"sqlite:///{db}", price_map="bundled", spill_path=tmp_path / "s.jsonl").close()
     future = cli("prune", "--older-than", "2999-01-01", "--db", str(db))
     assert future.exit_code == 2 and "is in the future" in future.stderr
 

@@ -1,7 +1,9 @@
 """Budget alerts delivered to webhooks: JSON POSTs off the caller's thread, with retries.
 
 A webhook URL often carries a secret (``https://hooks.slack.com/services/T000/B000/XXXX``), so
-logs name only its scheme and host.
+logs name only its scheme and host. Redirects are not followed: urllib would turn a POST
+answered with 301/302/303 into a body-less GET, so the alert would be lost yet look delivered.
+A 3xx answer is a failed attempt like a 5xx.
 """
 
 from __future__ import annotations
@@ -85,18 +87,21 @@ class WebhookSender:
         import urllib.error  # here, not at import: it loads http.client and ssl
         import urllib.request
 
+        opener = _no_redirect_opener()
         delay = self.backoff_s
         for attempt in range(1, self.attempts + 1):
             request = urllib.request.Request(url, data=body, method="POST", headers={
                 "Content-Type": "application/json", "User-Agent": "llmtally"})
             try:
-                with urllib.request.urlopen(request, timeout=self.timeout_s) as response:
+                with opener.open(request, timeout=self.timeout_s) as response:
                     if 200 <= response.status < 300:
                         self.delivered += 1
                         return
                     reason = f"HTTP {response.status}"
             except urllib.error.HTTPError as exc:
                 reason = f"HTTP {exc.code}"
+                if 300 <= exc.code < 400:
+                    reason += " redirect, not followed (give the webhook's final URL)"
             except (OSError, ValueError) as exc:  # refused, timed out, bad URL
                 reason = type(exc).__name__
             if attempt < self.attempts:
@@ -105,3 +110,15 @@ class WebhookSender:
         self.failed += 1
         warn_limited("webhook", "llmtally: a budget alert could not be delivered to %s (%s, "
                      "%d attempts)", redact_url(url), reason, self.attempts)
+
+
+def _no_redirect_opener() -> Any:
+    """urllib's default opener (proxies from the environment, HTTPS) minus redirects: a 3xx
+    answer then raises HTTPError like any other non-2xx."""
+    import urllib.request
+
+    class _NoRedirect(urllib.request.HTTPRedirectHandler):
+        def redirect_request(self, *args: Any, **kwargs: Any) -> None:
+            return None
+
+    return urllib.request.build_opener(_NoRedirect)

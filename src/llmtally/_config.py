@@ -44,7 +44,7 @@ import difflib
 import math
 import os
 import tomllib
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -52,7 +52,7 @@ from ._budgets import Budget
 from ._errors import ConfigError
 from ._pricing import Price
 
-__all__ = ["load_settings", "DEFAULT_CONFIG_FILE", "ENV_VARIABLES"]
+__all__ = ["load_settings", "check_tally_arguments", "DEFAULT_CONFIG_FILE", "ENV_VARIABLES"]
 
 DEFAULT_CONFIG_FILE = "llmtally.toml"
 _TOP_LEVEL = ("database_url", "currency", "price_map", "spill_path", "rates", "scope", "prices",
@@ -263,3 +263,166 @@ def _validated_prices(origin: str, prices: Any) -> dict[str, Price]:
         except ConfigError as exc:
             raise ConfigError(f"{origin}: prices.{model!r}: {exc}") from None
     return out
+
+
+# -- Tally(...) keyword arguments ------------------------------------------------------------
+# As strict as the file: a bool is a bool (``fail_closed="false"`` is refused, not truthy), a
+# number is a number (never a bool or a numeric string), a text setting a string. Values are
+# only checked here; Tally still builds its own objects from them.
+
+
+def check_tally_arguments(arguments: Mapping[str, Any]) -> None:
+    """Raise a ConfigError naming the first ``Tally(...)`` argument of the wrong type or range."""
+    for name, value in arguments.items():
+        check = _ARGUMENT_CHECKS.get(name)
+        if check is not None and value is not None:
+            problem = check(value)
+            if problem:
+                raise ConfigError(f"Tally({name}={_short(value)}): {problem}")
+
+
+def _short(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _positive_int(example: str) -> Callable[[Any], str | None]:
+    def check(value: Any) -> str | None:
+        if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+            return None
+        return f"must be a whole number > 0, e.g. {example}"
+    return check
+
+
+def _positive_seconds(example: str) -> Callable[[Any], str | None]:
+    def check(value: Any) -> str | None:
+        if _is_number(value) and math.isfinite(value) and value > 0:
+            return None
+        return f"must be a number of seconds > 0 (int or float), e.g. {example}"
+    return check
+
+
+def _text(example: str) -> Callable[[Any], str | None]:
+    def check(value: Any) -> str | None:
+        if isinstance(value, str) and value.strip():
+            return None
+        return f"must be a non-empty string, e.g. {example}"
+    return check
+
+
+def _text_or_path(example: str) -> Callable[[Any], str | None]:
+    def check(value: Any) -> str | None:
+        if isinstance(value, os.PathLike) or (isinstance(value, str) and value.strip()):
+            return None
+        return f"must be a path (str or pathlib.Path), e.g. {example}"
+    return check
+
+
+def _check_bool(value: Any) -> str | None:
+    if isinstance(value, bool):
+        return None
+    return f"must be True or False (a bool, not {type(value).__name__})"
+
+
+def _check_prices(value: Any) -> str | None:
+    if not isinstance(value, Mapping) or not all(isinstance(k, str) for k in value):
+        return "must be a dict of model name -> llmtally.Price or dict, e.g. " \
+               "{\"my-model\": {\"input\": 0.5, \"output\": 1.5}}"
+    for model, entry in value.items():
+        if not isinstance(entry, (Price, Mapping)):
+            return f"prices[{model!r}] must be a llmtally.Price or a dict of prices, not " \
+                   f"{type(entry).__name__}"
+        if isinstance(entry, Mapping):
+            for key, number in entry.items():
+                if key not in ("per", "currency") and not _is_number(number):
+                    return f"prices[{model!r}][{key!r}] = {number!r} must be a number"
+    return None
+
+
+def _check_rates(value: Any) -> str | None:
+    if not isinstance(value, Mapping):
+        return "must be a dict of currency code -> rate, e.g. {\"CNY\": 0.1389}"
+    for code, rate in value.items():
+        if not isinstance(code, str) or not _is_number(rate) or not math.isfinite(rate) or rate <= 0:
+            return f"rates[{code!r}] = {rate!r} must be a number > 0 (how many units of the " \
+                   "ledger currency one unit of it is worth)"
+    return None
+
+
+def _check_scope(value: Any) -> str | None:
+    if not isinstance(value, Mapping):
+        return "must be a dict such as {\"project\": \"search\", \"tags\": [\"prod\"]}"
+    unknown = sorted(str(key) for key in value if key not in _SCOPE_KEYS)
+    if unknown:
+        return f"scope has unknown keys {unknown}; allowed: {', '.join(_SCOPE_KEYS)}"
+    for key, item in value.items():
+        if item is None:
+            continue
+        if key == "tags":
+            if not isinstance(item, (str, list, tuple)) or not all(
+                    isinstance(t, str) for t in ([item] if isinstance(item, str) else item)):
+                return f"scope['tags'] = {_short(item)} must be a list of strings"
+        elif key == "metadata":
+            if not isinstance(item, Mapping):
+                return f"scope['metadata'] must be a dict, not {type(item).__name__}"
+        elif not isinstance(item, str):
+            return f"scope[{key!r}] = {_short(item)} must be a string"
+    return None
+
+
+def _check_budgets(value: Any) -> str | None:
+    if isinstance(value, (str, bytes, Mapping, Budget)) or not isinstance(value, (list, tuple)):
+        return "must be a list of llmtally.Budget, e.g. [Budget(usd=50, per=\"month\")]"
+    for budget in value:
+        if not isinstance(budget, Budget):
+            return f"{_short(budget)} is not a llmtally.Budget"
+    return None
+
+
+def _check_alerts(value: Any) -> str | None:
+    targets = [value] if isinstance(value, str) else value
+    if not isinstance(targets, (list, tuple)):
+        return "must be a list of \"log\", webhook URLs (https://...) and callables"
+    for target in targets:
+        if not (target == "log" or callable(target) or (
+                isinstance(target, str) and target.startswith(("http://", "https://")))):
+            return f"{_short(target)} is not allowed; use \"log\", a webhook URL (https://...) " \
+                   "or a callable taking the alert as a dict"
+    return None
+
+
+def _check_durability(value: Any) -> str | None:
+    if value in ("batched", "sync"):
+        return None
+    return "use \"batched\" (the default: background batches) or \"sync\" (record() waits " \
+           "for the commit)"
+
+
+def _check_clock(value: Any) -> str | None:
+    return None if callable(value) else "must be a callable returning an aware datetime"
+
+
+_ARGUMENT_CHECKS: dict[str, Callable[[Any], str | None]] = {
+    "database_url": _text("'llmtally.db' or 'postgresql+psycopg://user@host/db'"),
+    "prices": _check_prices,
+    "currency": _text("'USD'"),
+    "rates": _check_rates,
+    "price_map": _text_or_path("'auto', 'bundled', 'litellm' or 'prices.json'"),
+    "scope": _check_scope,
+    "spill_path": _text_or_path("'/var/lib/app/llmtally.spill.jsonl'"),
+    "batch_size": _positive_int("500"),
+    "flush_interval_s": _positive_seconds("0.2"),
+    "max_queue": _positive_int("100_000"),
+    "budgets": _check_budgets,
+    "timezone": _text("'Europe/Berlin'"),
+    "fail_closed": _check_bool,
+    "durability": _check_durability,
+    "alerts": _check_alerts,
+    "reservation_ttl_s": _positive_seconds("900"),
+    "max_output_estimate": _positive_int("4096"),
+    "clock": _check_clock,
+}

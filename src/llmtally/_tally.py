@@ -124,6 +124,9 @@ class Tally:
         unpriced: str = "allow",
         clock: Callable[[], datetime] | None = None,
     ) -> None:
+        from ._config import check_tally_arguments
+
+        check_tally_arguments(locals())  # first thing: here locals() is the arguments (and self)
         from ._store import DEFAULT_DATABASE_URL, Store
         from ._writer import Writer
 

@@ -1,21 +1,102 @@
-"""The `llmtally` command: thin commands over the library (open the ledger, one call, print)."""
+"""The `llmtally` command: thin commands over the library (open the ledger, one call, print).
+
+Two rules hold for every command. Output: every line goes through :func:`echo`, which makes
+control characters visible (a model or user name is caller-controlled and may hold terminal
+escapes); JSON output is ASCII-escaped. Errors: one line on stderr, exit code 2
+(:class:`CommandError`); the group turns any exception that escapes a command into one.
+"""
 
 from __future__ import annotations
 
+import codecs
 import contextlib
 import csv
 import functools
+import io
 import json
+import logging
+import os
+import sqlite3
 import sys
+import traceback
+import unicodedata
 from collections.abc import Callable, Iterator, Sequence
 from datetime import datetime, timezone
-from typing import Any, TypeVar
+from pathlib import Path
+from typing import IO, Any, TypeVar, overload
 
 import click
 
 from ._errors import ConfigError, LedgerError
 
 F = TypeVar("F", bound=Callable[..., Any])
+DEBUG_VARIABLE = "LLMTALLY_DEBUG"  # set to 1: an unexpected error shows its traceback
+
+
+# -- output: nothing a caller recorded can drive the operator's terminal -----------------------
+
+_NAMED_ESCAPES = {"\t": "\\t", "\n": "\\n", "\r": "\\r"}
+
+
+def printable(value: object) -> str:
+    """``str(value)`` with every control character made visible: C0/C1 controls and DEL as
+    ``\\x1b``, format characters (bidi overrides such as U+202E, zero-width ones), line and
+    paragraph separators and lone surrogates as ``\\u202e``. Letters, marks, symbols and
+    spaces of any script pass unchanged."""
+    text = str(value)
+    if text.isprintable():
+        return text
+    return "".join(ch if ch.isprintable() or unicodedata.category(ch) == "Zs" else _escape(ch)
+                   for ch in text)
+
+
+def _escape(ch: str) -> str:
+    code = ord(ch)
+    if ch in _NAMED_ESCAPES:
+        return _NAMED_ESCAPES[ch]
+    if code < 0x100:
+        return f"\\x{code:02x}"
+    return f"\\u{code:04x}" if code < 0x10000 else f"\\U{code:08x}"
+
+
+def echo(text: object = "", *, err: bool = False) -> None:
+    """``click.echo`` for everything the CLI prints: each line made :func:`printable`."""
+    click.echo("\n".join(printable(line) for line in str(text).split("\n")), err=err)
+
+
+def _print_json(data: Any) -> None:
+    # ensure_ascii: every control, bidi and other non-ASCII character becomes a \uXXXX escape,
+    # so the output is valid JSON, exact (a parser gets the original values back) and inert.
+    click.echo(json.dumps(data, indent=2, ensure_ascii=True))
+
+
+class _TerminalText(io.RawIOBase):
+    """A binary stream for export to a terminal: lines pass, control characters made visible
+    (a CSV record's closing ``\\r`` is dropped). Files and pipes get the bytes unchanged."""
+
+    def __init__(self, terminal: IO[str]) -> None:
+        super().__init__()
+        self._terminal = terminal
+        self._decode = codecs.getincrementaldecoder("utf-8")(errors="replace").decode
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, data: Any) -> int:
+        lines = self._decode(bytes(data)).split("\n")
+        self._terminal.write("\n".join(printable(line.removesuffix("\r")) for line in lines))
+        return len(data)
+
+    def flush(self) -> None:
+        self._terminal.flush()
+
+
+class _PrintableLogs(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        return "\n".join(printable(line) for line in super().format(record).split("\n"))
+
+
+# -- errors: one line, exit code 2 --------------------------------------------------------------
 
 
 class CommandError(click.ClickException):
@@ -23,9 +104,87 @@ class CommandError(click.ClickException):
 
     exit_code = 2
 
+    def __init__(self, message: str) -> None:
+        super().__init__(printable(" ".join(str(message).split())))
 
-def ledger_options(func: F) -> F:
-    """``--db`` and ``--config``, shared by every command that opens the ledger."""
+
+def _first_line(exc: BaseException) -> str:
+    cause = getattr(exc, "orig", None) or exc  # SQLAlchemy wraps the driver's error
+    if isinstance(cause, OSError) and cause.strerror:
+        return cause.strerror
+    text = str(cause).strip()
+    return text.splitlines()[0].strip() if text else type(cause).__name__
+
+
+def _as_command_error(exc: Exception, ledger: str | None = None) -> click.ClickException:
+    """What a user can act on, in one line, for an exception that escaped a command."""
+    from sqlalchemy.exc import OperationalError, SQLAlchemyError
+
+    if isinstance(exc, click.ClickException):
+        return exc
+    if isinstance(exc, (ConfigError, LedgerError)):
+        return CommandError(str(exc))
+    where = f"the ledger {ledger}" if ledger else "the ledger"
+    if isinstance(exc, (OperationalError, sqlite3.OperationalError)):
+        return CommandError(f"{where} cannot be reached ({_first_line(exc)}); nothing was "
+                            "changed. Check --db / LLMTALLY_DATABASE_URL and that the database "
+                            "is running")
+    if isinstance(exc, (SQLAlchemyError, sqlite3.Error)):
+        return CommandError(f"{where} cannot be read ({_first_line(exc)}); it may be corrupted "
+                            "or not a llmtally ledger. Check --db / LLMTALLY_DATABASE_URL")
+    if isinstance(exc, OSError):
+        name = f"{exc.filename}: " if exc.filename else ""
+        return CommandError(f"{name}{_first_line(exc)}")
+    return CommandError(f"internal error ({type(exc).__name__}: {_first_line(exc)}); this is a "
+                        f"bug in llmtally: run again with {DEBUG_VARIABLE}=1 for the traceback "
+                        "and report it")
+
+
+@contextlib.contextmanager
+def _one_line_errors(ledger: str | None = None) -> Iterator[None]:
+    try:
+        yield
+    except (click.exceptions.Exit, click.exceptions.Abort, BrokenPipeError):
+        raise  # click ends quietly on a closed pipe (`llmtally export | head`)
+    except Exception as exc:
+        if os.environ.get(DEBUG_VARIABLE) and not isinstance(exc, click.ClickException):
+            traceback.print_exc()
+        raise _as_command_error(exc, ledger) from exc
+
+
+class _Group(click.Group):
+    def invoke(self, ctx: click.Context) -> Any:
+        _log_printably()
+        with _one_line_errors():
+            return super().invoke(ctx)
+
+
+def _log_printably() -> None:
+    """Warnings the library logs during a command reach stderr (through logging's last-resort
+    handler, as nothing else is configured) with control characters made visible."""
+    if logging.lastResort is not None:
+        logging.lastResort.setFormatter(_PrintableLogs("%(message)s"))
+
+
+# -- the ledger ---------------------------------------------------------------------------------
+
+
+@overload
+def ledger_options(func: F) -> F: ...
+@overload
+def ledger_options(*, create: bool = False) -> Callable[[F], F]: ...
+
+
+def ledger_options(func: F | None = None, *, create: bool = False) -> Any:
+    """``--db`` and ``--config``, shared by every command that opens the ledger; the command
+    gets the open ``Tally`` as its first argument.
+
+    The ledger is reached before the command runs, so an unreachable, corrupted or newer
+    ledger is one line. Only a command with ``create=True`` (import) may create a missing
+    SQLite file; the others say it does not exist.
+    """
+    if func is None:
+        return functools.partial(ledger_options, create=create)
 
     @click.option("--db", "database_url", metavar="URL",
                   help="Ledger path or URL (default: $LLMTALLY_DATABASE_URL or ./llmtally.db).")
@@ -33,31 +192,51 @@ def ledger_options(func: F) -> F:
                   help="llmtally.toml to read (default: $LLMTALLY_CONFIG or ./llmtally.toml).")
     @functools.wraps(func)
     def wrapper(*args: Any, database_url: str | None, config_path: str | None, **kwargs: Any) -> Any:
-        with _errors_as_one_line():
-            from ._tally import Tally
-
-            overrides = {"database_url": database_url} if database_url else {}
-            tally = Tally.from_config(config_path, **overrides)
+        tally = open_ledger(database_url, config_path, create=create)
         try:
-            with _errors_as_one_line():
+            with _one_line_errors(tally.database_url):
                 return func(tally, *args, **kwargs)
         finally:
             tally.close()
 
-    return wrapper  # type: ignore[return-value]
+    return wrapper
 
 
-class _errors_as_one_line:
-    def __enter__(self) -> None:
-        return None
+def open_ledger(database_url: str | None, config_path: str | None, *, create: bool = False) -> Any:
+    """The configured ``Tally``, its ledger reached and its schema checked (or CommandError)."""
+    from sqlalchemy.engine import make_url
 
-    def __exit__(self, exc_type: Any, exc: BaseException | None, _tb: Any) -> bool:
-        if isinstance(exc, (ConfigError, LedgerError)):
-            raise CommandError(str(exc)) from exc
-        return False
+    from ._config import load_settings
+    from ._store import DEFAULT_DATABASE_URL, normalize_url
+    from ._tally import Tally
+
+    settings = load_settings(config_path)
+    if database_url:
+        settings["database_url"] = database_url
+    url = normalize_url(settings.get("database_url") or DEFAULT_DATABASE_URL)
+    parsed = make_url(url)
+    if (not create and parsed.get_backend_name() == "sqlite"
+            and parsed.database not in (None, "", ":memory:")
+            and not Path(parsed.database).exists()):
+        raise CommandError(
+            f"the ledger {parsed.database} does not exist (nothing was created); point --db or "
+            "LLMTALLY_DATABASE_URL at your ledger, or make one by running your application, "
+            "`llmtally import FILE` or `llmtally demo`")
+    tally = Tally(**settings)
+    try:
+        with _one_line_errors(tally.database_url):
+            tally.store.ensure_schema()  # PostgreSQL is otherwise reached at the first query
+    except BaseException:
+        tally.close()
+        raise
+    return tally
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+# -- the commands -------------------------------------------------------------------------------
+
+
+@click.group(cls=_Group,
+             context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
 @click.version_option(package_name="llmtally")
 def main() -> None:
     """llmtally: what your LLM calls cost, from a SQL ledger.
@@ -88,15 +267,14 @@ def demo(database: str, output: str) -> None:
     """
     from ._demo import run_demo
 
-    with _errors_as_one_line():
-        result = run_demo(database, output, say=click.echo)
-    click.echo("")
+    result = run_demo(database, output, say=echo)
+    echo("")
     for line in result.headline:
-        click.echo("  " + line)
-    click.echo("")
-    click.echo(f"Report: {result.report}")
-    click.echo(f"Ledger: {result.database}  (next: llmtally summary --db {database} --by project)")
-    click.echo(f"Done in {result.seconds:.1f} s.")
+        echo("  " + line)
+    echo("")
+    echo(f"Report: {result.report}")
+    echo(f"Ledger: {result.database}  (next: llmtally summary --db {database} --by project)")
+    echo(f"Done in {result.seconds:.1f} s.")
 
 
 @main.command()
@@ -122,16 +300,19 @@ def summary(tally: Any, since: str, until: str | None, group_by: str, project: s
     filters = {name: value for name, value in (("project", project), ("user", user)) if value}
     rows = tally.summary(since=since, until=until, by=group_by, **filters)
     if as_json:
-        click.echo(json.dumps([row.as_dict() for row in rows], indent=2))
+        _print_json([row.as_dict() for row in rows])
         return
     if as_csv:
         fields = list(rows[0].as_dict()) if rows else ["key"]
-        writer = csv.DictWriter(sys.stdout, fieldnames=fields, lineterminator="\n")
+        buffer = io.StringIO()
+        writer = csv.DictWriter(buffer, fieldnames=fields, lineterminator="\n")
         writer.writeheader()
-        writer.writerows(row.as_dict() for row in rows)
+        writer.writerows({k: printable(v) if isinstance(v, str) else v
+                          for k, v in row.as_dict().items()} for row in rows)
+        click.echo(buffer.getvalue(), nl=False)
         return
     if not rows:
-        click.echo(f"No calls recorded since {since} in {tally.database_url}.")
+        echo(f"No calls recorded since {since} in {tally.database_url}.")
         return
     table = [[row.key or "-", row.calls, row.errors, row.input_tokens, row.output_tokens,
               row.cache_read_tokens,
@@ -145,7 +326,7 @@ def summary(tally: Any, since: str, until: str | None, group_by: str, project: s
     _print_table([group_by, "calls", "errors", "input", "output", "cached", "cost", "unpriced"],
                  table, left=1)
     if any(r.unpriced_calls for r in rows):
-        click.echo("\nSome calls have no known price (not counted in cost): see `llmtally unpriced`.")
+        echo("\nSome calls have no known price (not counted in cost): see `llmtally unpriced`.")
 
 
 @main.command()
@@ -162,21 +343,20 @@ def prices(model: str, provider: str | None, price_map: str | None, config_path:
       llmtally prices gpt-4o-mini
       llmtally prices qwen-plus --provider dashscope
     """
-    with _errors_as_one_line():
-        from ._config import load_settings
-        from ._pricing import PriceBook
+    from ._config import load_settings
+    from ._pricing import PriceBook
 
-        settings = load_settings(config_path)
-        book = PriceBook(settings.get("prices"), currency=settings.get("currency", "USD"),
-                         rates=settings.get("rates"),
-                         price_map=price_map or settings.get("price_map", "auto"))
-        found = book.lookup(model, provider)
+    settings = load_settings(config_path)
+    book = PriceBook(settings.get("prices"), currency=settings.get("currency", "USD"),
+                     rates=settings.get("rates"),
+                     price_map=price_map or settings.get("price_map", "auto"))
+    found = book.lookup(model, provider)
     if found is None:
         raise CommandError(
             f"no price known for {model!r}" + (f" (provider {provider!r})" if provider else "")
             + f" in {book.map_source}. Add one to llmtally.toml: [prices.\"{model}\"] input = ..., "
             "output = ... (per 1M tokens)")
-    click.echo(_describe_price(model, found))
+    echo(_describe_price(model, found))
 
 
 @main.command()
@@ -192,15 +372,15 @@ def unpriced(tally: Any, since: str | None, as_json: bool) -> None:
     """
     rows = tally.unpriced(since=since)
     if as_json:
-        click.echo(json.dumps([row.as_dict() for row in rows], indent=2))
+        _print_json([row.as_dict() for row in rows])
         return
     if not rows:
-        click.echo("Every recorded model has a price.")
+        echo("Every recorded model has a price.")
         return
     _print_table(["provider", "model", "calls", "input", "output", "last seen"],
                  [[r.provider or "-", r.model, r.calls, r.input_tokens, r.output_tokens,
                    r.last_seen.isoformat(timespec="seconds")] for r in rows], left=2)
-    click.echo('\nAdd a price to llmtally.toml, e.g.\n  [prices."MODEL"]\n  input = 0.5    # per 1M '
+    echo('\nAdd a price to llmtally.toml, e.g.\n  [prices."MODEL"]\n  input = 0.5    # per 1M '
                'input tokens\n  output = 1.5   # per 1M output tokens\n  currency = "USD"')
 
 
@@ -231,10 +411,14 @@ def budgets(tally: Any, as_json: bool) -> None:
             "action": budget.action,
         })
     if as_json:
-        click.echo(json.dumps(rows, indent=2))
+        _print_json(rows)
+        return
+    if not rows and tally.budgets is not None:
+        echo("No budget has been charged yet (an each= budget shows each user, project... "
+             "once a call of theirs was checked against it).")
         return
     if not rows:
-        click.echo("No budgets configured: add [[budgets]] to llmtally.toml (see the README).")
+        echo("No budgets configured: add [[budgets]] to llmtally.toml (see the README).")
         return
     unit = {"usd": tally.currency, "tokens": "tokens", "requests": "requests"}
     _print_table(
@@ -267,9 +451,9 @@ def report(tally: Any, week: str | None, since: str | None, until: str | None,
     from ._report import write_report
 
     written = write_report(tally, output, week=week, since=since, until=until, project=project)
-    click.echo(str(written.path))
+    echo(str(written.path))
     for line in written.report.headline_lines():
-        click.echo(f"  {line}")
+        echo(f"  {line}")
 
 
 @main.command("export")
@@ -294,18 +478,21 @@ def export(tally: Any, fmt: str | None, since: str | None, until: str | None,
 
     with _export_progress(tally, since=since, until=until, project=project) as progress:
         to_file = output not in (None, "-")
-        result = export_events(tally.store, output if to_file else sys.stdout.buffer,
+        stdout: IO[bytes] = sys.stdout.buffer
+        if not to_file and sys.stdout.isatty():
+            stdout = _TerminalText(sys.stdout)  # type: ignore[assignment]
+        result = export_events(tally.store, output if to_file else stdout,
                                format=fmt, since=since, until=until, project=project,
                                progress=progress)
     if to_file:
-        click.echo(f"exported {result.rows:,} events to {output} ({result.format})", err=True)
+        echo(f"exported {result.rows:,} events to {output} ({result.format})", err=True)
 
 
 @main.command("import")
 @click.argument("file", metavar="FILE")
 @click.option("--format", "fmt", type=click.Choice(["jsonl", "csv"]), default=None,
               help="jsonl or csv (default: from FILE's extension, else its content).")
-@ledger_options
+@ledger_options(create=True)
 def import_(tally: Any, file: str, fmt: str | None) -> None:
     """Add the events of FILE (JSONL or CSV from `export`, .gz too, - for stdin).
 
@@ -324,12 +511,12 @@ def import_(tally: Any, file: str, fmt: str | None) -> None:
 
     source = sys.stdin.buffer if file == "-" else file
     result = import_events(tally.store, source, format=fmt)
-    click.echo(f"imported {result.imported:,} events from {file} ({result.format}); "
+    echo(f"imported {result.imported:,} events from {file} ({result.format}); "
                f"skipped {result.skipped:,} already in the ledger; invalid lines: {result.invalid:,}")
     for line, reason in result.invalid_lines:
-        click.echo(f"  line {line}: {reason}")
+        echo(f"  line {line}: {reason}")
     if result.invalid > len(result.invalid_lines):
-        click.echo(f"  ... and {result.invalid - len(result.invalid_lines):,} more")
+        echo(f"  ... and {result.invalid - len(result.invalid_lines):,} more")
     if result.invalid:
         raise SystemExit(1)
 
@@ -367,10 +554,10 @@ def prune(tally: Any, older_than: str, archive: str | None, dry_run: bool) -> No
     what = f"{result.events:,} events older than {_iso(result.cutoff)}" + (
         f" ({'; '.join(details)})" if details else "")
     if result.dry_run:
-        click.echo(f"would delete {what}" + (f", archiving them to {archive}" if archive else "")
+        echo(f"would delete {what}" + (f", archiving them to {archive}" if archive else "")
                    + "; nothing deleted (--dry-run)")
     else:
-        click.echo(f"deleted {what}" + (f"; archived to {archive}" if archive else ""))
+        echo(f"deleted {what}" + (f"; archived to {archive}" if archive else ""))
 
 
 @contextlib.contextmanager
@@ -405,14 +592,14 @@ def _money(amount: float, currency: str | None) -> str:
 
 def _print_table(header: Sequence[str], rows: Sequence[Sequence[Any]], *, left: int) -> None:
     """Aligned columns: the first ``left`` columns (names) flush left, figures flush right."""
-    cells = [[str(c) for c in header]] + [[str(c) for c in row] for row in rows]
+    cells = [[printable(c) for c in header]] + [[printable(c) for c in row] for row in rows]
     widths = [max(len(row[i]) for row in cells) for i in range(len(header))]
     for index, row in enumerate(cells):
         line = "  ".join(cell.ljust(w) if i < left else cell.rjust(w)
                          for i, (cell, w) in enumerate(zip(row, widths)))
-        click.echo(line.rstrip())
+        echo(line.rstrip())
         if index == 0:
-            click.echo("  ".join("-" * w for w in widths))
+            echo("  ".join("-" * w for w in widths))
 
 
 def _describe_price(model: str, price: Any) -> str:
