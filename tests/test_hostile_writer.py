@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+import time
 import uuid
 from datetime import datetime
 from pathlib import Path
@@ -17,7 +18,7 @@ import pytest
 from conftest import fetch_events
 
 from llmtally import Tally
-from llmtally._metadata import MAX_DEPTH
+from llmtally._metadata import MAX_DEPTH, MAX_NODES
 from llmtally._model import EVENT_COLUMNS
 from llmtally._spill import SpillFile, encode_event
 
@@ -109,7 +110,8 @@ def test_hostile_metadata_is_cleaned_in_record_and_every_event_lands(ledger_url,
     assert not list(tmp_path.glob("spill.jsonl*"))
 
 
-def test_hostile_metadata_while_the_ledger_is_down_spills_then_replays(ledger_url, tmp_path, caplog):
+def test_hostile_metadata_while_the_ledger_is_down_spills_then_replays(ledger_url, tmp_path,
+                                                                        caplog):
     caplog.set_level(logging.DEBUG, logger="llmtally")
     spill = tmp_path / "spill.jsonl"
     with Tally(CLOSED_PORT_URL, price_map="bundled", spill_path=spill) as tally:
@@ -188,3 +190,34 @@ def test_a_spill_line_the_ledger_refuses_goes_to_the_rejected_file_and_the_rest_
     assert sorted(r["id"] for r in rejected) == sorted(r["id"] for r in refused)
     assert not spill.path.exists() and not list(tmp_path.glob("spill.jsonl.replaying.*"))
     assert len(_log_records(caplog)) < MAX_LOG_RECORDS
+
+
+def test_record_turns_any_metadata_into_plain_json_quickly(sqlite_url, tmp_path):
+    import enum
+
+    class Level(enum.IntEnum):
+        HIGH = 3
+
+    class Name(str):
+        def __str__(self) -> str:
+            raise RuntimeError("hostile")
+
+    shared: list = []
+    for _ in range(60):  # 2**60 paths through shared lists: walking them all would never end
+        shared = [shared, shared]
+    with Tally(sqlite_url, price_map="bundled", spill_path=tmp_path / "spill.jsonl") as tally:
+        started = time.perf_counter()
+        odd = tally.record(model="gpt-4o-mini", metadata={
+            "when": datetime(2026, 11, 2, 12, 30), "pair": (1, "a"), "level": Level.HIGH,
+            "name": Name("kept"), 7: "seven", "set": {1}})
+        huge = tally.record(model="gpt-4o-mini", metadata={"shared": shared})
+        flat = tally.record(model="gpt-4o-mini", metadata={"values": list(range(40_000))})
+        assert time.perf_counter() - started < 2.0
+        assert tally.flush(20)
+    by_id = {row["id"]: _metadata(row) for row in fetch_events(sqlite_url)}
+    assert by_id[odd] == {"when": "2026-11-02 12:30:00", "pair": [1, "a"], "level": 3,
+                          "name": "kept", "7": "seven", "set": "{1}"}
+    for event in (huge, flat):
+        assert by_id[event]["llmtally_metadata_dropped"] == f"more than {MAX_NODES} values"
+        assert by_id[event]["llmtally_warnings"] == [
+            f"metadata held more than {MAX_NODES} values; dropped"]

@@ -17,8 +17,9 @@ __all__ = ["clean_metadata", "safe_str", "MAX_DEPTH", "MAX_NODES"]
 
 MAX_DEPTH = 32
 """Deepest nesting of dicts and lists kept in metadata; deeper values are replaced by a note."""
-MAX_NODES = 10_000
-"""Most values (at every level) kept in one event's metadata; more and it is all dropped."""
+MAX_NODES = 32_768
+"""Most values (at every level) kept in one event's metadata; more and it is all dropped (as
+JSON they would pass the writer's 64 KiB limit anyway: each takes at least 2 characters)."""
 
 _PLAIN = frozenset({str, int, float, bool, type(None)})
 
@@ -35,10 +36,11 @@ def clean_metadata(meta: dict[str, Any], notes: list[str]) -> dict[str, Any]:
             break
     else:
         return meta
-    counter = [0]
+    counter, noted = [0], len(notes)
     try:
         cleaned = _clean(meta, notes, depth=0, ancestors=set(), counter=counter)
     except _TooBig:
+        del notes[noted:]  # notes about parts that are dropped anyway
         notes.append(f"metadata held more than {MAX_NODES} values; dropped")
         return {"llmtally_metadata_dropped": f"more than {MAX_NODES} values"}
     except Exception as exc:  # a container that cannot even be iterated
@@ -108,5 +110,6 @@ def safe_str(value: Any) -> str:
 def _text_of(value: Any, notes: list[str]) -> str:
     text = safe_str(value)
     if text.startswith("<unprintable "):
-        _note(notes, f"a metadata value of type {type(value).__name__} could not be turned into text")
+        _note(notes, f"a metadata value of type {type(value).__name__} could not be turned "
+              "into text")
     return text

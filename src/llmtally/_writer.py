@@ -47,6 +47,7 @@ DEFAULT_MAX_PENDING = 10_000
 DEFAULT_SYNC_TIMEOUT_S = 10.0  # the longest a durability="sync" record() waits for its event
 _RETRY_MIN_S = 0.25
 _RETRY_MAX_S = 15.0
+_Refused = tuple[dict[str, Any], BaseException]  # a row that cannot be stored, and why
 
 
 class Writer:
@@ -275,11 +276,11 @@ class Writer:
 
     @staticmethod
     def _insert_one_by_one(rows: list[dict[str, Any]], insert: Callable[[list[dict[str, Any]]], Any],
-                           ) -> tuple[int, list[tuple[dict[str, Any], BaseException]], BaseException | None]:
+                           ) -> tuple[int, list[_Refused], BaseException | None]:
         """A batch failed for its content: insert its rows one at a time, so only the bad ones
         are set aside. Returns how many rows were dealt with (stored or found bad), the bad
         ones with their errors, and the outage that stopped it early (None if it did not)."""
-        bad: list[tuple[dict[str, Any], BaseException]] = []
+        bad: list[_Refused] = []
         for done, row in enumerate(rows):
             try:
                 insert([row])
@@ -289,7 +290,7 @@ class Writer:
                 bad.append((row, exc))
         return len(rows), bad, None
 
-    def _reject(self, bad: list[tuple[dict[str, Any], BaseException]]) -> None:
+    def _reject(self, bad: list[_Refused]) -> None:
         """Keep rows that can never be stored in the rejected file, in a form that can always
         be written (see :func:`_salvaged`), and say so (rate limited)."""
         if not bad:
@@ -331,7 +332,7 @@ class Writer:
         """Append ``rows`` to the spill file now (fsync'd), saying ``reason`` in the log (rate
         limited). False if the disk refused them too. A row that cannot be written as a spill
         line goes to the rejected file instead; it never holds back the others."""
-        bad: list[tuple[dict[str, Any], BaseException]] = []
+        bad: list[_Refused] = []
         try:
             try:
                 lines = [encode_event(_json_safe(row)) for row in rows]
@@ -346,7 +347,7 @@ class Writer:
         self._reject(bad)  # after the spill: if that failed, all the rows are tried again
         self.spilled += len(rows) - len(bad)
         warn_limited("spilled", "llmtally: %s; %d events kept in %s, replayed when it is back",
-                     reason, len(rows), self.spill.path)
+                     reason, len(rows) - len(bad), self.spill.path)
         self._mark_done(rows)
         return True
 
@@ -374,7 +375,7 @@ class Writer:
             for path in self.spill.claim():
                 with self.spill.replaying(path):
                     rows, bad_lines = self.spill.read(path)
-                    refused: list[tuple[dict[str, Any], BaseException]] = []
+                    refused: list[_Refused] = []
                     for start in range(0, len(rows), self.batch_size):
                         batch = rows[start:start + self.batch_size]
                         try:
@@ -467,10 +468,10 @@ def _event_id(row: Any) -> str:
     return safe_str(row.get("id"))[:200] if isinstance(row, Mapping) else "?"
 
 
-def _encodable(rows: list[dict[str, Any]]) -> tuple[list[str], list[tuple[dict[str, Any], BaseException]]]:
+def _encodable(rows: list[dict[str, Any]]) -> tuple[list[str], list[_Refused]]:
     """Spill lines for the rows that can be written as one, and the rows that cannot."""
     lines: list[str] = []
-    bad: list[tuple[dict[str, Any], BaseException]] = []
+    bad: list[_Refused] = []
     for row in rows:
         try:
             lines.append(encode_event(_json_safe(row)))
