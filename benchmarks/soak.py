@@ -11,9 +11,11 @@ alternating rounds: ``--threads`` threads of sync ``litellm.completion``, and on
 with as many ``acompletion`` calls in flight. The ledger is SQLite (batched and
 ``durability="sync"``) and, unless ``--postgres ''``, PostgreSQL. Prints calls/s and the
 ratio with/without, and how many calls the ledger holds against how many were made with
-llmtally registered: a few more may be recorded, since LiteLLM runs a sync call's success
-callbacks on a thread after the call returns, so a call that ends just before a "without"
-round switches to "with" can be logged by the newly registered callback.
+llmtally registered: the two must be equal. (LiteLLM runs a sync call's success callbacks on
+its logging thread pool after the call has returned, and reads the registered callbacks only
+then, so a call of a "without" round whose logging is still pending when llmtally is
+registered would be recorded too: each "without" round waits for LiteLLM's logging to be idle
+before the switch, as ``tally.flush()`` does after each "with" round.)
 """
 
 from __future__ import annotations
@@ -36,7 +38,7 @@ import litellm  # noqa: E402
 from _postgres import DEFAULT_URL, scratch_schema  # noqa: E402
 
 from llmtally import Tally  # noqa: E402
-from llmtally.integrations.litellm import adrain_logging_worker  # noqa: E402
+from llmtally.integrations.litellm import adrain_logging_worker, drain_logging_worker  # noqa: E402
 
 MSGS = [{"role": "user", "content": "hello"}]
 ROUNDS = 3
@@ -97,16 +99,26 @@ def register(logger) -> None:
     litellm.callbacks = [logger] if logger is not None else []
 
 
+def recorded_calls(tally: Tally) -> int:
+    return sum(row.calls for row in tally.summary(since="1h"))
+
+
 def compare(name: str, tally: Tally, workload, calls: int) -> int:
     """Print calls/s without and with llmtally; return how many calls were made with it."""
     workload(calls // 10)  # warm up
     without, with_ = [], []
-    for _ in range(ROUNDS):
+    for number in range(ROUNDS):
         register(None)
         without.append(workload(calls))
+        drain_logging_worker()  # no call of this round may be logged once llmtally is registered
+        before = recorded_calls(tally)
         register(tally.litellm())
         with_.append(workload(calls))
         tally.flush()
+        recorded = recorded_calls(tally) - before
+        if recorded != calls:
+            print(f"{name}: round {number + 1} recorded {recorded:,} calls of {calls:,} made: "
+                  "MISMATCH", flush=True)
     register(None)
     bare, tallied = calls / min(without), calls / min(with_)
     print(f"{name:<42} without {bare:7.0f} calls/s   with {tallied:7.0f} calls/s   "
@@ -147,14 +159,14 @@ def record_latency(label: str, url: str, spill: str, records: int = 400) -> None
 def bench(label: str, url: str, spill: str, args: argparse.Namespace, base: str) -> None:
     for durability in ("batched", "sync"):
         with Tally(url, price_map="bundled", spill_path=spill, durability=durability) as tally:
-            before = sum(row.calls for row in tally.summary(since="1h"))
+            before = recorded_calls(tally)
             made = compare(f"{label} {durability}, {args.threads} threads sync", tally,
                            lambda n: sync_calls(base, n, args.threads), args.calls)
             made += compare(f"{label} {durability}, {args.threads} in flight async", tally,
                             lambda n: async_calls(base, n, args.threads), args.calls)
-            recorded = sum(row.calls for row in tally.summary(since="1h")) - before
-            print(f"{'':<42} ({recorded:,} calls recorded of {made:,} made with llmtally)",
-                  flush=True)
+            recorded = recorded_calls(tally) - before
+            print(f"{'':<42} ({recorded:,} calls recorded of {made:,} made with llmtally"
+                  f"{'' if recorded == made else ': MISMATCH'})", flush=True)
 
 
 def main() -> None:

@@ -25,6 +25,7 @@ currency = "CNY"
 timezone = "Europe/Berlin"        # budget windows are calendar windows here
 fail_closed = false
 durability = "batched"            # batched | sync (record() waits for the commit)
+unpriced = "allow"                # allow | block: a model with no price under a usd budget
 
 [[budgets]]
 usd = 50
@@ -56,7 +57,7 @@ __all__ = ["load_settings", "check_tally_arguments", "DEFAULT_CONFIG_FILE", "ENV
 
 DEFAULT_CONFIG_FILE = "llmtally.toml"
 _TOP_LEVEL = ("database_url", "currency", "price_map", "spill_path", "rates", "scope", "prices",
-              "budgets", "timezone", "fail_closed", "alerts", "durability")
+              "budgets", "timezone", "fail_closed", "alerts", "durability", "unpriced")
 _BUDGET_KEYS = ("usd", "tokens", "requests", "per", "scope", "each", "warn_at", "action", "name")
 _SCOPE_KEYS = ("project", "user", "session", "tags", "request_id", "metadata")
 _PRICE_KEYS = ("input", "output", "cache_read", "cache_write", "reasoning", "per", "currency")
@@ -68,6 +69,7 @@ ENV_VARIABLES = {
     "LLMTALLY_TIMEZONE": "timezone",
     "LLMTALLY_FAIL_CLOSED": "fail_closed",
     "LLMTALLY_DURABILITY": "durability",
+    "LLMTALLY_UNPRICED": "unpriced",
     "LLMTALLY_RATES": "rates",
     "LLMTALLY_PROJECT": "scope.project",
     "LLMTALLY_USER": "scope.user",
@@ -163,6 +165,13 @@ def _validated(settings: Mapping[str, Any], origin: str) -> dict[str, Any]:
             out["fail_closed"] = _boolean(origin, key, value)
         elif key == "durability":
             out["durability"] = _durability(origin, value)
+        elif key == "unpriced":
+            choice = value.strip().lower() if isinstance(value, str) else value
+            if choice not in ("allow", "block"):
+                raise ConfigError(f"{origin}: unpriced = {value!r} is not allowed; use \"allow\" "
+                                  "(calls to a model with no price pass usd budgets, warned) or "
+                                  "\"block\"")
+            out["unpriced"] = choice
         elif key in ("database_url", "currency", "price_map", "spill_path", "timezone"):
             if not isinstance(value, str) or not value.strip():
                 raise ConfigError(f"{origin}: {key} = {value!r} must be a non-empty string")
@@ -424,5 +433,8 @@ _ARGUMENT_CHECKS: dict[str, Callable[[Any], str | None]] = {
     "alerts": _check_alerts,
     "reservation_ttl_s": _positive_seconds("900"),
     "max_output_estimate": _positive_int("4096"),
+    "unpriced": lambda value: None if value in ("allow", "block") else
+    "use \"allow\" (the default: calls to a model with no price pass usd budgets, with a "
+    "warning) or \"block\"",
     "clock": _check_clock,
 }

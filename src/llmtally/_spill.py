@@ -64,10 +64,16 @@ class SpillFile:
         self._lock = threading.Lock()
 
     def append(self, rows: Sequence[Mapping[str, Any]]) -> None:
-        """Append events durably (fsync). Raises OSError if the disk refuses."""
-        if not rows:
+        """Append events durably (fsync). Raises OSError if the disk refuses, and whatever
+        :func:`encode_event` raises for a row that cannot be encoded (then nothing is written)."""
+        self.append_lines([encode_event(row) for row in rows])
+
+    def append_lines(self, lines: Sequence[str]) -> None:
+        """Append lines made by :func:`encode_event` durably (fsync). Raises OSError if the
+        disk refuses."""
+        if not lines:
             return
-        data = "".join(encode_event(row) + "\n" for row in rows).encode("utf-8")
+        data = "".join(line + "\n" for line in lines).encode("utf-8")
         self.path.parent.mkdir(parents=True, exist_ok=True)
         with self._lock:
             while True:
@@ -127,7 +133,7 @@ class SpillFile:
                 continue
             try:
                 rows.append(decode_event(line))
-            except (ValueError, TypeError, KeyError):
+            except (ValueError, TypeError, KeyError, RecursionError):  # RecursionError: nesting
                 bad_lines.append(number)
         return rows, bad_lines
 

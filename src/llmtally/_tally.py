@@ -23,6 +23,7 @@ from ._alerts import DEFAULT_WEBHOOK_TIMEOUT_S, WebhookSender, is_webhook
 from ._budgets import Budget, BudgetExceeded, zone
 from ._errors import ConfigError, error_type
 from ._log import logger, warn_limited
+from ._metadata import clean_metadata
 from ._pricing import Price, PriceBook
 from ._ids import EventIds
 from ._usage import (MAX_TOKEN_COUNT, Usage, coerce_count, extract_usage, response_model,
@@ -403,9 +404,14 @@ class Tally:
         meta = dict(scope.metadata) if scope.metadata else {}
         if metadata:
             if isinstance(metadata, Mapping):
-                meta.update(metadata)
+                try:
+                    meta.update(metadata)
+                except Exception as exc:  # a Mapping that cannot be read costs its metadata only
+                    notes.append(f"metadata could not be read ({type(exc).__name__}); ignored")
             else:
                 notes.append(f"metadata={_short_repr(metadata)} is not a mapping; ignored")
+        if meta:
+            meta = clean_metadata(meta, notes)  # cycles, depth, odd types: never to the writer
         if cache_hit:
             meta["cache_hit"] = True
         if notes:
@@ -1034,7 +1040,10 @@ def _token_count(value: Any, name: str, notes: list[str]) -> int:
 
 
 def _short_repr(value: Any) -> str:
-    text = repr(value)
+    try:
+        text = repr(value)
+    except Exception:  # a hostile __repr__ must not cost the event
+        text = f"<unprintable {type(value).__name__}>"
     return text if len(text) <= 60 else text[:57] + "..."
 
 

@@ -8,7 +8,9 @@ When the database is unreachable the batch waits (retried with backoff); after
 spill file instead, so ``flush()`` always means "durable": in the ledger or in the spill file.
 When the database answers again the spill file is replayed. Rows the database rejects for
 their content (not an outage) are written one by one; the few that still fail go to
-``<spill>.rejected.jsonl`` and are logged, so one bad row never blocks the others.
+``<spill>.rejected.jsonl`` and are logged, so one bad row never blocks the others. The same
+goes for a row that cannot be serialised, when writing, spilling or replaying: nothing a row
+holds can wedge the writer. Every message is rate limited (``warn_limited``).
 
 ``submit_and_wait()`` (``durability="sync"``) queues an event the same way, wakes the writer
 and waits until *that* event is committed or spilled (fsync'd); events submitted meanwhile by
@@ -30,8 +32,9 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
-from ._log import logger, warn_limited
-from ._spill import SpillFile
+from ._log import warn_limited
+from ._metadata import clean_metadata, safe_str
+from ._spill import SpillFile, encode_event
 from ._store import InsertHook, Store, is_outage
 
 __all__ = ["Writer", "DEFAULT_BATCH_SIZE", "DEFAULT_FLUSH_INTERVAL_S", "DEFAULT_MAX_QUEUE"]
@@ -44,6 +47,7 @@ DEFAULT_MAX_PENDING = 10_000
 DEFAULT_SYNC_TIMEOUT_S = 10.0  # the longest a durability="sync" record() waits for its event
 _RETRY_MIN_S = 0.25
 _RETRY_MAX_S = 15.0
+_Refused = tuple[dict[str, Any], BaseException]  # a row that cannot be stored, and why
 
 
 class Writer:
@@ -193,8 +197,10 @@ class Writer:
             self._wake.clear()
             try:
                 self._cycle()
-            except Exception:  # never let the thread die; the next cycle retries
-                logger.exception("llmtally writer: unexpected error (events are kept and retried)")
+            except Exception as exc:  # never let the thread die; the next cycle retries
+                warn_limited("writer-error", "llmtally writer: unexpected error (%s: %s); events "
+                             "are kept and retried", type(exc).__name__, _first_line(exc),
+                             level=logging.ERROR, exc_info=True)
             with self._done_cond:
                 self._cycles += 1
                 self._done_cond.notify_all()
@@ -238,15 +244,21 @@ class Writer:
     def _write_pending(self) -> None:
         while self._pending:
             batch = self._pending[: self.batch_size]
+            outage: BaseException | None = None
             try:
                 self._insert(batch)
+                handled = len(batch)
             except Exception as exc:
                 if is_outage(exc):
                     self._note_outage(exc)
                     return
-                self._insert_one_by_one(batch)
-            del self._pending[: len(batch)]
-            self._mark_done(batch)
+                handled, bad, outage = self._insert_one_by_one(batch, self._insert)
+                self._reject(bad)
+            del self._pending[:handled]
+            self._mark_done(batch[:handled])
+            if outage is not None:  # the rest of the batch waits, like any batch in an outage
+                self._note_outage(outage)
+                return
         self._recovered()
 
     def _recovered(self) -> None:
@@ -255,7 +267,8 @@ class Writer:
 
     def _back_up(self) -> None:
         if self._down_since is not None:
-            logger.warning("llmtally: the ledger %s is reachable again", self.store.display_url)
+            warn_limited("back-up", "llmtally: the ledger %s is reachable again",
+                         self.store.display_url)
             self._down_since = None
             self._retry_delay = _RETRY_MIN_S
 
@@ -263,26 +276,39 @@ class Writer:
         self.store.insert_many([_json_safe(row) for row in rows], self.charges)
         self.written += len(rows)
 
-    def _insert_one_by_one(self, rows: list[dict[str, Any]]) -> None:
-        """A batch failed for its content: keep the good rows, set the bad ones aside."""
-        bad: list[dict[str, Any]] = []
-        for row in rows:
+    @staticmethod
+    def _insert_one_by_one(rows: list[dict[str, Any]], insert: Callable[[list[dict[str, Any]]], Any],
+                           ) -> tuple[int, list[_Refused], BaseException | None]:
+        """A batch failed for its content: insert its rows one at a time, so only the bad ones
+        are set aside. Returns how many rows were dealt with (stored or found bad), the bad
+        ones with their errors, and the outage that stopped it early (None if it did not)."""
+        bad: list[_Refused] = []
+        for done, row in enumerate(rows):
             try:
-                self._insert([row])
+                insert([row])
             except Exception as exc:
                 if is_outage(exc):
-                    raise
-                bad.append(row)
-                warn_limited("rejected", "llmtally: the ledger rejected event %s (%s: %s); it is "
-                             "kept in %s", row.get("id"), type(exc).__name__, exc, self._rejected_path)
-        if bad:
-            self.rejected += len(bad)
-            try:
-                SpillFile(self._rejected_path).append(bad)
-            except Exception as exc:  # never let a row that cannot be kept wedge the writer
-                logger.error("llmtally: could not keep %d rejected events (%s: %s): %s",
-                             len(bad), type(exc).__name__, exc,
-                             ", ".join(str(row.get("id")) for row in bad[:10]))
+                    return done, bad, exc
+                bad.append((row, exc))
+        return len(rows), bad, None
+
+    def _reject(self, bad: list[_Refused]) -> None:
+        """Keep rows that can never be stored in the rejected file, in a form that can always
+        be written (see :func:`_salvaged`), and say so (rate limited)."""
+        if not bad:
+            return
+        self.rejected += len(bad)
+        row, exc = bad[-1]
+        warn_limited("rejected", "llmtally: %d events cannot be stored (event %s: %s: %s); they "
+                     "are kept in %s", len(bad), _event_id(row), type(exc).__name__,
+                     _first_line(exc)[:300], self._rejected_path)
+        try:
+            SpillFile(self._rejected_path).append([_salvaged(row, exc) for row, exc in bad])
+        except Exception as exc:  # never let a row that cannot be kept wedge the writer
+            warn_limited("rejected-lost", "llmtally: could not keep %d rejected events in %s "
+                         "(%s: %s): %s", len(bad), self._rejected_path, type(exc).__name__,
+                         _first_line(exc), ", ".join(_event_id(row) for row, _ in bad[:10]),
+                         level=logging.ERROR)
 
     @property
     def _rejected_path(self) -> Path:
@@ -306,17 +332,24 @@ class Writer:
 
     def spill_now(self, rows: list[dict[str, Any]], *, reason: str) -> bool:
         """Append ``rows`` to the spill file now (fsync'd), saying ``reason`` in the log (rate
-        limited). False if the disk refused them too."""
+        limited). False if the disk refused them too. A row that cannot be written as a spill
+        line goes to the rejected file instead; it never holds back the others."""
+        bad: list[_Refused] = []
         try:
-            self.spill.append([_json_safe(row) for row in rows])
+            try:
+                lines = [encode_event(_json_safe(row)) for row in rows]
+            except Exception:
+                lines, bad = _encodable(rows)
+            self.spill.append_lines(lines)
         except OSError as exc:
             warn_limited("spill-failed", "llmtally: %s and the spill file %s cannot be written "
                          "(%s); %d events are held in memory", reason, self.spill.path, exc,
                          len(rows), level=logging.ERROR)
             return False
-        self.spilled += len(rows)
+        self._reject(bad)  # after the spill: if that failed, all the rows are tried again
+        self.spilled += len(rows) - len(bad)
         warn_limited("spilled", "llmtally: %s; %d events kept in %s, replayed when it is back",
-                     reason, len(rows), self.spill.path)
+                     reason, len(rows) - len(bad), self.spill.path)
         self._mark_done(rows)
         return True
 
@@ -344,23 +377,39 @@ class Writer:
             for path in self.spill.claim():
                 with self.spill.replaying(path):
                     rows, bad_lines = self.spill.read(path)
+                    refused: list[_Refused] = []
                     for start in range(0, len(rows), self.batch_size):
-                        self.store.insert_many([_json_safe(r) for r in rows[start:start + self.batch_size]],
-                                               self.charges)
+                        batch = rows[start:start + self.batch_size]
+                        try:
+                            self._replay_insert(batch)
+                        except Exception as exc:
+                            if is_outage(exc):
+                                raise
+                            _, bad, outage = self._insert_one_by_one(batch, self._replay_insert)
+                            if outage is not None:
+                                raise outage  # the file stays claimed; it is retried whole
+                            refused += bad
+                    self._reject(refused)  # only once the whole file is in: never kept twice
                     if bad_lines:
-                        logger.warning("llmtally: %s had %d unreadable lines (%s); they were "
-                                       "skipped", path, len(bad_lines),
-                                       ", ".join(map(str, bad_lines[:10])))
+                        warn_limited("spill-unreadable", "llmtally: %s had %d unreadable lines "
+                                     "(%s); they were skipped", path, len(bad_lines),
+                                     ", ".join(map(str, bad_lines[:10])))
                     path.unlink()
-                logger.info("llmtally: replayed %d spilled events from %s", len(rows), path)
+                warn_limited("replayed", "llmtally: replayed %d spilled events from %s",
+                             len(rows) - len(refused), path, level=logging.INFO)
         except Exception as exc:
             if is_outage(exc):
                 self._note_outage(exc)
             else:
                 warn_limited("replay", "llmtally: could not replay %s (%s: %s); will try again",
-                             self.spill.path, type(exc).__name__, exc)
+                             self.spill.path, type(exc).__name__, _first_line(exc))
         else:
             self._back_up()
+
+    def _replay_insert(self, rows: list[dict[str, Any]]) -> None:
+        """Spilled events are charged to the budgets when they are stored, like any other
+        (ids already stored are skipped, and not charged again)."""
+        self.store.insert_many([_json_safe(row) for row in rows], self.charges)
 
 
 MAX_METADATA_TEXT = 1024  # characters in one metadata string (key or value)
@@ -406,15 +455,68 @@ def _clean_string(text: str, notes: list[str]) -> str:
 def _built(build: Callable[[], dict[str, Any] | None]) -> dict[str, Any] | None:
     """Run a deferred event's builder; a failure loses that one event, loudly."""
     try:
-        return build()
+        row = build()
     except Exception as exc:
         warn_limited("deferred", "llmtally: could not build a deferred event (%s: %s)",
-                     type(exc).__name__, exc, exc_info=True)
+                     type(exc).__name__, _first_line(exc), exc_info=True)
         return None
+    if row is not None and not isinstance(row, dict):
+        warn_limited("deferred", "llmtally: a deferred event was built as a %s, not a dict; "
+                     "dropped", type(row).__name__)
+        return None
+    return row
+
+
+def _event_id(row: Any) -> str:
+    return safe_str(row.get("id"))[:200] if isinstance(row, Mapping) else "?"
+
+
+def _encodable(rows: list[dict[str, Any]]) -> tuple[list[str], list[_Refused]]:
+    """Spill lines for the rows that can be written as one, and the rows that cannot."""
+    lines: list[str] = []
+    bad: list[_Refused] = []
+    for row in rows:
+        try:
+            lines.append(encode_event(_json_safe(row)))
+        except Exception as exc:
+            bad.append((row, exc))
+    return lines, bad
+
+
+def _salvaged(row: Any, error: BaseException) -> dict[str, Any]:
+    """What can be kept of a row that cannot be stored, as something that can always be
+    written as a JSON line: the row as it would be stored if possible, else field by field
+    (metadata cleaned as record() cleans it, other odd values as text). The error is noted."""
+    note = f"rejected: {type(error).__name__}: {_first_line(error)[:300]}"
+    try:
+        out = _json_safe(row)
+        encode_event(out)
+    except Exception:
+        out = {}
+        for key, value in (row.items() if isinstance(row, Mapping) else [("id", None)]):
+            key = key if isinstance(key, str) else safe_str(key)
+            if key == "metadata" and isinstance(value, Mapping):
+                notes: list[str] = []
+                value = clean_metadata(value if isinstance(value, dict) else dict(value), notes)
+                if notes:
+                    value["llmtally_warnings"] = notes
+            try:
+                encode_event({key: value})
+            except Exception:
+                value = safe_str(value)
+            out[key] = value
+    meta = out.get("metadata")
+    if isinstance(meta, dict):
+        warnings = meta.get("llmtally_warnings")
+        meta["llmtally_warnings"] = [*(warnings if isinstance(warnings, list) else []), note]
+    else:
+        out["llmtally_rejected"] = note
+    return out
 
 
 def _first_line(exc: BaseException) -> str:
-    return str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+    text = safe_str(exc).strip()
+    return text.splitlines()[0] if text else ""
 
 
 def _json_safe(row: Mapping[str, Any]) -> dict[str, Any]:
