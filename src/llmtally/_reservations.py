@@ -61,7 +61,7 @@ from ._store import Store
 
 __all__ = ["BudgetLedger", "EventCharges", "Hold", "Reservation", "CounterState", "Crossing",
            "Drift", "UNIT_SCALE", "to_units", "defined_budgets", "check_counters",
-           "rebuild_counters_before"]
+           "rebuild_counters_before", "unpriced_calls", "ledger_states"]
 
 UNIT_SCALE = {"usd": 10**9, "tokens": 1, "requests": 1}
 """Counters hold integers: nano-units of money, whole tokens, whole requests."""
@@ -531,8 +531,9 @@ class EventCharges:
             row = conn.execute(_CHARGE, {"key": key, "instance": instance, "start": start,
                                          "used": amount, "released": released.get(counter, 0),
                                          "now": now}).first()
-            if row is None or not amount:
-                continue  # no counter yet: it is seeded from the ledger, these events included
+            if row is None or not amount or self.on_crossings is None:
+                continue  # no counter yet (it is seeded from the ledger, these events
+                # included), or no one to tell: a threshold stays unclaimed for the next charge
             defined = _by_key(batch.definitions).get(key)
             if defined is not None and defined.budget.warn_at:
                 window = window_for(defined.budget.per, start, defined.tz) \
@@ -642,6 +643,21 @@ def seed(conn: Connection, budget: Budget, instance: str, window: Window) -> int
         statement = statement.where(_has_tag(conn, value) if key == "tag" else _E[key] == value)
     if budget.each:
         statement = statement.where(_E[budget.each] == instance)
+    return int(conn.execute(statement).scalar() or 0)
+
+
+def unpriced_calls(conn: Connection, state: CounterState) -> int:
+    """Calls in a budget instance's window to models with no price (a usd budget counts them
+    as $0)."""
+    budget, window = state.budget, state.window
+    statement = select(func.count()).select_from(UsageEvent.__table__).where(
+        _E.ts >= window.start, _E.status != "blocked", _E.cost_status == "unpriced")
+    if window.end is not None:
+        statement = statement.where(_E.ts < window.end)
+    for key, value in budget.scope.items():
+        statement = statement.where(_has_tag(conn, value) if key == "tag" else _E[key] == value)
+    if budget.each:
+        statement = statement.where(_E[budget.each] == state.instance)
     return int(conn.execute(statement).scalar() or 0)
 
 

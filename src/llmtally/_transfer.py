@@ -53,6 +53,7 @@ from sqlalchemy.exc import SQLAlchemyError
 from ._errors import ConfigError, LedgerError
 from ._files import create_beside
 from ._model import EVENT_COLUMNS, MAX_ID, MAX_TEXT, UsageEvent
+from ._reservations import EventCharges, rebuild_counters_before
 from ._store import Store, _driver_row
 from ._tally import CALL_TYPES, SOURCES, STATUSES
 from ._timeparse import parse_instant
@@ -915,12 +916,25 @@ def import_events(
                                 "Check the file (a .gz must be complete)") from exc
         # The whole file is read and checked: only now take the write lock (SQLite), for the
         # valid rows alone, so a file of junk never keeps the application's writes waiting.
+        # Events landing in a budget's window are charged to it in this same transaction.
+        charges = EventCharges(lambda: datetime.now(timezone.utc))
         with _ledger_errors(store, "the import"), store.write() as conn:
             for batch in spool.batches():
-                inserted = max(conn.exec_driver_sql(store._insert_sql, batch).rowcount, 0)
+                inserted, _ = store.insert_rows(conn, [_event_of(row) for row in batch], charges)
                 result.imported += inserted
                 result.skipped += len(batch) - inserted
     return result
+
+
+def _event_of(driver_row: Sequence[Any]) -> dict[str, Any]:
+    """A spooled driver row (see ``_driver_row``) as the event dict the store takes."""
+    event = dict(zip(EVENT_COLUMNS, driver_row))
+    if isinstance(event["ts"], str):
+        event["ts"] = datetime.fromisoformat(event["ts"])
+    for key in ("tags", "metadata"):
+        if isinstance(event[key], str):
+            event[key] = json.loads(event[key])
+    return event
 
 
 def _valid_batches(records: Iterable[tuple[int, Any]], result: ImportResult, lines: _Lines,
@@ -1025,6 +1039,9 @@ def prune_events(
             with _snapshot(store) as conn:
                 events, cost, unpriced = _old_totals(conn, old)
                 _delete_old(conn, old, events, archive_path)
+            # Budget counters cache a GROUP BY over the events: drop those of pruned windows,
+            # recompute those the cutoff splits (after the delete committed, under the lock).
+            rebuild_counters_before(store, cutoff)
     return PruneResult(cutoff=cutoff, events=events, cost=cost, unpriced=unpriced,
                        archive=archive_path, dry_run=dry_run)
 

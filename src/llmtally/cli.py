@@ -386,20 +386,54 @@ def unpriced(tally: Any, since: str | None, as_json: bool) -> None:
 
 @main.command()
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+@click.option("--check", is_flag=True,
+              help="Compare every counter with the ledger's events; exit 1 if any differs.")
+@click.option("--repair", is_flag=True, help="Rewrite the counters that differ from the ledger.")
 @ledger_options
-def budgets(tally: Any, as_json: bool) -> None:
-    """Each budget (and each user/project... of an each= budget): used, reserved, limit,
-    when its window resets, and when it runs out at the current rate. Budgets come from
-    llmtally.toml ([[budgets]]) or LLMTALLY_CONFIG.
+def budgets(tally: Any, as_json: bool, check: bool, repair: bool) -> None:
+    """Every budget in force on this ledger, whichever process defined it: used, reserved,
+    limit, when its window resets, when it runs out at the current rate, and the calls of
+    models with no price that a usd budget could not count. Budgets come from llmtally.toml
+    ([[budgets]]), LLMTALLY_CONFIG, or any Tally(budgets=...) that used this ledger.
+
+    --check compares each counter (a cache of the ledger's events) with a GROUP BY over the
+    events and with the open holds, prints any drift and exits 1 if there is one; --repair
+    rewrites those counters from the ledger.
 
     \b
     Example:
       llmtally budgets --config llmtally.toml
+      llmtally budgets --check --db postgresql+psycopg://app@db/llm
     """
+    from ._reservations import check_counters, ledger_states, unpriced_calls
+
+    if check or repair:
+        drifts = check_counters(tally.store, repair=repair)
+        unit = {"usd": tally.currency, "tokens": "tokens", "requests": "requests"}
+        for drift in drifts:
+            kind = unit[drift.budget.kind]
+            echo(f"{drift.budget.label} [{drift.instance or 'all calls'}] window "
+                 f"{drift.window_start.isoformat()}: spent {_quantity(drift.spent, kind)}, the "
+                 f"ledger says {_quantity(drift.expected_spent, kind)}; reserved "
+                 f"{_quantity(drift.reserved, kind)}, open holds "
+                 f"{_quantity(drift.expected_reserved, kind)}"
+                 + (" (repaired)" if repair else ""))
+        if not drifts:
+            echo("Every budget counter equals the ledger.")
+        elif not repair:
+            echo(f"{len(drifts)} counters differ from the ledger: llmtally budgets --repair "
+                 "rewrites them.")
+            raise SystemExit(1)
+        return
     now = datetime.now(timezone.utc)
-    states = tally.budget_states()
+    tally._publish_budgets()  # the budgets of llmtally.toml are in force too
+    tally.flush(10)
+    with tally.store.connect() as conn:
+        states = ledger_states(conn, now)
+        unpriced = [unpriced_calls(conn, state) if state.budget.kind == "usd" else 0
+                    for state in states]
     rows = []
-    for state in states:
+    for state, not_counted in zip(states, unpriced):
         budget = state.budget
         scope = dict(budget.scope) | ({budget.each: state.instance} if budget.each else {})
         run_out = state.run_out(now)
@@ -408,7 +442,7 @@ def budgets(tally: Any, as_json: bool) -> None:
             "reserved": state.reserved, "limit": budget.limit,
             "percent": 100 * state.used / budget.limit if budget.limit else None,
             "resets_at": _iso(state.window.end), "runs_out_at": _iso(run_out),
-            "action": budget.action,
+            "action": budget.action, "unpriced_calls": not_counted,
         })
     if as_json:
         _print_json(rows)
@@ -422,12 +456,16 @@ def budgets(tally: Any, as_json: bool) -> None:
         return
     unit = {"usd": tally.currency, "tokens": "tokens", "requests": "requests"}
     _print_table(
-        ["budget", "scope", "used", "reserved", "limit", "%", "resets", "runs out"],
+        ["budget", "scope", "used", "reserved", "limit", "%", "resets", "runs out", "unpriced"],
         [[r["budget"], ", ".join(f"{k}={v}" for k, v in r["scope"].items()) or "all calls",
           _quantity(r["used"], unit[r["kind"]]), _quantity(r["reserved"], unit[r["kind"]]),
           _quantity(r["limit"], unit[r["kind"]]),
           "-" if r["percent"] is None else f"{r['percent']:.1f}",
-          r["resets_at"] or "never", r["runs_out_at"] or "-"] for r in rows], left=2)
+          r["resets_at"] or "never", r["runs_out_at"] or "-",
+          str(r["unpriced_calls"]) if r["unpriced_calls"] else "-"] for r in rows], left=2)
+    if any(r["unpriced_calls"] for r in rows):
+        echo("unpriced: calls in the window to models with no price, which usd budgets cannot "
+             "count (llmtally unpriced lists them; a price override counts them from then on).")
 
 
 @main.command()
