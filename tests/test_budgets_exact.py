@@ -480,3 +480,23 @@ def test_budgets_check_finds_and_repairs_drift(ledger_url, make_tally):
     assert repaired.exit_code == 0, repaired.output
     assert check_counters(tally.store) == []
     assert _spent(tally) == {("usd 1/day", ""): 0.01}
+
+
+def test_aflush_means_every_finished_async_call(make_tally, provider, caplog):
+    tally = make_tally(prices=PRICES, budgets=[
+        Budget(usd=100, per="day"), Budget(usd=50, per="day", each="user"),
+        Budget(tokens=10**6, per="minute")])
+    litellm.callbacks = [tally.litellm()]
+
+    async def main():
+        await asyncio.gather(*(litellm.acompletion(**_chat(provider, user=f"u{i % 5}"))
+                               for i in range(200)))
+        assert await tally.aflush(30)
+
+    with caplog.at_level(logging.WARNING, logger="llmtally"):
+        asyncio.run(main())
+        tally.close()
+    assert "after this Tally was closed" not in caplog.text
+    rows = fetch_events(tally.store.url)
+    assert len(rows) == 200 and all(row["status"] == "ok" for row in rows)
+    assert check_counters(tally.store) == []

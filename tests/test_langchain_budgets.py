@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import threading
 from typing import Any
 
 import pytest
@@ -221,3 +222,36 @@ def test_chat_litellm_is_held_once_and_settled_by_litellm(both, provider, mode):
     [state] = tally.budget_states()
     assert (state.spent, state.reserved) == (pytest.approx(0.01, abs=1e-12), 0)
     assert tally.litellm()._holds == {} and tally.langchain()._runs == {}
+
+
+def test_ainvoke_takes_its_hold_off_the_event_loop_and_invoke_still_blocks(tally, provider,
+                                                                           monkeypatch):
+    """Under ainvoke the budget check runs on a worker thread (the loop never waits for the
+    database); under invoke it runs on the caller's thread; both stop a call over budget."""
+    threads = []
+    real = tally.budgets.reserve
+
+    def spy(*args, **kwargs):
+        threads.append(threading.current_thread())
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(tally.budgets, "reserve", spy)
+    model = _chat(provider)
+    handler = tally.langchain()
+
+    async def main():
+        await model.ainvoke("hi", config={"callbacks": [handler]})
+        return threading.current_thread()
+
+    loop_thread = asyncio.run(main())
+    assert len(threads) == 1 and threads[0] is not loop_thread
+    model.invoke("hi", config={"callbacks": [handler]})
+    assert threads[1] is threading.current_thread()
+    with pytest.raises(BudgetExceeded):
+        asyncio.run(model.ainvoke("hi", config={"callbacks": [handler]}))
+    with pytest.raises(BudgetExceeded):
+        model.invoke("hi", config={"callbacks": [handler]})
+    assert provider.requests == 2
+    assert tally.flush(10)
+    [state] = tally.budget_states()
+    assert (round(state.spent, 9), state.reserved) == (0.02, 0)

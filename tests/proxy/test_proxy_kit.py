@@ -289,7 +289,8 @@ def test_a_user_over_budget_gets_429_before_the_provider_and_a_blocked_row(budge
 
     before = budget_proxy.provider.requests
     with pytest.raises(openai.RateLimitError) as refused:
-        _chat(budget_proxy, "sk-bob", max_tokens=1_000_000)
+        # 20 choices of the model's whole output limit: about $0.20 against $0.10
+        _chat(budget_proxy, "sk-bob", max_tokens=16_384, n=20)
     assert refused.value.status_code == 429
     assert "llmtally budget" in str(refused.value)
     assert "for user=bob would be exceeded" in str(refused.value)
@@ -328,3 +329,51 @@ def _held(url: str) -> int:
                 "SELECT COALESCE(SUM(reserved), 0) FROM llmtally_budget_counters")).scalar()
     finally:
         engine.dispose()
+
+
+def test_master_key_requests_belong_to_the_end_user_in_the_body(budget_proxy):
+    """LiteLLM's placeholder user of the master key is no user: the request's ``user`` is, for
+    the event and for an each="user" budget."""
+    import openai
+
+    ids = {_chat(budget_proxy, MASTER_KEY, user=name)[0] for name in ("carol", "dave")}
+    rows = budget_proxy.rows(ids)
+    assert sorted(row["user"] for row in rows) == ["carol", "dave"]
+    before = budget_proxy.provider.requests
+    with pytest.raises(openai.RateLimitError) as refused:
+        _chat(budget_proxy, MASTER_KEY, user="carol", max_tokens=16_384, n=20)
+    assert "for user=carol would be exceeded" in str(refused.value)
+    assert budget_proxy.provider.requests == before
+    # a virtual key's own user still wins over the body
+    call_id, _ = _chat(budget_proxy, "sk-alice", user="mallory")
+    [row] = budget_proxy.rows({call_id})
+    assert row["user"] == "alice"
+
+
+def test_concurrent_requests_sharing_a_call_id_are_each_held_and_charged(budget_proxy):
+    from concurrent.futures import ThreadPoolExecutor
+
+    from llmtally._reservations import check_counters
+    from llmtally._store import Store
+
+    client = budget_proxy.client("sk-alice")
+
+    def call(_):
+        return client.chat.completions.create(
+            model="gpt-4o-mini", messages=MSGS, extra_headers={"x-litellm-call-id": "shared-id"})
+
+    with ThreadPoolExecutor(3) as pool:
+        list(pool.map(call, range(3)))
+    deadline = time.monotonic() + 10
+    rows: list[dict] = []
+    while len(rows) < 3 and time.monotonic() < deadline:
+        time.sleep(0.1)
+        rows = [row for row in fetch_events(budget_proxy.ledger) if _call_id(row) == "shared-id"]
+    assert len(rows) == 3 and len({row["id"] for row in rows}) == 3
+    while _held(budget_proxy.ledger) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    store = Store(budget_proxy.ledger)
+    try:
+        assert check_counters(store) == []  # every counter equals the ledger's GROUP BY
+    finally:
+        store.close()

@@ -48,6 +48,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import json
+import sys
 import threading
 import time
 from collections import OrderedDict
@@ -448,6 +449,40 @@ def _max_tokens(metadata: Mapping[str, Any], params: Mapping[str, Any]) -> int |
     return coerce_count(metadata.get("ls_max_tokens"))
 
 
+def _async_dispatch_code() -> Any:
+    """The code of LangChain's async callback dispatch (it awaits a handler method that is a
+    coroutine function), or None if this langchain-core has another shape."""
+    try:
+        from langchain_core.callbacks import manager
+    except ImportError:
+        return None
+    function = getattr(manager, "_ahandle_event_for_handler", None)
+    return getattr(function, "__code__", None)
+
+
+_ASYNC_DISPATCH = _async_dispatch_code()
+
+
+class _StartHook:
+    """A start callback that is sync for LangChain's sync callback manager (``invoke``,
+    ``stream``: a ``BudgetExceeded`` raised there stops the call) and a coroutine function for
+    its async manager (``ainvoke``, ``astream``: the hold is then taken on a worker thread, so
+    the event loop never waits for the database). LangChain decides how to call a handler
+    method when it looks it up, so the lookup answers by who is asking. An async handler under
+    the sync manager would have its errors swallowed, hence not simply ``async def``."""
+
+    def __init__(self, sync_name: str, async_name: str) -> None:
+        self.sync_name, self.async_name = sync_name, async_name
+
+    def __get__(self, handler: Any, owner: type | None = None) -> Any:
+        if handler is None:
+            return self
+        if _ASYNC_DISPATCH is not None and handler.tally.budgets is not None and \
+                sys._getframe(1).f_code is _ASYNC_DISPATCH:
+            return getattr(handler, self.async_name)
+        return getattr(handler, self.sync_name)
+
+
 class LangChainHandler(BaseCallbackHandler):
     """A LangChain callback handler that records every model call in a :class:`~llmtally.Tally`.
 
@@ -474,20 +509,38 @@ class LangChainHandler(BaseCallbackHandler):
 
     # -- model runs -------------------------------------------------------------------------
 
-    def on_chat_model_start(self, serialized: dict[str, Any], messages: list[list[Any]], *,
-                            run_id: UUID, parent_run_id: UUID | None = None,
-                            tags: list[str] | None = None, metadata: dict[str, Any] | None = None,
-                            **kwargs: Any) -> None:
+    def _on_chat_model_start(self, serialized: dict[str, Any], messages: list[list[Any]], *,
+                             run_id: UUID, parent_run_id: UUID | None = None,
+                             tags: list[str] | None = None, metadata: dict[str, Any] | None = None,
+                             **kwargs: Any) -> None:
         """A chat model call starts: remember it; hold its estimate on the budgets."""
         prompt = messages[0] if isinstance(messages, (list, tuple)) and len(messages) == 1 else None
         self._start(serialized, prompt, "chat", run_id, parent_run_id, tags, metadata, kwargs)
 
-    def on_llm_start(self, serialized: dict[str, Any], prompts: list[str], *, run_id: UUID,
-                     parent_run_id: UUID | None = None, tags: list[str] | None = None,
-                     metadata: dict[str, Any] | None = None, **kwargs: Any) -> None:
+    async def _aon_chat_model_start(self, serialized: dict[str, Any], messages: list[list[Any]],
+                                    *, run_id: UUID, parent_run_id: UUID | None = None,
+                                    tags: list[str] | None = None,
+                                    metadata: dict[str, Any] | None = None, **kwargs: Any) -> None:
+        prompt = messages[0] if isinstance(messages, (list, tuple)) and len(messages) == 1 else None
+        await self._astart(serialized, prompt, "chat", run_id, parent_run_id, tags, metadata, kwargs)
+
+    def _on_llm_start(self, serialized: dict[str, Any], prompts: list[str], *, run_id: UUID,
+                      parent_run_id: UUID | None = None, tags: list[str] | None = None,
+                      metadata: dict[str, Any] | None = None, **kwargs: Any) -> None:
         """A text-completion (legacy ``LLM``) call starts."""
         prompt = prompts[0] if isinstance(prompts, (list, tuple)) and len(prompts) == 1 else None
         self._start(serialized, prompt, "completion", run_id, parent_run_id, tags, metadata, kwargs)
+
+    async def _aon_llm_start(self, serialized: dict[str, Any], prompts: list[str], *,
+                             run_id: UUID, parent_run_id: UUID | None = None,
+                             tags: list[str] | None = None,
+                             metadata: dict[str, Any] | None = None, **kwargs: Any) -> None:
+        prompt = prompts[0] if isinstance(prompts, (list, tuple)) and len(prompts) == 1 else None
+        await self._astart(serialized, prompt, "completion", run_id, parent_run_id, tags,
+                           metadata, kwargs)
+
+    on_chat_model_start = _StartHook("_on_chat_model_start", "_aon_chat_model_start")
+    on_llm_start = _StartHook("_on_llm_start", "_aon_llm_start")
 
     def on_llm_new_token(self, token: str, *, run_id: UUID, **kwargs: Any) -> None:
         """A streamed chunk: the first one gives the time to first token."""
@@ -511,26 +564,58 @@ class LangChainHandler(BaseCallbackHandler):
     def _start(self, serialized: Any, prompt: Any, call_type: str, run_id: UUID,
                parent_run_id: UUID | None, tags: Any, metadata: Any, kwargs: Mapping[str, Any]) -> None:
         try:
-            key = _key(run_id)
-            if key in self._ended or key in self._runs:
-                return  # a start after its own end (out of order), or a repeated start
-            meta = metadata if type(metadata) is dict or isinstance(metadata, Mapping) else {}
-            params = _mapping(kwargs.get("invocation_params"))
-            run = RunStart(
-                self.tally, run_id, provider=_text(meta.get("ls_provider")) or _class_provider(serialized),
-                model=_model_name(meta, params), serialized=serialized,
-                call_type=call_type, parent=parent_run_id,
-                root=self._roots.get(_key(parent_run_id), parent_run_id) if parent_run_id else run_id,
-                tags=tags, metadata=meta, name=kwargs.get("name"), prompt=prompt)
+            started = self._new_run(serialized, prompt, call_type, run_id, parent_run_id, tags,
+                                    metadata, kwargs)
+            if started is None:
+                return
+            run, meta, params = started
             if self.tally.budgets is not None:
                 run.hold = self._reserve(run, meta, params)
-            if self.tally.__dict__.get("_litellm_logger") is not None:
-                run.token = _handoff.offer(run)
-            self._remember(self._runs, key, run, _MAX_RUNS)
+            self._started(run)
         except BudgetExceeded:
             raise
         except Exception as exc:
             _fault("on_llm_start", exc)
+
+    async def _astart(self, serialized: Any, prompt: Any, call_type: str, run_id: UUID,
+                      parent_run_id: UUID | None, tags: Any, metadata: Any,
+                      kwargs: Mapping[str, Any]) -> None:
+        """:meth:`_start` under LangChain's async callback manager: the hold is taken on a
+        worker thread, so the event loop never waits for the database; the rest (the offer
+        to LiteLLM is a context variable) stays in the caller's context."""
+        try:
+            started = self._new_run(serialized, prompt, call_type, run_id, parent_run_id, tags,
+                                    metadata, kwargs)
+            if started is None:
+                return
+            run, meta, params = started
+            run.hold = await asyncio.to_thread(self._reserve, run, meta, params)
+            self._started(run)
+        except BudgetExceeded:
+            raise
+        except Exception as exc:
+            _fault("on_llm_start", exc)
+
+    def _new_run(self, serialized: Any, prompt: Any, call_type: str, run_id: UUID,
+                 parent_run_id: UUID | None, tags: Any, metadata: Any,
+                 kwargs: Mapping[str, Any]) -> tuple[RunStart, Mapping[str, Any], Mapping[str, Any]] | None:
+        key = _key(run_id)
+        if key in self._ended or key in self._runs:
+            return None  # a start after its own end (out of order), or a repeated start
+        meta = metadata if type(metadata) is dict or isinstance(metadata, Mapping) else {}
+        params = _mapping(kwargs.get("invocation_params"))
+        run = RunStart(
+            self.tally, run_id, provider=_text(meta.get("ls_provider")) or _class_provider(serialized),
+            model=_model_name(meta, params), serialized=serialized,
+            call_type=call_type, parent=parent_run_id,
+            root=self._roots.get(_key(parent_run_id), parent_run_id) if parent_run_id else run_id,
+            tags=tags, metadata=meta, name=kwargs.get("name"), prompt=prompt)
+        return run, meta, params
+
+    def _started(self, run: RunStart) -> None:
+        if self.tally.__dict__.get("_litellm_logger") is not None:
+            run.token = _handoff.offer(run)
+        self._remember(self._runs, _key(run.run_id), run, _MAX_RUNS)
 
     def _reserve(self, run: RunStart, meta: Mapping[str, Any],
                  params: Mapping[str, Any]) -> Reservation | None:

@@ -941,17 +941,29 @@ async def adrain_logging_worker(timeout: float | None = None) -> None:
     ends (``asyncio.run`` returning), LiteLLM's logging tasks still in flight are cancelled
     and those calls are never logged; awaiting this before then keeps them (see
     :meth:`Tally.aflush`)."""
-    for _ in range(3):  # let the tasks that hand finished calls to the worker run
-        await asyncio.sleep(0)
+    deadline = time.monotonic() + (_DRAIN_WAIT_S if timeout is None else timeout)
     module = sys.modules.get("litellm.litellm_core_utils.logging_worker")
     worker = getattr(module, "GLOBAL_LOGGING_WORKER", None)
-    if worker is None or getattr(worker, "_queue", None) is None:
+    # A call that returned may hand its logging to the worker a few loop turns later (more
+    # when the loop is busy): drain until a few quiet turns in a row found nothing new.
+    if worker is None:
         return
-    try:
-        await asyncio.wait_for(worker.flush(), _DRAIN_WAIT_S if timeout is None else timeout)
-    except asyncio.TimeoutError:
-        warn_limited("litellm-drain", "llmtally: LiteLLM's async logging did not finish within "
-                     "%s s", timeout)
+    quiet = 0
+    while quiet < 3 and time.monotonic() < deadline:
+        await asyncio.sleep(0)
+        queue_ = getattr(worker, "_queue", None)
+        if queue_ is None:
+            return
+        pending = getattr(worker, "pending_count", None)
+        if not isinstance(pending, int):
+            pending = queue_.qsize()
+        quiet = 0 if pending else quiet + 1  # flush() below also waits for what is running
+        try:
+            await asyncio.wait_for(worker.flush(), max(0.0, deadline - time.monotonic()))
+        except asyncio.TimeoutError:
+            warn_limited("litellm-drain", "llmtally: LiteLLM's async logging did not finish "
+                         "within %s s", timeout)
+            return
 
 
 def _wait_for_logging_threads(deadline: float) -> None:
