@@ -42,6 +42,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import socket
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -50,7 +51,8 @@ from datetime import datetime, timedelta, timezone
 from typing import Any
 
 from sqlalchemy import (JSON, BigInteger, Column, Connection, DateTime, Float, MetaData, String,
-                        Table, Text, and_, bindparam, delete, exists, func, literal, select, text)
+                        Table, Text, and_, bindparam, cast, delete, exists, func, literal, select,
+                        text)
 from sqlalchemy.dialects.postgresql import JSONB
 
 from ._budgets import Budget, BudgetExceeded, Window, instance_for, window_for, zone
@@ -68,8 +70,9 @@ UNIT_SCALE = {"usd": 10**9, "tokens": 1, "requests": 1}
 
 
 def to_units(kind: str, amount: float) -> int:
-    """An amount of ``kind`` as the integer the counters hold."""
-    return int(round(float(amount) * UNIT_SCALE[kind]))
+    """An amount of ``kind`` as the integer the counters hold: rounded half up, exactly as the
+    SQL that seeds a counter from the events rounds (see :func:`seed`)."""
+    return math.floor(float(amount) * UNIT_SCALE[kind] + 0.5)
 
 
 _meta = MetaData()
@@ -271,6 +274,7 @@ class BudgetLedger:
         self._next_expiry = datetime.min
         self._next_refresh = datetime.min
         self._published = False
+        self._generation = store.generation
         if len(self._by_key) != len(self.budgets):
             raise ConfigError("two budgets count the same thing (same kind, window, scope and "
                               "each=); keep one, with the limit you want")
@@ -353,6 +357,10 @@ class BudgetLedger:
                 estimate: Amounts) -> Reservation:
         """Hold ``estimate`` on every covering budget, or raise BudgetExceeded (nothing held)."""
         now = _naive(self._clock())
+        if self._generation != self.store.generation:  # the SQLite file was replaced
+            self._generation = self.store.generation
+            self._known_counters.clear()
+            self._published = False
         if not self._published:
             self.publish()
         elif now >= self._next_refresh:
@@ -368,13 +376,23 @@ class BudgetLedger:
                     return fast
             # Some budget has no room (or expiry is due): the transaction below expires dead
             # holds, retries, and names the budget that refuses.
+        if now >= self._next_expiry:
+            self._expire(now)
+        try:
+            return self._reserve_in_transaction(reservation_id, covering, estimate, now)
+        except BudgetExceeded:
+            if not self._expire(now):  # about to block: first release holds of dead processes
+                raise
+            return self._reserve_in_transaction(reservation_id, covering, estimate, now)
+
+    def _reserve_in_transaction(self, reservation_id: str,
+                                covering: Sequence[tuple[Budget, str, Window]],
+                                estimate: Amounts, now: datetime) -> Reservation:
+        """Hold on every covering counter (locked in their global order), or raise."""
         holds: list[Hold] = []
         seen: list[tuple[str, str, datetime]] = []
         with self.store.write() as conn:
             self._fast_commit(conn)
-            if now >= self._next_expiry:
-                self._expire(conn, now)
-                self._next_expiry = now + _EXPIRY_INTERVAL
             for budget, instance, window in covering:
                 amount = to_units(budget.kind, estimate.get(budget.kind, 0.0))
                 seen.append(self._ensure_counter(conn, budget, instance, window, now))
@@ -383,13 +401,14 @@ class BudgetLedger:
                         "limit": to_units(budget.kind, budget.limit)}
                 if budget.action == "block":
                     updated = conn.execute(_RESERVE_IF_ROOM, hold).rowcount
-                    if updated != 1:  # about to block: first release holds of dead processes
-                        self._expire(conn, now)
-                        updated = conn.execute(_RESERVE_IF_ROOM, hold).rowcount
                 else:
                     updated = conn.execute(_RESERVE, hold).rowcount
                 if updated != 1:
-                    spent, reserved = conn.execute(_USE, counter).one()
+                    found = conn.execute(_USE, counter).first()
+                    if found is None:  # cannot happen once created; never a silent pass
+                        self._known_counters.discard((budget.key, instance, window.start))
+                        raise RuntimeError(f"the counter of budget '{budget.label}' is missing")
+                    spent, reserved = found
                     scale = UNIT_SCALE[budget.kind]
                     raise BudgetExceeded(  # leaving the block rolls every hold back
                         budget, _scope_of(budget, instance), (spent + reserved) / scale,
@@ -474,12 +493,18 @@ class BudgetLedger:
         if conn.dialect.name == "postgresql":
             conn.exec_driver_sql("SET LOCAL synchronous_commit TO OFF")
 
-    def _expire(self, conn: Connection, now: datetime) -> None:
-        """Give back the holds of reservations whose process never settled them."""
-        expired = conn.execute(select(RESERVATIONS.c.id).where(
-            RESERVATIONS.c.expires_at < now).limit(500)).scalars().all()
-        if expired:
-            release_reservations(conn, list(expired), now)
+    def _expire(self, now: datetime) -> bool:
+        """Give back the holds of reservations whose process never settled them, in a
+        transaction of their own (counters locked in their global order). True if any."""
+        self._next_expiry = now + _EXPIRY_INTERVAL
+        with self.store.connect() as conn:
+            expired = conn.execute(select(RESERVATIONS.c.id).where(
+                RESERVATIONS.c.expires_at < now).limit(500)).scalars().all()
+        if not expired:
+            return False
+        with self.store.write() as conn:
+            self._fast_commit(conn)
+            return bool(release_reservations(conn, list(expired), now))
 
 
 # -- charging events: in the transaction that inserts them ------------------------------------
@@ -509,6 +534,8 @@ class EventCharges:
         self._clock = clock
         self.on_crossings = on_crossings
         self._parsed: dict[tuple[str, str], Defined | None] = {}
+        # warnings known to be claimed in the ledger (counter, threshold): not asked again
+        self._claimed: set[tuple[str, str, datetime, float]] = set()
 
     def begin(self, conn: Connection, rows: Sequence[Mapping[str, Any]]) -> _Batch | None:
         if conn.dialect.name == "postgresql":
@@ -525,6 +552,7 @@ class EventCharges:
         used = charges_of(batch.definitions, inserted)
         released = release_reservations(conn, batch.reservation_ids, now, apply=False)
         crossings: list[Crossing] = []
+        asked: list[tuple[str, str, datetime, float]] = []
         for counter in sorted(set(used) | set(released)):  # one global lock order
             amount = used.get(counter, 0)
             key, instance, start = counter
@@ -540,12 +568,22 @@ class EventCharges:
                     if defined.budget.per != "total" else Window(start, None)
                 if window.end is None or window.end > now:  # warn about open windows only
                     hold = Hold(defined.budget, instance, window, 0)
-                    crossings += _crossings(conn, hold, int(row[0]) - amount, int(row[0]),
-                                            int(row[1]), now)
-        if crossings and self.on_crossings is not None:
-            deliver = self.on_crossings
-            return lambda: deliver(crossings)
-        return None
+                    reached = [t for t in _thresholds_crossed(defined.budget, 0, int(row[0]))
+                               if (key, instance, start, t) not in self._claimed]
+                    if reached:
+                        crossings += _crossings(conn, hold, reached, int(row[0]), int(row[1]), now)
+                        asked += [(key, instance, start, t) for t in reached]
+        if not asked:
+            return None
+        deliver = self.on_crossings
+
+        def after_commit() -> None:
+            if len(self._claimed) > 100_000:
+                self._claimed.clear()
+            self._claimed.update(asked)  # claimed now, by this transaction or an earlier one
+            if crossings and deliver is not None:
+                deliver(crossings)
+        return after_commit
 
     def _definitions(self, conn: Connection) -> list[Defined]:
         rows = conn.execute(select(DEFINITIONS.c.definition, DEFINITIONS.c.timezone)).all()
@@ -631,8 +669,8 @@ def seed(conn: Connection, budget: Budget, instance: str, window: Window) -> int
     """What the ledger's events spent in this window for this instance, in units: the
     ``GROUP BY`` a counter caches. Money is summed per event rounded to nano-units, as charges
     add it one event at a time, so a seed and a running counter agree to the unit."""
-    amount = {"usd": func.coalesce(func.sum(func.round(func.coalesce(_E.cost, 0.0)
-                                                       * UNIT_SCALE["usd"])), 0),
+    amount = {"usd": func.coalesce(func.sum(_half_up(conn, func.coalesce(_E.cost, 0.0)
+                                                     * UNIT_SCALE["usd"])), 0),
               "tokens": func.coalesce(func.sum(_E.input_tokens + _E.output_tokens), 0),
               "requests": func.count()}[budget.kind]
     statement = select(amount).select_from(UsageEvent.__table__).where(
@@ -760,13 +798,21 @@ def rebuild_counters_before(store: Store, cutoff: datetime) -> int:
 # -- helpers -----------------------------------------------------------------------------------
 
 
-def _crossings(conn: Connection, hold: Hold, before: int, spent: int, reserved: int,
-               now: datetime) -> list[Crossing]:
-    """Thresholds this charge moved ``spent`` across; each is claimed in the ledger so that
-    only one process (and one event) reports it per window."""
+def _half_up(conn: Connection, value: Any) -> Any:
+    """floor(value + 0.5) in SQL, as :func:`to_units` rounds (SQL's own round() differs between
+    SQLite and PostgreSQL at .5); SQLite's CAST truncates, which is floor for costs >= 0."""
+    if conn.dialect.name == "postgresql":
+        return func.floor(value + 0.5)
+    return cast(value + 0.5, BigInteger)
+
+
+def _crossings(conn: Connection, hold: Hold, thresholds: Sequence[float], spent: int,
+               reserved: int, now: datetime) -> list[Crossing]:
+    """The ``thresholds`` reached that this transaction is first to claim in the ledger, so
+    that only one process (and one event) reports each per window."""
     budget = hold.budget
     crossed = []
-    for threshold in _thresholds_crossed(budget, before, spent):
+    for threshold in thresholds:
         # RETURNING says whether this insert won (psycopg reports rowcount -1 for it)
         claimed = conn.execute(_insert_ignore(conn, ALERTS).values(
             budget_key=budget.key, instance=hold.instance, window_start=hold.window.start,
@@ -778,11 +824,13 @@ def _crossings(conn: Connection, hold: Hold, before: int, spent: int, reserved: 
 
 
 def _thresholds_crossed(budget: Budget, before: int, spent: int) -> list[float]:
-    """The warning thresholds that going from ``before`` to ``spent`` units passes."""
+    """The warning thresholds ``spent`` units have reached (each is claimed once per window
+    in the ledger, so one reached earlier — by a seed, an import — is still reported once;
+    ``before`` is not used for that reason)."""
     limit = to_units(budget.kind, budget.limit)
     if limit <= 0:
         return []
-    return [t for t in budget.warn_at if before < t * limit <= spent]
+    return [t for t in budget.warn_at if t * limit <= spent]
 
 
 def _definition_text(budget: Budget) -> str:

@@ -90,6 +90,7 @@ class Store:
         self._migrated = False
         self._durable_commits = durable_commits  # SQLite synchronous=FULL (durability="sync")
         self._file_id: tuple[int, int] | None = None  # the SQLite file's (device, inode)
+        self.generation = 0  # +1 each time the SQLite file was replaced under us
         try:
             parsed = make_url(self.url)
         except ArgumentError as exc:
@@ -255,6 +256,7 @@ class Store:
                      "while in use; events now go to the file at that path (created if missing)",
                      self.path)
         self.engine.dispose()  # closes (and checkpoints) the connections to the old file
+        self.generation += 1  # what was known of the old file (budget counters...) is not so
         self._file_id = _create_private_file(self.path, error=OSError)
         self._migrated = False
         return True

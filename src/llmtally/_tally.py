@@ -52,9 +52,6 @@ _SCOPE_KEYS = ("project", "user", "session", "tags", "request_id", "metadata")
 _TOKEN_FIELDS = ("input_tokens", "output_tokens", "cache_read_tokens", "cache_write_tokens",
                  "reasoning_tokens")
 _ids = EventIds()
-# After the budgets were found unreachable, calls don't try the ledger again for this long
-# (each try may wait for a connection timeout on the caller's thread).
-_BUDGETS_DOWN_PAUSE_S = 5.0
 _FLUSH_BEFORE_BLOCKING_S = 2.0
 _ATTRIBUTION_FIELDS = ("project", "user", "session", "tags", "request_id", "metadata")
 
@@ -181,7 +178,7 @@ class Tally:
         # process), in the transaction that stores it.
         self._writer.charges = EventCharges(self._clock, on_crossings=self._deliver)
         self.budgets: BudgetLedger | None = None
-        self._budgets_down_until = 0.0  # time.monotonic(): no budget checks before then
+        self._let_through = False  # a call was let through unchecked (fail open) since...
         if budgets:
             from ._reservations import BudgetLedger
 
@@ -646,10 +643,19 @@ class Tally:
         try:
             if not priced:
                 self._unpriced_call(model, attributes)
-            if time.monotonic() < self._budgets_down_until:
-                raise _BudgetsDown("the ledger was unreachable moments ago")
+            if self._let_through or self._writer.behind:
+                # Calls let through while the ledger was down wait in the writer: store (and
+                # so charge) them before checking this one.
+                if self._writer.catch_up(_FLUSH_BEFORE_BLOCKING_S) and not self._writer.behind:
+                    self._let_through = False
             try:
-                return self.budgets.reserve(reservation_id, attributes, estimate)
+                try:
+                    return self.budgets.reserve(reservation_id, attributes, estimate)
+                except Exception as exc:
+                    if not _is_conflict(exc):
+                        raise
+                    # PostgreSQL chose this transaction as a deadlock or serialization victim
+                    return self.budgets.reserve(reservation_id, attributes, estimate)
             except BudgetExceeded:
                 if not self._writer.queued and not self._before_flush:
                     raise
@@ -672,9 +678,7 @@ class Tally:
         except Exception as exc:
             if self._fail_closed:
                 raise BudgetExceeded.unavailable(exc) from exc
-            if not isinstance(exc, _BudgetsDown):
-                # calls in the next few seconds don't wait for a connection timeout each
-                self._budgets_down_until = time.monotonic() + _BUDGETS_DOWN_PAUSE_S
+            self._let_through = True
             warn_limited("budget-open", "llmtally: budgets could not be checked (%s: %s); the "
                          "call is allowed (fail open) and charged to the budgets when its event "
                          "is written. Use fail_closed=True to block instead.",
@@ -686,9 +690,9 @@ class Tally:
         event loop never waits for it (the scope in force is carried over)."""
         if self.budgets is None:
             return None
-        import asyncio
+        from ._offloop import reserve_off_loop
 
-        return await asyncio.to_thread(functools.partial(self.reserve, **call))
+        return await reserve_off_loop(self, functools.partial(self.reserve, **call))
 
     def release(self, reservation: Reservation | None, *, sent: bool = False) -> None:
         """Give a reservation back when no event will record the call (it was not made).
@@ -920,8 +924,9 @@ def _choices(value: Any) -> int:
     return min(count, MAX_CHOICES) if count else 1
 
 
-class _BudgetsDown(Exception):
-    """The ledger was found unreachable moments ago: don't wait for it again yet."""
+def _is_conflict(exc: BaseException) -> bool:
+    """A PostgreSQL deadlock or serialization failure: worth one more try, not an outage."""
+    return getattr(getattr(exc, "orig", None), "sqlstate", None) in ("40P01", "40001")
 
 
 def _check_alerts(alerts: Sequence[Any]) -> tuple[Any, ...]:

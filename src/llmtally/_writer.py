@@ -185,6 +185,16 @@ class Writer:
         return flushed
 
     @property
+    def behind(self) -> bool:
+        """Events wait because the ledger was found unreachable (and not reached since)."""
+        return self._down_since is not None
+
+    def catch_up(self, timeout: float) -> bool:
+        """Try the ledger now (not after the retry back-off) and wait for what is queued."""
+        self._next_retry = 0.0
+        return self.flush(timeout)
+
+    @property
     def queued(self) -> int:
         return self._queue.qsize() + len(self._pending)
 

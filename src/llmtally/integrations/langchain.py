@@ -66,6 +66,7 @@ from .. import _scope
 from .._budgets import BudgetExceeded
 from .._errors import error_type
 from .._log import warn_limited
+from .._offloop import reserve_off_loop
 from .._usage import MAX_TOKEN_COUNT, Usage, coerce_count, extract_usage
 from . import _handoff
 
@@ -589,7 +590,7 @@ class LangChainHandler(BaseCallbackHandler):
             if started is None:
                 return
             run, meta, params = started
-            run.hold = await asyncio.to_thread(self._reserve, run, meta, params)
+            run.hold = await reserve_off_loop(self.tally, self._reserve, run, meta, params)
             self._started(run)
         except BudgetExceeded:
             raise

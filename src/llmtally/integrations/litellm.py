@@ -68,6 +68,7 @@ from litellm.integrations.custom_logger import CustomLogger
 from .. import _scope
 from .._errors import error_type
 from .._ids import EventIds
+from .._offloop import reserve_off_loop
 from .._log import warn_limited
 from .._usage import Usage, extract_usage, response_model, response_text
 from ._handoff import claim as _claim_offered, take_hold as _take_offered_hold
@@ -371,8 +372,8 @@ class LiteLLMLogger(CustomLogger):
         if key is None:
             return None
         with self._starts_lock:
-            if key in self._holds:  # held already (tally.guard())
-                return None
+            if not _setup_installed and key in self._holds:  # held by tally.guard() (a
+                return None  # LiteLLM whose set-up hook could not be installed)
             proxy_hold = self._holds.pop(_proxy_token(kwargs) or "", None)
         if proxy_hold is not None:  # held by the proxy's pre-call hook for this request
             self._hold(key, proxy_hold)
@@ -382,8 +383,8 @@ class LiteLLMLogger(CustomLogger):
             self._hold(key, _take_offered_hold(offered))
             return None
         name = getattr(call_type, "value", call_type)
-        held = await asyncio.to_thread(_reserve, self.tally, kwargs,
-                                       name if isinstance(name, str) else None)
+        held = await reserve_off_loop(self.tally, _reserve, self.tally, kwargs,
+                                      name if isinstance(name, str) else None)
         self._hold(key, held)
         return None
 
@@ -400,8 +401,8 @@ class LiteLLMLogger(CustomLogger):
         meta = {**_mapping(data.get("metadata")), **_mapping(data.get("litellm_metadata")), **caller}
         kwargs = {**data, "metadata": meta, "model": _proxy_deployment_model(data.get("model"))}
         try:
-            held = await asyncio.to_thread(_reserve, self.tally, kwargs,
-                                           call_type if isinstance(call_type, str) else None)
+            held = await reserve_off_loop(self.tally, _reserve, self.tally, kwargs,
+                                          call_type if isinstance(call_type, str) else None)
         except BudgetExceeded as exc:
             from fastapi import HTTPException
 
@@ -545,10 +546,10 @@ def _call_key(kwargs: Any) -> str | None:
     could not be installed), LiteLLM's call id."""
     if not isinstance(kwargs, Mapping):
         return None
-    key = kwargs.get(EVENT_ID_KEY)
-    if not isinstance(key, str):
-        details = getattr(kwargs.get("litellm_logging_obj"), "model_call_details", None)
-        key = details.get(EVENT_ID_KEY) if isinstance(details, dict) else None
+    # A call's own kwargs (the deployment hook's) may hold anything the caller passed: read the
+    # stamp from its logging object. Hooks given the logging details themselves read it there.
+    details = getattr(kwargs.get("litellm_logging_obj"), "model_call_details", None)
+    key = details.get(EVENT_ID_KEY) if isinstance(details, dict) else kwargs.get(EVENT_ID_KEY)
     if isinstance(key, str):
         return key
     call_id = kwargs.get("litellm_call_id")
@@ -623,8 +624,7 @@ def _on_setup(logging_obj: Any, kwargs: Any, call_type: Any, args: tuple[Any, ..
     loggers = [logger_ for logger_ in list(_LOGGERS) if _registered(logger_)]
     if not loggers:
         return
-    if not isinstance(details.get(EVENT_ID_KEY), str):
-        details[EVENT_ID_KEY] = _ids.next_id()
+    details[EVENT_ID_KEY] = _ids.next_id()  # always ours: a caller's own value is replaced
     if is_async:
         return
     view = dict(kwargs)
