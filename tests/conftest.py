@@ -8,6 +8,7 @@ unreachable PostgreSQL fails the tests instead of skipping them.
 
 from __future__ import annotations
 
+import json
 import os
 import uuid
 from collections.abc import Iterator
@@ -151,3 +152,12 @@ def reset_litellm_callbacks() -> None:
     manager = getattr(litellm, "logging_callback_manager", None)
     if manager is not None:
         manager._reset_all_callbacks()
+
+
+def call_id_of(row: dict) -> str:
+    """The LiteLLM call id a LiteLLM event was made for (kept in its metadata; the event id is
+    llmtally's own), else the event id."""
+    meta = row.get("metadata")
+    if isinstance(meta, str):
+        meta = json.loads(meta) if meta else {}
+    return (meta or {}).get("litellm_call_id") or row["id"]

@@ -500,3 +500,97 @@ def test_aflush_means_every_finished_async_call(make_tally, provider, caplog):
     rows = fetch_events(tally.store.url)
     assert len(rows) == 200 and all(row["status"] == "ok" for row in rows)
     assert check_counters(tally.store) == []
+
+
+# -- found by review: each of these failed before its fix ----------------------------------
+
+
+def test_a_caller_cannot_choose_the_stamp_that_keys_a_hold(make_tally, provider):
+    tally = make_tally(prices=PRICES, budgets=[Budget(usd=0.03, per="day")])
+    litellm.callbacks = [tally.litellm()]
+    provider.delay(0.3)
+
+    async def main():
+        async def one(n):
+            await asyncio.sleep(0.02 * n)
+            try:
+                await litellm.acompletion(**_chat(provider, llmtally_event_id="mine"))
+                return True
+            except BudgetExceeded:
+                return False
+        results = await asyncio.gather(*(one(n) for n in range(8)))
+        await tally.aflush(10)
+        return results
+
+    assert sum(asyncio.run(main())) == 3 and provider.requests == 3
+    assert _spent(tally) == {("usd 0.03/day", ""): 0.03}
+    assert check_counters(tally.store) == []
+
+
+def test_a_cancelled_async_check_gives_its_hold_back(make_tally):
+    import time
+
+    from llmtally._offloop import reserve_off_loop
+
+    tally = make_tally(prices=PRICES, budgets=[Budget(usd=0.05, per="day")])
+
+    def slow_reserve():
+        time.sleep(0.2)  # the caller is cancelled while the hold is being taken
+        return tally.reserve(model="penny", input_tokens=0, max_tokens=1)
+
+    async def main():
+        task = asyncio.ensure_future(reserve_off_loop(tally, slow_reserve))
+        await asyncio.sleep(0.05)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        await asyncio.sleep(0.5)  # the thread finishes, its hold is given back
+
+    asyncio.run(main())
+    [state] = tally.budget_states()
+    assert state.reserved == 0
+
+
+def test_costs_of_half_a_nano_unit_keep_counters_equal_to_the_ledger(ledger_url, make_tally):
+    tally = make_tally(ledger_url, prices={"tiny": Price(input=2.5e-9, output=0, per="token")},
+                       budgets=[Budget(usd=1, per="day")])
+    tally.reserve(model="tiny", input_tokens=1, max_tokens=1)
+    for _ in range(10):
+        tally.record(model="tiny", input_tokens=1)
+    assert tally.flush(10)
+    assert check_counters(tally.store) == []
+
+
+def test_a_threshold_already_reached_when_a_counter_is_created_still_fires_once(make_tally):
+    seen = []
+    tally = make_tally(prices=PRICES, alerts=[seen.append],
+                       budgets=[Budget(usd=0.10, per="day", warn_at=(0.5,))])
+    for _ in range(6):  # $0.06 before any counter exists
+        tally.record(model="penny", output_tokens=1)
+    assert tally.flush(10)
+    tally.reserve(model="penny", input_tokens=0, max_tokens=1)  # creates it, seeded at $0.06
+    tally.record(model="penny", output_tokens=1)
+    tally.record(model="penny", output_tokens=1)
+    assert tally.flush(10)
+    assert [(a["event"], a["threshold"]) for a in seen] == [("threshold", 0.5)]
+
+
+def test_budgets_keep_working_after_the_sqlite_file_is_replaced(make_tally, tmp_path):
+    path = tmp_path / "moved.db"
+    tally = make_tally(f"sqlite:///{path}", prices=PRICES, budgets=[Budget(usd=0.03, per="day")])
+    held = tally.reserve(model="penny", input_tokens=0, max_tokens=1)
+    tally.record(model="penny", output_tokens=1, reservation=held)
+    assert tally.flush(10)
+    path.unlink()
+    tally.record(model="penny", output_tokens=1)  # the writer follows the file to its new inode
+    assert tally.flush(10)
+    results = []
+    for _ in range(4):
+        try:
+            held = tally.reserve(model="penny", input_tokens=0, max_tokens=1)
+            tally.record(model="penny", output_tokens=1, reservation=held)
+            results.append(True)
+        except BudgetExceeded:
+            results.append(False)
+    assert results == [True, True, False, False]  # $0.01 in the new file, then two more
+    assert check_counters(tally.store) == []

@@ -16,7 +16,7 @@ import sys
 import time
 
 import pytest
-from conftest import fetch_events
+from conftest import call_id_of, fetch_events
 
 from llmtally.testing import FakeProvider
 
@@ -75,7 +75,7 @@ def test_sigkill_with_sync_durability_loses_no_completed_call(backend, request, 
     url = _url(backend, request, tmp_path)
     completed, _, code = _run_until_killed(url, tmp_path, "sync", signal.SIGKILL)
     assert code == -signal.SIGKILL
-    stored = {row["id"] for row in fetch_events(url)}
+    stored = {call_id_of(row) for row in fetch_events(url)}
     missing = [call_id for call_id, _ in completed if call_id not in stored]
     assert len(completed) >= CALLS_BEFORE_KILL and missing == []
     print(f"\nsync {backend}: {len(completed)} completed calls before SIGKILL, 0 missing, "
@@ -88,7 +88,7 @@ def test_sigkill_with_batched_writes_loses_at_most_the_last_second(backend, requ
     url = _url(backend, request, tmp_path)
     completed, killed_at, code = _run_until_killed(url, tmp_path, "batched", signal.SIGKILL)
     assert code == -signal.SIGKILL
-    stored = {row["id"] for row in fetch_events(url)}
+    stored = {call_id_of(row) for row in fetch_events(url)}
     lost_ages = [killed_at - when for call_id, when in completed if call_id not in stored]
     assert len(completed) >= CALLS_BEFORE_KILL
     assert all(age <= LOSS_BOUND_S for age in lost_ages), sorted(lost_ages)[-5:]
@@ -102,7 +102,7 @@ def test_sigterm_flushes_everything_completed_before_it(backend, request, tmp_pa
     url = _url(backend, request, tmp_path)
     completed, term_at, code = _run_until_killed(url, tmp_path, "batched", signal.SIGTERM)
     assert code == -signal.SIGTERM  # still dies of SIGTERM, as without llmtally
-    stored = {row["id"] for row in fetch_events(url)}
+    stored = {call_id_of(row) for row in fetch_events(url)}
     before = [call_id for call_id, when in completed if when < term_at]
     assert len(before) >= CALLS_BEFORE_KILL
     assert [call_id for call_id in before if call_id not in stored] == []
@@ -118,4 +118,4 @@ def test_a_normal_exit_without_flush_keeps_every_call(tmp_path):
     assert proc.returncode == 0, err
     completed = [call_id for call_id, _ in _completed(tmp_path)]
     assert len(completed) == 300
-    assert sorted(row["id"] for row in fetch_events(url)) == sorted(completed)
+    assert sorted(call_id_of(row) for row in fetch_events(url)) == sorted(completed)

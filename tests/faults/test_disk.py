@@ -22,7 +22,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import IN_CI, fetch_events, reset_litellm_callbacks
+from conftest import call_id_of, IN_CI, fetch_events, reset_litellm_callbacks
 
 from llmtally import Tally
 from llmtally.testing import FakeProvider
@@ -86,7 +86,7 @@ def _fill(directory: Path) -> Path:
 def _landed(tally: Tally, url: str, ids: list[str]):
     def check() -> bool:
         tally.flush(5)
-        return set(ids) <= {row["id"] for row in fetch_events(url)}
+        return set(ids) <= {call_id_of(row) for row in fetch_events(url)}
     return check
 
 
@@ -110,7 +110,7 @@ def test_disk_full_mid_run(small_disk, tmp_path, caplog):
     assert calls.failures == [] and len(calls.done) > 100
     assert wait_until(_landed(tally, url, calls.ids), timeout=30, interval=0.5)
     rows = fetch_events(url)
-    assert sorted(r["id"] for r in rows) == sorted(calls.ids)  # every call once
+    assert sorted(call_id_of(r) for r in rows) == sorted(calls.ids)  # every call once
     assert tally._writer.spilled > 0 and not spill.exists()
     [full] = _messages(caplog, "cannot write to the ledger")  # once, not once per retry
     assert "database or disk is full" in full
@@ -171,7 +171,7 @@ def test_ledger_file_deleted_mid_run(tmp_path, caplog):
     after = calls.ids_after(deleted_at)
     assert len(after) > 50
     assert tally.flush(10)
-    stored = {row["id"] for row in fetch_events(url)}
+    stored = {call_id_of(row) for row in fetch_events(url)}
     # Open connections would have kept writing into the deleted file, where nobody sees them;
     # llmtally notices, creates a new ledger at the path, and writes every later event there
     # (including a batch that was being committed into the deleted file).

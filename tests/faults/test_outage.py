@@ -8,7 +8,7 @@ import logging
 import time
 
 import pytest
-from conftest import fetch_events, reset_litellm_callbacks
+from conftest import call_id_of, fetch_events, reset_litellm_callbacks
 
 from llmtally import Tally
 from llmtally.testing import FakeProvider
@@ -57,7 +57,7 @@ def test_calls_succeed_through_a_10_s_outage_and_every_event_lands_once(pg_proxy
 
     assert wait_until(all_landed, timeout=40, interval=0.5), "events did not land after recovery"
     rows = fetch_events(url)
-    assert sorted(r["id"] for r in rows) == sorted(ids)  # every call, once
+    assert sorted(call_id_of(r) for r in rows) == sorted(ids)  # every call, once
     assert sum(r["input_tokens"] for r in rows) == 12 * len(ids)
     assert not list(tmp_path.glob("spill.jsonl*"))  # the spill file was replayed and removed
     messages = [r.getMessage() for r in caplog.records]

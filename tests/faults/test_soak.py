@@ -12,7 +12,7 @@ from __future__ import annotations
 import os
 
 import pytest
-from conftest import fetch_events
+from conftest import call_id_of, fetch_events
 
 from llmtally.testing import FakeProvider
 
@@ -46,7 +46,7 @@ def test_every_call_is_in_the_ledger_exactly_once(backend, request, tmp_path):
     assert len(set(ok) | set(errors)) == len(ok) + len(errors)  # the application saw unique ids
 
     rows = fetch_events(url)
-    by_id = {row["id"]: row for row in rows}
+    by_id = {call_id_of(row): row for row in rows}
     assert len(rows) == len(by_id) == len(ok) + len(errors)  # nothing missing, nothing extra
     assert set(by_id) == set(ok) | set(errors)
     assert {by_id[i]["status"] for i in ok} == {"ok"}
