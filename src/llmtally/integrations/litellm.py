@@ -944,21 +944,20 @@ async def adrain_logging_worker(timeout: float | None = None) -> None:
     deadline = time.monotonic() + (_DRAIN_WAIT_S if timeout is None else timeout)
     module = sys.modules.get("litellm.litellm_core_utils.logging_worker")
     worker = getattr(module, "GLOBAL_LOGGING_WORKER", None)
-    # A call that returned may hand its logging to the worker a few loop turns later (more
-    # when the loop is busy): drain until a few quiet turns in a row found nothing new.
     if worker is None:
         return
+    # A call that returned may hand its logging to the worker a few loop turns later (more
+    # when the loop is busy): drain until a few quiet turns in a row found nothing new.
     quiet = 0
     while quiet < 3 and time.monotonic() < deadline:
         await asyncio.sleep(0)
-        queue_ = getattr(worker, "_queue", None)
-        if queue_ is None:
+        if getattr(worker, "_queue", None) is None:
             return
         pending = getattr(worker, "pending_count", None)
         if not isinstance(pending, int):
-            pending = queue_.qsize()
-        quiet = 0 if pending else quiet + 1  # flush() below also waits for what is running
-        try:
+            pending = worker._queue.qsize()
+        quiet = 0 if pending else quiet + 1
+        try:  # also waits for the logging already running (the queue's unfinished tasks)
             await asyncio.wait_for(worker.flush(), max(0.0, deadline - time.monotonic()))
         except asyncio.TimeoutError:
             warn_limited("litellm-drain", "llmtally: LiteLLM's async logging did not finish "
