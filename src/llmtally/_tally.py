@@ -156,6 +156,7 @@ class Tally:
         self.spill_path = Path(spill_path) if spill_path else _default_spill_path(self.store)
         self._writer: Writer = Writer(self.store, SpillFile(self.spill_path), **writer_options)
         self._closed = False
+        self._closing = False
         # Run before each flush (and so at exit): integrations drain their own buffers here,
         # e.g. LiteLLM's deferred async logging queue. Each gets the flush's timeout.
         self._before_flush: list[Callable[[float | None], None]] = []
@@ -844,10 +845,13 @@ class Tally:
 
     def close(self, timeout: float | None = DEFAULT_EXIT_FLUSH_TIMEOUT_S) -> None:
         """Flush, stop the writer and release the database. Idempotent."""
-        if self._closed:
+        if self._closed or self._closing:
             return
-        self._closed = True
+        self._closing = True
+        # First let the integrations hand over what they hold (LiteLLM's deferred logging):
+        # those calls finished before close() and belong in this Tally's ledger.
         self._drain_integrations(timeout)
+        self._closed = True
         if self._webhooks is not None:
             self._webhooks.drain(DEFAULT_WEBHOOK_TIMEOUT_S)
         if not self._writer.close(timeout):
