@@ -109,7 +109,10 @@ def loop_lag(url: str, spill: str, budgets: list[Budget], calls: int = 200,
 
         for _ in range(rounds):
             asyncio.run(one_round())
-        litellm.callbacks = []
+        # unregister everywhere: LiteLLM keeps loggers in lists that callbacks= does not reset
+        for name in ("callbacks", "success_callback", "failure_callback",
+                     "_async_success_callback", "_async_failure_callback"):
+            setattr(litellm, name, [])
     return percentiles(lags)
 
 
