@@ -658,7 +658,7 @@ class Tally:
                     # PostgreSQL chose this transaction as a deadlock or serialization victim
                     return self.budgets.reserve(reservation_id, attributes, estimate)
             except BudgetExceeded:
-                if not self._writer.queued and not self._before_flush:
+                if not self._holds_in_flight():
                     raise
                 # About to block: calls that finished here may still hold more than they used
                 # until their events are stored (which releases their holds): store them, retry.
@@ -715,6 +715,15 @@ class Tally:
             return []
         self.flush(DEFAULT_EXIT_FLUSH_TIMEOUT_S)
         return self.budgets.states()
+
+    def _holds_in_flight(self) -> bool:
+        """Whether calls of this process that have finished, or are finishing, may still hold
+        more than they used: events not yet stored, or holds an integration has not handed
+        to an event yet. Only then is a check about to block worth a flush and a retry."""
+        if self._writer.queued:
+            return True
+        litellm_logger = self.__dict__.get("_litellm_logger")
+        return bool(litellm_logger is not None and litellm_logger._holds)
 
     def _publish_budgets(self) -> bool:
         """Put this Tally's budget definitions in the ledger (retried until it answers)."""
