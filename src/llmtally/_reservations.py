@@ -553,6 +553,7 @@ class EventCharges:
         released = release_reservations(conn, batch.reservation_ids, now, apply=False)
         crossings: list[Crossing] = []
         asked: list[tuple[str, str, datetime, float]] = []
+        by_key = {d.budget.key: d for d in batch.definitions}
         for counter in sorted(set(used) | set(released)):  # one global lock order
             amount = used.get(counter, 0)
             key, instance, start = counter
@@ -562,13 +563,13 @@ class EventCharges:
             if row is None or not amount or self.on_crossings is None:
                 continue  # no counter yet (it is seeded from the ledger, these events
                 # included), or no one to tell: a threshold stays unclaimed for the next charge
-            defined = _by_key(batch.definitions).get(key)
+            defined = by_key.get(key)
             if defined is not None and defined.budget.warn_at:
                 window = window_for(defined.budget.per, start, defined.tz) \
                     if defined.budget.per != "total" else Window(start, None)
                 if window.end is None or window.end > now:  # warn about open windows only
                     hold = Hold(defined.budget, instance, window, 0)
-                    reached = [t for t in _thresholds_crossed(defined.budget, 0, int(row[0]))
+                    reached = [t for t in _thresholds_reached(defined.budget, int(row[0]))
                                if (key, instance, start, t) not in self._claimed]
                     if reached:
                         crossings += _crossings(conn, hold, reached, int(row[0]), int(row[1]), now)
@@ -674,28 +675,28 @@ def seed(conn: Connection, budget: Budget, instance: str, window: Window) -> int
               "tokens": func.coalesce(func.sum(_E.input_tokens + _E.output_tokens), 0),
               "requests": func.count()}[budget.kind]
     statement = select(amount).select_from(UsageEvent.__table__).where(
-        _E.ts >= window.start, _E.status != "blocked")
-    if window.end is not None:
-        statement = statement.where(_E.ts < window.end)
-    for key, value in budget.scope.items():
-        statement = statement.where(_has_tag(conn, value) if key == "tag" else _E[key] == value)
-    if budget.each:
-        statement = statement.where(_E[budget.each] == instance)
+        *_covered(conn, budget, instance, window))
     return int(conn.execute(statement).scalar() or 0)
+
+
+def _covered(conn: Connection, budget: Budget, instance: str, window: Window) -> list[Any]:
+    """The conditions on an event counted by this budget instance in this window."""
+    conditions = [_E.ts >= window.start, _E.status != "blocked"]
+    if window.end is not None:
+        conditions.append(_E.ts < window.end)
+    for key, value in budget.scope.items():
+        conditions.append(_has_tag(conn, value) if key == "tag" else _E[key] == value)
+    if budget.each:
+        conditions.append(_E[budget.each] == instance)
+    return conditions
 
 
 def unpriced_calls(conn: Connection, state: CounterState) -> int:
     """Calls in a budget instance's window to models with no price (a usd budget counts them
     as $0)."""
-    budget, window = state.budget, state.window
     statement = select(func.count()).select_from(UsageEvent.__table__).where(
-        _E.ts >= window.start, _E.status != "blocked", _E.cost_status == "unpriced")
-    if window.end is not None:
-        statement = statement.where(_E.ts < window.end)
-    for key, value in budget.scope.items():
-        statement = statement.where(_has_tag(conn, value) if key == "tag" else _E[key] == value)
-    if budget.each:
-        statement = statement.where(_E[budget.each] == state.instance)
+        *_covered(conn, state.budget, state.instance, state.window),
+        _E.cost_status == "unpriced")
     return int(conn.execute(statement).scalar() or 0)
 
 
@@ -823,10 +824,9 @@ def _crossings(conn: Connection, hold: Hold, thresholds: Sequence[float], spent:
     return crossed
 
 
-def _thresholds_crossed(budget: Budget, before: int, spent: int) -> list[float]:
+def _thresholds_reached(budget: Budget, spent: int) -> list[float]:
     """The warning thresholds ``spent`` units have reached (each is claimed once per window
-    in the ledger, so one reached earlier — by a seed, an import — is still reported once;
-    ``before`` is not used for that reason)."""
+    in the ledger, so one reached earlier — by a seed, an import — is still reported once)."""
     limit = to_units(budget.kind, budget.limit)
     if limit <= 0:
         return []
@@ -847,10 +847,6 @@ def _parse_definition(definition: str, tz: str) -> Defined | None:
                      level=logging.ERROR)
         return None
     return Defined(budget, tz)
-
-
-def _by_key(definitions: Sequence[Defined]) -> dict[str, Defined]:
-    return {d.budget.key: d for d in definitions}
 
 
 def _whoami() -> str:

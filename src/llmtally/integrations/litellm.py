@@ -627,13 +627,7 @@ def _on_setup(logging_obj: Any, kwargs: Any, call_type: Any, args: tuple[Any, ..
     details[EVENT_ID_KEY] = _ids.next_id()  # always ours: a caller's own value is replaced
     if is_async:
         return
-    view = dict(kwargs)
-    if args and "model" not in view:
-        view["model"] = args[0]
-    if len(args) > 1 and "messages" not in view and "input" not in view:
-        view["messages" if _is_messages(args[1]) else "input"] = args[1]
-    if "prompt" in view and "messages" not in view and "input" not in view:
-        view["input"] = view["prompt"]
+    view = _call_view(args, kwargs)
     held: list[LiteLLMLogger] = []
     try:
         for logger_ in loggers:
@@ -798,11 +792,7 @@ def guard(tally: Tally, fn: Any) -> Any:
                          "tally.litellm() is not in litellm.callbacks, so what the call really "
                          "cost is not recorded and its hold is only released after "
                          "reservation_ttl_s: add litellm.callbacks.append(tally.litellm())")
-        view = dict(kwargs)
-        if args and "model" not in view:
-            view["model"] = args[0]
-        if len(args) > 1 and "messages" not in view and "input" not in view:
-            view["messages" if _is_messages(args[1]) else "input"] = args[1]
+        view = _call_view(args, kwargs)
         call_type = "embedding" if "input" in view and "messages" not in view else "completion"
         held = _reserve(tally, view, call_type)
         logger_._hold(call_id, held)
@@ -875,6 +865,17 @@ async def _wait_async(done: threading.Event, timeout: float) -> None:
     deadline = time.monotonic() + timeout
     while not done.is_set() and time.monotonic() < deadline:
         await asyncio.sleep(0.001)
+
+
+def _call_view(args: tuple[Any, ...], kwargs: Mapping[str, Any]) -> dict[str, Any]:
+    """A LiteLLM call's arguments as keywords (``completion(model, messages)`` positionally
+    too), for :func:`_reserve` (which also reads a text completion's ``prompt``)."""
+    view = dict(kwargs)
+    if args and "model" not in view:
+        view["model"] = args[0]
+    if len(args) > 1 and "messages" not in view and "input" not in view:
+        view["messages" if _is_messages(args[1]) else "input"] = args[1]
+    return view
 
 
 def _is_messages(value: Any) -> bool:
