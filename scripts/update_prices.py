@@ -32,6 +32,17 @@ def installed_litellm_map() -> Path:
     return Path(next(iter(spec.submodule_search_locations))) / LITELLM_MAP_FILE
 
 
+def write_providers(path: Path, version: str) -> None:
+    """The provider names LiteLLM routes by (``litellm.provider_list``): a model name led by
+    one of them carries its provider, even when the map has no entry of that provider."""
+    os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")
+    import litellm
+
+    names = sorted({str(getattr(p, "value", p)).lower() for p in litellm.provider_list})
+    path.write_text(json.dumps({"litellm_version": version, "providers": names}, indent=0) + "\n",
+                    encoding="utf-8")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -54,6 +65,7 @@ def main(argv: list[str] | None = None) -> int:
     models = slim_price_map(raw)
     snapshot = {"litellm_version": version, "models": models, "version": args.date}
 
+    write_providers(args.output.parent / "providers.json", version)
     args.output.parent.mkdir(parents=True, exist_ok=True)
     tmp = args.output.with_suffix(".tmp")
     tmp.write_text(json.dumps(snapshot, sort_keys=True, separators=(",", ":")) + "\n", encoding="utf-8")

@@ -110,7 +110,7 @@ def test_summary_groups_in_sql(ledger_url, make_tally):
     mini = by_model["gpt-4o-mini"]
     assert (mini.calls, mini.errors, mini.input_tokens, mini.output_tokens) == (3, 1, 3000, 300)
     assert mini.cost == pytest.approx(3000 * 0.15e-6 + 300 * 0.6e-6, abs=1e-12)
-    deepseek = by_model["deepseek/deepseek-chat"]
+    deepseek = by_model["deepseek-chat"]
     assert deepseek.cost == pytest.approx(10_000 * 0.28e-6 + 1000 * 0.42e-6, abs=1e-12)
     acme = by_model["acme-llm"]
     assert (acme.cost, acme.unpriced_calls) == (0.0, 1)

@@ -219,7 +219,8 @@ def test_no_region_prefix_guessing(book: PriceBook) -> None:
 
 def test_unknown_model_is_unpriced_never_zero(book: PriceBook) -> None:
     result = book.cost(model="acme-llm-9000", provider="openai", input_tokens=10, output_tokens=10)
-    assert result == PricedCost(None, "USD", "unpriced", None, None, None)
+    # unpriced, never 0; the names are still the ones the ledger stores
+    assert result == PricedCost(None, "USD", "unpriced", None, None, "openai", "acme-llm-9000")
     assert book.cost(model="", input_tokens=1).status == "unpriced"
 
 
@@ -228,12 +229,11 @@ def test_cross_provider_guard(book: PriceBook) -> None:
     assert book.cost(model="claude-sonnet-4-5", provider="openai", input_tokens=10).cost is None
     # a provider the map does not know (a gateway) takes the model's own entry
     gateway = priced(book, "gpt-4o-mini", "my-gateway", input_tokens=1000)
-    assert (gateway.model_key, gateway.provider) == ("gpt-4o-mini", "openai")
+    assert (gateway.model_key, gateway.provider) == ("gpt-4o-mini", "my-gateway")
     assert gateway.cost == pytest.approx(1000 * 1.5e-07, abs=1e-12)
-    # same family, other spelling: text-completion-openai belongs to openai
-    assert (
-        priced(book, "gpt-3.5-turbo-instruct", "openai", input_tokens=1).provider == "text-completion-openai"
-    )
+    # same family, other spelling: text-completion-openai belongs to openai, and is stored so
+    instruct = priced(book, "gpt-3.5-turbo-instruct", "openai", input_tokens=1)
+    assert (instruct.provider, book.lookup("gpt-3.5-turbo-instruct").provider) == ("openai", "text-completion-openai")
 
 
 def test_side_without_price_is_unpriced(tmp_path: Path) -> None:

@@ -17,6 +17,7 @@ from typing import Any
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from ._errors import ConfigError
+from ._pricing import canonical_provider
 
 __all__ = ["Budget", "BudgetExceeded", "Window", "window_for", "instance_for", "zone",
            "PERIODS", "SCOPE_KEYS", "EACH_KEYS"]
@@ -88,7 +89,10 @@ class Budget:
                     not 0 < threshold <= 1:
                 raise ConfigError(f"{self._label_for_errors()}: warn_at={self.warn_at!r}: each "
                                   "threshold is a fraction of the limit, > 0 and <= 1")
-        object.__setattr__(self, "scope", MappingProxyType(dict(self.scope)))
+        scope = dict(self.scope)
+        if "provider" in scope:  # the ledger stores one name per provider: scope by it too
+            scope["provider"] = canonical_provider(scope["provider"]) or scope["provider"]
+        object.__setattr__(self, "scope", MappingProxyType(scope))
         object.__setattr__(self, "warn_at", tuple(sorted(set(float(t) for t in thresholds))))
 
     @property

@@ -148,10 +148,36 @@ def m003_budget_definitions(conn: Connection) -> None:
     meta.create_all(conn)
 
 
+def m004_one_name_per_provider(conn: Connection) -> None:
+    """One name per provider and per model: rows written before store the price map's raw
+    provider names (``bedrock_converse``, ``vertex_ai-language-models``) and, when recorded
+    with a route, the route in the model (``deepseek/deepseek-chat``). Rewrite them as new
+    rows are written, then recount the budget counters those names scope.
+
+    Data, not DDL: it uses today's :func:`llmtally._pricing.ledger_names`, the rule every new
+    row follows."""
+    from ._pricing import ledger_names
+    from ._reservations import recount
+
+    events = Table(EVENTS_TABLE, MetaData(), Column("provider", String), Column("model", String))
+    pairs = conn.execute(select(events.c.provider, events.c.model).where(
+        events.c.provider.is_not(None)).distinct()).all()
+    changed = 0
+    for provider, model in pairs:
+        new_model, new_provider = ledger_names(model, provider)
+        if (new_model, new_provider) != (model, provider):
+            changed += conn.execute(events.update().where(
+                events.c.provider == provider, events.c.model == model).values(
+                provider=new_provider, model=new_model)).rowcount
+    if changed:
+        recount(conn, repair=True)
+
+
 MIGRATIONS: tuple[Migration, ...] = (
     Migration(1, "initial", m001_initial),
     Migration(2, "budgets", m002_budgets),
     Migration(3, "budget definitions", m003_budget_definitions),
+    Migration(4, "one name per provider", m004_one_name_per_provider),
 )
 
 

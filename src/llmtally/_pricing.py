@@ -21,6 +21,7 @@ import re
 import threading
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from datetime import datetime, timezone
 from typing import Any
 
 from llmtally._errors import ConfigError
@@ -32,8 +33,11 @@ __all__ = [
     "Price",
     "PriceBook",
     "PricedCost",
+    "Resolution",
+    "OffPeak",
     "PRICE_MAP_CHOICES",
     "canonical_provider",
+    "ledger_names",
     "slim_entry",
     "slim_price_map",
 ]
@@ -120,6 +124,7 @@ _FAMILY_ALIASES = {
     "bedrock_mantle": "bedrock",
     "azure_text": "azure",
     "cohere_chat": "cohere",
+    "ai21_chat": "ai21",
 }
 
 _PRICE_FIELDS = (
@@ -132,28 +137,63 @@ _PRICE_FIELDS = (
 _INFO_FIELDS = ("max_input_tokens", "max_output_tokens")
 _ABOVE_KEY = re.compile(r"^(" + "|".join(_PRICE_FIELDS) + r")_above_(\d+(?:\.\d+)?)(k?)_tokens$")
 
+# Fireworks bills cached prompt tokens of serverless models at 50 % of the input price unless
+# the model says otherwise (docs.fireworks.ai, "Is prompt caching billed differently for
+# serverless models?"); the map carries no cache price for them. LiteLLM applies the same rule.
+_FIREWORKS_CACHE_READ_RATIO = 0.5
+_WEEKDAY_NAMES = {
+    "mon": 1, "monday": 1, "tue": 2, "tues": 2, "tuesday": 2, "wed": 3, "wednesday": 3,
+    "thu": 4, "thur": 4, "thurs": 4, "thursday": 4, "fri": 5, "friday": 5,
+    "sat": 6, "saturday": 6, "sun": 7, "sunday": 7,
+}
+_WINDOW = re.compile(r"^\s*(\d{1,2}):(\d{2})\s*-\s*(\d{1,2}):(\d{2})\s*$")
+
 # Token counts beyond this are clamped (so int -> float never overflows); no call is that big.
 _MAX_TOKENS = 2**53
 _CACHE_LIMIT = 8192
 
 
+_ENDPOINT_FAMILY = re.compile(r"^([a-z0-9_]+)-[a-z0-9_-]*models$")  # vertex_ai-language-models
+
+
 def canonical_provider(provider: str | None) -> str | None:
-    """LiteLLM's name for ``provider`` (``"google_genai"`` -> ``"gemini"``), lower-cased; None stays None."""
+    """The one name llmtally stores and scopes budgets by for ``provider``; None stays None.
+
+    LiteLLM's routing name of the vendor, lower-cased: SDK and framework names map to it
+    (``"google_genai"`` -> ``"gemini"``), and so do the price map's per-endpoint variants
+    (``"bedrock_converse"`` -> ``"bedrock"``, ``"vertex_ai-language-models"`` -> ``"vertex_ai"``,
+    ``"text-completion-openai"`` -> ``"openai"``). Names it does not know are kept as given.
+    """
     if provider is None:
         return None
     name = str(provider).strip().lower()
     if not name:
         return None
-    return _PROVIDER_ALIASES.get(name, name)
-
-
-def _family(provider: str) -> str:
-    """The family of a LiteLLM provider name: ``vertex_ai-language-models`` -> ``vertex_ai``."""
-    name = provider.lower()
-    name = name.removeprefix("text-completion-")
-    name = name.split("-", 1)[0]
+    name = _PROVIDER_ALIASES.get(name, name)
+    if name.startswith("text-completion-"):
+        name = name.removeprefix("text-completion-")
+    family = _ENDPOINT_FAMILY.match(name)
+    if family:
+        name = family.group(1)
     name = _PROVIDER_ALIASES.get(name, name)
     return _FAMILY_ALIASES.get(name, name)
+
+
+def ledger_names(model: str, provider: str | None) -> tuple[str, str | None]:
+    """``(model, provider)`` as the ledger stores them, for a call whose provider is known.
+
+    The provider becomes its canonical name and its own route comes off the model name:
+    ``("deepseek/deepseek-chat", "deepseek")`` and ``("deepseek-chat", "deepseek")`` are both
+    ``("deepseek-chat", "deepseek")``. Another route stays (``"anthropic/claude-x"`` via
+    ``"openrouter"`` is OpenRouter's name for it). Needs no price map.
+    """
+    canonical = canonical_provider(provider)
+    if canonical is not None and "/" in model:
+        head, _, tail = model.partition("/")
+        head = head.strip().lower()
+        if tail and (head == str(provider).strip().lower() or canonical_provider(head) == canonical):
+            return tail, canonical
+    return model, canonical
 
 
 # --------------------------------------------------------------------------- user prices
@@ -212,6 +252,8 @@ class PricedCost:
     ``cost`` is in ``currency`` (the PriceBook's); it is None, never 0, when ``status`` is
     ``"unpriced"``. ``source`` names what priced it (``"litellm-map:2026-11-25"``,
     ``"override:<key>"``), ``model_key`` the price-map or override key that matched.
+    ``provider`` and ``model`` are the call's names as the ledger stores them: the canonical
+    provider and the model without its provider route.
     """
 
     cost: float | None
@@ -220,6 +262,122 @@ class PricedCost:
     source: str | None
     model_key: str | None
     provider: str | None
+    model: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Resolution:
+    """What :meth:`PriceBook.resolve` found for a (model, provider) pair.
+
+    ``model`` and ``provider`` are the names the ledger stores (the route taken off the model,
+    the provider canonical); ``price`` the prices that apply (None: unpriced), whose
+    ``model_key`` and ``source`` say which entry matched; ``how`` says in words how the
+    provider was found (given, a route leading the model name, or the bare name's entry).
+    """
+
+    model: str
+    provider: str | None
+    price: ModelPrice | None
+    how: str
+
+
+def _weekday(value: Any) -> int | None:
+    """ISO weekday 1-7 from 1-7 or a name (``"mon"``, ``"Sunday"``); None if neither."""
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, int):
+        return value if 1 <= value <= 7 else None
+    if isinstance(value, str):
+        return _WEEKDAY_NAMES.get(value.strip().lower())
+    return None
+
+
+def _window(text: str) -> tuple[int, int] | None:
+    """``"16:30-00:30"`` as (start, end) minutes of the day; None if malformed."""
+    found = _WINDOW.match(text)
+    if not found:
+        return None
+    h1, m1, h2, m2 = map(int, found.groups())
+    if h1 > 23 or h2 > 23 or m1 > 59 or m2 > 59:
+        return None
+    return h1 * 60 + m1, h2 * 60 + m2
+
+
+def _in_windows(minute: int, windows: tuple[tuple[int, int], ...]) -> bool:
+    """Start inclusive, end exclusive; a window may wrap past midnight; start == end is all day."""
+    for start, end in windows:
+        if start < end:
+            if start <= minute < end:
+                return True
+        elif minute >= start or minute < end:
+            return True
+    return False
+
+
+@dataclass(frozen=True, slots=True)
+class OffPeak:
+    """Rates that replace a model's standard ones inside UTC time windows (LiteLLM's ``off_peak_pricing``).
+
+    ``every_day`` windows apply daily; each of ``rules`` applies on its ISO weekdays (None:
+    every day), read on the calendar of ``weekday_timezone`` (default UTC). ``rates`` are per
+    token in the book's currency; None keeps the standard rate.
+    """
+
+    rates: tuple[float | None, float | None, float | None, float | None, float | None]
+    every_day: tuple[tuple[int, int], ...] = ()
+    rules: tuple[tuple[frozenset[int] | None, tuple[tuple[int, int], ...]], ...] = ()
+    weekday_timezone: str | None = None
+
+    def applies(self, at: datetime) -> bool:
+        """Whether ``at`` (aware, or naive UTC) falls in an off-peak window."""
+        utc = at.astimezone(timezone.utc) if at.tzinfo is not None else at.replace(tzinfo=timezone.utc)
+        minute = utc.hour * 60 + utc.minute
+        if _in_windows(minute, self.every_day):
+            return True
+        if not self.rules:
+            return False
+        weekday = utc.astimezone(self._calendar()).isoweekday()
+        return any(
+            (days is None or weekday in days) and _in_windows(minute, windows)
+            for days, windows in self.rules
+        )
+
+    def _calendar(self) -> Any:
+        if self.weekday_timezone:
+            try:
+                from zoneinfo import ZoneInfo
+
+                return ZoneInfo(self.weekday_timezone)
+            except (ValueError, KeyError, OSError):
+                pass
+        return timezone.utc
+
+
+def _windows_of(value: Any) -> tuple[tuple[int, int], ...]:
+    texts = [value] if isinstance(value, str) else value if isinstance(value, list) else []
+    return tuple(found for found in map(_window, (t for t in texts if isinstance(t, str))) if found)
+
+
+def _off_peak_of(block: Any, factor: float, cache_read_ratio: float | None) -> OffPeak | None:
+    if not isinstance(block, Mapping):
+        return None
+    rates = list(_rates_of(block, factor))
+    if rates[2] is None and rates[0] is not None and cache_read_ratio is not None:
+        rates[2] = rates[0] * cache_read_ratio
+    rules = []
+    for rule in block.get("windows") or ():
+        if not isinstance(rule, Mapping):
+            continue
+        days = rule.get("weekdays")
+        weekdays = None if days is None else frozenset(d for d in map(_weekday, days) if d is not None)
+        windows = _windows_of(rule.get("hours_utc"))
+        if windows:
+            rules.append((weekdays, windows))
+    every_day = _windows_of(block.get("hours_utc"))
+    if not every_day and not rules:
+        return None
+    zone = block.get("weekday_timezone")
+    return OffPeak(tuple(rates), every_day, tuple(rules), zone if isinstance(zone, str) else None)  # type: ignore[arg-type]
 
 
 # Per-token rates for one price level: (input, output, cache_read, cache_write, reasoning).
@@ -233,7 +391,7 @@ class ModelPrice:
 
     ``above`` holds ``(threshold_tokens, rates)`` levels (LiteLLM's ``*_above_<N>k_tokens``),
     ``tiers`` holds ``(low, high, rates)`` ranges (LiteLLM's ``tiered_pricing``); either picks
-    the rates from the prompt's ``input_tokens``.
+    the rates from the prompt's ``input_tokens``. ``off_peak`` replaces them in its windows.
     """
 
     model_key: str
@@ -250,6 +408,7 @@ class ModelPrice:
     tiers: tuple[tuple[float, float, _Rates], ...] = ()
     max_input_tokens: int | None = None
     max_output_tokens: int | None = None
+    off_peak: OffPeak | None = None
     _flat: _Rates = field(init=False, repr=False, compare=False)
     _flat_up_to: float = field(init=False, repr=False, compare=False)
 
@@ -315,12 +474,15 @@ class ModelPrice:
         cache_read_tokens: int = 0,
         cache_write_tokens: int = 0,
         reasoning_tokens: int = 0,
+        at: datetime | None = None,
     ) -> float | None:
         """The call's cost; None when tokens were used on a side this entry has no price for.
 
         ``input_tokens`` includes the cache tokens and ``output_tokens`` includes the
         reasoning tokens. Negative counts count as 0; if the cache tokens exceed
         ``input_tokens`` (or reasoning exceeds output) the uncached part is 0, never negative.
+        ``at`` is when the call was made (aware, or naive UTC; default now): it matters only
+        for a model with off-peak rates.
         """
         inp_n, out_n, read_n, write_n, reason_n = (
             input_tokens,
@@ -338,6 +500,8 @@ class ModelPrice:
                 _count, (input_tokens, output_tokens, cache_read_tokens, cache_write_tokens, reasoning_tokens)
             )
         inp, out, read, write, reason = self._flat if inp_n <= self._flat_up_to else self.rates(inp_n)
+        if self.off_peak is not None and self.off_peak.applies(at or datetime.now(timezone.utc)):
+            inp, out, read, write, reason = self._off_peak_rates((inp, out, read, write, reason))
         total = 0.0
         if inp is not None:
             uncached = inp_n - read_n - write_n
@@ -350,6 +514,22 @@ class ModelPrice:
         elif out_n or reason_n:
             return None
         return total
+
+
+    def _off_peak_rates(self, standard: _Rates) -> _Rates:
+        """LiteLLM's rule: an off-peak rate replaces the standard one; a rate the block leaves
+        out keeps the model's own dedicated rate, or follows the off-peak input (cache) or
+        output (reasoning) rate when the model has none."""
+        peak = self.off_peak.rates  # type: ignore[union-attr]
+        inp = standard[0] if peak[0] is None else peak[0]
+        out = standard[1] if peak[1] is None else peak[1]
+        return (
+            inp,
+            out,
+            peak[2] if peak[2] is not None else standard[2] if self.cache_read is not None else inp,
+            peak[3] if peak[3] is not None else standard[3] if self.cache_write is not None else inp,
+            peak[4] if peak[4] is not None else standard[4] if self.reasoning is not None else out,
+        )
 
 
 def _count(value: Any) -> int:
@@ -411,11 +591,50 @@ def _slim_tiers(tiers: Any) -> list[dict[str, Any]]:
     return out
 
 
+def _slim_windows(value: Any) -> list[str]:
+    windows = [value] if isinstance(value, str) else value if isinstance(value, list) else []
+    return [window for window in windows if isinstance(window, str) and _window(window)]
+
+
+def _slim_off_peak(block: Any) -> dict[str, Any] | None:
+    """LiteLLM's ``off_peak_pricing``: rates that replace the standard ones inside time windows."""
+    if not isinstance(block, dict):
+        return None
+    slim: dict[str, Any] = {}
+    for name in _PRICE_FIELDS:
+        price = _number(block.get(name))
+        if price is not None:
+            slim[name] = price
+    hours = _slim_windows(block.get("hours_utc"))
+    if hours:
+        slim["hours_utc"] = hours
+    rules = []
+    for rule in block.get("windows") or () if isinstance(block.get("windows"), list) else ():
+        if not isinstance(rule, dict):
+            continue
+        rule_hours = _slim_windows(rule.get("hours_utc"))
+        days = rule.get("weekdays")
+        if not rule_hours or (days is not None and not isinstance(days, list)):
+            continue
+        kept: dict[str, Any] = {"hours_utc": rule_hours}
+        if days is not None:
+            kept["weekdays"] = [day for day in days if _weekday(day) is not None]
+        rules.append(kept)
+    if rules:
+        slim["windows"] = rules
+    if isinstance(block.get("weekday_timezone"), str):
+        slim["weekday_timezone"] = block["weekday_timezone"]
+    if not any(name in slim for name in _PRICE_FIELDS) or not ("hours_utc" in slim or "windows" in slim):
+        return None
+    return slim
+
+
 def slim_entry(entry: Any) -> dict[str, Any] | None:
     """Keep only what token pricing needs from one LiteLLM price-map entry; None if it has no per-token price.
 
     Kept: ``litellm_provider``, ``mode``, ``max_input_tokens``, ``max_output_tokens``, the five
-    per-token prices, their ``*_above_<N>k_tokens`` levels and ``tiered_pricing``. Service-tier
+    per-token prices, their ``*_above_<N>k_tokens`` levels, ``tiered_pricing`` and
+    ``off_peak_pricing`` (DeepSeek's discount hours). Service-tier
     variants (``_priority``, ``_batches``, ``_flex`` ...) are dropped: usage does not say which
     tier served a call, and the standard price is the one users are billed by default.
     """
@@ -437,6 +656,10 @@ def slim_entry(entry: Any) -> dict[str, Any] | None:
             tiers = _slim_tiers(value)
             if tiers:
                 slim[name] = tiers
+        elif name == "off_peak_pricing":
+            off_peak = _slim_off_peak(value)
+            if off_peak:
+                slim[name] = off_peak
     if not any(name in slim for name in ("input_cost_per_token", "output_cost_per_token", "tiered_pricing")):
         return None
     return slim
@@ -469,19 +692,31 @@ class _PriceMap:
     entries: dict[str, dict[str, Any]]  # lower-cased key -> slim entry
     keys: dict[str, str]  # lower-cased key -> key as spelled in the map
     source: str
-    families: frozenset[str]
+    families: frozenset[str]  # canonical provider names of the entries
+    routes: frozenset[str]  # what may lead a model name as its provider: raw and canonical names
 
 
 def _build_map(models: Mapping[str, Any], source: str, *, slimmed: bool = False) -> _PriceMap:
     slim = models if slimmed else slim_price_map(models)
     entries = {key.lower(): entry for key, entry in slim.items()}
     keys = {key.lower(): key for key in slim}
-    families = frozenset(
-        _family(entry["litellm_provider"])
+    raw = {
+        entry["litellm_provider"].lower()
         for entry in slim.values()
         if isinstance(entry.get("litellm_provider"), str)
-    )
-    return _PriceMap(entries, keys, source, families)
+    }
+    families = frozenset(filter(None, map(canonical_provider, raw)))
+    return _PriceMap(entries, keys, source, families, frozenset(raw) | families | _litellm_routes())
+
+
+def _litellm_routes() -> frozenset[str]:
+    """LiteLLM's provider names (``litellm.provider_list``, saved by scripts/update_prices.py):
+    ``openrouter/...`` routes a name even though the map has no OpenRouter entry."""
+    import json
+    from importlib.resources import files
+
+    data = json.loads((files("llmtally") / "data" / "providers.json").read_text(encoding="utf-8"))
+    return frozenset(data["providers"])
 
 
 def _bundled_path() -> Any:
@@ -630,7 +865,16 @@ def _entry_price(key: str, entry: Mapping[str, Any], source: str, currency: str,
         for tier in sorted(entry.get("tiered_pricing", ()), key=lambda tier: tier["range"][0])
     )
     provider = entry.get("litellm_provider")
-    base = _rates_of(entry, factor)
+    base = list(_rates_of(entry, factor))
+    if entry.get("mode") == "embedding" and base[1] is None:
+        base[1] = 0.0  # an embedding has no output: tokens reported there cost nothing
+    cache_read_ratio = (
+        _FIREWORKS_CACHE_READ_RATIO
+        if isinstance(provider, str) and canonical_provider(provider) == "fireworks_ai"
+        else None
+    )
+    if base[2] is None and base[0] is not None and cache_read_ratio is not None:
+        base[2] = base[0] * cache_read_ratio
     return ModelPrice(
         model_key=key,
         source=source,
@@ -646,6 +890,7 @@ def _entry_price(key: str, entry: Mapping[str, Any], source: str, currency: str,
         tiers=tiers,
         max_input_tokens=entry.get("max_input_tokens"),
         max_output_tokens=entry.get("max_output_tokens"),
+        off_peak=_off_peak_of(entry.get("off_peak_pricing"), factor, cache_read_ratio),
     )
 
 
@@ -690,7 +935,6 @@ def _candidates(model: str, provider: str | None) -> list[str]:
     return out
 
 
-_MISSING = object()
 
 
 class PriceBook:
@@ -731,7 +975,7 @@ class PriceBook:
         self._price_map = self._check_price_map(price_map)
         self._map: _PriceMap | None = None
         self._lock = threading.Lock()
-        self._cache: dict[tuple[str, str | None], ModelPrice | None] = {}
+        self._cache: dict[tuple[str, str | None], Resolution] = {}
 
     def __repr__(self) -> str:
         return (
@@ -831,28 +1075,61 @@ class PriceBook:
 
     # ---- lookups
 
-    def lookup(self, model: str, provider: str | None = None) -> ModelPrice | None:
-        """The prices that apply to ``model`` served by ``provider``, or None if unknown.
+    def resolve(self, model: str, provider: str | None = None) -> Resolution:
+        """How ``model`` served by ``provider`` is named in the ledger and which price applies.
 
-        Overrides come first (key ``"provider/model"`` or ``"model"``), then the map. Names are
+        The provider is ``provider`` if given, else the model's leading route if that is a
+        provider the price map knows (``"deepseek/deepseek-chat"``), else the provider of the
+        map entry a bare name matched; it is stored under its canonical name
+        (:func:`canonical_provider`) and its route is taken off the model name, so every path
+        stores ``("deepseek", "deepseek-chat")`` alike.
+
+        Prices: overrides first (key ``"provider/model"`` or ``"model"``), then the map, keys
         compared case-insensitively and never guessed: a leading ``<segment>/`` may be
-        stripped, nothing else. When ``provider`` is one the map knows, an entry of another
-        provider family is never used (``gpt-4o-mini`` via ``anthropic`` is unpriced); a
-        provider the map does not know (a gateway) accepts the model's own entry.
+        stripped, nothing else. When the provider (given or routed) is one the map knows, an
+        entry of another provider is never used (``anthropic/gpt-4o-mini`` is unpriced); a
+        provider the map does not know (a gateway) accepts the model's own entry. A bare name
+        prefers its provider's own key (``deepseek/deepseek-chat`` over ``deepseek-chat``), as
+        LiteLLM does.
         """
         cache_key = (model, provider)
-        found = self._cache.get(cache_key, _MISSING)
-        if found is _MISSING:
+        found = self._cache.get(cache_key)
+        if found is None:
             found = self._resolve(model, provider)
             if len(self._cache) >= _CACHE_LIMIT:
                 self._cache.clear()
             self._cache[cache_key] = found
-        return found  # type: ignore[return-value]
+        return found
 
-    def _resolve(self, model: str, provider: str | None) -> ModelPrice | None:
+    def lookup(self, model: str, provider: str | None = None) -> ModelPrice | None:
+        """The prices that apply to ``model`` served by ``provider``, or None if unknown (see :meth:`resolve`)."""
+        return self.resolve(model, provider).price
+
+    def _resolve(self, model: str, provider: str | None) -> Resolution:
         if not isinstance(model, str) or not model.strip():
-            return None
-        return self._resolve_override(model, provider) or self._resolve_map(model, provider)
+            return Resolution(model if isinstance(model, str) else "", canonical_provider(provider),
+                              None, "no model name")
+        name = model.strip()
+        routes = self._loaded().routes
+        if canonical_provider(provider) is not None:
+            name, canonical = ledger_names(name, provider)
+            how = "given as provider"
+            route = str(provider)
+        else:
+            head, sep, tail = name.partition("/")
+            if sep and tail and head.lower() in routes:
+                canonical, name, route = canonical_provider(head), tail, head
+                how = f"the route {head!r} leading the model name"
+            else:
+                canonical, route, how = None, None, "none given"
+        price = self._resolve_override(model, route) or self._resolve_map(model, route)
+        if price is not None and canonical is None and price.provider:
+            # A bare name: its entry says the provider, whose own key LiteLLM tries first.
+            canonical = canonical_provider(price.provider)
+            how = "from the entry the bare name matched"
+            if not price.source.startswith("override:"):
+                price = self._resolve_map(model, price.provider) or price
+        return Resolution(name, canonical, price, how)
 
     def _resolve_override(self, model: str, provider: str | None) -> ModelPrice | None:
         if not self._overrides:
@@ -872,15 +1149,17 @@ class PriceBook:
 
     def _resolve_map(self, model: str, provider: str | None) -> ModelPrice | None:
         name = model.strip().lower()
+        raw_provider = str(provider).strip().lower() if provider else None
         canonical = canonical_provider(provider)
         price_map = self._loaded()
-        guard = _family(canonical) if canonical and _family(canonical) in price_map.families else None
-        for key in _candidates(name, canonical):
+        guard = canonical if canonical in price_map.families else None
+        tries = _candidates(name, raw_provider) if raw_provider and raw_provider != canonical else []
+        for key in dict.fromkeys(tries + _candidates(name, canonical)):
             entry = price_map.entries.get(key)
             if entry is None:
                 continue
             provider_name = entry.get("litellm_provider")
-            if guard and (not isinstance(provider_name, str) or _family(provider_name) != guard):
+            if guard and (not isinstance(provider_name, str) or canonical_provider(provider_name) != guard):
                 continue
             return _entry_price(price_map.keys[key], entry, price_map.source, self.currency, self._usd_factor)
         return None
@@ -895,6 +1174,7 @@ class PriceBook:
         cache_read_tokens: int = 0,
         cache_write_tokens: int = 0,
         reasoning_tokens: int = 0,
+        at: datetime | None = None,
     ) -> PricedCost:
         """What one call cost, in the book's currency; ``status="unpriced"`` and ``cost=None`` if unknown.
 
@@ -903,17 +1183,22 @@ class PriceBook:
         ``uncached_input * input + cache_read * cache_read_price + cache_write * cache_write_price
         + (output - reasoning) * output + reasoning * reasoning_price``, with the prices of the
         tier or ``above_<N>k`` level the prompt size selects. Missing cache prices are the
-        input price and a missing reasoning price is the output price.
+        input price and a missing reasoning price is the output price. ``at`` is when the call
+        was made (default now); it matters only for models with off-peak rates.
+
+        ``provider`` and ``model`` of the result are the names to store (see :meth:`resolve`).
         """
-        price = self.lookup(model, provider)
+        found = self.resolve(model, provider)
+        price = found.price
         if price is None:
-            return PricedCost(None, self.currency, "unpriced", None, None, None)
+            return PricedCost(None, self.currency, "unpriced", None, None, found.provider, found.model)
         amount = price.cost(
-            input_tokens, output_tokens, cache_read_tokens, cache_write_tokens, reasoning_tokens
+            input_tokens, output_tokens, cache_read_tokens, cache_write_tokens, reasoning_tokens, at
         )
         if amount is None:
-            return PricedCost(None, self.currency, "unpriced", None, price.model_key, price.provider)
-        return PricedCost(amount, self.currency, "priced", price.source, price.model_key, price.provider)
+            return PricedCost(None, self.currency, "unpriced", None, price.model_key, found.provider, found.model)
+        return PricedCost(amount, self.currency, "priced", price.source, price.model_key, found.provider,
+                          found.model)
 
     def max_output_tokens(self, model: str, provider: str | None = None) -> int | None:
         """The model's output-token limit from the price map, or None if unknown."""

@@ -746,41 +746,47 @@ def check_counters(store: Store, *, repair: bool = False,
 
     Runs in one write transaction (on PostgreSQL holding the exclusive lock, so no insert is
     half-charged meanwhile). ``window_starts_before`` limits it to older windows (prune)."""
-    drifts: list[Drift] = []
     with store.write() as conn:
-        if conn.dialect.name == "postgresql":
-            conn.execute(_PG_EXCLUSIVE_LOCK)
-        by_key = {d.budget.key: d for d in defined_budgets(conn)}
-        query = select(COUNTERS).order_by(COUNTERS.c.budget_key, COUNTERS.c.instance,
-                                          COUNTERS.c.window_start)
-        if window_starts_before is not None:
-            query = query.where(COUNTERS.c.window_start < window_starts_before)
-        if conn.dialect.name == "postgresql":
-            query = query.with_for_update()
-        counters = conn.execute(query).all()
-        held: dict[tuple[str, str, datetime], int] = {}
-        for (holds,) in conn.execute(select(RESERVATIONS.c.holds)).all():
-            for key, instance, start, amount in _holds(holds):
-                held[(key, instance, start)] = held.get((key, instance, start), 0) + amount
-        now = _naive(datetime.now(timezone.utc))
-        for row in counters:
-            defined = by_key.get(row.budget_key)
-            if defined is None:
-                continue  # a budget no longer defined: nothing charges it, nothing reads it
-            budget = defined.budget
-            window = Window(row.window_start, row.window_end)
-            expected = seed(conn, budget, row.instance, window)
-            expected_reserved = held.get((row.budget_key, row.instance, row.window_start), 0)
-            if int(row.spent) == expected and int(row.reserved) == expected_reserved:
-                continue
-            scale = UNIT_SCALE[budget.kind]
-            drifts.append(Drift(budget, row.instance, row.window_start, int(row.spent) / scale,
-                                expected / scale, int(row.reserved) / scale,
-                                expected_reserved / scale))
-            if repair:
-                conn.execute(COUNTERS.update().where(_counter_is(
-                    row.budget_key, row.instance, row.window_start)).values(
-                    spent=expected, reserved=expected_reserved, updated_at=now))
+        return recount(conn, repair=repair, window_starts_before=window_starts_before)
+
+
+def recount(conn: Connection, *, repair: bool = False,
+            window_starts_before: datetime | None = None) -> list[Drift]:
+    """:func:`check_counters` inside the caller's write transaction (also used by a migration)."""
+    drifts: list[Drift] = []
+    if conn.dialect.name == "postgresql":
+        conn.execute(_PG_EXCLUSIVE_LOCK)
+    by_key = {d.budget.key: d for d in defined_budgets(conn)}
+    query = select(COUNTERS).order_by(COUNTERS.c.budget_key, COUNTERS.c.instance,
+                                      COUNTERS.c.window_start)
+    if window_starts_before is not None:
+        query = query.where(COUNTERS.c.window_start < window_starts_before)
+    if conn.dialect.name == "postgresql":
+        query = query.with_for_update()
+    counters = conn.execute(query).all()
+    held: dict[tuple[str, str, datetime], int] = {}
+    for (holds,) in conn.execute(select(RESERVATIONS.c.holds)).all():
+        for key, instance, start, amount in _holds(holds):
+            held[(key, instance, start)] = held.get((key, instance, start), 0) + amount
+    now = _naive(datetime.now(timezone.utc))
+    for row in counters:
+        defined = by_key.get(row.budget_key)
+        if defined is None:
+            continue  # a budget no longer defined: nothing charges it, nothing reads it
+        budget = defined.budget
+        window = Window(row.window_start, row.window_end)
+        expected = seed(conn, budget, row.instance, window)
+        expected_reserved = held.get((row.budget_key, row.instance, row.window_start), 0)
+        if int(row.spent) == expected and int(row.reserved) == expected_reserved:
+            continue
+        scale = UNIT_SCALE[budget.kind]
+        drifts.append(Drift(budget, row.instance, row.window_start, int(row.spent) / scale,
+                            expected / scale, int(row.reserved) / scale,
+                            expected_reserved / scale))
+        if repair:
+            conn.execute(COUNTERS.update().where(_counter_is(
+                row.budget_key, row.instance, row.window_start)).values(
+                spent=expected, reserved=expected_reserved, updated_at=now))
     return drifts
 
 

@@ -351,10 +351,11 @@ class Tally:
         provider_name = _clean_text(provider, notes, "provider")
         if status not in STATUSES:
             status = _one_of(status, STATUSES, "status", "ok", notes)
+        when = _as_utc_naive(self._clock() if ts is None else ts)
         priced = self.prices.cost(
             model=model_name, provider=provider_name, input_tokens=input_tokens,
             output_tokens=output_tokens, cache_read_tokens=cache_read,
-            cache_write_tokens=cache_write, reasoning_tokens=reasoning,
+            cache_write_tokens=cache_write, reasoning_tokens=reasoning, at=when,
         )
         if status == "blocked":
             cost, cost_status, price_source = 0.0, "priced", None
@@ -369,11 +370,12 @@ class Tally:
         scope = self._attribution_here()
         row = {
             "id": event_id,
-            "ts": _as_utc_naive(self._clock() if ts is None else ts),
+            "ts": when,
             "source": source if source in SOURCES else _one_of(source, SOURCES, "source",
                                                                  "manual", notes),
-            "provider": provider_name or priced.provider,
-            "model": model_name,
+            # One name per provider and per model, whichever path recorded the call.
+            "provider": priced.provider,
+            "model": priced.model or model_name,
             "resolved_model": _clean_text(resolved_model, notes, "resolved_model"),
             "call_type": call_type if call_type in CALL_TYPES else _one_of(
                 call_type, CALL_TYPES, "call_type", "other", notes),
@@ -765,9 +767,9 @@ class Tally:
                            user: str | None, session: str | None,
                            tags: Iterable[str] | None) -> dict[str, Any]:
         scope = self._attribution_here()
-        known = self.prices.lookup(model) if provider is None else None
+        names = self.prices.resolve(model, provider)
         return {
-            "model": model, "provider": provider or (known.provider if known else None),
+            "model": names.model or model, "provider": names.provider,
             "project": project or scope.project, "user": user or scope.user,
             "session": session or scope.session,
             "tags": _scope.merge_tags(scope.tags, tuple(tags or ())),

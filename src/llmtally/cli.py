@@ -350,13 +350,26 @@ def prices(model: str, provider: str | None, price_map: str | None, config_path:
     book = PriceBook(settings.get("prices"), currency=settings.get("currency", "USD"),
                      rates=settings.get("rates"),
                      price_map=price_map or settings.get("price_map", "auto"))
-    found = book.lookup(model, provider)
-    if found is None:
+    found = book.resolve(model, provider)
+    stored = (f"stored as:    model {found.model}, provider {found.provider or '-'}"
+              + (f" ({found.how})" if found.provider else ""))
+    if found.price is None:
         raise CommandError(
             f"no price known for {model!r}" + (f" (provider {provider!r})" if provider else "")
-            + f" in {book.map_source}. Add one to llmtally.toml: [prices.\"{model}\"] input = ..., "
-            "output = ... (per 1M tokens)")
-    echo(_describe_price(model, found))
+            + f" in {book.map_source}{_other_providers_entry(book, found)}. Add one to llmtally.toml: "
+            f"[prices.\"{model}\"] input = ..., output = ... (per 1M tokens)")
+    echo(_describe_price(model, found.price, stored))
+
+
+def _other_providers_entry(book: Any, found: Any) -> str:
+    """Why a name the map knows is unpriced: its entry belongs to another provider."""
+    if found.provider is None:
+        return ""
+    other = book.lookup(found.model)
+    if other is None or other.provider is None:
+        return ""
+    return (f"; its entry {other.model_key!r} is {other.provider}'s, and a name is never priced "
+            f"from another provider's entry (provider here: {found.provider})")
 
 
 @main.command()
@@ -640,12 +653,13 @@ def _print_table(header: Sequence[str], rows: Sequence[Sequence[Any]], *, left: 
             echo("  ".join("-" * w for w in widths))
 
 
-def _describe_price(model: str, price: Any) -> str:
+def _describe_price(model: str, price: Any, stored: str) -> str:
     def per_million(value: float | None) -> str:
         return "-" if value is None else f"{value * 1_000_000:.4f}"
 
     lines = [
         f"model:        {model}",
+        stored,
         f"matched:      {price.model_key}  (provider {price.provider or '-'}, mode {price.mode or '-'})",
         f"source:       {price.source}",
         f"currency:     {price.currency} per 1M tokens",
@@ -655,6 +669,15 @@ def _describe_price(model: str, price: Any) -> str:
         f"cache write:  {per_million(price.cache_write)}",
         f"reasoning:    {per_million(price.reasoning)}",
     ]
+    if price.above or price.tiers:
+        sizes = [above for above, _ in price.above] or [low for low, _, _ in price.tiers[1:]]
+        lines.append("larger:       other rates above " + ", ".join(f"{int(size):,}" for size in sizes)
+                     + " prompt tokens")
+    if price.off_peak is not None:
+        peak = price.off_peak.rates
+        lines.append(f"off-peak:     input {per_million(peak[0])}, output {per_million(peak[1])}, "
+                     f"cache read {per_million(peak[2])} in the provider's discount hours "
+                     "(each call is priced at its own time)")
     if getattr(price, "max_output_tokens", None):
         lines.append(f"max output:   {price.max_output_tokens} tokens")
     return "\n".join(lines)
