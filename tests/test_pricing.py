@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 
 import pytest
+from conftest import fetch_events
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -565,3 +566,30 @@ def test_cost_never_raises_or_goes_negative(model: tuple[str, str | None], count
     else:
         assert result.status == "priced"
         assert result.cost is not None and result.cost >= 0 and not math.isnan(result.cost)
+
+
+# --------------------------------------------------------------------------- off-peak, cache, embeddings
+
+
+def test_off_peak_hours_price_a_call_at_its_own_time(make_tally, sqlite_url) -> None:
+    """DeepSeek's discount windows (weekdays 04:00-06:00 UTC among others): a call is priced at
+    the hour it ran, not the hour it was recorded."""
+    from datetime import datetime, timezone
+
+    tally = make_tally(sqlite_url)
+    peak = datetime(2026, 12, 2, 3, 0, tzinfo=timezone.utc)  # a Wednesday
+    off_peak = datetime(2026, 12, 2, 5, 59, tzinfo=timezone.utc)
+    weekend = datetime(2026, 12, 5, 3, 0, tzinfo=timezone.utc)  # Saturday: off-peak all day
+    for ts in (peak, off_peak, weekend):
+        tally.record(model="deepseek-v4-flash", input_tokens=1_000_000, output_tokens=1_000_000, ts=ts)
+    tally.flush()
+    costs = [row["cost"] for row in sorted(fetch_events(sqlite_url), key=lambda row: row["ts"])]
+    assert costs == pytest.approx([0.3 + 1.2, 0.15 + 0.6, 0.15 + 0.6], abs=1e-9)
+
+
+def test_fireworks_cache_reads_cost_half_and_embeddings_have_no_output(book: PriceBook) -> None:
+    model = "fireworks_ai/accounts/fireworks/models/deepseek-r1"  # $3 in, $8 out, no cache price
+    assert book.cost(model=model, input_tokens=1000, cache_read_tokens=600).cost == pytest.approx(
+        (400 * 3 + 600 * 1.5) / 1e6, abs=1e-12)
+    embedded = book.cost(model="mistral/mistral-embed", input_tokens=1000, output_tokens=50)
+    assert (embedded.status, embedded.cost) == ("priced", pytest.approx(1000 * 0.1 / 1e6, abs=1e-12))
