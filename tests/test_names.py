@@ -117,3 +117,26 @@ def test_migration_rewrites_old_names_and_recounts_budgets(make_tally, ledger_ur
     reopened.release(reopened.reserve(model="deepseek-chat", provider="deepseek", messages=MSGS))
     used = {state.instance: state.used for state in reopened.budget_states()}
     assert used["deepseek-chat"] == 3
+
+
+def test_llmtally_prices_says_which_entry_and_why() -> None:
+    import subprocess
+    import sys
+
+    def run(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "llmtally.cli", "prices", *args, "--price-map", "bundled"],
+                              capture_output=True, text=True, timeout=60)
+
+    routed = run("deepseek/deepseek-chat")
+    assert routed.returncode == 0, routed.stderr
+    assert "stored as:    model deepseek-chat, provider deepseek (the route 'deepseek'" in routed.stdout
+    assert "matched:      deepseek/deepseek-chat" in routed.stdout
+    bare = run("deepseek-chat")
+    assert "matched:      deepseek/deepseek-chat" in bare.stdout  # the provider's own key first
+    assert "from the entry the bare name matched" in bare.stdout
+    off_peak = run("deepseek-v4-flash")
+    assert "off-peak:     input 0.1500, output 0.6000" in off_peak.stdout
+    crossed = run("anthropic/gpt-4o-mini")
+    assert crossed.returncode == 2 and crossed.stdout == ""
+    assert len(crossed.stderr.strip().splitlines()) == 1
+    assert "'gpt-4o-mini' is openai's" in crossed.stderr and "provider here: anthropic" in crossed.stderr
