@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 from conftest import fetch_events
 from sqlalchemy import create_engine, text
 
@@ -16,7 +18,7 @@ MSGS = [{"role": "user", "content": "hi"}]
 
 
 def _names(url: str) -> list[tuple[str, str, str]]:
-    return sorted((row["provider"], row["model"], row["cost_status"]) for row in fetch_events(url))
+    return sorted((row["provider"] or "", row["model"], row["cost_status"]) for row in fetch_events(url))
 
 
 def test_every_spelling_of_a_model_is_one_row_in_summaries(make_tally, ledger_url) -> None:
@@ -89,34 +91,53 @@ def test_litellm_and_record_store_a_route_alike(make_tally, sqlite_url) -> None:
 
 def test_migration_rewrites_old_names_and_recounts_budgets(make_tally, ledger_url) -> None:
     """A ledger written before migration 4 (raw map providers, routes in model names, budget
-    counters of those names) reads as one name per provider after it, counters equal to events."""
-    budget = Budget(requests=100, per="day", each="model")
-    tally = make_tally(ledger_url, budgets=[budget])
+    definitions keyed by a routed model, counters of those names) reads as one name per
+    provider after it: one definition, counters equal to the events."""
+    per_model = Budget(requests=100, per="day", each="model")
+    scoped = Budget(requests=100, per="day", scope={"model": "deepseek/deepseek-chat"})
+    assert scoped.scope == {"model": "deepseek-chat"}  # a routed scope names the stored model
+    tally = make_tally(ledger_url, budgets=[per_model, scoped])
     for _ in range(3):
         tally.release(tally.reserve(model="deepseek-chat", provider="deepseek", messages=MSGS))
         tally.record(model="deepseek-chat", provider="deepseek", input_tokens=10)
     tally.record(model="anthropic.claude-3-5-sonnet-20240620-v1:0", provider="bedrock", input_tokens=10)
+    tally.record(model="gemini-2.5-flash", provider="gemini", input_tokens=10)
     tally.flush()
     tally.close()
+    old_key = scoped.key.replace("model=deepseek-chat", "model=deepseek/deepseek-chat")
+    old_definition = json.dumps({**scoped.to_dict(), "scope": {"model": "deepseek/deepseek-chat"}})
     engine = create_engine(normalize_url(ledger_url))
     with engine.begin() as conn:  # what an older llmtally wrote
         conn.execute(text("UPDATE llmtally_events SET model = 'deepseek/deepseek-chat' "
                           "WHERE model = 'deepseek-chat'"))
         conn.execute(text("UPDATE llmtally_events SET provider = 'bedrock_converse' "
                           "WHERE provider = 'bedrock'"))
+        conn.execute(text("UPDATE llmtally_events SET provider = NULL, model = 'gemini/gemini-2.5-flash' "
+                          "WHERE provider = 'gemini'"))
         conn.execute(text("UPDATE llmtally_budget_counters SET instance = 'deepseek/deepseek-chat' "
                           "WHERE instance = 'deepseek-chat'"))
+        conn.execute(text("UPDATE llmtally_budget_counters SET budget_key = :old WHERE budget_key = :new"),
+                     {"old": old_key, "new": scoped.key})
+        conn.execute(text("UPDATE llmtally_budgets SET budget_key = :old, definition = :definition "
+                          "WHERE budget_key = :new"),
+                     {"old": old_key, "new": scoped.key, "definition": old_definition})
         conn.execute(text("DELETE FROM llmtally_schema WHERE version = 4"))
     engine.dispose()
-    reopened = make_tally(ledger_url, budgets=[budget])
+    reopened = make_tally(ledger_url)  # defines nothing itself: reads the ledger's budgets
+    assert sum(row.calls for row in reopened.summary(since="2000-01-01")) == 5  # opens: migrates
     assert _names(ledger_url) == [("bedrock", "anthropic.claude-3-5-sonnet-20240620-v1:0", "priced")] + [
-        ("deepseek", "deepseek-chat", "priced")] * 3
+        ("deepseek", "deepseek-chat", "priced")] * 3 + [("gemini", "gemini-2.5-flash", "priced")]
     assert check_counters(reopened.store) == []
-    used = {state.instance: state.used for state in reopened.budget_states()}
-    assert used.get("deepseek-chat", 0) in (0, 3)  # counted when its counter is next created
-    reopened.release(reopened.reserve(model="deepseek-chat", provider="deepseek", messages=MSGS))
-    used = {state.instance: state.used for state in reopened.budget_states()}
-    assert used["deepseek-chat"] == 3
+    engine = create_engine(normalize_url(ledger_url))
+    with engine.connect() as conn:
+        keys = [row[0] for row in conn.execute(text("SELECT budget_key FROM llmtally_budgets"))]
+    engine.dispose()
+    assert sorted(keys) == sorted([per_model.key, scoped.key])
+    again = make_tally(ledger_url, budgets=[per_model, scoped])
+    again.release(again.reserve(model="deepseek-chat", provider="deepseek", messages=MSGS))
+    used = {(state.budget.key, state.instance): state.spent for state in again.budget_states()}
+    assert used[(per_model.key, "deepseek-chat")] == 3
+    assert used[(scoped.key, "")] == 3
 
 
 def test_llmtally_prices_says_which_entry_and_why() -> None:

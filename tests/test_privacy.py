@@ -57,6 +57,9 @@ def _every_kind_of_call(tally: Tally, provider: FakeProvider) -> int:
             pass
         await litellm.aembedding(model="openai/text-embedding-3-small", api_base=provider.openai_base,
                                  input=[CANARY_PROMPT], metadata=meta, **secret)
+        # As the README says: LiteLLM logs async calls in tasks on this loop, cancelled when
+        # asyncio.run ends it; aflush() first, or a loaded machine loses the last calls.
+        await tally.aflush(20)
 
     asyncio.run(async_calls())
     provider.fail_next(1, status=400, body={"error": {  # an error that echoes the request

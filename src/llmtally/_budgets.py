@@ -17,7 +17,7 @@ from typing import Any
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from ._errors import ConfigError
-from ._pricing import canonical_provider
+from ._pricing import canonical_provider, split_route
 
 __all__ = ["Budget", "BudgetExceeded", "Window", "window_for", "instance_for", "zone",
            "PERIODS", "SCOPE_KEYS", "EACH_KEYS"]
@@ -90,8 +90,14 @@ class Budget:
                 raise ConfigError(f"{self._label_for_errors()}: warn_at={self.warn_at!r}: each "
                                   "threshold is a fraction of the limit, > 0 and <= 1")
         scope = dict(self.scope)
-        if "provider" in scope:  # the ledger stores one name per provider: scope by it too
+        # The ledger stores one name per provider and each model without its provider route
+        # (docs/prices.md): a scope written either way means the same calls.
+        if "provider" in scope:
             scope["provider"] = canonical_provider(scope["provider"]) or scope["provider"]
+        if "model" in scope:
+            model, routed = split_route(scope["model"])
+            if routed is not None and scope.get("provider", routed) == routed:
+                scope["model"] = model
         object.__setattr__(self, "scope", MappingProxyType(scope))
         object.__setattr__(self, "warn_at", tuple(sorted(set(float(t) for t in thresholds))))
 

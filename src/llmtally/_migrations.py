@@ -152,25 +152,26 @@ def m004_one_name_per_provider(conn: Connection) -> None:
     """One name per provider and per model: rows written before store the price map's raw
     provider names (``bedrock_converse``, ``vertex_ai-language-models``) and, when recorded
     with a route, the route in the model (``deepseek/deepseek-chat``). Rewrite them as new
-    rows are written, then recount the budget counters those names scope.
+    rows are written, store budget definitions under their normalised keys, and recount the
+    counters of budgets that scope or split by provider or model.
 
-    Data, not DDL: it uses today's :func:`llmtally._pricing.ledger_names`, the rule every new
-    row follows."""
-    from ._pricing import ledger_names
-    from ._reservations import recount
+    Data, not DDL: it uses today's naming rules (:func:`llmtally._pricing.ledger_names` and
+    ``split_route``), which every new row follows. Ended windows of those budgets lose their
+    counters (history only: nothing reads them); open windows are recounted from the events."""
+    from ._pricing import ledger_names, split_route
+    from ._reservations import rename_budgets
 
     events = Table(EVENTS_TABLE, MetaData(), Column("provider", String), Column("model", String))
-    pairs = conn.execute(select(events.c.provider, events.c.model).where(
-        events.c.provider.is_not(None)).distinct()).all()
-    changed = 0
+    pairs = conn.execute(select(events.c.provider, events.c.model).distinct()).all()
     for provider, model in pairs:
-        new_model, new_provider = ledger_names(model, provider)
+        if model is None:
+            continue
+        new_model, new_provider = ledger_names(model, provider) if provider else split_route(model)
         if (new_model, new_provider) != (model, provider):
-            changed += conn.execute(events.update().where(
-                events.c.provider == provider, events.c.model == model).values(
-                provider=new_provider, model=new_model)).rowcount
-    if changed:
-        recount(conn, repair=True)
+            match = events.c.provider.is_(None) if provider is None else events.c.provider == provider
+            conn.execute(events.update().where(match, events.c.model == model).values(
+                provider=new_provider, model=new_model))
+    rename_budgets(conn, datetime.now(timezone.utc))
 
 
 MIGRATIONS: tuple[Migration, ...] = (

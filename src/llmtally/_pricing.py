@@ -15,6 +15,7 @@ Anthropic's raw API reports cache tokens *beside* ``input_tokens``; callers norm
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 import re
@@ -38,6 +39,7 @@ __all__ = [
     "PRICE_MAP_CHOICES",
     "canonical_provider",
     "ledger_names",
+    "split_route",
     "slim_entry",
     "slim_price_map",
 ]
@@ -125,6 +127,10 @@ _FAMILY_ALIASES = {
     "azure_text": "azure",
     "cohere_chat": "cohere",
     "ai21_chat": "ai21",
+    "ollama_chat": "ollama",
+    "watsonx_text": "watsonx",
+    "sagemaker_chat": "sagemaker",
+    "anthropic_text": "anthropic",
 }
 
 _PRICE_FIELDS = (
@@ -191,9 +197,20 @@ def ledger_names(model: str, provider: str | None) -> tuple[str, str | None]:
     if canonical is not None and "/" in model:
         head, _, tail = model.partition("/")
         head = head.strip().lower()
-        if tail and (head == str(provider).strip().lower() or canonical_provider(head) == canonical):
+        if tail and (head in (str(provider).strip().lower(), canonical)
+                     or (head in _litellm_routes() and canonical_provider(head) == canonical)):
             return tail, canonical
     return model, canonical
+
+
+def split_route(model: str) -> tuple[str, str | None]:
+    """``(model, provider)`` for a name that may lead with a provider route LiteLLM routes by
+    (``"deepseek/deepseek-chat"`` -> ``("deepseek-chat", "deepseek")``); else ``(model, None)``.
+    Needs no price map (budget scopes and migrations use it)."""
+    head, sep, tail = model.partition("/")
+    if sep and tail and head.strip().lower() in _litellm_routes():
+        return tail, canonical_provider(head)
+    return model, None
 
 
 # --------------------------------------------------------------------------- user prices
@@ -330,27 +347,33 @@ class OffPeak:
 
     def applies(self, at: datetime) -> bool:
         """Whether ``at`` (aware, or naive UTC) falls in an off-peak window."""
-        utc = at.astimezone(timezone.utc) if at.tzinfo is not None else at.replace(tzinfo=timezone.utc)
-        minute = utc.hour * 60 + utc.minute
-        if _in_windows(minute, self.every_day):
-            return True
-        if not self.rules:
+        try:
+            utc = at.astimezone(timezone.utc) if at.tzinfo is not None else at.replace(tzinfo=timezone.utc)
+            minute = utc.hour * 60 + utc.minute
+            if _in_windows(minute, self.every_day):
+                return True
+            if not self.rules:
+                return False
+            weekday = utc.astimezone(_calendar(self.weekday_timezone)).isoweekday()
+        except (OverflowError, ValueError):  # a moment at the edge of datetime's range
             return False
-        weekday = utc.astimezone(self._calendar()).isoweekday()
         return any(
             (days is None or weekday in days) and _in_windows(minute, windows)
             for days, windows in self.rules
         )
 
-    def _calendar(self) -> Any:
-        if self.weekday_timezone:
-            try:
-                from zoneinfo import ZoneInfo
 
-                return ZoneInfo(self.weekday_timezone)
-            except (ValueError, KeyError, OSError):
-                pass
-        return timezone.utc
+@functools.lru_cache(maxsize=64)
+def _calendar(name: str | None) -> Any:
+    """The zone whose calendar says the weekday (LiteLLM's ``weekday_timezone``); UTC if unknown."""
+    if name and name.strip():
+        try:
+            from zoneinfo import ZoneInfo
+
+            return ZoneInfo(name.strip())
+        except (ValueError, KeyError, OSError):
+            pass
+    return timezone.utc
 
 
 def _windows_of(value: Any) -> tuple[tuple[int, int], ...]:
@@ -709,6 +732,7 @@ def _build_map(models: Mapping[str, Any], source: str, *, slimmed: bool = False)
     return _PriceMap(entries, keys, source, families, frozenset(raw) | families | _litellm_routes())
 
 
+@functools.lru_cache(maxsize=1)
 def _litellm_routes() -> frozenset[str]:
     """LiteLLM's provider names (``litellm.provider_list``, saved by scripts/update_prices.py):
     ``openrouter/...`` routes a name even though the map has no OpenRouter entry."""

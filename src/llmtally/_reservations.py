@@ -710,12 +710,18 @@ def defined_budgets(conn: Connection) -> list[Defined]:
     if schema_version(conn) < 3:
         return []
     rows = conn.execute(select(DEFINITIONS).order_by(DEFINITIONS.c.budget_key)).all()
-    out = []
+    found: dict[str, tuple[bool, Defined]] = {}
     for row in rows:
         parsed = _parse_definition(row.definition, row.timezone)
-        if parsed is not None:
-            out.append(Defined(parsed.budget, parsed.timezone, row.updated_by, row.updated_at))
-    return out
+        if parsed is None:
+            continue
+        # A row written before a budget's key was normalised (one name per provider) parses
+        # to the same budget as its newer row: keep one, the row stored under its own key.
+        current = row.budget_key == parsed.budget.key
+        if parsed.budget.key not in found or current and not found[parsed.budget.key][0]:
+            found[parsed.budget.key] = (current, Defined(parsed.budget, parsed.timezone, row.updated_by,
+                                                         row.updated_at))
+    return [defined for _, defined in sorted(found.values(), key=lambda item: item[1].budget.key)]
 
 
 def ledger_states(conn: Connection, now: datetime) -> list[CounterState]:
@@ -751,8 +757,10 @@ def check_counters(store: Store, *, repair: bool = False,
 
 
 def recount(conn: Connection, *, repair: bool = False,
-            window_starts_before: datetime | None = None) -> list[Drift]:
-    """:func:`check_counters` inside the caller's write transaction (also used by a migration)."""
+            window_starts_before: datetime | None = None,
+            budget_keys: Iterable[str] | None = None) -> list[Drift]:
+    """:func:`check_counters` inside the caller's write transaction (also used by a migration),
+    for every budget or only those of ``budget_keys``."""
     drifts: list[Drift] = []
     if conn.dialect.name == "postgresql":
         conn.execute(_PG_EXCLUSIVE_LOCK)
@@ -761,6 +769,8 @@ def recount(conn: Connection, *, repair: bool = False,
                                       COUNTERS.c.window_start)
     if window_starts_before is not None:
         query = query.where(COUNTERS.c.window_start < window_starts_before)
+    if budget_keys is not None:
+        query = query.where(COUNTERS.c.budget_key.in_(list(budget_keys)))
     if conn.dialect.name == "postgresql":
         query = query.with_for_update()
     counters = conn.execute(query).all()
@@ -788,6 +798,39 @@ def recount(conn: Connection, *, repair: bool = False,
                 row.budget_key, row.instance, row.window_start)).values(
                 spent=expected, reserved=expected_reserved, updated_at=now))
     return drifts
+
+
+def rename_budgets(conn: Connection, now: datetime) -> None:
+    """After a change of how budget keys are written (migration 4): store each definition
+    under its budget's key now, drop its counters under the old key (they are seeded again
+    from the events when next used) and those of ended windows of budgets that scope or split
+    by provider or model (their names were rewritten), and recount the open windows of those."""
+    if conn.dialect.name == "postgresql":
+        conn.execute(_PG_EXCLUSIVE_LOCK)
+    rows = conn.execute(select(DEFINITIONS)).all()
+    keys = {row.budget_key for row in rows}
+    named: set[str] = set()
+    for row in rows:
+        parsed = _parse_definition(row.definition, row.timezone)
+        if parsed is None:
+            continue
+        budget = parsed.budget
+        if {"provider", "model"} & (set(budget.scope) | {budget.each}):
+            named.add(budget.key)
+        if budget.key == row.budget_key:
+            continue
+        conn.execute(delete(COUNTERS).where(COUNTERS.c.budget_key == row.budget_key))
+        if budget.key in keys:
+            conn.execute(delete(DEFINITIONS).where(DEFINITIONS.c.budget_key == row.budget_key))
+        else:
+            conn.execute(DEFINITIONS.update().where(DEFINITIONS.c.budget_key == row.budget_key).values(
+                budget_key=budget.key, definition=json.dumps(budget.to_dict())))
+            keys.add(budget.key)
+    if named:
+        conn.execute(delete(COUNTERS).where(COUNTERS.c.budget_key.in_(sorted(named)),
+                                            COUNTERS.c.window_end.is_not(None),
+                                            COUNTERS.c.window_end <= _naive(now)))
+        recount(conn, repair=True, budget_keys=named)
 
 
 def rebuild_counters_before(store: Store, cutoff: datetime) -> int:
