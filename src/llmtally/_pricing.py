@@ -168,13 +168,18 @@ def canonical_provider(provider: str | None) -> str | None:
     LiteLLM's routing name of the vendor, lower-cased: SDK and framework names map to it
     (``"google_genai"`` -> ``"gemini"``), and so do the price map's per-endpoint variants
     (``"bedrock_converse"`` -> ``"bedrock"``, ``"vertex_ai-language-models"`` -> ``"vertex_ai"``,
-    ``"text-completion-openai"`` -> ``"openai"``). Names it does not know are kept as given.
+    ``"text-completion-openai"`` -> ``"openai"``). Names LiteLLM does not know are kept as
+    given (stripped), case included.
     """
     if provider is None:
         return None
-    name = str(provider).strip().lower()
+    given = str(provider).strip()
+    name = given.lower()
     if not name:
         return None
+    if name not in _PROVIDER_ALIASES and name not in _FAMILY_ALIASES and name not in _litellm_routes() \
+            and not name.startswith("text-completion-") and not _ENDPOINT_FAMILY.match(name):
+        return str(provider)  # a provider LiteLLM does not know (your gateway) keeps its spelling
     name = _PROVIDER_ALIASES.get(name, name)
     if name.startswith("text-completion-"):
         name = name.removeprefix("text-completion-")
@@ -1136,7 +1141,8 @@ class PriceBook:
         name = model.strip()
         routes = self._loaded().routes
         if canonical_provider(provider) is not None:
-            name, canonical = ledger_names(name, provider)
+            routed, canonical = ledger_names(name, provider)
+            name = routed if routed != name else model  # the caller's text unless a route came off
             how = "given as provider"
             route = str(provider)
         else:
@@ -1145,7 +1151,7 @@ class PriceBook:
                 canonical, name, route = canonical_provider(head), tail, head
                 how = f"the route {head!r} leading the model name"
             else:
-                canonical, route, how = None, None, "none given"
+                canonical, route, how, name = None, None, "none given", model
         price = self._resolve_override(model, route) or self._resolve_map(model, route)
         if price is not None and canonical is None and price.provider:
             # A bare name: its entry says the provider, whose own key LiteLLM tries first.
