@@ -32,8 +32,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 SCRATCH = ROOT / ".mutation"
 
+# the budget tests on the ledger itself (LiteLLM's and LangChain's budget tests go through the
+# same functions more slowly)
 BUDGET_TESTS = ["tests/test_budgets.py", "tests/test_budgets_exact.py",
-                "tests/test_litellm_budgets.py", "tests/test_langchain_budgets.py",
                 "tests/test_budget_recovery.py", "tests/test_mutation_kills.py"]
 # module -> (file mutated, tests run against it)
 MODULES: dict[str, tuple[str, list[str]]] = {
@@ -99,9 +100,19 @@ def _results(here: Path) -> dict[str, str]:
     return out
 
 
-def run_module(name: str, children: int) -> dict[str, object]:
+def run_module(name: str, children: int, *, functions: list[str] | None = None,
+               keep: bool = False) -> dict[str, object]:
     path, tests = MODULES[name]
-    here = _scratch_for(name, path, tests)
+    here = SCRATCH / name
+    if keep and (here / "mutants").is_dir():
+        # re-run in the same scratch copy (mutmut keeps its test map and verdicts): refresh the
+        # tests, so new ones count
+        for target in (here / "tests", here / "mutants" / "tests"):
+            shutil.rmtree(target)
+            shutil.copytree(ROOT / "tests", target,
+                            ignore=shutil.ignore_patterns("__pycache__", ".hypothesis"))
+    else:
+        here = _scratch_for(name, path, tests)
     env = {**os.environ, "LITELLM_LOCAL_MODEL_COST_MAP": "True",
            # subprocesses a test starts import the mutated copy too (mutmut's own sys.path
            # set-up only reaches the test process)
@@ -110,11 +121,14 @@ def run_module(name: str, children: int) -> dict[str, object]:
                    "postgresql+psycopg://postgres@127.0.0.1:5432/test")
     # PYTHONPATH names mutants/src before mutmut creates it: make it now, or the import system
     # caches "no such directory" for that entry and imports the installed llmtally instead
-    (here / "mutants" / "src").mkdir(parents=True)
+    (here / "mutants" / "src").mkdir(parents=True, exist_ok=True)
     mutmut = Path(sys.executable).with_name("mutmut")
+    module = path.removeprefix("src/").removesuffix(".py").replace("/", ".")
+    names = [f"{module}.{f}" for f in functions or []]
     started = time.monotonic()
-    with open(here / "mutmut.log", "w") as log:
-        code = subprocess.run([str(mutmut), "run", "--max-children", str(children)], cwd=here,
+    with open(here / "mutmut.log", "a" if keep else "w") as log:
+        code = subprocess.run([str(mutmut), "run", "--max-children", str(children), *names],
+                              cwd=here,
                               env=env, stdout=log, stderr=subprocess.STDOUT).returncode
     elapsed = time.monotonic() - started
     results = _results(here)
@@ -137,6 +151,12 @@ def main() -> None:
     parser.add_argument("--children", type=int, default=2, help="mutants run in parallel")
     parser.add_argument("--list", action="store_true", help="print the modules and their tests")
     parser.add_argument("--json", type=Path, help="also write the results here")
+    parser.add_argument("--only", nargs="+", metavar="GLOB",
+                        help="only the mutants of these functions (mutmut names, e.g. "
+                             "'x_seed__mutmut_*' or 'xǁEventChargesǁafter_insert__mutmut_*')")
+    parser.add_argument("--keep", action="store_true",
+                        help="re-use the module's scratch copy and mutmut's verdicts (with "
+                             "--only: re-run those mutants against the current tests)")
     args = parser.parse_args()
     if args.list:
         for name, (path, tests) in MODULES.items():
@@ -147,7 +167,7 @@ def main() -> None:
         parser.error(f"unknown module(s) {', '.join(unknown)}; choose from {', '.join(MODULES)}")
     report = []
     for name in args.modules or list(MODULES):
-        result = run_module(name, args.children)
+        result = run_module(name, args.children, functions=args.only, keep=args.keep)
         report.append(result)
         counts = result["counts"]
         print(f"== {name} ({result['file']}): {result['seconds']} s, mutmut exit {result['exit']}")
