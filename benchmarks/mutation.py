@@ -73,6 +73,13 @@ def _scratch_for(name: str, path: str, tests: list[str]) -> Path:
                     ignore=shutil.ignore_patterns("__pycache__"))
     shutil.copytree(ROOT / "tests", here / "tests",
                     ignore=shutil.ignore_patterns("__pycache__", ".hypothesis"))
+    _write_config(here, path, tests)
+    return here
+
+
+def _write_config(here: Path, path: str, tests: list[str]) -> None:
+    """The scratch copy's pyproject.toml: pytest's settings, and [tool.mutmut] naming only
+    this module and those of its tests that exist."""
     project = tomllib.loads((ROOT / "pyproject.toml").read_text())
     settings = dict(project["tool"]["mutmut"])
     settings["only_mutate"] = [path]
@@ -85,7 +92,6 @@ def _scratch_for(name: str, path: str, tests: list[str]) -> Path:
     for key, value in settings.items():
         lines.append(f"{key} = {_toml_list(value) if isinstance(value, list) else json.dumps(value)}")
     (here / "pyproject.toml").write_text("\n".join(lines) + "\n")
-    return here
 
 
 def _results(here: Path) -> dict[str, str]:
@@ -111,6 +117,7 @@ def run_module(name: str, children: int, *, functions: list[str] | None = None,
             shutil.rmtree(target)
             shutil.copytree(ROOT / "tests", target,
                             ignore=shutil.ignore_patterns("__pycache__", ".hypothesis"))
+        _write_config(here, path, tests)  # tests added since are selected too
     else:
         here = _scratch_for(name, path, tests)
     env = {**os.environ, "LITELLM_LOCAL_MODEL_COST_MAP": "True",

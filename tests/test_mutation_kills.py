@@ -10,11 +10,13 @@ from __future__ import annotations
 import json
 import os
 import stat
+import subprocess
 from datetime import datetime, timezone
 from decimal import Decimal
 
 import pytest
 
+from llmtally import Budget, Price
 from llmtally._spill import SpillFile, _process_alive, decode_event, encode_event
 
 # -- _spill.py -----------------------------------------------------------------------------------
@@ -86,14 +88,16 @@ def test_read_keeps_a_line_with_invalid_utf8_readable(tmp_path):
     assert bad == [] and rows[0]["model"] == "a\ufffdb"
 
 
-def test_claim_takes_the_file_and_the_claims_of_dead_processes_only(tmp_path):
+def test_claim_takes_the_file_and_the_claims_of_dead_processes_only(tmp_path, request):
     spill = SpillFile(tmp_path / "x.spill.jsonl")
     spill.append([_event(1)])
     dead = 2**22 + 12345  # above the default pid_max: no such process
     assert not _process_alive(dead)
     orphan = tmp_path / f"x.spill.jsonl.replaying.{dead}.abc"
     orphan.write_text(encode_event(_event(2)) + "\n")
-    live = tmp_path / f"x.spill.jsonl.replaying.{os.getppid()}.def"
+    sleeper = subprocess.Popen(["sleep", "60"])  # a live process of our own (a mutant may
+    request.addfinalizer(sleeper.kill)           # signal it: never a process we did not start)
+    live = tmp_path / f"x.spill.jsonl.replaying.{sleeper.pid}.def"
     live.write_text(encode_event(_event(3)) + "\n")
     odd = tmp_path / "x.spill.jsonl.replaying.notapid.ghi"
     odd.write_text("")
@@ -136,8 +140,13 @@ def test_a_claimed_file_is_renamed_with_a_fresh_suffix_each_time(tmp_path):
 
 
 def test_process_alive(monkeypatch):
-    assert _process_alive(os.getpid())
-    assert _process_alive(1)  # init: alive
+    sleeper = subprocess.Popen(["sleep", "60"])
+    try:
+        assert _process_alive(sleeper.pid)
+    finally:
+        sleeper.kill()
+        sleeper.wait()
+    assert not _process_alive(sleeper.pid)
 
     def not_ours(pid, signal):
         raise PermissionError(1, "Operation not permitted")
@@ -193,3 +202,35 @@ def test_still_at_tells_a_renamed_or_replaced_file(tmp_path):
         assert not _still_at(fd, path)  # another file under the name
     finally:
         os.close(fd)
+
+
+# -- _reservations.py ----------------------------------------------------------------------------
+
+PENNY = {"penny": Price(input=0, output=0.01, per="token")}
+NOW = datetime(2026, 11, 25, 12, 0, tzinfo=timezone.utc)
+
+
+def test_thresholds_are_reached_at_their_share_of_the_limit():
+    from llmtally._reservations import _thresholds_reached
+
+    assert _thresholds_reached(Budget(tokens=100, warn_at=(0.5, 0.8)), 10) == []
+    assert _thresholds_reached(Budget(tokens=100, warn_at=(0.5, 0.8)), 50) == [0.5]
+    assert _thresholds_reached(Budget(tokens=100, warn_at=(0.5, 0.8)), 80) == [0.5, 0.8]
+    assert _thresholds_reached(Budget(requests=1, warn_at=(0.5, 0.8)), 1) == [0.5, 0.8]
+    assert _thresholds_reached(Budget(requests=1, warn_at=(0.5, 0.8)), 0) == []
+    assert _thresholds_reached(Budget(usd=0, warn_at=(0.5,)), 10) == []  # no limit to share
+
+
+def test_postgres_one_statement_reserve_holds_nothing_for_a_kind_not_estimated(pg_url,
+                                                                              make_tally):
+    tally = make_tally(pg_url, prices=PENNY, budgets=[Budget(tokens=10, per="day"),
+                                                      Budget(usd=1, per="day")],
+                       clock=lambda: NOW)
+    ledger = tally.budgets
+    ledger.publish()
+    now = NOW.replace(tzinfo=None)
+    covering = ledger.covering({}, now)
+    ledger._ensure_counters_pg(covering, now)
+    held = ledger._reserve_in_one_statement("r1", covering, {"usd": 0.5}, now)
+    assert sorted((h.budget.kind, h.amount) for h in held.holds) == [("tokens", 0),
+                                                                     ("usd", 500_000_000)]
