@@ -234,3 +234,29 @@ def test_postgres_one_statement_reserve_holds_nothing_for_a_kind_not_estimated(p
     held = ledger._reserve_in_one_statement("r1", covering, {"usd": 0.5}, now)
     assert sorted((h.budget.kind, h.amount) for h in held.holds) == [("tokens", 0),
                                                                      ("usd", 500_000_000)]
+
+
+# -- _store.py: the inserting transaction charges what it really inserted -----------------------
+
+
+@pytest.mark.parametrize("ledger", ["sqlite", "postgres"])
+def test_a_batch_charges_each_new_event_once_however_many_and_repeated(ledger, request,
+                                                                        make_tally, tmp_path):
+    url = (f"sqlite:///{tmp_path / 'big.db'}" if ledger == "sqlite"
+           else request.getfixturevalue("pg_url"))
+    tally = make_tally(url, prices=PENNY, budgets=[Budget(requests=5000, per="day")],
+                       clock=lambda: NOW, batch_size=5000, flush_interval_s=60)
+    held = tally.reserve(model="penny", input_tokens=0, max_tokens=1)  # creates the counter
+    tally.record(id="first", model="penny", output_tokens=1, reservation=held)
+    assert tally.flush(10)
+    for n in range(1200):  # one batch: more ids than one lookup of 500 holds
+        tally.record(id=f"e{n}", model="penny", output_tokens=1)
+    for n in range(300):  # the same ids again, in the same batch
+        tally.record(id=f"e{n}", model="penny", output_tokens=1)
+    tally.record(id="first", model="penny", output_tokens=1)  # stored in an earlier batch
+    assert tally.flush(30)
+    [state] = tally.budget_states()
+    assert (state.spent, state.reserved) == (1201, 0)
+    from llmtally._reservations import check_counters
+
+    assert check_counters(tally.store) == []
