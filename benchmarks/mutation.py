@@ -45,7 +45,11 @@ MODULES: dict[str, tuple[str, list[str]]] = {
                "tests/test_mutation_kills.py"]),
     "spill": ("src/llmtally/_spill.py",
               ["tests/test_spill.py", "tests/faults/test_spill_faults.py",
-               "tests/test_mutation_kills.py"]),
+               "tests/test_mutation_kills.py",
+               # two replaying processes: flaky on a loaded 2-core machine (the first process
+               # to record may not have spilled everything yet), so a false kill or a failed
+               # clean run; the claim logic it covers has unit tests in test_mutation_kills.py
+               "--deselect=tests/test_spill.py::test_two_processes_replaying_one_spill_file_add_each_event_once"]),
     "writer": ("src/llmtally/_writer.py",
                ["tests/test_ledger.py", "tests/test_record.py", "tests/test_spill.py",
                 "tests/test_hostile_writer.py", "tests/test_mutation_kills.py"]),
@@ -83,7 +87,8 @@ def _write_config(here: Path, path: str, tests: list[str]) -> None:
     project = tomllib.loads((ROOT / "pyproject.toml").read_text())
     settings = dict(project["tool"]["mutmut"])
     settings["only_mutate"] = [path]
-    settings["pytest_add_cli_args_test_selection"] = [t for t in tests if (ROOT / t).exists()]
+    settings["pytest_add_cli_args_test_selection"] = [
+        t for t in tests if t.startswith("-") or (ROOT / t).exists()]
     pytest_options = project["tool"]["pytest"]["ini_options"]
     lines = ["[tool.pytest.ini_options]"]
     for key, value in pytest_options.items():

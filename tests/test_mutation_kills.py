@@ -260,3 +260,26 @@ def test_a_batch_charges_each_new_event_once_however_many_and_repeated(ledger, r
     from llmtally._reservations import check_counters
 
     assert check_counters(tally.store) == []
+
+
+def test_a_call_straddling_midnight_releases_yesterday_and_charges_today(ledger_url, make_tally):
+    from datetime import timedelta
+
+    from conftest import fetch_events
+
+    from llmtally._reservations import check_counters
+
+    clock = {"now": datetime(2026, 11, 25, 23, 59, 59, tzinfo=timezone.utc)}
+    tally = make_tally(ledger_url, prices=PENNY, budgets=[Budget(usd=0.05, per="day")],
+                       clock=lambda: clock["now"])
+    held = tally.reserve(model="penny", input_tokens=0, max_tokens=5)  # $0.05 on the 25th
+    clock["now"] += timedelta(seconds=2)  # the call ends on the 26th: its event counts there
+    tally.record(model="penny", output_tokens=3, reservation=held)
+    assert tally.flush(10)
+    assert len(fetch_events(ledger_url)) == 1
+    [today] = tally.budget_states()
+    assert (round(today.spent, 9), today.reserved) == (0.03, 0)
+    clock["now"] -= timedelta(seconds=2)
+    [yesterday] = tally.budget_states()
+    assert (yesterday.spent, yesterday.reserved) == (0, 0)  # released, nothing charged there
+    assert check_counters(tally.store) == []
