@@ -283,3 +283,20 @@ def test_a_call_straddling_midnight_releases_yesterday_and_charges_today(ledger_
     [yesterday] = tally.budget_states()
     assert (yesterday.spent, yesterday.reserved) == (0, 0)  # released, nothing charged there
     assert check_counters(tally.store) == []
+
+
+def test_a_threshold_is_reported_by_a_charge_not_by_a_release(ledger_url, make_tally):
+    seen = []
+    tally = make_tally(ledger_url, prices=PENNY, clock=lambda: NOW, alerts=[seen.append],
+                       budgets=[Budget(usd=0.10, per="day", each="user", warn_at=(0.5,))])
+    for _ in range(6):  # alice's calls before her counter exists: seeded later, not charged
+        tally.record(model="penny", output_tokens=1, user="alice")
+    assert tally.flush(10)
+    held = tally.reserve(model="penny", input_tokens=0, max_tokens=1, user="alice")  # seeds $0.06
+    tally.record(model="penny", output_tokens=1, user="bob", reservation=held)  # bob's call
+    assert tally.flush(10)
+    assert [a for a in seen if a["event"] == "threshold"] == []  # alice: a release, no charge
+    tally.record(model="penny", output_tokens=1, user="alice")
+    assert tally.flush(10)
+    assert [(a["threshold"], a["scope"]) for a in seen if a["event"] == "threshold"] == [
+        (0.5, {"user": "alice"})]
