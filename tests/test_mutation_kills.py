@@ -300,3 +300,57 @@ def test_a_threshold_is_reported_by_a_charge_not_by_a_release(ledger_url, make_t
     assert tally.flush(10)
     assert [(a["threshold"], a["scope"]) for a in seen if a["event"] == "threshold"] == [
         (0.5, {"user": "alice"})]
+
+
+def _thresholds(seen: list) -> list:
+    return [(a["budget"], a["threshold"]) for a in seen if a["event"] == "threshold"]
+
+
+def test_a_late_event_in_a_closed_window_warns_no_one(ledger_url, make_tally):
+    from datetime import timedelta
+
+    seen = []
+    clock = {"now": NOW - timedelta(days=1)}
+    tally = make_tally(ledger_url, prices=PENNY, clock=lambda: clock["now"], alerts=[seen.append],
+                       budgets=[Budget(usd=0.10, per="day", warn_at=(0.5,))])
+    held = tally.reserve(model="penny", input_tokens=0, max_tokens=1)  # yesterday's counter
+    tally.record(model="penny", output_tokens=1, reservation=held)
+    assert tally.flush(10)
+    clock["now"] = NOW
+    for _ in range(5):  # yesterday's calls, recorded today: charged to yesterday's window
+        tally.record(model="penny", output_tokens=1, ts=NOW - timedelta(hours=23))
+    assert tally.flush(10)
+    assert _thresholds(seen) == []  # that window is over: nothing to warn about
+    clock["now"] = NOW - timedelta(days=1)
+    [yesterday] = tally.budget_states()
+    assert round(yesterday.spent, 9) == 0.06
+
+
+def test_thresholds_warn_in_a_local_day_that_started_the_day_before_in_utc(ledger_url,
+                                                                          make_tally):
+    seen = []
+    tally = make_tally(ledger_url, prices=PENNY, clock=lambda: NOW, alerts=[seen.append],
+                       timezone="Europe/Berlin",  # the day began at 23:00 UTC on the 24th
+                       budgets=[Budget(usd=0.10, per="day", warn_at=(0.5,))])
+    for _ in range(5):
+        held = tally.reserve(model="penny", input_tokens=0, max_tokens=1)
+        tally.record(model="penny", output_tokens=1, reservation=held)
+    assert tally.flush(10)
+    assert _thresholds(seen) == [("usd 0.1/day", 0.5)]
+
+
+def test_a_total_budget_warns_once_across_processes(ledger_url, make_tally):
+    seen = []
+    budget = Budget(usd=0.10, per="total", warn_at=(0.5, 0.8))
+    first = make_tally(ledger_url, prices=PENNY, clock=lambda: NOW, alerts=[seen.append],
+                       budgets=[budget])
+    second = make_tally(ledger_url, prices=PENNY, clock=lambda: NOW, alerts=[seen.append],
+                        budgets=[budget])
+    for turn in range(9):
+        tally = first if turn % 2 else second
+        held = tally.reserve(model="penny", input_tokens=0, max_tokens=1)
+        tally.record(model="penny", output_tokens=1, reservation=held)
+        assert tally.flush(10)
+    assert _thresholds(seen) == [("usd 0.1/total", 0.5), ("usd 0.1/total", 0.8)]
+    [alert] = [a for a in seen if a["threshold"] == 0.5]
+    assert alert["resets_at"] is None
