@@ -11,6 +11,7 @@ import json
 import os
 import stat
 import subprocess
+import time
 from datetime import datetime, timezone
 from decimal import Decimal
 
@@ -143,6 +144,8 @@ def test_process_alive(monkeypatch):
     sleeper = subprocess.Popen(["sleep", "60"])
     try:
         assert _process_alive(sleeper.pid)
+        time.sleep(0.3)
+        assert sleeper.poll() is None  # only asked: no signal delivered
     finally:
         sleeper.kill()
         sleeper.wait()
@@ -186,6 +189,7 @@ def test_an_append_that_lost_the_race_to_a_claim_retries_on_the_new_file(tmp_pat
     spill = SpillFile(tmp_path / "x.spill.jsonl")
     spill.append([_event(1)])
     assert spill.path.read_text() == encode_event(_event(1)) + "\n"  # written once, not lost
+    assert next(answers, "asked twice") == "asked twice"  # checked under the lock, each time
 
 
 def test_still_at_tells_a_renamed_or_replaced_file(tmp_path):
@@ -354,3 +358,20 @@ def test_a_total_budget_warns_once_across_processes(ledger_url, make_tally):
     assert _thresholds(seen) == [("usd 0.1/total", 0.5), ("usd 0.1/total", 0.8)]
     [alert] = [a for a in seen if a["threshold"] == 0.5]
     assert alert["resets_at"] is None
+
+
+def test_an_event_charged_at_the_instant_its_window_ends_warns_no_one(ledger_url, make_tally):
+    from datetime import timedelta
+
+    seen = []
+    clock = {"now": NOW}
+    tally = make_tally(ledger_url, prices=PENNY, clock=lambda: clock["now"], alerts=[seen.append],
+                       budgets=[Budget(usd=0.10, per="day", warn_at=(0.5,))])
+    held = tally.reserve(model="penny", input_tokens=0, max_tokens=1)
+    tally.record(model="penny", output_tokens=1, reservation=held)
+    assert tally.flush(10)
+    clock["now"] = datetime(2026, 11, 26, tzinfo=timezone.utc)  # midnight: the 25th is over
+    for _ in range(5):
+        tally.record(model="penny", output_tokens=1, ts=NOW)
+    assert tally.flush(10)
+    assert _thresholds(seen) == []
