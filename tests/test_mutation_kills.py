@@ -375,3 +375,17 @@ def test_an_event_charged_at_the_instant_its_window_ends_warns_no_one(ledger_url
         tally.record(model="penny", output_tokens=1, ts=NOW)
     assert tally.flush(10)
     assert _thresholds(seen) == []
+
+
+def test_two_budgets_crossing_in_one_batch_both_warn(ledger_url, make_tally):
+    seen = []
+    tally = make_tally(ledger_url, prices=PENNY, clock=lambda: NOW, alerts=[seen.append],
+                       flush_interval_s=60, budgets=[Budget(usd=0.10, per="day", warn_at=(0.5,)),
+                                                     Budget(requests=10, per="day", warn_at=(0.5,))])
+    held = tally.reserve(model="penny", input_tokens=0, max_tokens=1)  # both counters exist
+    tally.record(model="penny", output_tokens=1, reservation=held)
+    assert tally.flush(10)
+    for _ in range(4):
+        tally.record(model="penny", output_tokens=1)
+    assert tally.flush(10)  # one transaction: both budgets reach half their limit
+    assert sorted(_thresholds(seen)) == [("requests 10/day", 0.5), ("usd 0.1/day", 0.5)]
