@@ -389,3 +389,4 @@ def test_two_budgets_crossing_in_one_batch_both_warn(ledger_url, make_tally):
         tally.record(model="penny", output_tokens=1)
     assert tally.flush(10)  # one transaction: both budgets reach half their limit
     assert sorted(_thresholds(seen)) == [("requests 10/day", 0.5), ("usd 0.1/day", 0.5)]
+    assert sorted(round(a["used"], 9) for a in seen if a["event"] == "threshold") == [0.05, 5]
