@@ -47,10 +47,16 @@ def main() -> None:
                         f"{'' if result.returncode == 0 else f' (exit {result.returncode})'}\n\n"
                         f"```\n{output}\n```\n")
     stamp = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
-    (HERE / "RESULTS.md").write_text(
+    results = HERE / "RESULTS.md"
+    # the "Mutation testing" section comes from benchmarks/mutation.py (a separate, slower run,
+    # triaged by hand): kept as it is
+    kept = results.read_text() if results.exists() else ""
+    mark = "\n## Mutation testing"
+    kept = kept[kept.find(mark):] if mark in kept else ""
+    results.write_text(
         f"# Benchmark results\n\n{stamp} on {machine()}.\nEach figure is compared with a "
         f"baseline measured in the same run; absolute times drift on a shared machine.\n\n"
-        + "\n".join(sections))
+        + "\n".join(sections) + kept)
     print(f"wrote {HERE / 'RESULTS.md'}")
 
 

@@ -1,0 +1,392 @@
+"""Tests written to kill mutants that survived the rest of the suite (``python
+benchmarks/mutation.py``; the triage is in benchmarks/RESULTS.md, "Mutation testing").
+
+Each pins down behaviour the other tests exercised without checking: the exact format of a
+spill line, which claims a replayer takes, which counters a batch of events charges.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import stat
+import subprocess
+import time
+from datetime import datetime, timezone
+from decimal import Decimal
+
+import pytest
+
+from llmtally import Budget, Price
+from llmtally._spill import SpillFile, _process_alive, decode_event, encode_event
+
+# -- _spill.py -----------------------------------------------------------------------------------
+
+
+def _event(n: int = 1, **extra) -> dict:
+    return {"id": f"e{n}", "ts": datetime(2026, 11, 25, 12, 0, n), **extra}
+
+
+def test_a_spill_line_is_compact_ascii_json_with_an_iso_timestamp():
+    line = encode_event({**_event(), "model": "gpt-4o", "text": "caf\u00e9 \ud800",
+                         "cost": Decimal("0.5")})
+    assert line == ('{"id":"e1","ts":"2026-11-25T12:00:01","model":"gpt-4o",'
+                    '"text":"caf\\u00e9 \\ud800","cost":"0.5"}')
+    line.encode("ascii")  # never fails: every non-ASCII character is escaped
+    assert encode_event({"id": "x", "ts": "already text"}) == '{"id":"x","ts":"already text"}'
+    row = decode_event(encode_event(_event(2, model="m")))
+    assert row == _event(2, model="m")
+
+
+@pytest.mark.parametrize("line", ['[1, 2]', '{"ts": "2026-11-25T12:00:00"}',
+                                  '{"id": 7, "ts": "2026-11-25T12:00:00"}', '{"id": "e1"}',
+                                  '{"id": "e1", "ts": "yesterday"}'])
+def test_anything_but_an_event_is_refused_on_decode(line):
+    with pytest.raises(ValueError, match="not an llmtally event|Invalid isoformat"):
+        decode_event(line)
+
+
+def test_appending_nothing_creates_no_file(tmp_path):
+    spill = SpillFile(tmp_path / "sub" / "x.spill.jsonl")
+    spill.append([])
+    spill.append_lines([])
+    assert not spill.path.exists() and not spill.has_backlog()
+
+
+def test_appends_create_the_directory_and_a_private_file(tmp_path):
+    spill = SpillFile(tmp_path / "new" / "dir" / "x.spill.jsonl")
+    spill.append([_event(1), _event(2)])
+    assert stat.S_IMODE(os.stat(spill.path).st_mode) == 0o600
+    assert spill.path.read_text().splitlines() == [encode_event(_event(1)), encode_event(_event(2))]
+    assert spill.has_backlog()
+
+
+def test_a_stub_left_by_a_dead_writer_stays_on_a_line_of_its_own(tmp_path):
+    spill = SpillFile(tmp_path / "x.spill.jsonl")
+    spill.path.write_bytes(encode_event(_event(1)).encode()[:15])  # cut mid-line, no newline
+    spill.append([_event(2)])
+    spill.append([_event(3)])  # after a whole line: no blank line inserted
+    lines = spill.path.read_text().split("\n")
+    assert lines[1:] == [encode_event(_event(2)), encode_event(_event(3)), ""]
+    [claimed] = spill.claim()
+    rows, bad = spill.read(claimed)
+    assert [r["id"] for r in rows] == ["e2", "e3"] and bad == [1]
+
+
+def test_read_skips_blank_lines_and_numbers_bad_ones_from_one(tmp_path):
+    path = tmp_path / "claimed"
+    path.write_text("\n".join(["", encode_event(_event(1)), "not json", "   ", "[]",
+                               encode_event(_event(2)), '{"id": "e9", "ts": 5}']) + "\n")
+    rows, bad = SpillFile(tmp_path / "x").read(path)
+    assert [r["id"] for r in rows] == ["e1", "e2"]
+    assert bad == [3, 5, 7]
+
+
+def test_read_keeps_a_line_with_invalid_utf8_readable(tmp_path):
+    path = tmp_path / "claimed"
+    path.write_bytes(b'{"id":"e1","ts":"2026-11-25T12:00:00","model":"a\xffb"}\n')
+    rows, bad = SpillFile(tmp_path / "x").read(path)
+    assert bad == [] and rows[0]["model"] == "a\ufffdb"
+
+
+def test_claim_takes_the_file_and_the_claims_of_dead_processes_only(tmp_path, request):
+    spill = SpillFile(tmp_path / "x.spill.jsonl")
+    spill.append([_event(1)])
+    dead = 2**22 + 12345  # above the default pid_max: no such process
+    assert not _process_alive(dead)
+    orphan = tmp_path / f"x.spill.jsonl.replaying.{dead}.abc"
+    orphan.write_text(encode_event(_event(2)) + "\n")
+    sleeper = subprocess.Popen(["sleep", "60"])  # a live process of our own (a mutant may
+    request.addfinalizer(sleeper.kill)           # signal it: never a process we did not start)
+    live = tmp_path / f"x.spill.jsonl.replaying.{sleeper.pid}.def"
+    live.write_text(encode_event(_event(3)) + "\n")
+    odd = tmp_path / "x.spill.jsonl.replaying.notapid.ghi"
+    odd.write_text("")
+    for n in range(5):  # more names that are no claim, among more claims of dead processes
+        (tmp_path / f"x.spill.jsonl.replaying.z{n}.q").write_text("")
+        (tmp_path / f"x.spill.jsonl.replaying.{dead + 1 + n}.r{n}").write_text("")
+    dotted = tmp_path / f"x.spill.jsonl.replaying.{dead}.a.b"  # extra dots after the pid
+    dotted.write_text("")
+    other = tmp_path / f"y.spill.jsonl.replaying.{dead}.jkl"  # another spill file's claim
+    other.write_text("")
+    mine_before = tmp_path / f"x.spill.jsonl.replaying.{os.getpid()}.mno"  # an unfinished replay
+    mine_before.write_text(encode_event(_event(4)) + "\n")
+    assert spill.has_backlog()
+    claimed = spill.claim()
+    assert live.exists() and odd.exists() and other.exists()  # not taken
+    assert mine_before in claimed and not orphan.exists() and not spill.path.exists()
+    assert not dotted.exists()
+    assert len(claimed) == 9
+    prefix = f"x.spill.jsonl.replaying.{os.getpid()}."
+    assert all(p.name.startswith(prefix) for p in claimed)
+    ids = sorted(r["id"] for p in claimed for r in spill.read(p)[0])  # the empty ones: none
+    assert ids == ["e1", "e2", "e4"]
+    for path in claimed:
+        path.unlink()
+    assert not spill.has_backlog()  # a live process's claim is not a backlog of ours
+    live.unlink()
+    orphan.write_text("")
+    assert spill.has_backlog()  # a dead process's claim is
+
+
+def test_a_claimed_file_is_renamed_with_a_fresh_suffix_each_time(tmp_path):
+    spill = SpillFile(tmp_path / "x.spill.jsonl")
+    spill.append([_event(1)])
+    [first] = spill.claim()
+    spill.append([_event(2)])
+    claimed = spill.claim()
+    assert first in claimed and len(claimed) == 2  # our own unfinished claim, and the new one
+    suffixes = {p.name.rsplit(".", 1)[1] for p in claimed}
+    assert len(suffixes) == 2 and all(len(s) == 12 for s in suffixes)
+
+
+def test_process_alive(monkeypatch):
+    sleeper = subprocess.Popen(["sleep", "60"])
+    try:
+        assert _process_alive(sleeper.pid)
+        time.sleep(0.3)
+        assert sleeper.poll() is None  # only asked: no signal delivered
+    finally:
+        sleeper.kill()
+        sleeper.wait()
+    assert not _process_alive(sleeper.pid)
+
+    def not_ours(pid, signal):
+        raise PermissionError(1, "Operation not permitted")
+
+    monkeypatch.setattr(os, "kill", not_ours)
+    assert _process_alive(12345)  # another user's process is alive
+
+
+def test_a_forked_child_gets_a_lock_of_its_own(tmp_path):
+    spill = SpillFile(tmp_path / "x.spill.jsonl")
+    spill._lock.acquire()  # held by a thread of the parent at the fork
+    spill.reset_lock()
+    spill.append([_event(1)])
+    assert spill.path.exists()
+
+
+def test_an_append_follows_the_file_a_replayer_claimed_meanwhile(tmp_path):
+    spill = SpillFile(tmp_path / "x.spill.jsonl")
+    spill.append([_event(1)])
+    [claimed] = spill.claim()
+    with spill.replaying(claimed):
+        spill.append([_event(2)])  # the path now names a new file: appended there
+    assert [r["id"] for r in spill.read(claimed)[0]] == ["e1"]
+    assert [json.loads(line)["id"] for line in spill.path.read_text().splitlines()] == ["e2"]
+
+
+def test_timestamps_keep_their_zone_through_a_spill_line():
+    aware = datetime(2026, 11, 25, 12, 0, tzinfo=timezone.utc)
+    assert decode_event(encode_event({"id": "a", "ts": aware}))["ts"] == aware
+
+
+def test_an_append_that_lost_the_race_to_a_claim_retries_on_the_new_file(tmp_path, monkeypatch):
+    from llmtally import _spill
+
+    answers = iter([False, True])  # first open: the file was claimed between open and flock
+    monkeypatch.setattr(_spill, "_still_at", lambda fd, path: next(answers))
+    spill = SpillFile(tmp_path / "x.spill.jsonl")
+    spill.append([_event(1)])
+    assert spill.path.read_text() == encode_event(_event(1)) + "\n"  # written once, not lost
+    assert next(answers, "asked twice") == "asked twice"  # checked under the lock, each time
+
+
+def test_still_at_tells_a_renamed_or_replaced_file(tmp_path):
+    from llmtally._spill import _still_at
+
+    path = tmp_path / "f"
+    path.write_text("x")
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        assert _still_at(fd, path)
+        path.rename(tmp_path / "g")
+        assert not _still_at(fd, path)  # gone
+        path.write_text("y")
+        assert not _still_at(fd, path)  # another file under the name
+    finally:
+        os.close(fd)
+
+
+# -- _reservations.py ----------------------------------------------------------------------------
+
+PENNY = {"penny": Price(input=0, output=0.01, per="token")}
+NOW = datetime(2026, 11, 25, 12, 0, tzinfo=timezone.utc)
+
+
+def test_thresholds_are_reached_at_their_share_of_the_limit():
+    from llmtally._reservations import _thresholds_reached
+
+    assert _thresholds_reached(Budget(tokens=100, warn_at=(0.5, 0.8)), 10) == []
+    assert _thresholds_reached(Budget(tokens=100, warn_at=(0.5, 0.8)), 50) == [0.5]
+    assert _thresholds_reached(Budget(tokens=100, warn_at=(0.5, 0.8)), 80) == [0.5, 0.8]
+    assert _thresholds_reached(Budget(requests=1, warn_at=(0.5, 0.8)), 1) == [0.5, 0.8]
+    assert _thresholds_reached(Budget(requests=1, warn_at=(0.5, 0.8)), 0) == []
+    assert _thresholds_reached(Budget(usd=0, warn_at=(0.5,)), 10) == []  # no limit to share
+
+
+def test_postgres_one_statement_reserve_holds_nothing_for_a_kind_not_estimated(pg_url,
+                                                                              make_tally):
+    tally = make_tally(pg_url, prices=PENNY, budgets=[Budget(tokens=10, per="day"),
+                                                      Budget(usd=1, per="day")],
+                       clock=lambda: NOW)
+    ledger = tally.budgets
+    ledger.publish()
+    now = NOW.replace(tzinfo=None)
+    covering = ledger.covering({}, now)
+    ledger._ensure_counters_pg(covering, now)
+    held = ledger._reserve_in_one_statement("r1", covering, {"usd": 0.5}, now)
+    assert sorted((h.budget.kind, h.amount) for h in held.holds) == [("tokens", 0),
+                                                                     ("usd", 500_000_000)]
+
+
+# -- _store.py: the inserting transaction charges what it really inserted -----------------------
+
+
+@pytest.mark.parametrize("ledger", ["sqlite", "postgres"])
+def test_a_batch_charges_each_new_event_once_however_many_and_repeated(ledger, request,
+                                                                        make_tally, tmp_path):
+    url = (f"sqlite:///{tmp_path / 'big.db'}" if ledger == "sqlite"
+           else request.getfixturevalue("pg_url"))
+    tally = make_tally(url, prices=PENNY, budgets=[Budget(requests=5000, per="day")],
+                       clock=lambda: NOW, batch_size=5000, flush_interval_s=60)
+    held = tally.reserve(model="penny", input_tokens=0, max_tokens=1)  # creates the counter
+    tally.record(id="first", model="penny", output_tokens=1, reservation=held)
+    assert tally.flush(10)
+    for n in range(1200):  # one batch: more ids than one lookup of 500 holds
+        tally.record(id=f"e{n}", model="penny", output_tokens=1)
+    for n in range(300):  # the same ids again, in the same batch
+        tally.record(id=f"e{n}", model="penny", output_tokens=1)
+    tally.record(id="first", model="penny", output_tokens=1)  # stored in an earlier batch
+    assert tally.flush(30)
+    [state] = tally.budget_states()
+    assert (state.spent, state.reserved) == (1201, 0)
+    from llmtally._reservations import check_counters
+
+    assert check_counters(tally.store) == []
+
+
+def test_a_call_straddling_midnight_releases_yesterday_and_charges_today(ledger_url, make_tally):
+    from datetime import timedelta
+
+    from conftest import fetch_events
+
+    from llmtally._reservations import check_counters
+
+    clock = {"now": datetime(2026, 11, 25, 23, 59, 59, tzinfo=timezone.utc)}
+    tally = make_tally(ledger_url, prices=PENNY, budgets=[Budget(usd=0.05, per="day")],
+                       clock=lambda: clock["now"])
+    held = tally.reserve(model="penny", input_tokens=0, max_tokens=5)  # $0.05 on the 25th
+    clock["now"] += timedelta(seconds=2)  # the call ends on the 26th: its event counts there
+    tally.record(model="penny", output_tokens=3, reservation=held)
+    assert tally.flush(10)
+    assert len(fetch_events(ledger_url)) == 1
+    [today] = tally.budget_states()
+    assert (round(today.spent, 9), today.reserved) == (0.03, 0)
+    clock["now"] -= timedelta(seconds=2)
+    [yesterday] = tally.budget_states()
+    assert (yesterday.spent, yesterday.reserved) == (0, 0)  # released, nothing charged there
+    assert check_counters(tally.store) == []
+
+
+def test_a_threshold_is_reported_by_a_charge_not_by_a_release(ledger_url, make_tally):
+    seen = []
+    tally = make_tally(ledger_url, prices=PENNY, clock=lambda: NOW, alerts=[seen.append],
+                       budgets=[Budget(usd=0.10, per="day", each="user", warn_at=(0.5,))])
+    for _ in range(6):  # alice's calls before her counter exists: seeded later, not charged
+        tally.record(model="penny", output_tokens=1, user="alice")
+    assert tally.flush(10)
+    held = tally.reserve(model="penny", input_tokens=0, max_tokens=1, user="alice")  # seeds $0.06
+    tally.record(model="penny", output_tokens=1, user="bob", reservation=held)  # bob's call
+    assert tally.flush(10)
+    assert [a for a in seen if a["event"] == "threshold"] == []  # alice: a release, no charge
+    tally.record(model="penny", output_tokens=1, user="alice")
+    assert tally.flush(10)
+    assert [(a["threshold"], a["scope"]) for a in seen if a["event"] == "threshold"] == [
+        (0.5, {"user": "alice"})]
+
+
+def _thresholds(seen: list) -> list:
+    return [(a["budget"], a["threshold"]) for a in seen if a["event"] == "threshold"]
+
+
+def test_a_late_event_in_a_closed_window_warns_no_one(ledger_url, make_tally):
+    from datetime import timedelta
+
+    seen = []
+    clock = {"now": NOW - timedelta(days=1)}
+    tally = make_tally(ledger_url, prices=PENNY, clock=lambda: clock["now"], alerts=[seen.append],
+                       budgets=[Budget(usd=0.10, per="day", warn_at=(0.5,))])
+    held = tally.reserve(model="penny", input_tokens=0, max_tokens=1)  # yesterday's counter
+    tally.record(model="penny", output_tokens=1, reservation=held)
+    assert tally.flush(10)
+    clock["now"] = NOW
+    for _ in range(5):  # yesterday's calls, recorded today: charged to yesterday's window
+        tally.record(model="penny", output_tokens=1, ts=NOW - timedelta(hours=23))
+    assert tally.flush(10)
+    assert _thresholds(seen) == []  # that window is over: nothing to warn about
+    clock["now"] = NOW - timedelta(days=1)
+    [yesterday] = tally.budget_states()
+    assert round(yesterday.spent, 9) == 0.06
+
+
+def test_thresholds_warn_in_a_local_day_that_started_the_day_before_in_utc(ledger_url,
+                                                                          make_tally):
+    seen = []
+    tally = make_tally(ledger_url, prices=PENNY, clock=lambda: NOW, alerts=[seen.append],
+                       timezone="Europe/Berlin",  # the day began at 23:00 UTC on the 24th
+                       budgets=[Budget(usd=0.10, per="day", warn_at=(0.5,))])
+    for _ in range(5):
+        held = tally.reserve(model="penny", input_tokens=0, max_tokens=1)
+        tally.record(model="penny", output_tokens=1, reservation=held)
+    assert tally.flush(10)
+    assert _thresholds(seen) == [("usd 0.1/day", 0.5)]
+
+
+def test_a_total_budget_warns_once_across_processes(ledger_url, make_tally):
+    seen = []
+    budget = Budget(usd=0.10, per="total", warn_at=(0.5, 0.8))
+    first = make_tally(ledger_url, prices=PENNY, clock=lambda: NOW, alerts=[seen.append],
+                       budgets=[budget])
+    second = make_tally(ledger_url, prices=PENNY, clock=lambda: NOW, alerts=[seen.append],
+                        budgets=[budget])
+    for turn in range(9):
+        tally = first if turn % 2 else second
+        held = tally.reserve(model="penny", input_tokens=0, max_tokens=1)
+        tally.record(model="penny", output_tokens=1, reservation=held)
+        assert tally.flush(10)
+    assert _thresholds(seen) == [("usd 0.1/total", 0.5), ("usd 0.1/total", 0.8)]
+    [alert] = [a for a in seen if a["threshold"] == 0.5]
+    assert alert["resets_at"] is None
+
+
+def test_an_event_charged_at_the_instant_its_window_ends_warns_no_one(ledger_url, make_tally):
+    from datetime import timedelta
+
+    seen = []
+    clock = {"now": NOW}
+    tally = make_tally(ledger_url, prices=PENNY, clock=lambda: clock["now"], alerts=[seen.append],
+                       budgets=[Budget(usd=0.10, per="day", warn_at=(0.5,))])
+    held = tally.reserve(model="penny", input_tokens=0, max_tokens=1)
+    tally.record(model="penny", output_tokens=1, reservation=held)
+    assert tally.flush(10)
+    clock["now"] = datetime(2026, 11, 26, tzinfo=timezone.utc)  # midnight: the 25th is over
+    for _ in range(5):
+        tally.record(model="penny", output_tokens=1, ts=NOW)
+    assert tally.flush(10)
+    assert _thresholds(seen) == []
+
+
+def test_two_budgets_crossing_in_one_batch_both_warn(ledger_url, make_tally):
+    seen = []
+    tally = make_tally(ledger_url, prices=PENNY, clock=lambda: NOW, alerts=[seen.append],
+                       flush_interval_s=60, budgets=[Budget(usd=0.10, per="day", warn_at=(0.5,)),
+                                                     Budget(requests=10, per="day", warn_at=(0.5,))])
+    held = tally.reserve(model="penny", input_tokens=0, max_tokens=1)  # both counters exist
+    tally.record(model="penny", output_tokens=1, reservation=held)
+    assert tally.flush(10)
+    for _ in range(4):
+        tally.record(model="penny", output_tokens=1)
+    assert tally.flush(10)  # one transaction: both budgets reach half their limit
+    assert sorted(_thresholds(seen)) == [("requests 10/day", 0.5), ("usd 0.1/day", 0.5)]
+    assert sorted(round(a["used"], 9) for a in seen if a["event"] == "threshold") == [0.05, 5]
