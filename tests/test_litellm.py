@@ -11,6 +11,8 @@ import contextvars
 import functools
 import gc
 import json
+import subprocess
+import sys
 import threading
 import time
 
@@ -343,6 +345,47 @@ def test_abandoned_streams_leave_nothing_behind(tally, provider):
     assert rows[-1]["output_tokens"] == 0 or len({row["id"] for row in rows}) == 21
     assert tally.litellm()._starts == {}
     assert not [obj for obj in gc.get_objects() if isinstance(obj, integration._StreamState)]
+
+
+FLUSH_HOLDING_THE_POOL_LOCK = """
+import gc, json, sys, time
+import litellm
+from llmtally import Tally
+from llmtally.testing import FakeProvider
+
+with FakeProvider() as fp, Tally(sys.argv[1], price_map="bundled", spill_path=sys.argv[2]) as tally:
+    litellm.callbacks = [tally.litellm()]
+    stream = litellm.completion(model="openai/gpt-4o-mini", api_base=fp.openai_base,
+                                api_key="sk-test", messages=[{"role": "user", "content": "hi"}],
+                                stream=True)
+    next(stream)
+    [pool] = {s._pool for s in gc.get_objects() if type(s).__name__ == "PoolByteStream"}
+    gc.disable()  # only flush()'s own collection may free the stream
+    del stream  # abandoned, half read: its generator closes its response when it is collected
+    with pool._optional_thread_lock:  # held as httpcore holds it while handing out a connection
+        started = time.monotonic()
+        tally.flush(1)  # a SIGTERM landing in a request runs llmtally's flush right here
+        under_lock = time.monotonic() - started
+    assert tally.flush(10)
+    print(json.dumps({"under_lock_s": under_lock}))
+"""
+
+
+def test_flush_on_a_thread_holding_httpcore_s_pool_lock_returns(tmp_path):
+    """flush() collects abandoned streams; the collector runs every finaliser it frees, and an
+    abandoned OpenAI stream's takes httpcore's pool lock (not re-entrant). On the flushing
+    thread itself (as from the SIGTERM handler inside a request) that waited forever; the
+    collection runs on a thread of llmtally's, so flush() keeps its timeout."""
+    db = tmp_path / "ledger.db"
+    script = tmp_path / "flush_under_lock.py"
+    script.write_text(FLUSH_HOLDING_THE_POOL_LOCK)
+    done = subprocess.run([sys.executable, str(script), f"sqlite:///{db}", str(tmp_path / "spill")],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert json.loads(done.stdout.splitlines()[-1])["under_lock_s"] < 1.5 + 3  # timeout 1 s
+    [row] = fetch_events(f"sqlite:///{db}")  # collected once the lock was free, recorded once
+    assert _abandoned(row) and (row["input_tokens"], row["streamed"]) == (count_messages(
+        [{"role": "user", "content": "hi"}], "gpt-4o-mini"), True)
 
 
 def test_a_stream_the_provider_cuts_is_a_failure_not_an_abandoned_stream(tally, provider):
