@@ -330,19 +330,29 @@ def test_a_fully_read_stream_is_still_one_normal_event(tally, provider, mode):
 def test_abandoned_streams_leave_nothing_behind(tally, provider):
     from llmtally.integrations import litellm as integration
 
+    read = {}  # call id -> the text of the one chunk read
     for _ in range(20):
         stream = litellm.completion(**_openai(provider, stream=True))
-        next(stream)
+        read[stream.logging_obj.litellm_call_id] = _consumed_text([next(stream)])
         del stream
         # Collect here: left to a collection that happens to run inside the next request,
         # openai's stream generator closes its response under httpcore's pool lock, which
         # that request holds (a deadlock of openai/httpcore, not of the code under test).
         gc.collect()
-    litellm.completion(**_openai(provider, stream=True))  # never read at all: the prompt was paid
+    unread = litellm.completion(**_openai(provider, stream=True))  # never read: the prompt was paid
+    read[unread.logging_obj.litellm_call_id] = ""
+    del unread
     gc.collect()
     rows = _rows(tally)
-    assert len(rows) == 21 and all(_abandoned(row) for row in rows)
-    assert rows[-1]["output_tokens"] == 0 or len({row["id"] for row in rows}) == 21
+    assert len(rows) == 21 and len({row["id"] for row in rows}) == 21
+    by_call = {json.loads(row["metadata"])["litellm_call_id"]: row for row in rows}
+    assert set(by_call) == set(read)
+    prompt = count_messages(MSGS, "gpt-4o-mini")
+    for call_id, text in read.items():
+        row = by_call[call_id]
+        assert _abandoned(row) and (row["streamed"], row["status"]) == (True, "ok")
+        assert (row["input_tokens"], row["output_tokens"]) == (prompt, count_text(text, "gpt-4o-mini"))
+    assert sum(row["output_tokens"] == 0 for row in rows) == sum(text == "" for text in read.values())
     assert tally.litellm()._starts == {}
     assert not [obj for obj in gc.get_objects() if isinstance(obj, integration._StreamState)]
 
@@ -557,16 +567,39 @@ def test_scope_at_call_time_attributes_every_kind_of_call(tally, provider, mode)
 # -- exactly once ---------------------------------------------------------------------------
 
 
-def test_registering_twice_never_records_a_call_twice(tally, provider):
+class _CountingLogger(LiteLLMLogger):
+    """A second logger of the same Tally that counts the success hooks LiteLLM ran on it. Its
+    class name differs, so LiteLLM keeps it beside ``tally.litellm()`` (LiteLLM drops a logger
+    whose class and scalar attributes match one it has): both record every call."""
+
+    def __init__(self, tally) -> None:
+        super().__init__(tally)
+        self.successes = 0
+
+    def log_success_event(self, kwargs, response_obj, start_time, end_time):  # type: ignore[no-untyped-def]
+        self.successes += 1
+        super().log_success_event(kwargs, response_obj, start_time, end_time)
+
+    async def async_log_success_event(self, kwargs, response_obj, start_time, end_time):  # type: ignore[no-untyped-def]
+        self.successes += 1
+        await super().async_log_success_event(kwargs, response_obj, start_time, end_time)
+
+
+def test_registering_twice_never_records_a_call_twice(tally, provider, tmp_path, caplog):
     assert tally.litellm() is tally.litellm()
-    litellm.callbacks = [tally.litellm(), LiteLLMLogger(tally)]
+    second = _CountingLogger(tally)
+    litellm.callbacks = [tally.litellm(), LiteLLMLogger(tally), second]
     litellm.success_callback = [tally.litellm()]
     litellm.completion(**_openai(provider))
     litellm.callbacks = [tally.litellm()]  # re-assigned: the old loggers stay registered
     litellm.completion(**_openai(provider))
     asyncio.run(litellm.acompletion(**_openai(provider)))
     rows = _rows(tally)
-    assert len(rows) == 3 and len({row["id"] for row in rows}) == 3
+    assert second.successes == 3  # each call was handed to two of our loggers: recorded twice
+    assert len(rows) == 3 and len({json.loads(row["metadata"])["litellm_call_id"] for row in rows}) == 3
+    # stored once by the ledger itself (the event id), not set aside as refused rows
+    assert sorted(path.name for path in tmp_path.iterdir() if "spill" in path.name) == []
+    assert not [r for r in caplog.records if r.name.startswith("llmtally") and r.levelno >= 30]
 
 
 def test_a_cache_hit_is_recorded_at_zero_cost(tally, provider):
@@ -692,7 +725,9 @@ def test_odd_responses_from_the_provider_still_record(tally, provider):
     provider.usage = FakeUsage(prompt_tokens=-3, completion_tokens=0)
     litellm.completion(**_openai(provider))
     [row] = _rows(tally)
-    assert row["status"] == "ok" and row["input_tokens"] >= 0
+    # a negative count is no count: 0, priced at 0
+    assert (row["status"], row["input_tokens"], row["output_tokens"], row["cost"], row["cost_status"]) == \
+        ("ok", 0, 0, 0, "priced")
 
 
 def test_litellm_missing_is_a_clear_error(make_tally, monkeypatch):
