@@ -15,6 +15,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from _ci_guard import AllowedSkip
+from _ci_guard import install as install_ci_guard
 
 # LiteLLM fetches its price map from the internet at import unless told not to.
 os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")
@@ -26,6 +28,15 @@ for _name in list(os.environ):
 PG_URL = os.environ.get(
     "LLMTALLY_TEST_POSTGRES_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test")
 IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
+
+# Under CI=true every skip fails the run except these (tests/_ci_guard.py): each entry names the
+# tests (fnmatch on the node id), the skip message (regex) and why CI may skip them. A CI=true
+# run of the whole suite skips nothing, so there are none.
+ALLOWED_SKIPS: list[AllowedSkip] = []
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    install_ci_guard(config, ALLOWED_SKIPS, enforce_skips=IN_CI)
 
 
 def _postgres_problem() -> str | None:

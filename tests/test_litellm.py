@@ -11,6 +11,8 @@ import contextvars
 import functools
 import gc
 import json
+import subprocess
+import sys
 import threading
 import time
 
@@ -328,21 +330,72 @@ def test_a_fully_read_stream_is_still_one_normal_event(tally, provider, mode):
 def test_abandoned_streams_leave_nothing_behind(tally, provider):
     from llmtally.integrations import litellm as integration
 
+    read = {}  # call id -> the text of the one chunk read
     for _ in range(20):
         stream = litellm.completion(**_openai(provider, stream=True))
-        next(stream)
+        read[stream.logging_obj.litellm_call_id] = _consumed_text([next(stream)])
         del stream
         # Collect here: left to a collection that happens to run inside the next request,
         # openai's stream generator closes its response under httpcore's pool lock, which
         # that request holds (a deadlock of openai/httpcore, not of the code under test).
         gc.collect()
-    litellm.completion(**_openai(provider, stream=True))  # never read at all: the prompt was paid
+    unread = litellm.completion(**_openai(provider, stream=True))  # never read: the prompt was paid
+    read[unread.logging_obj.litellm_call_id] = ""
+    del unread
     gc.collect()
     rows = _rows(tally)
-    assert len(rows) == 21 and all(_abandoned(row) for row in rows)
-    assert rows[-1]["output_tokens"] == 0 or len({row["id"] for row in rows}) == 21
+    assert len(rows) == 21 and len({row["id"] for row in rows}) == 21
+    by_call = {json.loads(row["metadata"])["litellm_call_id"]: row for row in rows}
+    assert set(by_call) == set(read)
+    prompt = count_messages(MSGS, "gpt-4o-mini")
+    for call_id, text in read.items():
+        row = by_call[call_id]
+        assert _abandoned(row) and (row["streamed"], row["status"]) == (True, "ok")
+        assert (row["input_tokens"], row["output_tokens"]) == (prompt, count_text(text, "gpt-4o-mini"))
+    assert sum(row["output_tokens"] == 0 for row in rows) == sum(text == "" for text in read.values())
     assert tally.litellm()._starts == {}
     assert not [obj for obj in gc.get_objects() if isinstance(obj, integration._StreamState)]
+
+
+FLUSH_HOLDING_THE_POOL_LOCK = """
+import gc, json, sys, time
+import litellm
+from llmtally import Tally
+from llmtally.testing import FakeProvider
+
+with FakeProvider() as fp, Tally(sys.argv[1], price_map="bundled", spill_path=sys.argv[2]) as tally:
+    litellm.callbacks = [tally.litellm()]
+    stream = litellm.completion(model="openai/gpt-4o-mini", api_base=fp.openai_base,
+                                api_key="sk-test", messages=[{"role": "user", "content": "hi"}],
+                                stream=True)
+    next(stream)
+    [pool] = {s._pool for s in gc.get_objects() if type(s).__name__ == "PoolByteStream"}
+    gc.disable()  # only flush()'s own collection may free the stream
+    del stream  # abandoned, half read: its generator closes its response when it is collected
+    with pool._optional_thread_lock:  # held as httpcore holds it while handing out a connection
+        started = time.monotonic()
+        tally.flush(1)  # a SIGTERM landing in a request runs llmtally's flush right here
+        under_lock = time.monotonic() - started
+    assert tally.flush(10)
+    print(json.dumps({"under_lock_s": under_lock}))
+"""
+
+
+def test_flush_on_a_thread_holding_httpcore_s_pool_lock_returns(tmp_path):
+    """flush() collects abandoned streams; the collector runs every finaliser it frees, and an
+    abandoned OpenAI stream's takes httpcore's pool lock (not re-entrant). On the flushing
+    thread itself (as from the SIGTERM handler inside a request) that waited forever; the
+    collection runs on a thread of llmtally's, so flush() keeps its timeout."""
+    db = tmp_path / "ledger.db"
+    script = tmp_path / "flush_under_lock.py"
+    script.write_text(FLUSH_HOLDING_THE_POOL_LOCK)
+    done = subprocess.run([sys.executable, str(script), f"sqlite:///{db}", str(tmp_path / "spill")],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert json.loads(done.stdout.splitlines()[-1])["under_lock_s"] < 1.5 + 3  # timeout 1 s
+    [row] = fetch_events(f"sqlite:///{db}")  # collected once the lock was free, recorded once
+    assert _abandoned(row) and (row["input_tokens"], row["streamed"]) == (count_messages(
+        [{"role": "user", "content": "hi"}], "gpt-4o-mini"), True)
 
 
 def test_a_stream_the_provider_cuts_is_a_failure_not_an_abandoned_stream(tally, provider):
@@ -514,16 +567,39 @@ def test_scope_at_call_time_attributes_every_kind_of_call(tally, provider, mode)
 # -- exactly once ---------------------------------------------------------------------------
 
 
-def test_registering_twice_never_records_a_call_twice(tally, provider):
+class _CountingLogger(LiteLLMLogger):
+    """A second logger of the same Tally that counts the success hooks LiteLLM ran on it. Its
+    class name differs, so LiteLLM keeps it beside ``tally.litellm()`` (LiteLLM drops a logger
+    whose class and scalar attributes match one it has): both record every call."""
+
+    def __init__(self, tally) -> None:
+        super().__init__(tally)
+        self.successes = 0
+
+    def log_success_event(self, kwargs, response_obj, start_time, end_time):  # type: ignore[no-untyped-def]
+        self.successes += 1
+        super().log_success_event(kwargs, response_obj, start_time, end_time)
+
+    async def async_log_success_event(self, kwargs, response_obj, start_time, end_time):  # type: ignore[no-untyped-def]
+        self.successes += 1
+        await super().async_log_success_event(kwargs, response_obj, start_time, end_time)
+
+
+def test_registering_twice_never_records_a_call_twice(tally, provider, tmp_path, caplog):
     assert tally.litellm() is tally.litellm()
-    litellm.callbacks = [tally.litellm(), LiteLLMLogger(tally)]
+    second = _CountingLogger(tally)
+    litellm.callbacks = [tally.litellm(), LiteLLMLogger(tally), second]
     litellm.success_callback = [tally.litellm()]
     litellm.completion(**_openai(provider))
     litellm.callbacks = [tally.litellm()]  # re-assigned: the old loggers stay registered
     litellm.completion(**_openai(provider))
     asyncio.run(litellm.acompletion(**_openai(provider)))
     rows = _rows(tally)
-    assert len(rows) == 3 and len({row["id"] for row in rows}) == 3
+    assert second.successes == 3  # each call was handed to two of our loggers: recorded twice
+    assert len(rows) == 3 and len({json.loads(row["metadata"])["litellm_call_id"] for row in rows}) == 3
+    # stored once by the ledger itself (the event id), not set aside as refused rows
+    assert sorted(path.name for path in tmp_path.iterdir() if "spill" in path.name) == []
+    assert not [r for r in caplog.records if r.name.startswith("llmtally") and r.levelno >= 30]
 
 
 def test_a_cache_hit_is_recorded_at_zero_cost(tally, provider):
@@ -649,7 +725,9 @@ def test_odd_responses_from_the_provider_still_record(tally, provider):
     provider.usage = FakeUsage(prompt_tokens=-3, completion_tokens=0)
     litellm.completion(**_openai(provider))
     [row] = _rows(tally)
-    assert row["status"] == "ok" and row["input_tokens"] >= 0
+    # a negative count is no count: 0, priced at 0
+    assert (row["status"], row["input_tokens"], row["output_tokens"], row["cost"], row["cost_status"]) == \
+        ("ok", 0, 0, 0, "priced")
 
 
 def test_litellm_missing_is_a_clear_error(make_tally, monkeypatch):

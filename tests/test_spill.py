@@ -45,15 +45,21 @@ def test_events_spill_while_postgres_is_down_and_replay_when_it_returns(pg_url, 
     assert not list(tmp_path.glob("spill.jsonl*"))
 
 
-def test_replaying_twice_adds_nothing(sqlite_url, tmp_path):
+def test_replaying_twice_adds_nothing(sqlite_url, tmp_path, caplog):
     ids = _record_while_down(tmp_path, 50)
     backup = (tmp_path / "spill.jsonl").read_bytes()
-    for _ in range(2):
+    caplog.set_level(logging.WARNING, logger="llmtally")
+    caplog.clear()  # what the outage logged
+    for replay in range(2):
         (tmp_path / "spill.jsonl").write_bytes(backup)
         with Tally(sqlite_url, price_map="bundled", spill_path=tmp_path / "spill.jsonl") as tally:
-            tally.flush(20)
-    rows = fetch_events(sqlite_url)
-    assert sorted(r["id"] for r in rows) == sorted(ids)
+            assert tally.flush(20), f"replay {replay} did not finish"
+        # the whole file went in: no spill file, no claimed (*.replaying.<pid>) copy, no rejects
+        assert sorted(path.name for path in tmp_path.iterdir() if "spill" in path.name) == []
+        rows = fetch_events(sqlite_url)
+        assert sorted(r["id"] for r in rows) == sorted(ids)
+        assert sum(r["input_tokens"] for r in rows) == sum(range(50))
+    assert [r.getMessage() for r in caplog.records if r.name.startswith("llmtally")] == []
 
 
 def test_a_line_cut_by_a_power_failure_is_skipped_and_not_glued_to_the_next(sqlite_url, tmp_path, caplog):

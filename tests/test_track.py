@@ -9,6 +9,7 @@ import time
 import pytest
 from conftest import fetch_events
 
+from llmtally._tokens import count_text
 from llmtally.testing import FakeProvider, FakeUsage
 
 openai = pytest.importorskip("openai")
@@ -174,20 +175,24 @@ def test_a_response_without_usage_is_counted_offline_and_marked_estimated(make_t
     ask()
     [row] = _rows(tally)
     assert row["cost_status"] == "estimated"
-    assert row["output_tokens"] > 0 and row["input_tokens"] == 0
+    assert (row["input_tokens"], row["output_tokens"]) == (0, 7)  # the reply, counted offline
+    assert count_text("Hello there, general Kenobi.", "gpt-4o-mini") == 7
     assert row["cost"] == pytest.approx(row["output_tokens"] * 0.6e-6, abs=1e-15)
     assert "counted offline" in json.loads(row["metadata"])["llmtally_estimated"]
 
 
-@pytest.mark.parametrize("response", [
-    None, 42, "text", {"usage": None}, {"usage": "junk"}, {"usage": {"prompt_tokens": "x"}},
-    {"usage": {"prompt_tokens": -3, "completion_tokens": None}}, object(),
+@pytest.mark.parametrize(("response", "cost_status"), [
+    (None, "estimated"), (42, "estimated"), ("text", "estimated"), ({"usage": None}, "estimated"),
+    ({"usage": "junk"}, "estimated"), ({"usage": {"prompt_tokens": "x"}}, "priced"),
+    ({"usage": {"prompt_tokens": -3, "completion_tokens": None}}, "priced"), (object(), "estimated"),
 ])
-def test_odd_responses_never_break_the_call(make_tally, response):
+def test_odd_responses_never_break_the_call(make_tally, response, cost_status):
     tally = make_tally()
     assert tally.track(model="gpt-4o-mini")(lambda: response)() is response
     [row] = _rows(tally)
-    assert row["status"] == "ok" and row["input_tokens"] >= 0
+    # no count that can be read is no count (0); usage that is not there at all is "estimated"
+    assert (row["status"], row["input_tokens"], row["output_tokens"], row["cost"], row["cost_status"]) == \
+        ("ok", 0, 0, 0, cost_status)
 
 
 def test_track_refuses_unknown_options_at_decoration_time(make_tally):

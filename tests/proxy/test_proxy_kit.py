@@ -37,6 +37,7 @@ REPO = Path(__file__).resolve().parents[2]
 KIT = REPO / "integrations" / "litellm-proxy"
 HERE = Path(__file__).resolve().parent
 MASTER_KEY = "sk-master-test"
+FLUSH_KEY = "sk-test-flush-the-ledger"  # static_keys.py: answered once the proxy's Tally flushed
 MSGS = [{"role": "user", "content": "Say hello to the ledger, please."}]
 BUDGET_TOML = """
 [[budgets]]
@@ -118,6 +119,13 @@ class Proxy:
 
         return openai.OpenAI(base_url=f"{self.base}/v1", api_key=key, max_retries=0)
 
+    def flush(self) -> None:
+        """Return once every call the proxy finished is in the ledger (its Tally flushed)."""
+        request = urllib.request.Request(f"{self.base}/v1/models",
+                                         headers={"Authorization": f"Bearer {FLUSH_KEY}"})
+        with urllib.request.urlopen(request, timeout=60) as response:
+            assert response.status == 200
+
     def rows(self, ids: set[str], seconds: float = 20.0) -> list[dict]:
         """The ledger rows of these LiteLLM call ids, once all are there."""
         deadline = time.monotonic() + seconds
@@ -166,6 +174,7 @@ def _proxy(proxy_python: Path, tmp: Path, llmtally_toml: str | None = None):
                if not name.startswith(("LLMTALLY_", "LITELLM_", "DATABASE_URL", "PYTHON"))}
         env.update({
             "LITELLM_LOCAL_MODEL_COST_MAP": "True", "LITELLM_MASTER_KEY": MASTER_KEY,
+            "PROXY_TEST_FLUSH_KEY": FLUSH_KEY,
             "LLMTALLY_DATABASE_URL": ledger, "LLMTALLY_PRICE_MAP": "bundled",
             # the current checkout's code, the kit's callbacks module, the test's custom_auth
             "PYTHONPATH": os.pathsep.join([str(REPO / "src"), str(KIT), str(HERE)]),
@@ -233,21 +242,19 @@ def test_two_keys_are_attributed_to_their_users_and_teams(proxy, make_tally):
 
 
 def test_each_request_is_recorded_once(proxy):
-    ids = {_chat(proxy, "sk-alice")[0] for _ in range(3)}
-    stream = proxy.client("sk-bob").chat.completions.create(
+    ids = [_chat(proxy, "sk-alice")[0] for _ in range(3)]
+    raw = proxy.client("sk-bob").chat.completions.with_raw_response.create(
         model="gpt-4o-mini", messages=MSGS, stream=True, stream_options={"include_usage": True})
-    assert "".join(c.choices[0].delta.content or "" for c in stream if c.choices) == REPLY
-    rows = proxy.rows(ids)
-    assert len(rows) == 3
-    time.sleep(1.0)  # anything recorded twice would be there by now
-    counts: dict[str, int] = {}
-    for row in fetch_events(proxy.ledger):
-        counts[_call_id(row)] = counts.get(_call_id(row), 0) + 1
-    assert all(count == 1 for count in counts.values())
-    streamed = [row for row in fetch_events(proxy.ledger) if row["streamed"]]
-    assert len(streamed) == 1
-    assert (streamed[0]["user"], streamed[0]["input_tokens"], streamed[0]["output_tokens"],
-            streamed[0]["cost_status"]) == ("bob", 120, 30, "priced")
+    stream_id = raw.headers["x-litellm-call-id"]
+    assert "".join(c.choices[0].delta.content or "" for c in raw.parse() if c.choices) == REPLY
+    assert len(set(ids + [stream_id])) == 4
+    proxy.flush()  # every call the proxy finished is in the ledger: anything twice is there too
+    rows = [row for row in fetch_events(proxy.ledger) if _call_id(row) in {*ids, stream_id}]
+    assert sorted(_call_id(row) for row in rows) == sorted([*ids, stream_id])
+    [streamed] = [row for row in rows if _call_id(row) == stream_id]
+    assert (streamed["streamed"], streamed["user"], streamed["input_tokens"],
+            streamed["output_tokens"], streamed["cost_status"]) == (True, "bob", 120, 30, "priced")
+    assert not any(row["streamed"] for row in rows if row is not streamed)
 
 
 @pytest.mark.filterwarnings("ignore:The model 'claude-sonnet-4-5' is deprecated")
@@ -279,7 +286,7 @@ def test_an_unknown_key_is_refused_before_the_provider_and_not_recorded(proxy):
     before, rows_before = proxy.provider.requests, len(fetch_events(proxy.ledger))
     with pytest.raises(openai.AuthenticationError):
         _chat(proxy, "sk-nobody")
-    time.sleep(0.5)
+    proxy.flush()
     assert proxy.provider.requests == before
     assert len(fetch_events(proxy.ledger)) == rows_before
 

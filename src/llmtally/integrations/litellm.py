@@ -904,9 +904,13 @@ def drain_logging_worker(timeout: float | None = None) -> None:
     """
     deadline = time.monotonic() + (_IDLE_WAIT_S if timeout is None else timeout)
     _wait_for_logging_threads(deadline)
+    running = _collection
+    if running is not None:  # an earlier flush's collection, held up in a finaliser: let it end
+        running.wait(max(0.0, deadline - time.monotonic()))
     if any(not _state_of(stream).finished for stream in list(_watched)):
-        gc.collect()  # a stream left unread is freed by the cycle collector only (LiteLLM's
-        # logging object and the stream refer to each other): find such streams now
+        # a stream left unread is freed by the cycle collector only (LiteLLM's logging object
+        # and the stream refer to each other): find such streams now, off the caller's thread
+        _collect_garbage(deadline)
     _wait_for_abandoned_streams(deadline)
     module = sys.modules.get("litellm.litellm_core_utils.logging_worker")
     worker = getattr(module, "GLOBAL_LOGGING_WORKER", None)
@@ -1009,7 +1013,7 @@ def _flush_on_new_loop(worker: Any, timeout: float | None) -> None:
 #
 # A stream is released by Python's cycle collector, not at once (LiteLLM's logging object and
 # the stream refer to each other), so ``tally.flush()`` runs ``gc.collect()`` while watched
-# streams are alive.
+# streams are alive — on a thread of its own, never the caller's (see ``_collect_garbage``).
 #
 # The finalizer only puts the stream on a ``queue.SimpleQueue`` (safe from finalizers and GC);
 # nothing is kept per stream once it is released; every wrapped method passes through what
@@ -1215,6 +1219,36 @@ def _wait_for_abandoned_streams(deadline: float) -> None:
     done = threading.Event()
     _ABANDONED.put(done)
     done.wait(max(0.0, deadline - time.monotonic()))
+
+
+def _collect_garbage(deadline: float) -> None:
+    """``gc.collect()`` on a thread of our own; wait for it until ``deadline``.
+
+    A collection runs the finalisers of every object it frees, not only ours: an abandoned
+    OpenAI SDK stream closes its HTTP response there, which takes httpcore's connection-pool
+    lock (a ``threading.Lock``, not re-entrant). Run on the caller's thread while that thread
+    holds the lock (``flush()`` from a SIGTERM handler that interrupted a request does), it
+    would wait for itself forever. On a thread of ours, the finaliser waits only until the
+    caller releases the lock, and the caller waits at most until ``deadline``."""
+    global _collection
+    done = _collection = threading.Event()
+
+    def collect() -> None:
+        global _collection
+        try:
+            with _collect_lock:  # one collection at a time: a second gc.collect() returns at once
+                gc.collect()
+        finally:
+            done.set()
+            if _collection is done:
+                _collection = None
+
+    threading.Thread(target=collect, name="llmtally-collect", daemon=True).start()
+    done.wait(max(0.0, deadline - time.monotonic()))
+
+
+_collect_lock = threading.Lock()
+_collection: threading.Event | None = None  # set when the latest collection started has ended
 
 
 def _drain_at_exit() -> None:
