@@ -361,8 +361,6 @@ def test_a_total_budget_warns_once_across_processes(ledger_url, make_tally):
 
 
 def test_an_event_charged_at_the_instant_its_window_ends_warns_no_one(ledger_url, make_tally):
-    from datetime import timedelta
-
     seen = []
     clock = {"now": NOW}
     tally = make_tally(ledger_url, prices=PENNY, clock=lambda: clock["now"], alerts=[seen.append],
