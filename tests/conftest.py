@@ -8,8 +8,10 @@ unreachable PostgreSQL fails the tests instead of skipping them.
 
 from __future__ import annotations
 
+import copy
 import json
 import os
+import sys
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -28,6 +30,8 @@ for _name in list(os.environ):
 PG_URL = os.environ.get(
     "LLMTALLY_TEST_POSTGRES_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test")
 IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
+CLOSED_PORT_URL = "postgresql+psycopg://postgres@127.0.0.1:1/test"  # nothing listens on port 1
+MSGS = [{"role": "user", "content": "Say hello to the ledger, please."}]
 
 # Under CI=true every skip fails the run except these (tests/_ci_guard.py): each entry names the
 # tests (fnmatch on the node id), the skip message (regex) and why CI may skip them. A CI=true
@@ -148,6 +152,69 @@ def _collect_litellm_leftovers():
     import gc
 
     gc.collect()
+
+
+# -- the loopback fake provider and a Tally, as each test module configures them ---------------
+#
+# A module sets, when it needs them: ``FAKE_PROVIDER`` / ``FAKE_ANTHROPIC`` (FakeProvider keyword
+# arguments: usage, reply, resolved_model), ``TALLY`` (make_tally keyword arguments),
+# ``REGISTER_LITELLM = True`` (the ``tally`` fixture registers its LiteLLM logger) and, to put
+# ``tally`` on another ledger, a ``tally_url`` fixture (e.g. returning ``ledger_url``).
+
+
+def _module_settings(request: pytest.FixtureRequest, name: str) -> dict:
+    """The test module's keyword arguments ``name``, each value a shallow copy of its own (a
+    FakeUsage or list a test changes stays that test's)."""
+    return {key: copy.copy(value) for key, value in getattr(request.module, name, {}).items()}
+
+
+@pytest.fixture
+def provider(request: pytest.FixtureRequest) -> Iterator:
+    """The loopback fake provider (:class:`llmtally.testing.FakeProvider`) for one test."""
+    from llmtally.testing import FakeProvider
+
+    with FakeProvider(**_module_settings(request, "FAKE_PROVIDER")) as fp:
+        yield fp
+
+
+@pytest.fixture
+def anthropic_provider(request: pytest.FixtureRequest) -> Iterator:
+    """A second fake provider for Anthropic-route calls (``FAKE_ANTHROPIC``)."""
+    from llmtally.testing import FakeProvider
+
+    with FakeProvider(**_module_settings(request, "FAKE_ANTHROPIC")) as fp:
+        yield fp
+
+
+@pytest.fixture
+def tally_url() -> str | None:
+    """The ledger of the ``tally`` fixture: None is make_tally's SQLite file."""
+    return None
+
+
+@pytest.fixture
+def tally(request: pytest.FixtureRequest, make_tally, tally_url: str | None):
+    """A Tally for one test, closed afterwards (see the notes above)."""
+    tally = make_tally(tally_url, **_module_settings(request, "TALLY"))
+    if getattr(request.module, "REGISTER_LITELLM", False):
+        import litellm
+
+        litellm.callbacks = [tally.litellm()]
+    return tally
+
+
+def ledger_rows(tally) -> list[dict]:
+    """Flush ``tally`` (which must succeed) and return every event of its ledger."""
+    assert tally.flush(10)
+    return fetch_events(tally.store.url)
+
+
+@pytest.fixture(autouse=True)
+def _reset_litellm():
+    """Unregister every LiteLLM logger after each test (when a test imported LiteLLM)."""
+    yield
+    if "litellm" in sys.modules:
+        reset_litellm_callbacks()
 
 
 def reset_litellm_callbacks() -> None:

@@ -15,33 +15,23 @@ import logging
 import threading
 
 import pytest
-from conftest import fetch_events, reset_litellm_callbacks
+from conftest import MSGS, fetch_events
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from llmtally import Budget, BudgetExceeded, Price, Tally
 from llmtally._reservations import check_counters
-from llmtally.testing import FakeProvider, FakeUsage
+from llmtally.testing import FakeUsage
 
 litellm = pytest.importorskip("litellm")
 
-MSGS = [{"role": "user", "content": "hi"}]
 PRICES = {"gpt-4o-mini": Price(input=0, output=0.01, per="token"),
           "gpt-3.5-turbo-instruct": Price(input=0, output=0.01, per="token"),
           "text-embedding-3-small": Price(input=0.01, output=0, per="token"),
           "penny": Price(input=0, output=0.01, per="token")}
 
 
-@pytest.fixture(autouse=True)
-def _reset_litellm_callbacks():
-    yield
-    reset_litellm_callbacks()
-
-
-@pytest.fixture
-def provider():
-    with FakeProvider(usage=FakeUsage(prompt_tokens=1, completion_tokens=1)) as fp:
-        yield fp
+FAKE_PROVIDER = {"usage": FakeUsage(prompt_tokens=1, completion_tokens=1)}
 
 
 def _chat(fp, **kw):

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
-from conftest import fetch_events
+from conftest import CLOSED_PORT_URL, fetch_events
 
 from llmtally import Tally
 from llmtally.cli import main, printable
@@ -27,7 +27,6 @@ from llmtally.cli import main, printable
 HOSTILE = "\x1b]0;PWNED\x07\x1b[2J\x9b31m\x7f\u202e"
 HOSTILE_SHOWN = "\\x1b]0;PWNED\\x07\\x1b[2J\\x9b31m\\x7f\\u202e"
 NOW = datetime.now(timezone.utc)
-CLOSED_PORT = "postgresql+psycopg://postgres@127.0.0.1:1/test"
 
 
 def run(*args: str, env: dict[str, str] | None = None):
@@ -243,7 +242,7 @@ def _assert_one_line_error(result, *phrases: str) -> None:
 
 @pytest.mark.parametrize("args", LEDGER_COMMANDS, ids=" ".join)
 def test_closed_port(args):
-    result = run(*args, "--db", CLOSED_PORT)
+    result = run(*args, "--db", CLOSED_PORT_URL)
     _assert_one_line_error(result, "the ledger postgresql+psycopg://postgres@127.0.0.1:1/test "
                            "cannot be reached", "Connection refused", "Check --db")
 
@@ -291,7 +290,7 @@ def test_newer_schema(args, ledger_url, tmp_path):
 @pytest.mark.parametrize("case", ["closed port", "missing", "corrupted", "newer"])
 def test_the_installed_command_prints_one_line_and_no_traceback(case, tmp_path):
     """As users run it: a real process, its real stderr (nothing else printed at exit)."""
-    db = {"closed port": lambda: CLOSED_PORT, "missing": lambda: str(tmp_path / "missing.db"),
+    db = {"closed port": lambda: CLOSED_PORT_URL, "missing": lambda: str(tmp_path / "missing.db"),
           "corrupted": lambda: str(_corrupted(tmp_path)),
           "newer": lambda: _newer(f"sqlite:///{tmp_path / 'newer.db'}", tmp_path)}[case]()
     for command in (["summary"], ["report"], ["unpriced"]):

@@ -15,6 +15,7 @@ from concurrent.futures import ThreadPoolExecutor
 import httpx
 import openai
 import pytest
+from conftest import MSGS
 
 from llmtally.testing import FakeProvider, FakeUsage
 
@@ -23,7 +24,6 @@ os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")  # also set by con
 USAGE = FakeUsage(prompt_tokens=120, completion_tokens=30, cached_tokens=100, reasoning_tokens=7,
                   cache_creation_tokens=11, cache_read_tokens=22)
 REPLY = "Hello from the fake provider."
-MSGS = [{"role": "user", "content": "hi"}]
 
 
 @pytest.fixture(scope="module")

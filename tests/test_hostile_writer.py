@@ -15,14 +15,13 @@ from datetime import datetime
 from pathlib import Path
 
 import pytest
-from conftest import fetch_events
+from conftest import CLOSED_PORT_URL, fetch_events
 
 from llmtally import Tally
 from llmtally._metadata import MAX_DEPTH, MAX_NODES
 from llmtally._model import EVENT_COLUMNS
 from llmtally._spill import SpillFile, encode_event
 
-CLOSED_PORT_URL = "postgresql+psycopg://postgres@127.0.0.1:1/test"  # nothing listens on port 1
 MAX_LOG_RECORDS = 20
 
 

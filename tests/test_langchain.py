@@ -24,7 +24,7 @@ from types import SimpleNamespace
 from typing import Any
 
 import pytest
-from conftest import fetch_events, reset_litellm_callbacks
+from conftest import fetch_events, ledger_rows, reset_litellm_callbacks
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -58,24 +58,12 @@ S_IN, S_WRITE, S_READ, S_OUT = 3e-6, 3.75e-6, 0.3e-6, 15e-6
 INSTRUCT_IN, INSTRUCT_OUT, EMBED_IN = 1.5e-6, 2e-6, 0.02e-6
 
 
-@pytest.fixture
-def provider():
-    usage = FakeUsage(prompt_tokens=120, completion_tokens=30, cached_tokens=100, reasoning_tokens=10)
-    with FakeProvider(usage=usage, resolved_model="gpt-4o-mini-2024-07-18", reply=REPLY) as fp:
-        yield fp
-
-
-@pytest.fixture
-def anthropic_provider():
-    usage = FakeUsage(prompt_tokens=100, completion_tokens=50, cache_creation_tokens=2000,
-                      cache_read_tokens=3000)
-    with FakeProvider(usage=usage, reply=REPLY) as fp:
-        yield fp
-
-
-@pytest.fixture
-def tally(make_tally):
-    return make_tally()
+FAKE_PROVIDER = {"usage": FakeUsage(prompt_tokens=120, completion_tokens=30, cached_tokens=100,
+                                     reasoning_tokens=10),
+                 "resolved_model": "gpt-4o-mini-2024-07-18", "reply": REPLY}
+FAKE_ANTHROPIC = {"usage": FakeUsage(prompt_tokens=100, completion_tokens=50,
+                                     cache_creation_tokens=2000, cache_read_tokens=3000),
+                  "reply": REPLY}
 
 
 @pytest.fixture
@@ -93,11 +81,6 @@ def _claude(fp: FakeProvider, **kw: Any):
 
     return ChatAnthropic(model="claude-sonnet-4-5", base_url=fp.anthropic_base, api_key="sk-test",
                          max_retries=0, **kw)
-
-
-def _rows(tally) -> list[dict]:
-    assert tally.flush(10)
-    return fetch_events(tally.store.url)
 
 
 def _json(value: Any) -> Any:
@@ -132,7 +115,7 @@ def test_invoke_is_one_exact_event(make_tally, ledger_url, provider):
     run_id = uuid.uuid4()
     answer = _chat(provider).invoke(PROMPT, config={"callbacks": [tally.langchain()], "run_id": run_id})
     assert answer.content == REPLY
-    [row] = _rows(tally)
+    [row] = ledger_rows(tally)
     _assert_mini(row)
     assert row["id"] == str(run_id) and row["request_id"] == str(run_id)
     assert row["cost"] == pytest.approx(tally.prices.cost(
@@ -153,7 +136,7 @@ def test_the_event_is_built_later_but_timed_when_the_call_ended(make_tally, prov
     wall_ms = (time.perf_counter() - started) * 1000
     ended = datetime.now(timezone.utc)
     time.sleep(0.3)
-    [row] = _rows(tally)
+    [row] = ledger_rows(tally)
     _assert_mini(row)
     assert 0 < row["latency_ms"] <= wall_ms
     ts = datetime.fromisoformat(str(row["ts"]))  # SQLite hands back text
@@ -199,7 +182,7 @@ def test_ainvoke_runs_the_handler_inline_on_the_event_loop_thread(tally, provide
 
     loop_thread = asyncio.run(main())
     assert threads == [loop_thread]
-    [row] = _rows(tally)
+    [row] = ledger_rows(tally)
     _assert_mini(row)
 
 
@@ -207,7 +190,7 @@ def test_batch_and_abatch_are_one_event_per_input(tally, handler, provider):
     model = _chat(provider)
     model.batch(["a", "b", "c"], config={"callbacks": [handler]})
     asyncio.run(model.abatch(["d", "e"], config={"callbacks": [handler]}))
-    rows = _rows(tally)
+    rows = ledger_rows(tally)
     assert provider.requests == 5 and len(rows) == 5 and len({row["id"] for row in rows}) == 5
     for row in rows:
         _assert_mini(row)
@@ -217,7 +200,7 @@ def test_batch_and_abatch_are_one_event_per_input(tally, handler, provider):
 def test_stream_with_usage_is_exact_and_timed(tally, handler, provider):
     chunks = list(_chat(provider, stream_usage=True).stream(PROMPT, config={"callbacks": [handler]}))
     assert "".join(chunk.content for chunk in chunks) == REPLY
-    [row] = _rows(tally)
+    [row] = ledger_rows(tally)
     _assert_mini(row, streamed=True)
     assert 0 < row["ttft_ms"] <= row["latency_ms"]
 
@@ -225,7 +208,7 @@ def test_stream_with_usage_is_exact_and_timed(tally, handler, provider):
 def test_stream_without_usage_is_counted_offline_and_estimated(tally, handler, provider):
     for _ in _chat(provider).stream(PROMPT, config={"callbacks": [handler]}):
         pass
-    [row] = _rows(tally)
+    [row] = ledger_rows(tally)
     prompt = count_messages([HumanMessage(PROMPT)], "gpt-4o-mini")
     answer = count_text(REPLY, "gpt-4o-mini")
     assert prompt > 5 and answer > 3
@@ -246,7 +229,7 @@ def test_astream_and_astream_events(tally, handler, provider):
 
     kinds = asyncio.run(main())
     assert kinds[0] == "on_chat_model_start" and kinds[-1] == "on_chat_model_end"
-    rows = _rows(tally)
+    rows = ledger_rows(tally)
     assert len(rows) == 2 and provider.requests == 2
     for row in rows:
         _assert_mini(row, streamed=True)
@@ -258,7 +241,7 @@ def test_anthropic_cache_tokens_are_priced_once_each(tally, handler, anthropic_p
     claude.invoke(PROMPT, config={"callbacks": [handler]})
     for _ in claude.stream(PROMPT, config={"callbacks": [handler]}):
         pass
-    rows = _rows(tally)
+    rows = ledger_rows(tally)
     assert [bool(row["streamed"]) for row in rows] == [False, True]
     by_hand = 100 * S_IN + 2000 * S_WRITE + 3000 * S_READ + 50 * S_OUT
     for row in rows:
@@ -281,7 +264,7 @@ def test_a_chain_with_two_model_calls_counts_each_once_under_its_root(tally, han
     root = uuid.uuid4()
     assert pipeline.invoke({"question": PROMPT}, config={"callbacks": [handler], "run_id": root,
                                                          "tags": ["pipeline"]}) == REPLY
-    rows = _rows(tally)
+    rows = ledger_rows(tally)
     assert provider.requests == 2 and len(rows) == 2
     for row in rows:
         _assert_mini(row)
@@ -316,7 +299,7 @@ def test_a_tool_calling_agent_loop_counts_model_calls_not_tools(tally, handler, 
     root = uuid.uuid4()
     assert agent.invoke("Weather in Paris and Rome?",
                         config={"callbacks": [handler], "run_id": root}) == "Sunny in both."
-    rows = _rows(tally)
+    rows = ledger_rows(tally)
     assert provider.requests == 3 and len(rows) == 3  # three model calls; the two tool runs are not events
     assert all(row["model"] == "gpt-4o-mini" and row["cost"] == pytest.approx(MINI_COST, abs=1e-9)
                for row in rows)
@@ -335,7 +318,7 @@ def test_nested_runnables_keep_the_outermost_root(tally, handler, provider):
     root = uuid.uuid4()
     result = outer.invoke(PROMPT, config={"callbacks": [handler], "run_id": root})
     assert set(result) == {"first", "second"}
-    rows = _rows(tally)
+    rows = ledger_rows(tally)
     assert len(rows) == 2 and provider.requests == 2
     assert {_meta(row)["langchain_root_run_id"] for row in rows} == {str(root)}
     assert all(_meta(row)["langchain_parent_run_id"] != str(root) for row in rows)  # inner runs
@@ -348,7 +331,7 @@ def test_a_handler_bound_to_the_model_only(tally, handler, provider):
     RunnableLambda(lambda q, config: model.invoke(q, config)).invoke(PROMPT, config={"run_id": parent})
     # LangChain fact: without the config passed on, the bound callbacks replace the parent's
     RunnableLambda(lambda q: model.invoke(q)).invoke(PROMPT, config={"run_id": uuid.uuid4()})
-    first, second = _rows(tally)
+    first, second = ledger_rows(tally)
     assert _meta(first)["langchain_parent_run_id"] == str(parent) == _meta(first)["langchain_root_run_id"]
     assert "langchain_parent_run_id" not in _meta(second)
     assert _meta(second)["langchain_root_run_id"] == second["id"]
@@ -368,7 +351,7 @@ def test_a_failed_call_is_an_error_event_and_the_exception_is_unchanged(tally, h
     # langchain-openai raises its own subclass; the handler changes nothing about it
     assert type(caught.value) is type(bare.value) and str(caught.value) == str(bare.value)
     assert "Injected failure 429" in str(caught.value)
-    [row] = _rows(tally)
+    [row] = ledger_rows(tally)
     assert (row["status"], row["error_type"], row["input_tokens"], row["output_tokens"],
             row["cost"], row["model"]) == \
         ("error", "openai.RateLimitError", 0, 0, 0.0, "gpt-4o-mini")
@@ -380,14 +363,14 @@ def test_a_stream_cut_by_the_provider_is_an_error_event(tally, handler, provider
     with pytest.raises(openai.APIConnectionError):
         for _ in _chat(provider).stream(PROMPT, config={"callbacks": [handler]}):
             pass
-    [row] = _rows(tally)
+    [row] = ledger_rows(tally)
     assert (row["status"], row["error_type"], row["streamed"]) == ("error", "openai.APIConnectionError", True)
 
 
 def test_a_stream_left_early_is_recorded_with_what_was_received(tally, handler, provider):
     for chunk in _chat(provider).stream(PROMPT, config={"callbacks": [handler]}):
         break
-    [row] = _rows(tally)
+    [row] = ledger_rows(tally)
     received = count_text(chunk.content, "gpt-4o-mini")
     assert (row["status"], row["streamed"], row["cost_status"]) == ("ok", True, "estimated")
     assert (row["input_tokens"], row["output_tokens"]) == \
@@ -402,14 +385,14 @@ def test_legacy_llm_invoke_and_batch(tally, handler, provider):
     llm = OpenAI(model="gpt-3.5-turbo-instruct", base_url=provider.openai_base, api_key="sk-test",
                  max_retries=0)
     assert llm.invoke(PROMPT, config={"callbacks": [handler]}) == REPLY
-    [row] = _rows(tally)
+    [row] = ledger_rows(tally)
     assert (row["source"], row["provider"], row["model"], row["resolved_model"], row["call_type"],
             row["input_tokens"], row["output_tokens"]) == \
         ("langchain", "openai", "gpt-3.5-turbo-instruct", "gpt-3.5-turbo-instruct", "completion", 120, 30)
     assert row["cost"] == pytest.approx(120 * INSTRUCT_IN + 30 * INSTRUCT_OUT, abs=1e-9)
     # A batch is one request for three prompts: three runs, the usage on the first one only.
     llm.batch(["a", "b", "c"], config={"callbacks": [handler]})
-    rows = _rows(tally)[1:]
+    rows = ledger_rows(tally)[1:]
     assert provider.requests == 2 and len(rows) == 3
     assert sorted((row["input_tokens"], row["output_tokens"]) for row in rows) == [(0, 0), (0, 0), (120, 30)]
     assert sum(row["cost"] for row in rows) == pytest.approx(120 * INSTRUCT_IN + 30 * INSTRUCT_OUT, abs=1e-9)
@@ -435,7 +418,7 @@ def test_wrapped_embeddings_record_each_call_with_counted_tokens(tally, provider
 
         async_vectors, async_query = asyncio.run(main())
     assert vectors == plain.embed_documents(docs) == async_vectors and len(query) == len(async_query) == 8
-    rows = _rows(tally)
+    rows = ledger_rows(tally)
     assert provider.requests == 5 and len(rows) == 4  # the unwrapped call above is not recorded
     expected = [sum(count_text(d, "text-embedding-3-small") for d in docs),
                 count_text("What does the ledger count?", "text-embedding-3-small"),
@@ -456,7 +439,7 @@ def test_a_failed_embeddings_call_is_recorded_and_reraised(tally, provider):
     provider.fail_next(status=500)
     with pytest.raises(openai.InternalServerError):
         emb.embed_query("hi")
-    [row] = _rows(tally)
+    [row] = ledger_rows(tally)
     assert (row["status"], row["error_type"], row["call_type"]) == \
         ("error", "openai.InternalServerError", "embedding")
 
@@ -493,7 +476,7 @@ def test_chat_litellm_with_both_handlers_is_one_event_with_both_views(litellm_re
     asyncio.run(model.ainvoke(PROMPT, config={**config, "run_id": run_ids[1]}))
     for _ in model.stream(PROMPT, config={**config, "run_id": run_ids[2]}):
         pass
-    rows = _rows(tally)
+    rows = ledger_rows(tally)
     assert provider.requests == 3 and len(rows) == 3
     for row in sorted(rows, key=lambda r: (r["streamed"], r["ts"])):
         # LiteLLM's view: the real provider, the model without its route, what the provider
@@ -511,7 +494,7 @@ def test_chat_litellm_with_both_handlers_is_one_event_with_both_views(litellm_re
 def test_chat_litellm_with_the_langchain_handler_alone_is_priced_under_its_real_provider(
         tally, handler, provider):
     _chat_litellm(provider).invoke(PROMPT, config={"callbacks": [handler]})
-    [row] = _rows(tally)
+    [row] = ledger_rows(tally)
     assert (row["source"], row["provider"], row["model"], row["input_tokens"], row["cache_read_tokens"],
             row["output_tokens"]) == ("langchain", "openai", "gpt-4o-mini", 120, 100, 30)
     assert row["cost"] == pytest.approx(MINI_COST, abs=1e-9)
@@ -524,7 +507,7 @@ def test_litellm_calls_outside_langchain_runs_are_not_claimed(litellm_registered
     _chat(provider).invoke(PROMPT, config={"callbacks": [handler]})  # offered, then withdrawn
     litellm.completion(model="openai/gpt-4o-mini", api_base=provider.openai_base, api_key="sk-test",
                        messages=[{"role": "user", "content": PROMPT}])
-    rows = _rows(tally)
+    rows = ledger_rows(tally)
     assert sorted(row["source"] for row in rows) == ["langchain", "litellm"]
     assert "langchain_run_id" not in _meta([r for r in rows if r["source"] == "litellm"][0])
 
@@ -538,7 +521,7 @@ def test_litellm_embeddings_with_both_integrations_is_one_exact_event(litellm_re
     with tally.scope(project="search"):
         emb.embed_documents(["one", "two"])
         asyncio.run(emb.aembed_query("three"))
-    rows = _rows(tally)
+    rows = ledger_rows(tally)
     assert provider.requests == 2 and len(rows) == 2
     for row in rows:  # LiteLLM's exact usage (the provider's 120 tokens), not an offline count
         assert (row["source"], row["call_type"], row["provider"], row["model"], row["input_tokens"],
@@ -560,7 +543,7 @@ def test_scope_metadata_and_tags_attribute_the_call(make_tally, provider):
             "llmtally_user": "bob", "llmtally_session": "s-1", "llmtally_project": "research",
             "llmtally_request_id": "req-9", "private": "never stored"}})
     model.invoke(PROMPT, config={"callbacks": [handler]})
-    first, second, third = _rows(tally)
+    first, second, third = ledger_rows(tally)
     assert (first["project"], first["user"], first["session"], _tags(first)) == \
         ("support", "alice", None, ["prod", "beta"])
     assert _meta(first)["ticket"] == 7
@@ -573,7 +556,7 @@ def test_scope_metadata_and_tags_attribute_the_call(make_tally, provider):
 def test_scope_follows_batch_threads(tally, handler, provider):
     with tally.scope(project="batch"):
         _chat(provider).batch(["a", "b"], config={"callbacks": [handler]})
-    assert [row["project"] for row in _rows(tally)] == ["batch", "batch"]
+    assert [row["project"] for row in ledger_rows(tally)] == ["batch", "batch"]
 
 
 # -- bad input (handler methods called directly with what LangChain never sends) --------------
@@ -592,7 +575,7 @@ def test_no_usage_metadata_and_no_llm_output_is_estimated(tally, handler):
     run_id = uuid.uuid4()
     handler.on_chat_model_start(CHAT_MODEL, [[HumanMessage(PROMPT)]], run_id=run_id, metadata=OPENAI_META)
     handler.on_llm_end(_result(llm_output=None), run_id=run_id)
-    [row] = _rows(tally)
+    [row] = ledger_rows(tally)
     assert (row["model"], row["provider"], row["cost_status"]) == ("gpt-4o-mini", "openai", "estimated")
     assert (row["input_tokens"], row["output_tokens"]) == \
         (count_messages([HumanMessage(PROMPT)], "gpt-4o-mini"), count_text(REPLY, "gpt-4o-mini"))
@@ -604,7 +587,7 @@ def test_an_unknown_model_class_without_a_model_name_is_unpriced_under_its_class
                                 run_id=run_id, metadata={}, invocation_params={"temperature": 0})
     usage = {"input_tokens": 10, "output_tokens": 4, "total_tokens": 14}
     handler.on_llm_end(_result(AIMessage("ok", usage_metadata=usage)), run_id=run_id)
-    [row] = _rows(tally)
+    [row] = ledger_rows(tally)
     assert (row["model"], row["provider"], row["cost"], row["cost_status"], row["input_tokens"],
             row["output_tokens"]) == ("HouseChat", None, None, "unpriced", 10, 4)
     assert [u.model for u in tally.unpriced()] == ["HouseChat"]
@@ -617,7 +600,7 @@ def test_a_stream_usage_without_input_tokens_has_its_prompt_counted(tally, handl
     handler.on_chat_model_start(CHAT_MODEL, [[HumanMessage(PROMPT)]], run_id=run_id, metadata=OPENAI_META)
     handler.on_llm_end(_result(AIMessage(REPLY, usage_metadata={
         "input_tokens": 0, "output_tokens": 30, "total_tokens": 30})), run_id=run_id)
-    [row] = _rows(tally)
+    [row] = ledger_rows(tally)
     prompt = count_messages([HumanMessage(PROMPT)], "gpt-4o-mini")
     assert (row["input_tokens"], row["output_tokens"], row["cost_status"]) == (prompt, 30, "estimated")
     assert row["cost"] == pytest.approx(prompt * IN + 30 * OUT, abs=1e-12)
@@ -637,7 +620,7 @@ def test_unknown_run_ids_and_callbacks_out_of_order_are_tolerated(tally, handler
     handler.on_chain_end({}, run_id=uuid.uuid4())
     handler.on_tool_error(ValueError(), run_id=uuid.uuid4())
     assert handler._runs == {} and handler._roots == {}
-    rows = {row["id"]: row for row in _rows(tally)}
+    rows = {row["id"]: row for row in ledger_rows(tally)}
     assert set(rows) == {str(orphan), str(failed), str(late)}
     assert (rows[str(orphan)]["model"], rows[str(orphan)]["provider"], rows[str(orphan)]["input_tokens"],
             _tags(rows[str(orphan)])) == ("gpt-4o-mini", "openai", 7, ["t"])
@@ -655,7 +638,7 @@ def test_garbage_arguments_never_raise(tally, handler, caplog):
     handler.on_llm_start(None, "prompts", run_id=[1, 2])  # an unhashable run id
     handler.on_llm_end(None, run_id=uuid.uuid4())
     handler.on_chain_start(None, None, run_id={}, parent_run_id=[])
-    rows = _rows(tally)
+    rows = ledger_rows(tally)
     assert len(rows) == 2 and {row["model"] for row in rows} == {"unknown"}
     assert handler._runs == {}
 

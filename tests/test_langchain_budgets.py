@@ -29,15 +29,14 @@ PRICES = {"gpt-4o-mini": Price(input=0, output=0.01, per="token"),
           "text-embedding-3-small": Price(input=0.01, output=0, per="token")}
 
 
-@pytest.fixture
-def provider():
-    with FakeProvider(usage=FakeUsage(prompt_tokens=1, completion_tokens=1)) as fp:
-        yield fp
+FAKE_PROVIDER = {"usage": FakeUsage(prompt_tokens=1, completion_tokens=1)}
+TALLY = {"prices": PRICES, "budgets": [Budget(usd=0.02, per="day")]}
 
 
 @pytest.fixture
-def tally(make_tally, ledger_url):
-    return make_tally(ledger_url, prices=PRICES, budgets=[Budget(usd=0.02, per="day")])
+def tally_url(ledger_url):
+    """``tally`` on a real SQLite file and on the real PostgreSQL."""
+    return ledger_url
 
 
 def _chat(fp: FakeProvider, **kw: Any) -> ChatOpenAI:

@@ -17,11 +17,11 @@ import threading
 import time
 
 import pytest
-from conftest import fetch_events, reset_litellm_callbacks
+from conftest import MSGS, fetch_events, ledger_rows
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from llmtally.testing import FakeProvider, FakeUsage
+from llmtally.testing import FakeUsage
 
 litellm = pytest.importorskip("litellm")
 from litellm.integrations.custom_logger import CustomLogger  # noqa: E402
@@ -29,42 +29,14 @@ from litellm.integrations.custom_logger import CustomLogger  # noqa: E402
 from llmtally._tokens import count_messages, count_text  # noqa: E402
 from llmtally.integrations.litellm import LiteLLMLogger, litellm_event  # noqa: E402
 
-MSGS = [{"role": "user", "content": "Say hello to the ledger, please."}]
 REPLY = "Hello from the fake provider."
 # gpt-4o-mini, USD per token: input, cached input, output
 IN, CACHED, OUT = 0.15e-6, 0.075e-6, 0.6e-6
-
-
-@pytest.fixture(autouse=True)
-def _reset_litellm_callbacks():
-    yield
-    reset_litellm_callbacks()
-
-
-@pytest.fixture
-def provider():
-    with FakeProvider(usage=FakeUsage(prompt_tokens=120, completion_tokens=30, cached_tokens=100),
-                      resolved_model="gpt-4o-mini-2024-07-18", reply=REPLY) as fp:
-        yield fp
-
-
-@pytest.fixture
-def anthropic_provider():
-    with FakeProvider(usage=FakeUsage(prompt_tokens=100, completion_tokens=50,
-                                      cache_creation_tokens=2000, cache_read_tokens=3000)) as fp:
-        yield fp
-
-
-@pytest.fixture
-def tally(make_tally):
-    tally = make_tally()
-    litellm.callbacks = [tally.litellm()]
-    return tally
-
-
-def _rows(tally):
-    assert tally.flush(10)
-    return fetch_events(tally.store.url)
+FAKE_PROVIDER = {"usage": FakeUsage(prompt_tokens=120, completion_tokens=30, cached_tokens=100),
+                 "resolved_model": "gpt-4o-mini-2024-07-18", "reply": REPLY}
+FAKE_ANTHROPIC = {"usage": FakeUsage(prompt_tokens=100, completion_tokens=50,
+                                     cache_creation_tokens=2000, cache_read_tokens=3000)}
+REGISTER_LITELLM = True
 
 
 def _openai(fp, **kw):
@@ -85,7 +57,7 @@ def test_sync_completion_is_recorded_with_tokens_cost_and_latency(tally, provide
     started = time.perf_counter()
     response = litellm.completion(**_openai(provider))
     wall_ms = (time.perf_counter() - started) * 1000
-    [row] = _rows(tally)
+    [row] = ledger_rows(tally)
     # the event id is our own; LiteLLM's (caller-choosable) call id is kept in the metadata
     assert json.loads(row["metadata"])["litellm_call_id"] == response._hidden_params["litellm_call_id"]
     assert row["id"] != response._hidden_params["litellm_call_id"]
@@ -103,7 +75,7 @@ def test_sync_completion_is_recorded_with_tokens_cost_and_latency(tally, provide
 def test_anthropic_route_cache_tokens_follow_the_ledger_convention(tally, anthropic_provider):
     litellm.completion(model="anthropic/claude-sonnet-4-5", api_base=anthropic_provider.anthropic_base,
                        api_key="sk-test", messages=MSGS)
-    [row] = _rows(tally)
+    [row] = ledger_rows(tally)
     assert (row["provider"], row["model"]) == ("anthropic", "claude-sonnet-4-5")
     # LiteLLM's prompt_tokens already include both cache parts (100 + 2000 + 3000).
     assert (row["input_tokens"], row["cache_write_tokens"], row["cache_read_tokens"],
@@ -119,7 +91,7 @@ def test_async_completion_is_in_the_ledger_after_flush(tally, provider):
     started = time.perf_counter()
     asyncio.run(litellm.acompletion(**_openai(provider)))
     wall_ms = (time.perf_counter() - started) * 1000
-    [row] = _rows(tally)
+    [row] = ledger_rows(tally)
     assert (row["input_tokens"], row["output_tokens"], row["status"]) == (120, 30, "ok")
     assert row["cost"] == pytest.approx(20 * IN + 100 * CACHED + 30 * OUT, abs=1e-12)
     assert 0 < row["latency_ms"] <= wall_ms
@@ -144,7 +116,7 @@ def test_flush_inside_a_running_event_loop_once_litellm_has_queued_the_event(tal
 
     assert len(asyncio.run(main())) == 1
     asyncio.run(litellm.acompletion(**_openai(provider)))  # LiteLLM still works on a new loop
-    assert len(_rows(tally)) == 2
+    assert len(ledger_rows(tally)) == 2
 
 
 def test_flush_drains_a_loop_running_in_another_thread(tally, provider):
@@ -153,7 +125,7 @@ def test_flush_drains_a_loop_running_in_another_thread(tally, provider):
     thread.start()
     try:
         asyncio.run_coroutine_threadsafe(litellm.acompletion(**_openai(provider)), loop).result(10)
-        assert len(_rows(tally)) == 1
+        assert len(ledger_rows(tally)) == 1
     finally:
         loop.call_soon_threadsafe(loop.stop)
         thread.join(5)
@@ -169,7 +141,7 @@ def test_sync_stream_with_usage_is_one_exact_event(tally, provider):
         **_openai(provider, stream=True, stream_options={"include_usage": True})) if chunk.choices)
     wall_ms = (time.perf_counter() - started) * 1000
     assert text == REPLY
-    [row] = _rows(tally)
+    [row] = ledger_rows(tally)
     assert (row["streamed"], row["input_tokens"], row["cache_read_tokens"], row["output_tokens"],
             row["cost_status"]) == (True, 120, 100, 30, "priced")
     assert row["cost"] == pytest.approx(20 * IN + 100 * CACHED + 30 * OUT, abs=1e-12)
@@ -180,7 +152,7 @@ def test_sync_stream_with_usage_is_one_exact_event(tally, provider):
 def test_stream_without_usage_is_counted_offline_and_marked_estimated(tally, provider):
     for _ in litellm.completion(**_openai(provider, stream=True)):
         pass
-    [row] = _rows(tally)
+    [row] = ledger_rows(tally)
     expected_in, expected_out = count_messages(MSGS, "gpt-4o-mini"), count_text(REPLY, "gpt-4o-mini")
     assert (row["input_tokens"], row["output_tokens"], row["cost_status"]) == \
         (expected_in, expected_out, "estimated")
@@ -197,7 +169,7 @@ def test_async_streams_are_one_event_each(tally, provider, with_usage):
         return [chunk async for chunk in stream]
 
     asyncio.run(main())
-    [row] = _rows(tally)
+    [row] = ledger_rows(tally)
     assert row["streamed"] and 0 < row["ttft_ms"] <= row["latency_ms"]
     if with_usage:
         assert (row["input_tokens"], row["output_tokens"], row["cost_status"]) == (120, 30, "priced")
@@ -210,7 +182,7 @@ def test_anthropic_stream_usage_is_reported_not_estimated(tally, anthropic_provi
     for _ in litellm.completion(model="anthropic/claude-sonnet-4-5", api_key="sk-test",
                                 api_base=anthropic_provider.anthropic_base, messages=MSGS, stream=True):
         pass
-    [row] = _rows(tally)
+    [row] = ledger_rows(tally)
     assert (row["input_tokens"], row["cache_read_tokens"], row["output_tokens"], row["cost_status"]) == \
         (5100, 3000, 50, "priced")
 
@@ -247,7 +219,7 @@ def test_a_stream_left_with_break_is_recorded_with_the_tokens_seen(tally, provid
     text = _consumed_text(seen)
     assert text and text != REPLY
     del stream, chunk  # released: that is when LiteLLM's stream is known to be left (flush collects it)
-    [row] = _rows(tally)
+    [row] = ledger_rows(tally)
     _assert_abandoned_row(row, text, call_id)
     assert json.loads(row["metadata"])["litellm_trace_id"]
 
@@ -256,11 +228,11 @@ def test_closing_a_stream_early_records_it_at_once(tally, provider):
     with litellm.completion(**_openai(provider, stream=True)) as stream:
         first = next(stream)
         keep = stream  # still referenced: close() alone records it
-    [row] = _rows(tally)
+    [row] = ledger_rows(tally)
     _assert_abandoned_row(row, _consumed_text([first]), keep.logging_obj.litellm_call_id)
     keep.close()
     del keep
-    assert len(_rows(tally)) == 1
+    assert len(ledger_rows(tally)) == 1
 
 
 def test_an_abandoned_async_stream_is_recorded_with_scope(tally, provider):
@@ -272,7 +244,7 @@ def test_an_abandoned_async_stream_is_recorded_with_scope(tally, provider):
 
     with tally.scope(project="search", user="alice"):
         text, call_id = asyncio.run(leave())
-    [row] = _rows(tally)
+    [row] = ledger_rows(tally)
     _assert_abandoned_row(row, text, call_id)
     assert (row["project"], row["user"]) == ("search", "alice")
 
@@ -298,7 +270,7 @@ def test_a_cancelled_task_s_stream_is_recorded(tally, provider):
 
     asyncio.run(main())
     gc.collect()
-    [row] = _rows(tally)
+    [row] = ledger_rows(tally)
     _assert_abandoned_row(row, _consumed_text(seen), ids[0])
 
 
@@ -322,7 +294,7 @@ def test_a_fully_read_stream_is_still_one_normal_event(tally, provider, mode):
     assert text == REPLY
     del stream
     gc.collect()
-    [row] = _rows(tally)
+    [row] = ledger_rows(tally)
     assert not _abandoned(row)
     assert (row["input_tokens"], row["output_tokens"], row["cost_status"]) == (120, 30, "priced")
 
@@ -343,7 +315,7 @@ def test_abandoned_streams_leave_nothing_behind(tally, provider):
     read[unread.logging_obj.litellm_call_id] = ""
     del unread
     gc.collect()
-    rows = _rows(tally)
+    rows = ledger_rows(tally)
     assert len(rows) == 21 and len({row["id"] for row in rows}) == 21
     by_call = {json.loads(row["metadata"])["litellm_call_id"]: row for row in rows}
     assert set(by_call) == set(read)
@@ -404,7 +376,7 @@ def test_a_stream_the_provider_cuts_is_a_failure_not_an_abandoned_stream(tally, 
         for _ in litellm.completion(**_openai(provider, stream=True, max_retries=0, num_retries=0)):
             pass
     gc.collect()
-    rows = _rows(tally)
+    rows = ledger_rows(tally)
     assert len(rows) <= 1 and not any(_abandoned(row) for row in rows)
 
 
@@ -416,7 +388,7 @@ def test_embeddings_sync_and_async_record_input_tokens_and_cost(tally, provider)
           "api_base": provider.openai_base, "api_key": "sk-test"}
     litellm.embedding(**kw)
     asyncio.run(litellm.aembedding(**kw))
-    rows = _rows(tally)
+    rows = ledger_rows(tally)
     assert len(rows) == 2
     for row in rows:
         assert (row["call_type"], row["model"], row["input_tokens"], row["output_tokens"]) == \
@@ -451,7 +423,7 @@ def test_a_failed_call_is_one_error_event_and_the_exception_is_unchanged(
     with pytest.raises(Exception) as tallied:
         litellm.completion(**_failing_call(provider, status))
     assert type(tallied.value) is type(bare.value) and str(tallied.value) == str(bare.value)
-    [row] = _rows(tally)
+    [row] = ledger_rows(tally)
     assert (row["status"], row["error_type"], row["provider"], row["model"]) == \
         ("error", error_type, "openai", "gpt-4o-mini")
     assert (row["input_tokens"], row["cost"]) == (0, 0)
@@ -461,7 +433,7 @@ def test_async_failure_is_recorded(tally, provider):
     provider.fail_next(1, status=429)
     with pytest.raises(litellm.RateLimitError):
         asyncio.run(litellm.acompletion(**_openai(provider, max_retries=0, num_retries=0)))
-    [row] = _rows(tally)
+    [row] = ledger_rows(tally)
     assert (row["status"], row["error_type"]) == ("error", "litellm.RateLimitError")
 
 
@@ -471,7 +443,7 @@ def test_sdk_retries_are_invisible_to_callbacks_so_one_event_is_recorded(tally, 
     provider.fail_next(2, status=500)  # LiteLLM's num_retries
     litellm.completion(**_openai(provider, max_retries=0, num_retries=2))
     assert provider.requests == 6
-    rows = _rows(tally)
+    rows = ledger_rows(tally)
     assert [row["status"] for row in rows] == ["ok", "ok"]
 
 
@@ -501,7 +473,7 @@ def test_router_events_name_the_deployment_that_served_them(tally, router, provi
             await router.acompletion(model="chat", messages=MSGS)
 
     asyncio.run(main())
-    rows = _rows(tally)
+    rows = ledger_rows(tally)
     assert len(rows) == 12
     served = {("openai", "gpt-4o-mini", "dep-openai"): provider.requests,
               ("anthropic", "claude-sonnet-4-5", "dep-anthropic"): anthropic_provider.requests}
@@ -519,7 +491,7 @@ def test_router_retries_are_one_event_per_attempt_with_one_request_id(tally, rou
     provider.fail_next(1, status=500)
     anthropic_provider.fail_next(1, status=500)
     router.completion(model="chat", messages=MSGS)
-    rows = _rows(tally)
+    rows = ledger_rows(tally)
     attempts = provider.requests + anthropic_provider.requests  # the router picks at random
     assert attempts >= 2 and len(rows) == attempts
     assert sorted(row["status"] for row in rows) == ["error"] * (attempts - 1) + ["ok"]
@@ -537,7 +509,7 @@ def test_litellm_metadata_and_user_parameter_attribute_the_call(tally, provider)
                                      metadata={"project": "search", "tags": ["beta", "x"],
                                                "session_id": "s-1"}))
         litellm.completion(**_openai(provider, metadata={"user": "alice"}))
-    first, second = _rows(tally)
+    first, second = ledger_rows(tally)
     assert (first["project"], first["user"], first["session"], json.loads(first["tags"])) == \
         ("search", "end-user", "s-1", ["scoped", "beta", "x"])
     assert (second["project"], second["user"]) == ("outer", "alice")
@@ -559,7 +531,7 @@ def test_scope_at_call_time_attributes_every_kind_of_call(tally, provider, mode)
                 pass
         else:
             asyncio.run(run_async(mode == "async-stream"))
-    [row] = _rows(tally)
+    [row] = ledger_rows(tally)
     assert (row["project"], row["user"], json.loads(row["tags"]), row["request_id"]) == \
         ("search", "alice", ["beta"], "req-1")
 
@@ -594,7 +566,7 @@ def test_registering_twice_never_records_a_call_twice(tally, provider, tmp_path,
     litellm.callbacks = [tally.litellm()]  # re-assigned: the old loggers stay registered
     litellm.completion(**_openai(provider))
     asyncio.run(litellm.acompletion(**_openai(provider)))
-    rows = _rows(tally)
+    rows = ledger_rows(tally)
     assert second.successes == 3  # each call was handed to two of our loggers: recorded twice
     assert len(rows) == 3 and len({json.loads(row["metadata"])["litellm_call_id"] for row in rows}) == 3
     # stored once by the ledger itself (the event id), not set aside as refused rows
@@ -613,7 +585,7 @@ def test_a_cache_hit_is_recorded_at_zero_cost(tally, provider):
             litellm.completion(**_openai(provider, caching=True))
     finally:
         litellm.cache = None
-    paid, hit = _rows(tally)
+    paid, hit = ledger_rows(tally)
     assert provider.requests == 1
     assert paid["cost"] > 0 and hit["cost"] == 0 and json.loads(hit["metadata"])["cache_hit"] is True
 
@@ -625,7 +597,7 @@ def test_cache_hit_kwarg_becomes_a_zero_cost_flagged_event(make_tally):
                           {"model": "gpt-4o-mini", "usage": {"prompt_tokens": 10, "completion_tokens": 2}},
                           None, None, failed=False)
     tally.record(**event)
-    [row] = _rows(tally)
+    [row] = ledger_rows(tally)
     assert (row["input_tokens"], row["cost"], json.loads(row["metadata"])["cache_hit"]) == (10, 0, True)
 
 
@@ -668,7 +640,7 @@ def test_each_hook_fires_on_a_real_call_and_records(tally, provider):
             await litellm.acompletion(**_openai(provider, max_retries=0, num_retries=0))
 
     asyncio.run(main())
-    rows = _rows(tally)  # rows exist only if the hooks' own code ran
+    rows = ledger_rows(tally)  # rows exist only if the hooks' own code ran
     assert sorted(row["status"] for row in rows) == ["error", "error", "ok", "ok"]
     assert counts == {"log_pre_api_call": 4, "log_success_event": 1, "log_failure_event": 1,
                       "async_log_success_event": 1, "async_log_failure_event": 1}
@@ -724,7 +696,7 @@ def test_hooks_swallow_every_fault(make_tally, monkeypatch, provider):
 def test_odd_responses_from_the_provider_still_record(tally, provider):
     provider.usage = FakeUsage(prompt_tokens=-3, completion_tokens=0)
     litellm.completion(**_openai(provider))
-    [row] = _rows(tally)
+    [row] = ledger_rows(tally)
     # a negative count is no count: 0, priced at 0
     assert (row["status"], row["input_tokens"], row["output_tokens"], row["cost"], row["cost_status"]) == \
         ("ok", 0, 0, 0, "priced")

@@ -12,35 +12,20 @@ import asyncio
 import json
 
 import pytest
-from conftest import fetch_events, reset_litellm_callbacks
+from conftest import MSGS, fetch_events, reset_litellm_callbacks
 
 from llmtally import Budget, BudgetExceeded, Price
 from llmtally.testing import FakeProvider, FakeUsage
 
 litellm = pytest.importorskip("litellm")
 
-MSGS = [{"role": "user", "content": "hi"}]
 PRICES = {"gpt-4o-mini": Price(input=0, output=0.01, per="token"),
           "text-embedding-3-small": Price(input=0.01, output=0, per="token")}
 
 
-@pytest.fixture(autouse=True)
-def _reset_litellm_callbacks():
-    yield
-    reset_litellm_callbacks()
-
-
-@pytest.fixture
-def provider():
-    with FakeProvider(usage=FakeUsage(prompt_tokens=1, completion_tokens=1)) as fp:
-        yield fp
-
-
-@pytest.fixture
-def tally(make_tally):
-    tally = make_tally(prices=PRICES, budgets=[Budget(usd=0.02, per="day")])
-    litellm.callbacks = [tally.litellm()]
-    return tally
+FAKE_PROVIDER = {"usage": FakeUsage(prompt_tokens=1, completion_tokens=1)}
+TALLY = {"prices": PRICES, "budgets": [Budget(usd=0.02, per="day")]}
+REGISTER_LITELLM = True
 
 
 def _chat(fp, **kw):

@@ -13,7 +13,7 @@ import logging
 import stat
 
 import pytest
-from conftest import require_postgres, reset_litellm_callbacks
+from conftest import CLOSED_PORT_URL, require_postgres
 
 from llmtally import Budget, Tally
 from llmtally.testing import FakeProvider
@@ -25,13 +25,7 @@ CANARY_PROMPT = "canary-prompt-lapis-lazuli-9931"
 CANARY_REPLY = "canary-reply-obsidian-4417"
 WEBHOOK_TOKEN = "hooktoken-5522"
 CANARIES = (CANARY_KEY, CANARY_PROMPT, CANARY_REPLY, WEBHOOK_TOKEN)
-CLOSED_PORT_URL = "postgresql+psycopg://postgres@127.0.0.1:1/test"
-
-
-@pytest.fixture(autouse=True)
-def _reset_litellm():
-    yield
-    reset_litellm_callbacks()
+FAKE_PROVIDER = {"reply": CANARY_REPLY}
 
 
 def _every_kind_of_call(tally: Tally, provider: FakeProvider) -> int:
@@ -90,12 +84,6 @@ def _assert_logs_clean(caplog, expect_some: bool = True) -> None:
     for record in ours:
         text = record.getMessage() + (caplog.text if record.exc_info else "")
         _assert_no_canary(f"the log record {record.getMessage()[:80]!r}", text.encode())
-
-
-@pytest.fixture
-def provider():
-    with FakeProvider(reply=CANARY_REPLY) as fp:
-        yield fp
 
 
 def test_sqlite_file_spill_file_and_logs_hold_no_key_or_prompt(tmp_path, provider, caplog):

@@ -9,7 +9,7 @@ import math
 import threading
 
 import pytest
-from conftest import fetch_events
+from conftest import ledger_rows
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -20,11 +20,6 @@ def _json(value):
     return json.loads(value) if isinstance(value, str) else value
 
 
-def _rows(tally):
-    tally.flush(10)
-    return fetch_events(tally.store.url)
-
-
 def test_scopes_nest_inner_wins_and_tags_merge(make_tally):
     tally = make_tally(scope={"project": "default-project", "tags": ["prod"]})
     with tally.scope(project="etl", user="bob", tags=["nightly"], metadata={"a": 1}):
@@ -32,7 +27,7 @@ def test_scopes_nest_inner_wins_and_tags_merge(make_tally):
             inner = tally.record(model="gpt-4o-mini", input_tokens=1)
         outer = tally.record(model="gpt-4o-mini", input_tokens=1, tags=["explicit"])
     outside = tally.record(model="gpt-4o-mini", input_tokens=1, user="dave")
-    rows = {r["id"]: r for r in _rows(tally)}
+    rows = {r["id"]: r for r in ledger_rows(tally)}
     assert (rows[inner]["project"], rows[inner]["user"]) == ("etl", "carol")
     assert _json(rows[inner]["tags"]) == ["prod", "nightly", "retry"]
     assert _json(rows[inner]["metadata"]) == {"a": 1, "b": 2}
@@ -68,7 +63,7 @@ def test_scope_follows_asyncio_tasks_and_copied_thread_contexts(make_tally):
             "plain-none", tally.record(model="gpt-4o-mini", input_tokens=1)))
         copied.start(), plain.start()
         copied.join(), plain.join()
-    users = {r["id"]: r["user"] for r in _rows(tally)}
+    users = {r["id"]: r["user"] for r in ledger_rows(tally)}
     assert {name: users[event_id] for name, event_id in ids.items()} == {
         "task-alice": "alice", "task-bob": "bob", "to_thread-bob": "bob",
         "copied-erin": "erin", "plain-none": None,
@@ -80,7 +75,7 @@ def test_bad_token_counts_are_recorded_as_well_as_possible(make_tally):
     event_id = tally.record(model="gpt-4o-mini", provider="openai", input_tokens=-5,
                             output_tokens=2.5, cache_read_tokens="12", reasoning_tokens=None,
                             cache_write_tokens=float("nan"))
-    [row] = _rows(tally)
+    [row] = ledger_rows(tally)
     assert row["id"] == event_id
     assert (row["input_tokens"], row["output_tokens"], row["cache_read_tokens"],
             row["cache_write_tokens"], row["reasoning_tokens"]) == (12, 0, 12, 0, 0)
@@ -97,7 +92,7 @@ def test_hostile_names_are_stored_verbatim_or_bounded(ledger_url, make_tally):
     long_model = "m" * 10_000
     a = tally.record(model=injection, provider="openai", user='"><img src=x onerror=alert(1)>')
     b = tally.record(model=long_model, project="p\x00q", tags=["ok", "\udcff-surrogate"])
-    rows = {r["id"]: r for r in _rows(tally)}
+    rows = {r["id"]: r for r in ledger_rows(tally)}
     assert rows[a]["model"] == injection
     assert rows[a]["user"] == '"><img src=x onerror=alert(1)>'
     assert rows[a]["cost_status"] == "unpriced"
@@ -119,7 +114,7 @@ def test_odd_values_never_raise_into_the_caller(make_tally):
         tally.record(model="gpt-4o-mini", tags=42),  # type: ignore[arg-type]
         tally.record(model="gpt-4o-mini", ts="yesterday"),  # type: ignore[arg-type]
     ]
-    rows = {r["id"]: r for r in _rows(tally)}
+    rows = {r["id"]: r for r in ledger_rows(tally)}
     # every call but the unusable timestamp is recorded; none raised
     assert set(ids[:-1]) <= set(rows)
     assert rows[ids[0]]["model"] == "unknown"
@@ -174,7 +169,7 @@ def test_a_cache_hit_keeps_its_tokens_and_costs_nothing(make_tally):
     tally = make_tally()
     tally.record(model="gpt-4o-mini", provider="openai", input_tokens=500, output_tokens=50,
                  cache_hit=True)
-    [row] = _rows(tally)
+    [row] = ledger_rows(tally)
     assert (row["input_tokens"], row["output_tokens"], row["cost"]) == (500, 50, 0.0)
     assert (row["cost_status"], row["price_source"]) == ("priced", "cache-hit")
     assert _json(row["metadata"])["cache_hit"] is True
@@ -194,4 +189,4 @@ def test_flush_runs_the_integrations_drains_first(make_tally):
     tally._before_flush.extend([broken, drain])
     assert tally.flush(5)
     assert drained == [5]
-    assert len(_rows(tally)) == 2  # _rows flushes again: the drain ran twice, never raised
+    assert len(ledger_rows(tally)) == 2  # _rows flushes again: the drain ran twice, never raised

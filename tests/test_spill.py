@@ -10,12 +10,10 @@ import textwrap
 import time
 
 import pytest
-from conftest import fetch_events, require_postgres
+from conftest import CLOSED_PORT_URL, fetch_events, require_postgres
 
 from llmtally import Tally
 from llmtally._spill import SpillFile
-
-CLOSED_PORT_URL = "postgresql+psycopg://postgres@127.0.0.1:1/test"  # nothing listens on port 1
 
 
 def _record_while_down(tmp_path, count: int) -> list[str]:

@@ -7,25 +7,17 @@ import json
 import time
 
 import pytest
-from conftest import fetch_events
+from conftest import ledger_rows
 
 from llmtally._tokens import count_text
-from llmtally.testing import FakeProvider, FakeUsage
+from llmtally.testing import FakeUsage
 
 openai = pytest.importorskip("openai")
 
 
-def _rows(tally):
-    assert tally.flush(10)
-    return fetch_events(tally.store.url)
-
-
-@pytest.fixture
-def provider():
-    with FakeProvider(usage=FakeUsage(prompt_tokens=1200, completion_tokens=300, cached_tokens=1000,
-                                      reasoning_tokens=40),
-                      resolved_model="gpt-4o-mini-2024-07-18") as fp:
-        yield fp
+FAKE_PROVIDER = {"usage": FakeUsage(prompt_tokens=1200, completion_tokens=300, cached_tokens=1000,
+                                     reasoning_tokens=40),
+                 "resolved_model": "gpt-4o-mini-2024-07-18"}
 
 
 def test_openai_sdk_call_is_recorded_with_usage_cost_and_latency(provider, make_tally):
@@ -41,7 +33,7 @@ def test_openai_sdk_call_is_recorded_with_usage_cost_and_latency(provider, make_
     response = ask("hello")
     wall_ms = (time.perf_counter() - started) * 1000
     assert response.choices[0].message.content  # the caller gets the SDK's own object back
-    [row] = _rows(tally)
+    [row] = ledger_rows(tally)
     assert (row["provider"], row["model"], row["resolved_model"]) == \
         ("openai", "gpt-4o-mini", "gpt-4o-mini-2024-07-18")
     assert (row["input_tokens"], row["output_tokens"], row["cache_read_tokens"],
@@ -66,7 +58,7 @@ def test_async_functions_are_tracked_too(provider, make_tally):
             return await asyncio.gather(ask(), ask())
 
     asyncio.run(main())
-    rows = _rows(tally)
+    rows = ledger_rows(tally)
     assert len(rows) == 2
     for row in rows:
         assert (row["model"], row["provider"], row["user"]) == \
@@ -95,7 +87,7 @@ def test_a_failed_call_is_recorded_and_the_exception_is_unchanged(provider, make
         ask()
     assert info.value.status_code == status
     assert f"{type(info.value).__module__.split('.')[0]}.{type(info.value).__name__}" == error_class
-    [row] = _rows(tally)
+    [row] = ledger_rows(tally)
     assert (row["status"], row["error_type"], row["model"]) == ("error", error_class, "gpt-4o-mini")
     assert (row["input_tokens"], row["output_tokens"], row["cost"]) == (0, 0, 0.0)
 
@@ -109,7 +101,7 @@ def test_a_timeout_is_recorded_as_an_error(provider, make_tally):
         tally.track(model="gpt-4o-mini")(lambda: client.chat.completions.create(
             model="gpt-4o-mini", messages=[{"role": "user", "content": "hi"}]))()
     provider.delay(0)
-    [row] = _rows(tally)
+    [row] = ledger_rows(tally)
     assert (row["status"], row["error_type"]) == ("error", "openai.APITimeoutError")
 
 
@@ -119,7 +111,7 @@ def test_embeddings_are_tracked(provider, make_tally):
     client = openai.OpenAI(base_url=provider.openai_base, api_key="sk-test", max_retries=0)
     embed = tally.track(call_type="embedding")(client.embeddings.create)
     embed(model="text-embedding-3-small", input=["a", "b"])
-    [row] = _rows(tally)
+    [row] = ledger_rows(tally)
     assert (row["call_type"], row["model"], row["input_tokens"], row["output_tokens"]) == \
         ("embedding", "text-embedding-3-small", 5000, 0)
     assert row["cost"] == pytest.approx(5000 * 0.02e-6, abs=1e-15)
@@ -141,7 +133,7 @@ def test_anthropic_sdk_usage_is_normalised(provider, make_tally):
                                       messages=[{"role": "user", "content": "hi"}])
 
     ask()
-    [row] = _rows(tally)
+    [row] = ledger_rows(tally)
     # Anthropic reports input_tokens without the cached parts; the ledger's input includes them.
     assert (row["input_tokens"], row["cache_write_tokens"], row["cache_read_tokens"],
             row["output_tokens"]) == (5100, 2000, 3000, 50)
@@ -159,7 +151,7 @@ def test_litellm_responses_are_read(provider, make_tally):
                                   api_key="sk-test", messages=[{"role": "user", "content": "hi"}])
 
     ask()
-    [row] = _rows(tally)
+    [row] = ledger_rows(tally)
     assert (row["model"], row["input_tokens"], row["cache_read_tokens"], row["output_tokens"]) == \
         ("gpt-4o-mini-2024-07-18", 1200, 1000, 300)
     assert row["cost"] == pytest.approx(2.85e-4, abs=1e-12)
@@ -173,7 +165,7 @@ def test_a_response_without_usage_is_counted_offline_and_marked_estimated(make_t
         return {"choices": [{"message": {"content": "Hello there, general Kenobi."}}]}
 
     ask()
-    [row] = _rows(tally)
+    [row] = ledger_rows(tally)
     assert row["cost_status"] == "estimated"
     assert (row["input_tokens"], row["output_tokens"]) == (0, 7)  # the reply, counted offline
     assert count_text("Hello there, general Kenobi.", "gpt-4o-mini") == 7
@@ -189,7 +181,7 @@ def test_a_response_without_usage_is_counted_offline_and_marked_estimated(make_t
 def test_odd_responses_never_break_the_call(make_tally, response, cost_status):
     tally = make_tally()
     assert tally.track(model="gpt-4o-mini")(lambda: response)() is response
-    [row] = _rows(tally)
+    [row] = ledger_rows(tally)
     # no count that can be read is no count (0); usage that is not there at all is "estimated"
     assert (row["status"], row["input_tokens"], row["output_tokens"], row["cost"], row["cost_status"]) == \
         ("ok", 0, 0, 0, cost_status)

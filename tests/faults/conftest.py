@@ -25,7 +25,7 @@ TESTS = Path(__file__).resolve().parent.parent
 if str(TESTS) not in sys.path:
     sys.path.insert(0, str(TESTS))
 
-from conftest import PG_URL  # noqa: E402
+from conftest import MSGS, PG_URL  # noqa: E402
 
 WORKER = Path(__file__).resolve().parent / "_worker.py"
 
@@ -158,8 +158,6 @@ class CallLoop:
     to ``base`` until stopped; ``done`` holds (id, when it returned) for each call, ``failures``
     every exception a call raised (there must be none: llmtally never breaks a call)."""
 
-    MSGS = [{"role": "user", "content": "Is the ledger there?"}]
-
     def __init__(self, base: str, threads: int = 4, pause_s: float = 0.01) -> None:
         self.base, self.pause_s = base, pause_s
         self.done: list[tuple[str, float]] = []
@@ -218,7 +216,7 @@ class CallLoop:
                     continue
                 self._active += 1
             args = {"model": "openai/gpt-4o-mini", "api_base": self.base, "api_key": "sk-x",
-                    "messages": self.MSGS}
+                    "messages": MSGS}
             try:
                 if number % 3 == 2:  # every third call is a stream, read to the end
                     call_id = str(uuid.uuid4())

@@ -20,7 +20,7 @@ import textwrap
 import time
 
 import pytest
-from conftest import fetch_events, reset_litellm_callbacks
+from conftest import MSGS, fetch_events
 
 from llmtally import Budget, BudgetExceeded, Tally
 from llmtally.testing import FakeProvider
@@ -29,19 +29,6 @@ from .conftest import wait_until, worker_env
 
 litellm = pytest.importorskip("litellm")
 
-MSGS = [{"role": "user", "content": "Within budget?"}]
-
-
-@pytest.fixture(autouse=True)
-def _reset_litellm():
-    yield
-    reset_litellm_callbacks()
-
-
-@pytest.fixture
-def provider():
-    with FakeProvider() as fp:
-        yield fp
 
 
 def _args(provider: FakeProvider) -> dict:

@@ -22,7 +22,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import call_id_of, IN_CI, fetch_events, reset_litellm_callbacks
+from conftest import call_id_of, IN_CI, fetch_events
 
 from llmtally import Tally
 from llmtally.testing import FakeProvider
@@ -32,12 +32,6 @@ from .conftest import CallLoop, wait_until
 pytest.importorskip("litellm")
 
 FAULT_S = 6.0  # longer than the writer's spill_after_s (5 s): events reach the spill file
-
-
-@pytest.fixture(autouse=True)
-def _reset_litellm():
-    yield
-    reset_litellm_callbacks()
 
 
 def _needs_root(what: str, result: subprocess.CompletedProcess) -> None:

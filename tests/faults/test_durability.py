@@ -13,7 +13,7 @@ import threading
 import time
 
 import pytest
-from conftest import call_id_of, fetch_events, require_postgres, reset_litellm_callbacks
+from conftest import CLOSED_PORT_URL, call_id_of, fetch_events, require_postgres, reset_litellm_callbacks
 
 from llmtally import Tally
 from llmtally._config import load_settings
@@ -22,7 +22,6 @@ from llmtally.testing import FakeProvider
 
 from .conftest import worker_env
 
-CLOSED_PORT_URL = "postgresql+psycopg://postgres@127.0.0.1:1/test"
 
 
 def test_a_sync_record_is_in_the_ledger_when_it_returns(ledger_url, make_tally):

@@ -8,7 +8,7 @@ import logging
 import time
 
 import pytest
-from conftest import call_id_of, fetch_events, reset_litellm_callbacks
+from conftest import call_id_of, fetch_events
 
 from llmtally import Tally
 from llmtally.testing import FakeProvider
@@ -18,12 +18,6 @@ from .conftest import CallLoop, wait_until
 litellm = pytest.importorskip("litellm")
 
 OUTAGE_S = 10.0
-
-
-@pytest.fixture(autouse=True)
-def _reset_litellm():
-    yield
-    reset_litellm_callbacks()
 
 
 @pytest.mark.slow

@@ -12,11 +12,10 @@ import textwrap
 import time
 
 import pytest
-from conftest import fetch_events, require_postgres
+from conftest import CLOSED_PORT_URL, fetch_events, require_postgres
 
 from .conftest import wait_until, worker_env
 
-CLOSED_PORT_URL = "postgresql+psycopg://postgres@127.0.0.1:1/test"  # nothing listens on port 1
 
 
 def _python(code: str, *args: str) -> subprocess.Popen:

@@ -26,7 +26,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import IN_CI, fetch_events
+from conftest import IN_CI, MSGS, fetch_events
 
 from llmtally.testing import FakeProvider, FakeUsage
 
@@ -38,7 +38,6 @@ KIT = REPO / "integrations" / "litellm-proxy"
 HERE = Path(__file__).resolve().parent
 MASTER_KEY = "sk-master-test"
 FLUSH_KEY = "sk-test-flush-the-ledger"  # static_keys.py: answered once the proxy's Tally flushed
-MSGS = [{"role": "user", "content": "Say hello to the ledger, please."}]
 BUDGET_TOML = """
 [[budgets]]
 usd = 0.10
