@@ -388,3 +388,17 @@ def test_two_budgets_crossing_in_one_batch_both_warn(ledger_url, make_tally):
     assert tally.flush(10)  # one transaction: both budgets reach half their limit
     assert sorted(_thresholds(seen)) == [("requests 10/day", 0.5), ("usd 0.1/day", 0.5)]
     assert sorted(round(a["used"], 9) for a in seen if a["event"] == "threshold") == [0.05, 5]
+
+
+def test_a_batch_settling_more_than_a_thousand_holds_releases_every_one(ledger_url, make_tally):
+    from llmtally._reservations import check_counters
+
+    tally = make_tally(ledger_url, prices=PENNY, budgets=[Budget(requests=5000, per="day")],
+                       clock=lambda: NOW, batch_size=5000, flush_interval_s=60)
+    held = [tally.reserve(model="penny", input_tokens=0, max_tokens=1) for _ in range(1201)]
+    for reservation in held:  # settled in one transaction: released in chunks of 500 ids
+        tally.record(model="penny", output_tokens=1, reservation=reservation)
+    assert tally.flush(60)
+    [state] = tally.budget_states()
+    assert (state.spent, state.reserved) == (1201, 0)
+    assert check_counters(tally.store) == []
