@@ -209,6 +209,32 @@ def ledger_rows(tally) -> list[dict]:
     return fetch_events(tally.store.url)
 
 
+def assert_two_through_third_blocked(tally, provider, call) -> list[dict]:
+    """With a usd 0.02/day budget and $0.01 calls: two calls go through, the third is blocked
+    without a request, and the budget's spend is the ledger's cost of the two. Returns the
+    ledger's rows."""
+    from llmtally import BudgetExceeded
+
+    call()
+    call()
+    assert provider.requests == 2
+    with pytest.raises(BudgetExceeded, match="usd 0.02/day") as caught:
+        call()
+    assert caught.value.limit == pytest.approx(0.02) and caught.value.used == pytest.approx(0.02)
+    assert provider.requests == 2  # nothing was sent
+    rows = ledger_rows(tally)
+    blocked = [row for row in rows if row["status"] == "blocked"]
+    through = [row for row in rows if row["status"] != "blocked"]
+    assert len(blocked) == 1 and blocked[0]["cost"] == 0
+    assert blocked[0]["error_type"] == "llmtally.BudgetExceeded"
+    assert [row["status"] for row in through] == ["ok", "ok"]
+    assert all(row["cost"] == pytest.approx(0.01, abs=1e-12) for row in through)
+    [state] = tally.budget_states()
+    assert state.spent == pytest.approx(sum(row["cost"] for row in through), abs=1e-12)
+    assert state.reserved == 0
+    return rows
+
+
 @pytest.fixture(autouse=True)
 def _reset_litellm():
     """Unregister every LiteLLM logger after each test (when a test imported LiteLLM)."""

@@ -15,7 +15,7 @@ import threading
 from typing import Any
 
 import pytest
-from conftest import fetch_events, reset_litellm_callbacks
+from conftest import assert_two_through_third_blocked, fetch_events, reset_litellm_callbacks
 
 from llmtally import Budget, BudgetExceeded, Price
 from llmtally.testing import FakeProvider, FakeUsage
@@ -49,28 +49,10 @@ def _json(value: Any) -> Any:
 
 
 def _assert_two_through_third_blocked(tally, provider, call) -> list[dict]:
-    """Two calls go through, the third is blocked without a request, and the budget's spend
-    is the ledger's cost of the two."""
-    call()
-    call()
-    assert provider.requests == 2
-    with pytest.raises(BudgetExceeded, match="usd 0.02/day") as caught:
-        call()
-    assert caught.value.limit == pytest.approx(0.02) and caught.value.used == pytest.approx(0.02)
-    assert provider.requests == 2  # nothing was sent
-    assert tally.flush(10)
-    rows = fetch_events(tally.store.url)
-    blocked = [row for row in rows if row["status"] == "blocked"]
-    through = [row for row in rows if row["status"] != "blocked"]
-    assert len(blocked) == 1 and blocked[0]["cost"] == 0
-    assert (blocked[0]["error_type"], blocked[0]["model"], blocked[0]["provider"]) == \
-        ("llmtally.BudgetExceeded", "gpt-4o-mini", "openai")
-    assert "langchain_root_run_id" in _json(blocked[0]["metadata"])
-    assert [row["status"] for row in through] == ["ok", "ok"]
-    assert all(row["cost"] == pytest.approx(0.01, abs=1e-12) for row in through)
-    [state] = tally.budget_states()
-    assert state.spent == pytest.approx(sum(row["cost"] for row in through), abs=1e-12)
-    assert state.reserved == 0
+    rows = assert_two_through_third_blocked(tally, provider, call)
+    [blocked] = [row for row in rows if row["status"] == "blocked"]
+    assert (blocked["model"], blocked["provider"]) == ("gpt-4o-mini", "openai")
+    assert "langchain_root_run_id" in _json(blocked["metadata"])
     assert tally.langchain()._runs == {}
     return rows
 

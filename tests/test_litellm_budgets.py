@@ -12,7 +12,7 @@ import asyncio
 import json
 
 import pytest
-from conftest import MSGS, fetch_events, reset_litellm_callbacks
+from conftest import MSGS, assert_two_through_third_blocked, fetch_events, reset_litellm_callbacks
 
 from llmtally import Budget, BudgetExceeded, Price
 from llmtally.testing import FakeProvider, FakeUsage
@@ -45,25 +45,7 @@ def _router(fp):
 
 
 def _assert_two_through_third_blocked(tally, provider, call):
-    """Two calls go through, the third is blocked without a request, and the budget's spend
-    is the ledger's cost of the two."""
-    call()
-    call()
-    assert provider.requests == 2
-    with pytest.raises(BudgetExceeded, match="usd 0.02/day"):
-        call()
-    assert provider.requests == 2  # nothing was sent
-    assert tally.flush(10)
-    rows = fetch_events(tally.store.url)
-    blocked = [row for row in rows if row["status"] == "blocked"]
-    through = [row for row in rows if row["status"] != "blocked"]
-    assert len(blocked) == 1 and blocked[0]["cost"] == 0
-    assert blocked[0]["error_type"] == "llmtally.BudgetExceeded"
-    assert [row["status"] for row in through] == ["ok", "ok"]
-    assert all(row["cost"] == pytest.approx(0.01, abs=1e-12) for row in through)
-    [state] = tally.budget_states()
-    assert state.spent == pytest.approx(sum(row["cost"] for row in through), abs=1e-12)
-    assert state.reserved == 0
+    rows = assert_two_through_third_blocked(tally, provider, call)
     assert tally.litellm()._holds == {}
     return rows
 
