@@ -169,25 +169,22 @@ def canonical_provider(provider: str | None) -> str | None:
     (``"google_genai"`` -> ``"gemini"``), and so do the price map's per-endpoint variants
     (``"bedrock_converse"`` -> ``"bedrock"``, ``"vertex_ai-language-models"`` -> ``"vertex_ai"``,
     ``"text-completion-openai"`` -> ``"openai"``). Names LiteLLM does not know are kept as
-    given (stripped), case included.
+    given, case included.
     """
     if provider is None:
         return None
-    given = str(provider).strip()
-    name = given.lower()
+    name = str(provider).strip().lower()
     if not name:
         return None
-    if name not in _PROVIDER_ALIASES and name not in _FAMILY_ALIASES and name not in _litellm_routes() \
-            and not name.startswith("text-completion-") and not _ENDPOINT_FAMILY.match(name):
-        return str(provider)  # a provider LiteLLM does not know (your gateway) keeps its spelling
-    name = _PROVIDER_ALIASES.get(name, name)
-    if name.startswith("text-completion-"):
-        name = name.removeprefix("text-completion-")
-    family = _ENDPOINT_FAMILY.match(name)
+    folded = _PROVIDER_ALIASES.get(name, name).removeprefix("text-completion-")
+    family = _ENDPOINT_FAMILY.match(folded)
     if family:
-        name = family.group(1)
-    name = _PROVIDER_ALIASES.get(name, name)
-    return _FAMILY_ALIASES.get(name, name)
+        folded = family.group(1)
+    folded = _PROVIDER_ALIASES.get(folded, folded)
+    folded = _FAMILY_ALIASES.get(folded, folded)
+    if folded == name and name not in _litellm_routes():
+        return str(provider)  # a provider LiteLLM does not know (your gateway) keeps its spelling
+    return folded
 
 
 def ledger_names(model: str, provider: str | None) -> tuple[str, str | None]:
@@ -382,16 +379,20 @@ def _calendar(name: str | None) -> Any:
 
 
 def _windows_of(value: Any) -> tuple[tuple[int, int], ...]:
-    texts = [value] if isinstance(value, str) else value if isinstance(value, list) else []
-    return tuple(found for found in map(_window, (t for t in texts if isinstance(t, str))) if found)
+    return tuple(map(_window, _slim_windows(value)))  # type: ignore[arg-type]
+
+
+def _default_cache_read(rates: list[float | None], ratio: float | None) -> None:
+    """A provider's rule for a missing cache-read price (Fireworks: half the input price)."""
+    if rates[2] is None and rates[0] is not None and ratio is not None:
+        rates[2] = rates[0] * ratio
 
 
 def _off_peak_of(block: Any, factor: float, cache_read_ratio: float | None) -> OffPeak | None:
     if not isinstance(block, Mapping):
         return None
     rates = list(_rates_of(block, factor))
-    if rates[2] is None and rates[0] is not None and cache_read_ratio is not None:
-        rates[2] = rates[0] * cache_read_ratio
+    _default_cache_read(rates, cache_read_ratio)
     rules = []
     for rule in block.get("windows") or ():
         if not isinstance(rule, Mapping):
@@ -902,8 +903,7 @@ def _entry_price(key: str, entry: Mapping[str, Any], source: str, currency: str,
         if isinstance(provider, str) and canonical_provider(provider) == "fireworks_ai"
         else None
     )
-    if base[2] is None and base[0] is not None and cache_read_ratio is not None:
-        base[2] = base[0] * cache_read_ratio
+    _default_cache_read(base, cache_read_ratio)
     return ModelPrice(
         model_key=key,
         source=source,
@@ -964,6 +964,17 @@ def _candidates(model: str, provider: str | None) -> list[str]:
     return out
 
 
+
+
+def _keys_to_try(model: str, provider: str | None) -> list[str]:
+    """Override and map keys for ``model`` via ``provider``, most specific first: under the
+    provider's name as given (lower-cased), then under its canonical name."""
+    name = model.strip().lower()
+    raw = str(provider).strip().lower() if provider else None
+    canonical = canonical_provider(provider)
+    canonical = canonical.lower() if canonical else None
+    tries = _candidates(name, raw) if raw and raw != canonical else []
+    return list(dict.fromkeys(tries + _candidates(name, canonical)))
 
 
 class PriceBook:
@@ -1164,11 +1175,8 @@ class PriceBook:
     def _resolve_override(self, model: str, provider: str | None) -> ModelPrice | None:
         if not self._overrides:
             return None
-        name = model.strip().lower()
-        raw_provider = str(provider).strip().lower() if provider else None
         canonical = canonical_provider(provider)
-        tries = _candidates(name, raw_provider) if raw_provider and raw_provider != canonical else []
-        for key in tries + _candidates(name, canonical):
+        for key in _keys_to_try(model, provider):
             found = self._overrides.get(key)
             if found is not None:
                 written, price = found
@@ -1178,13 +1186,10 @@ class PriceBook:
         return None
 
     def _resolve_map(self, model: str, provider: str | None) -> ModelPrice | None:
-        name = model.strip().lower()
-        raw_provider = str(provider).strip().lower() if provider else None
         canonical = canonical_provider(provider)
         price_map = self._loaded()
         guard = canonical if canonical in price_map.families else None
-        tries = _candidates(name, raw_provider) if raw_provider and raw_provider != canonical else []
-        for key in dict.fromkeys(tries + _candidates(name, canonical)):
+        for key in _keys_to_try(model, provider):
             entry = price_map.entries.get(key)
             if entry is None:
                 continue
