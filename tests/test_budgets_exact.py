@@ -20,7 +20,11 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from llmtally import Budget, BudgetExceeded, Price, Tally
+from llmtally import CallEvent
+from llmtally._event import event_row
 from llmtally._reservations import check_counters
+from llmtally._scope import EMPTY
+from llmtally._usage import Usage
 from llmtally.testing import FakeUsage
 
 litellm = pytest.importorskip("litellm")
@@ -198,11 +202,8 @@ def test_a_spill_replay_is_charged_once(make_tally, tmp_path):
                        spill_path=spill)
     tally.reserve(model="penny", input_tokens=0, max_tokens=1)
     tally.flush(10)
-    rows = [tally._event_row(event_id=f"spilled-{n}", model="penny", provider=None,
-                             tokens=(5, 5, 0, 0, 0), latency_ms=None, ttft_ms=None, status="ok",
-                             error_type=None, call_type="chat", streamed=False,
-                             resolved_model=None, estimated=False, cache_hit=False, ts=None,
-                             source="manual", attribution=(None,) * 6) for n in range(3)]
+    rows = [event_row(CallEvent(model="penny", usage=Usage(5, 5)), event_id=f"spilled-{n}",
+                      now=tally.now(), scope=EMPTY, prices=tally.prices) for n in range(3)]
     assert tally._writer.spill_now(rows + rows[:1], reason="test")  # one line twice
     assert tally.flush(10)
     assert not spill.exists()

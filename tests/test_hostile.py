@@ -88,7 +88,7 @@ def test_any_litellm_call_shape_becomes_one_stored_event(make_tally, kwargs, res
     tally = _shared(make_tally)
     written = tally._writer.written
     event = litellm_event(kwargs, response, None, None, failed=failed)
-    event_id = tally.record(**event)
+    event_id = tally.record_event(event)
     assert tally.flush(10)
     assert (tally._writer.written, tally._writer.rejected) == (written + 1, 0)
     assert event_id == kwargs["litellm_call_id"]
@@ -129,7 +129,7 @@ def test_hostile_attribution_is_stored_bounded_and_valid(ledger_url, make_tally,
                           project=text, session=text, request_id=text, tags=[text, "ok"],
                           error_type=text, resolved_model=text, status="error",
                           metadata={text: text, "nested": [{"deep": text}], "n": math.nan})
-    via_litellm = tally.record(**litellm_event(
+    via_litellm = tally.record_event(litellm_event(
         {"litellm_call_id": f"call-{kind}", "model": text, "custom_llm_provider": text,
          "user": text, "litellm_params": {"metadata": {"project": text, "tags": [text],
                                                         "session_id": text, "request_id": text,

@@ -225,17 +225,21 @@ def test_full_queue_spills_instead_of_blocking_or_dropping(tmp_path, make_tally)
 
 def test_events_built_on_the_writer_thread_are_written_and_a_failing_builder_loses_only_itself(
         tmp_path, make_tally, caplog):
-    """Integrations may queue a builder instead of a row (Tally._record_later): it runs on the
-    writer thread, also when a full queue spills it; one that raises is logged and skipped."""
+    """Integrations may queue a builder instead of an event (Tally.record_later): it runs on
+    the writer thread, also when a full queue spills it; one that raises is logged and skipped."""
+    from llmtally import CallEvent
+    from llmtally._usage import Usage
+
     tally = make_tally(max_queue=3, flush_interval_s=60)
 
-    def broken() -> dict:
+    def broken() -> CallEvent:
         raise ValueError("odd response")
 
     for n in range(6):
-        assert tally._record_later(lambda n=n: {"id": f"later-{n}", "model": "gpt-4o-mini",
-                                                "input_tokens": n, "source": "langchain"})
-    tally._record_later(broken)
+        assert tally.record_later(lambda n=n: CallEvent(id=f"later-{n}", model="gpt-4o-mini",
+                                                        usage=Usage(input_tokens=n),
+                                                        source="langchain"))
+    tally.record_later(broken)
     assert tally.flush(10)
     rows = fetch_events(f"sqlite:///{tmp_path / 'ledger.db'}")
     assert sorted((r["id"], r["input_tokens"], r["source"]) for r in rows) == [

@@ -597,7 +597,7 @@ def test_cache_hit_kwarg_becomes_a_zero_cost_flagged_event(make_tally):
                            "litellm_call_id": "c-1"},
                           {"model": "gpt-4o-mini", "usage": {"prompt_tokens": 10, "completion_tokens": 2}},
                           None, None, failed=False)
-    tally.record(**event)
+    tally.record_event(event)
     [row] = ledger_rows(tally)
     assert (row["input_tokens"], row["cost"], json.loads(row["metadata"])["cache_hit"]) == (10, 0, True)
 
@@ -670,9 +670,10 @@ _response = _junk | st.fixed_dictionaries({}, optional={"usage": _usage | _junk,
 @given(kwargs=_kwargs | _junk, response=_response, start=_junk, end=_junk, failed=st.booleans())
 def test_litellm_event_tolerates_any_shape(make_tally, kwargs, response, start, end, failed):
     event = litellm_event(kwargs, response, start, end, failed=failed)
-    assert isinstance(event["model"], str) and event["status"] in ("ok", "error")
-    assert all(type(event.get(name, 0)) is int and event.get(name, 0) >= 0 for name in
-               ("input_tokens", "output_tokens", "cache_read_tokens", "cache_write_tokens"))
+    assert isinstance(event.model, str) and event.status in ("ok", "error")
+    assert all(type(getattr(event.usage, name)) is int and getattr(event.usage, name) >= 0
+               for name in ("input_tokens", "output_tokens", "cache_read_tokens",
+                            "cache_write_tokens"))
 
 
 def test_hooks_swallow_every_fault(make_tally, monkeypatch, provider):

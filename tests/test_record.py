@@ -190,3 +190,48 @@ def test_flush_runs_the_integrations_drains_first(make_tally):
     assert tally.flush(5)
     assert drained == [5]
     assert len(ledger_rows(tally)) == 2  # _rows flushes again: the drain ran twice, never raised
+
+
+def test_a_call_event_reaches_the_ledger_field_by_field(make_tally):
+    """Every field of CallEvent lands in its own column, through record_event() and through
+    record_later() (the writer thread), and record() makes the same row from its arguments."""
+    from datetime import datetime, timezone
+
+    from llmtally import CallEvent
+    from llmtally._usage import Usage
+
+    tally = make_tally(prices={"acme/model-x": {"input": 1.0, "output": 2.0, "cache_read": 0.5,
+                                                 "cache_write": 1.5, "reasoning": 2.0}})
+    fields = dict(
+        model="model-x", provider="acme", usage=Usage(1_000_000, 400_000, 200_000, 100_000, 50_000),
+        status="error", error_type="openai.APITimeoutError", call_type="completion",
+        streamed=True, resolved_model="model-x-2026", estimated=True, cache_hit=False,
+        ts=datetime(2026, 11, 20, 8, 30, tzinfo=timezone.utc), latency_ms=1234.5, ttft_ms=321.0,
+        source="litellm", project="proj", user="ann", session="sess-1", tags=("a", "b"),
+        request_id="req-9", metadata={"k": "v"})
+    assert set(fields) | {"id"} == set(CallEvent._fields)
+    assert tally.record_event(CallEvent(**fields, id="direct")) == "direct"
+    assert tally.record_later(lambda: CallEvent(**fields, id="later"))
+    tally.record(id="kwargs", **{name: value for name, value in fields.items() if name != "usage"},
+                 **fields["usage"]._asdict())
+    rows = {row["id"]: row for row in ledger_rows(tally)}
+    assert sorted(rows) == ["direct", "kwargs", "later"]
+    for row in rows.values():
+        assert {name: row[name] for name in (
+            "provider", "model", "status", "error_type", "call_type", "resolved_model",
+            "source", "project", "user", "session", "request_id", "cost_status", "input_tokens",
+            "output_tokens", "cache_read_tokens", "cache_write_tokens", "reasoning_tokens",
+            "latency_ms", "ttft_ms")} == {
+            "provider": "acme", "model": "model-x", "status": "error",
+            "error_type": "openai.APITimeoutError", "call_type": "completion",
+            "resolved_model": "model-x-2026", "source": "litellm", "project": "proj",
+            "user": "ann", "session": "sess-1", "request_id": "req-9",
+            "cost_status": "estimated", "input_tokens": 1_000_000, "output_tokens": 400_000,
+            "cache_read_tokens": 200_000, "cache_write_tokens": 100_000,
+            "reasoning_tokens": 50_000, "latency_ms": 1234.5, "ttft_ms": 321.0}
+        assert bool(row["streamed"]) is True
+        assert str(row["ts"]).startswith("2026-11-20 08:30:00")
+        assert json.loads(row["tags"]) == ["a", "b"] and json.loads(row["metadata"]) == {"k": "v"}
+        # 0.7 M plain input at $1, 0.2 M cache reads at $0.5, 0.1 M cache writes at $1.5,
+        # 0.35 M plain output at $2, 0.05 M reasoning at $2 (per million tokens)
+        assert row["cost"] == pytest.approx(0.7 + 0.1 + 0.15 + 0.7 + 0.1, abs=1e-9)

@@ -501,7 +501,7 @@ def test_sample_history_is_deterministic_and_plausible():
     assert len({c.provider for c in first}) >= 5
     assert any(c.status == "error" and c.error_type for c in first)
     assert any(c.status == "blocked" for c in first)
-    assert any(c.cache_read_tokens for c in first) and any(c.cache_hit for c in first)
+    assert any(c.usage.cache_read_tokens for c in first) and any(c.cache_hit for c in first)
     assert any(c.streamed and c.ttft_ms for c in first) and any(c.estimated for c in first)
     assert any((c.provider, c.model) == UNPRICED_MODEL for c in first)
     weekdays = sum(1 for c in first if c.ts.weekday() < 5)

@@ -24,7 +24,7 @@ from conftest import fetch_events
 from sqlalchemy import text
 from test_transfer import cli, new_ledger, stores, typed_rows
 
-from llmtally._store import Store, _driver_row
+from llmtally._store import Store, driver_row
 from llmtally._transfer import (MAX_LINE_BYTES, MAX_RECORD_BYTES, TransferError, _event_row,
                                 export_events, import_events)
 
@@ -194,7 +194,7 @@ class _Interrupting(io.RawIOBase):
 def _write_now(url: str, row: dict) -> None:
     """Insert one event on a connection of its own that does not wait for any lock."""
     store = Store(url)
-    params = _driver_row(_event_row(row), store.dialect == "sqlite")
+    params = driver_row(_event_row(row), store.dialect == "sqlite")
     sql = store._insert_sql
     store.close()
     if url.startswith("sqlite"):

@@ -15,13 +15,14 @@ from typing import TYPE_CHECKING, Any
 
 from ._budgets import Budget, BudgetExceeded
 from ._errors import ConfigError, LedgerError
+from ._event import CallEvent
 from ._pricing import Price
 from ._tally import Tally
 
 if TYPE_CHECKING:
     from ._model import UsageEvent
 
-__all__ = ["Tally", "Budget", "BudgetExceeded", "Price", "UsageEvent", "ConfigError",
+__all__ = ["Tally", "CallEvent", "Budget", "BudgetExceeded", "Price", "UsageEvent", "ConfigError",
            "LedgerError", "__version__"]
 
 __version__ = "0.1.0"

@@ -37,6 +37,7 @@ from sqlalchemy.dialects.postgresql import JSONB
 
 from ._errors import LedgerError
 from ._model import EVENTS_TABLE
+from ._usage import TOKEN_FIELDS
 
 __all__ = ["Migration", "MIGRATIONS", "SCHEMA_TABLE", "migrate", "schema_version"]
 
@@ -77,10 +78,7 @@ def m001_initial(conn: Connection) -> None:
         Column("streamed", Boolean, nullable=False),
         Column("status", String(16), nullable=False),
         Column("error_type", String(256)),
-        *(Column(name, BigInteger, nullable=False) for name in (
-            "input_tokens", "output_tokens", "cache_read_tokens",
-            "cache_write_tokens", "reasoning_tokens",
-        )),
+        *(Column(name, BigInteger, nullable=False) for name in TOKEN_FIELDS),
         Column("cost", Float),
         Column("currency", String(3), nullable=False),
         Column("cost_status", String(16), nullable=False),

@@ -13,6 +13,7 @@ from sqlalchemy.sql import ColumnElement
 from ._errors import ConfigError
 from ._model import UsageEvent
 from ._timeparse import parse_instant
+from ._usage import TOKEN_FIELDS
 
 __all__ = ["SummaryRow", "UnpricedRow", "summarize", "unpriced_models", "GROUP_BY"]
 
@@ -91,9 +92,7 @@ def summarize(conn: Connection, *, since: Any = None, until: Any = None, by: str
         key,
         func.count().label("calls"),
         func.sum(case((_E.status == "error", 1), else_=0)).label("errors"),
-        *(func.coalesce(func.sum(_E[name]), 0).label(name) for name in (
-            "input_tokens", "output_tokens", "cache_read_tokens", "cache_write_tokens",
-            "reasoning_tokens")),
+        *(func.coalesce(func.sum(_E[name]), 0).label(name) for name in TOKEN_FIELDS),
         func.coalesce(func.sum(_E.cost), 0.0).label("cost"),
         func.sum(case((_E.cost_status == "unpriced", 1), else_=0)).label("unpriced_calls"),
         func.sum(case((_E.cost_status == "estimated", 1), else_=0)).label("estimated_calls"),

@@ -18,7 +18,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timezone, tzinfo
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 from . import _report_data as data
 from ._errors import ConfigError
@@ -28,7 +28,7 @@ from ._report_period import Period, resolve_period
 if TYPE_CHECKING:
     from ._pricing import PriceBook
     from ._reservations import CounterState
-    from ._tally import Tally
+    from ._store import Store
 
 __all__ = ["Report", "ReportFile", "build_report", "render_html", "write_report",
            "report_path", "format_money", "DEFAULT_REPORT_DIR", "DEFAULT_TOP"]
@@ -274,7 +274,25 @@ def _rate(value: float | None) -> float | None:
     return None if value is None else 100.0 * value
 
 
-def build_report(tally: Tally, *, week: str | None = None, since: Any = None,
+class ReportSource(Protocol):
+    """What a report reads: a :class:`~llmtally.Tally`'s ledger, prices, zone and budgets."""
+
+    store: Store
+    prices: PriceBook
+    tz: tzinfo
+    currency: str
+
+    @property
+    def database_url(self) -> str: ...
+
+    def now(self) -> datetime: ...
+
+    def flush(self, timeout: float | None = None) -> bool: ...
+
+    def budget_states(self) -> list[CounterState]: ...
+
+
+def build_report(tally: ReportSource, *, week: str | None = None, since: Any = None,
                  until: Any = None, project: str | None = None, top: int = DEFAULT_TOP,
                  now: datetime | None = None) -> Report:
     """Read the report's figures from ``tally``'s ledger (a few aggregate queries). Flushes
@@ -284,7 +302,7 @@ def build_report(tally: Tally, *, week: str | None = None, since: Any = None,
     if top < 1:
         raise ConfigError(f"top={top!r}: show at least one row per table")
     tally.flush(_FLUSH_TIMEOUT_S)
-    now = now or tally._clock()
+    now = now or tally.now()
     period = resolve_period(week=week, since=since, until=until, now=now, tz=tally.tz)
     start, end = period.utc_range
     previous_start, previous_end = period.previous_utc_range
@@ -621,7 +639,7 @@ def report_path(path: str | os.PathLike[str] | None, report: Report) -> Path:
     return target
 
 
-def write_report(tally: Tally, path: str | os.PathLike[str] | None = None, *,
+def write_report(tally: ReportSource, path: str | os.PathLike[str] | None = None, *,
                  week: str | None = None, since: Any = None, until: Any = None,
                  project: str | None = None, top: int = DEFAULT_TOP) -> ReportFile:
     """Build, render and atomically write the report; see :meth:`Tally.report`."""

@@ -20,14 +20,13 @@ from sqlalchemy import Connection, String, and_, case, func, or_, select
 from sqlalchemy.sql import ColumnElement
 
 from ._model import UsageEvent
+from ._usage import TOKEN_FIELDS
 
 __all__ = ["Range", "Totals", "GroupRow", "Percentiles", "ErrorRow", "CallRow", "UnpricedModel",
            "totals", "group_totals", "model_totals", "time_buckets", "percentiles", "errors",
            "costliest_calls", "unpriced_models", "currencies", "PERCENTILES"]
 
 _E = UsageEvent.__table__.c
-_TOKEN_COLUMNS = ("input_tokens", "output_tokens", "cache_read_tokens", "cache_write_tokens",
-                  "reasoning_tokens")
 PERCENTILES = (50, 95)
 
 
@@ -180,7 +179,7 @@ def totals(conn: Connection, rows: Range) -> tuple[Totals, Totals]:
         func.count().label("calls"),
         _count_if(_E.status == "error").label("errors"),
         _count_if(_E.status == "blocked").label("blocked"),
-        *(_sum(_E[name]).label(name) for name in _TOKEN_COLUMNS),
+        *(_sum(_E[name]).label(name) for name in TOKEN_FIELDS),
         _sum(_E.cost).label("cost"),
         _count_if(_E.cost_status == "unpriced").label("unpriced_calls"),
         _count_if(_E.cost_status == "estimated").label("estimated_calls"),
@@ -194,7 +193,7 @@ def totals(conn: Connection, rows: Range) -> tuple[Totals, Totals]:
             return Totals()
         return Totals(
             calls=int(row.calls), errors=int(row.errors), blocked=int(row.blocked),
-            **{name: int(getattr(row, name)) for name in _TOKEN_COLUMNS},
+            **{name: int(getattr(row, name)) for name in TOKEN_FIELDS},
             cost=float(row.cost), unpriced_calls=int(row.unpriced_calls),
             estimated_calls=int(row.estimated_calls), estimated_cost=float(row.estimated_cost),
             streamed_calls=int(row.streamed_calls))
@@ -261,7 +260,7 @@ def model_totals(conn: Connection, rows: Range) -> list[GroupRow]:
         _sum(case((with_cache, _E.input_tokens), else_=0)).label("cached_calls_input_tokens"),
         _count_if(with_cache).label("cached_calls"),
         _count_if(hit).label("hit_calls"),
-        *(_sum(case((hit, _E[name]), else_=0)).label(f"hit_{name}") for name in _TOKEN_COLUMNS),
+        *(_sum(case((hit, _E[name]), else_=0)).label(f"hit_{name}") for name in TOKEN_FIELDS),
         _sum(case((and_(current, _E.cost_status == "estimated"), _E.cost), else_=0.0))
         .label("estimated_cost"),
     ]

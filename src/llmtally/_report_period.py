@@ -15,7 +15,7 @@ from datetime import date, datetime, timedelta, timezone, tzinfo
 from typing import Literal
 
 from ._errors import ConfigError
-from ._timeparse import _DURATION, parse_duration
+from ._timeparse import DURATION, parse_duration
 
 __all__ = ["Period", "resolve_period", "MAX_DAY_BUCKETS", "MAX_WEEK_BUCKETS"]
 
@@ -150,7 +150,7 @@ def _instant(value: str | datetime | date, now: datetime, tz: tzinfo, name: str)
     if isinstance(value, date):
         return _local_midnight(value, tz)
     text = str(value).strip()
-    if _DURATION.match(text):
+    if DURATION.match(text):
         return now - parse_duration(text)
     try:
         moment = datetime.fromisoformat(text.replace("Z", "+00:00"))

@@ -48,18 +48,20 @@ import socket
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import (JSON, BigInteger, Column, Connection, DateTime, Float, MetaData, String,
-                        Table, Text, and_, bindparam, cast, delete, exists, func, literal, select,
-                        text)
+                        Table, Text, and_, bindparam, cast, delete, exists, func, inspect, literal,
+                        select, text)
 from sqlalchemy.dialects.postgresql import JSONB
 
 from ._budgets import Budget, BudgetExceeded, Window, instance_for, window_for, zone
 from ._errors import ConfigError
 from ._log import logger, warn_limited
 from ._model import UsageEvent
-from ._store import Store
+
+if TYPE_CHECKING:  # a Store is passed in; _store -> _migrations -> this module at run time
+    from ._store import Store
 
 __all__ = ["BudgetLedger", "EventCharges", "Hold", "Reservation", "CounterState", "Crossing",
            "Drift", "UNIT_SCALE", "to_units", "defined_budgets", "check_counters",
@@ -705,9 +707,7 @@ def unpriced_calls(conn: Connection, state: CounterState) -> int:
 
 def defined_budgets(conn: Connection) -> list[Defined]:
     """Every budget defined in the ledger (by any process), in key order."""
-    from ._migrations import schema_version
-
-    if schema_version(conn) < 3:
+    if not inspect(conn).has_table(DEFINITIONS.name):  # a ledger before migration 3
         return []
     rows = conn.execute(select(DEFINITIONS).order_by(DEFINITIONS.c.budget_key)).all()
     found: dict[str, tuple[bool, Defined]] = {}

@@ -1,6 +1,6 @@
 """A plausible, deterministic history of LLM calls: for the demo, the report tests and the benchmarks.
 
-:func:`sample_calls` yields :class:`SampleCall` values spread over a time range the way a
+:func:`sample_calls` yields :class:`~llmtally.CallEvent` values spread over a time range the way a
 team's traffic is (busy weekday office hours, quiet nights and weekends, a little growth):
 several projects and users, models of several providers priced from the real price map, one
 model with no price (``internal/acme-llm-7b``), errors with the exception types LiteLLM raises,
@@ -12,8 +12,9 @@ Two ways into a ledger:
 
 - :func:`record_history` sends each call through :meth:`Tally.record` — the real code path
   (pricing, attribution, the background writer); what ``llmtally demo`` uses.
-- :func:`bulk_load` prices the calls with a :class:`PriceBook` the way ``record()`` does and
-  writes ready rows with :meth:`Store.insert_many` — fast enough for a million events.
+- :func:`bulk_load` turns the calls into rows with the function ``record()`` uses (priced by a
+  :class:`PriceBook`, no attribution in force) and writes them with :meth:`Store.insert_many`
+  — fast enough for a million events.
 """
 
 from __future__ import annotations
@@ -21,16 +22,20 @@ from __future__ import annotations
 import hashlib
 import random
 from collections.abc import Iterable, Iterator, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone, tzinfo
 from typing import TYPE_CHECKING, Any
+
+from ._event import CallEvent, event_row
+from ._scope import EMPTY
+from ._usage import Usage
 
 if TYPE_CHECKING:
     from ._pricing import PriceBook
     from ._store import Store
     from ._tally import Tally
 
-__all__ = ["SampleCall", "sample_calls", "sample_rows", "record_history", "bulk_load",
+__all__ = ["sample_calls", "sample_rows", "record_history", "bulk_load",
            "UNPRICED_MODEL", "DEFAULT_SEED"]
 
 DEFAULT_SEED = 47
@@ -113,43 +118,8 @@ _WEEKDAY_WEIGHT = (1.0, 1.05, 1.0, 1.0, 0.9, 0.35, 0.3)
 _GROWTH = 0.35                    # the last hour of the range is this much busier than the first
 
 
-@dataclass(frozen=True, slots=True)
-class SampleCall:
-    """One generated call, with the keyword arguments :meth:`Tally.record` takes."""
-
-    id: str
-    ts: datetime                  # aware, UTC
-    provider: str
-    model: str
-    call_type: str
-    input_tokens: int = 0
-    output_tokens: int = 0
-    cache_read_tokens: int = 0
-    cache_write_tokens: int = 0
-    reasoning_tokens: int = 0
-    latency_ms: float | None = None
-    ttft_ms: float | None = None
-    streamed: bool = False
-    status: str = "ok"
-    error_type: str | None = None
-    estimated: bool = False
-    cache_hit: bool = False
-    project: str | None = None
-    user: str | None = None
-    session: str | None = None
-    tags: tuple[str, ...] = ()
-    metadata: dict[str, Any] = field(default_factory=dict)
-
-    def record_kwargs(self) -> dict[str, Any]:
-        """This call as keyword arguments for :meth:`Tally.record`."""
-        values = asdict(self)
-        values["tags"] = list(self.tags)
-        values["metadata"] = dict(self.metadata) or None
-        return values
-
-
 def sample_calls(start: datetime, end: datetime, *, count: int, seed: int = DEFAULT_SEED,
-                 tz: tzinfo = timezone.utc) -> Iterator[SampleCall]:
+                 tz: tzinfo = timezone.utc) -> Iterator[CallEvent]:
     """``count`` calls between ``start`` and ``end`` (datetimes; naive means UTC), in time order.
 
     Traffic follows office hours and weekdays in ``tz`` and grows a little over the range. The
@@ -187,48 +157,18 @@ def record_history(tally: Tally, start: datetime, end: datetime, *, count: int,
     """
     recorded = 0
     for call in sample_calls(start, end, count=count, seed=seed, tz=tally.tz):
-        tally.record(**call.record_kwargs())
+        tally.record_event(call)
         recorded += 1
     tally.flush()
     return recorded
 
 
-def sample_rows(calls: Iterable[SampleCall], prices: PriceBook) -> Iterator[dict[str, Any]]:
-    """Ledger rows for ``calls`` (the dicts :meth:`Store.insert_many` takes), priced by
-    ``prices`` with the rules :meth:`Tally.record` applies (blocked and cache-hit calls cost
-    0; a model with no price is ``unpriced``, its cost NULL)."""
-    currency = prices.currency
+def sample_rows(calls: Iterable[CallEvent], prices: PriceBook) -> Iterator[dict[str, Any]]:
+    """Ledger rows for ``calls`` (the dicts :meth:`Store.insert_many` takes), made by the
+    function :meth:`Tally.record` uses, priced by ``prices``, with no attribution in force."""
     for call in calls:
-        metadata = dict(call.metadata)
-        if call.status == "blocked":
-            cost, cost_status, price_source = 0.0, "priced", None
-        elif call.cache_hit:
-            cost, cost_status, price_source = 0.0, "priced", "cache-hit"
-            metadata["cache_hit"] = True
-        else:
-            priced = prices.cost(model=call.model, provider=call.provider,
-                                 input_tokens=call.input_tokens, output_tokens=call.output_tokens,
-                                 cache_read_tokens=call.cache_read_tokens,
-                                 cache_write_tokens=call.cache_write_tokens,
-                                 reasoning_tokens=call.reasoning_tokens)
-            if priced.cost is None:
-                cost, cost_status, price_source = None, "unpriced", None
-            else:
-                cost, price_source = priced.cost, priced.source
-                cost_status = "estimated" if call.estimated else "priced"
-        yield {
-            "id": call.id, "ts": call.ts.replace(tzinfo=None), "source": "manual",
-            "provider": call.provider, "model": call.model, "resolved_model": None,
-            "call_type": call.call_type, "streamed": call.streamed, "status": call.status,
-            "error_type": call.error_type, "input_tokens": call.input_tokens,
-            "output_tokens": call.output_tokens, "cache_read_tokens": call.cache_read_tokens,
-            "cache_write_tokens": call.cache_write_tokens,
-            "reasoning_tokens": call.reasoning_tokens, "cost": cost, "currency": currency,
-            "cost_status": cost_status, "price_source": price_source,
-            "latency_ms": call.latency_ms, "ttft_ms": call.ttft_ms, "project": call.project,
-            "user": call.user, "session": call.session, "tags": list(call.tags),
-            "request_id": None, "metadata": metadata,
-        }
+        yield event_row(call, event_id=call.id, now=call.ts, scope=EMPTY,  # type: ignore[arg-type]
+                        prices=prices)
 
 
 def bulk_load(store: Store, prices: PriceBook, start: datetime, end: datetime, *, count: int,
@@ -290,7 +230,7 @@ def _tokens(rng: random.Random, typical: int) -> int:
     return max(1, int(typical * rng.lognormvariate(0.0, 0.6)))
 
 
-def _one_call(rng: random.Random, call_id: str, ts: datetime, tz: tzinfo) -> SampleCall:
+def _one_call(rng: random.Random, call_id: str, ts: datetime, tz: tzinfo) -> CallEvent:
     project = _pick(rng, [(p, p.weight) for p in _PROJECTS])
     model = _MODELS[_pick(rng, project.models)]
     user = rng.choice(project.users)
@@ -305,13 +245,13 @@ def _one_call(rng: random.Random, call_id: str, ts: datetime, tz: tzinfo) -> Sam
         tags=project.tags, metadata=metadata)
     if rng.random() < _BLOCKED_SHARE:
         metadata["budget"] = "usd 2/day each user"
-        return SampleCall(**common, status="blocked", error_type="llmtally.BudgetExceeded")
+        return CallEvent(**common, status="blocked", error_type="llmtally.BudgetExceeded")
     streamed = rng.random() < model.stream_share
     if rng.random() < model.error_rate:
         latency = model.base_latency_ms * rng.uniform(0.5, 3.0)
         if rng.random() < 0.3:   # a timeout takes its time
             latency = rng.uniform(20_000, 60_000)
-        return SampleCall(**common, status="error", error_type=rng.choice(model.error_types),
+        return CallEvent(**common, status="error", error_type=rng.choice(model.error_types),
                           streamed=streamed, latency_ms=round(latency, 1))
     input_tokens = _tokens(rng, model.input_tokens)
     output_tokens = _tokens(rng, model.output_tokens)
@@ -331,9 +271,8 @@ def _one_call(rng: random.Random, call_id: str, ts: datetime, tz: tzinfo) -> Sam
         ttft = model.base_latency_ms * rng.uniform(0.6, 1.8) * (1 + input_tokens / 40_000)
         latency = ttft + output_tokens * model.ms_per_output_token * rng.uniform(0.7, 1.4)
     estimated = streamed and not cache_hit and rng.random() < _ESTIMATED_STREAM_SHARE
-    return SampleCall(
-        **common, input_tokens=input_tokens, output_tokens=output_tokens,
-        cache_read_tokens=cache_read, cache_write_tokens=cache_write, reasoning_tokens=reasoning,
+    return CallEvent(
+        **common, usage=Usage(input_tokens, output_tokens, cache_read, cache_write, reasoning),
         latency_ms=round(latency, 1),
         ttft_ms=round(ttft, 1) if streamed and ttft is not None else None,
         streamed=streamed, estimated=estimated, cache_hit=cache_hit)

@@ -21,20 +21,26 @@ import signal
 import threading
 import time
 import weakref
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
-if TYPE_CHECKING:
-    from ._tally import Tally
+
+class _Flushable(Protocol):
+    """A Tally, as far as SIGTERM is concerned."""
+
+    @property
+    def closed(self) -> bool: ...
+
+    def flush(self, timeout: float | None = None) -> bool: ...
 
 __all__ = ["flush_on_sigterm", "SIGTERM_FLUSH_TIMEOUT_S"]
 
 SIGTERM_FLUSH_TIMEOUT_S = 5.0  # docker stop / systemd wait 10 s, Kubernetes 30 s, before SIGKILL
 
-_tallies: weakref.WeakSet[Tally] = weakref.WeakSet()
+_tallies: weakref.WeakSet[_Flushable] = weakref.WeakSet()
 _installed = False
 
 
-def flush_on_sigterm(tally: Tally) -> None:
+def flush_on_sigterm(tally: _Flushable) -> None:
     """Have ``tally`` flushed if the process receives SIGTERM (see the module docstring)."""
     global _installed
     _tallies.add(tally)
@@ -56,7 +62,7 @@ def _on_sigterm(signum: int, _frame: Any) -> None:
     deadline = time.monotonic() + SIGTERM_FLUSH_TIMEOUT_S
     for tally in list(_tallies):
         try:
-            if not tally._closed:
+            if not tally.closed:
                 tally.flush(max(0.0, deadline - time.monotonic()))
         except Exception:  # dying anyway: never let a fault of ours change how
             pass

@@ -201,7 +201,7 @@ class Store:
                     charges: InsertHook | None = None) -> tuple[int, Callable[[], None] | None]:
         """:meth:`insert_many` inside the caller's write transaction: returns the number of
         rows inserted and the action ``charges`` wants run after the commit (or None)."""
-        params = [_driver_row(row, self._sqlite_ts) for row in rows]
+        params = [driver_row(row, self._sqlite_ts) for row in rows]
         batch = charges.begin(conn, rows) if charges is not None else None
         if batch is None:
             return max(conn.exec_driver_sql(self._insert_sql, params).rowcount, 0), None
@@ -330,7 +330,7 @@ _ROW_VALUES = operator.itemgetter(*EVENT_COLUMNS)
 _TS, _TAGS, _METADATA = (EVENT_COLUMNS.index(name) for name in ("ts", "tags", "metadata"))
 
 
-def _driver_row(row: Mapping[str, Any], sqlite_ts: bool) -> tuple[Any, ...]:
+def driver_row(row: Mapping[str, Any], sqlite_ts: bool) -> tuple[Any, ...]:
     """One event as DB-API parameters in column order (missing keys are NULL)."""
     try:
         values = list(_ROW_VALUES(row))

@@ -10,6 +10,7 @@ import json
 import logging
 import os
 import sys
+import threading
 import time
 import weakref
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
@@ -22,38 +23,32 @@ from . import _scope
 from ._alerts import DEFAULT_WEBHOOK_TIMEOUT_S, WebhookSender, is_webhook
 from ._budgets import Budget, BudgetExceeded, zone
 from ._errors import ConfigError, error_type
+from ._event import NO_USAGE, CallEvent, clean_id, event_row
 from ._log import logger, warn_limited
-from ._metadata import clean_metadata
 from ._pricing import Price, PriceBook
 from ._ids import EventIds
-from ._usage import (MAX_TOKEN_COUNT, Usage, coerce_count, extract_usage, response_model,
-                     response_text)
+from ._usage import Usage, coerce_count, extract_usage, response_model, response_text
 
 if TYPE_CHECKING:  # the database layer is imported when a Tally is made, not at `import llmtally`
     from ._queries import SummaryRow, UnpricedRow
     from ._reservations import BudgetLedger, CounterState, Crossing, Reservation
     from ._store import Store
     from ._writer import Writer
+    from .integrations.langchain import LangChainHandler
+    from .integrations.litellm import LiteLLMLogger
 
-__all__ = ["Tally", "STATUSES", "CALL_TYPES"]
+__all__ = ["Tally"]
 
 F = TypeVar("F", bound=Callable[..., Any])
 
-STATUSES = frozenset({"ok", "error", "blocked"})
-CALL_TYPES = frozenset({"chat", "completion", "embedding", "image", "audio", "rerank",
-                        "moderation", "responses", "other"})
-SOURCES = frozenset({"litellm", "langchain", "manual", "import"})
 DEFAULT_EXIT_FLUSH_TIMEOUT_S = 10.0
 DURABILITIES = ("batched", "sync")
 DEFAULT_RESERVATION_TTL_S = 900.0
 DEFAULT_MAX_OUTPUT_ESTIMATE = 4096
 UNPRICED_POLICIES = ("allow", "block")
 _SCOPE_KEYS = ("project", "user", "session", "tags", "request_id", "metadata")
-_TOKEN_FIELDS = ("input_tokens", "output_tokens", "cache_read_tokens", "cache_write_tokens",
-                 "reasoning_tokens")
 _ids = EventIds()
 _FLUSH_BEFORE_BLOCKING_S = 2.0
-_ATTRIBUTION_FIELDS = ("project", "user", "session", "tags", "request_id", "metadata")
 
 
 class Tally:
@@ -157,6 +152,10 @@ class Tally:
         self._writer: Writer = Writer(self.store, SpillFile(self.spill_path), **writer_options)
         self._closed = False
         self._closing = False
+        # the integrations this Tally built (one each), made under the lock
+        self._litellm_logger: LiteLLMLogger | None = None
+        self._langchain_handler: LangChainHandler | None = None
+        self._integration_lock = threading.Lock()
         # Run before each flush (and so at exit): integrations drain their own buffers here,
         # e.g. LiteLLM's deferred async logging queue. Each gets the flush's timeout.
         self._before_flush: list[Callable[[float | None], None]] = []
@@ -275,28 +274,33 @@ class Tally:
         answered from a cache (LiteLLM's, say): its tokens are kept, its cost is 0.
         ``reservation`` (from :meth:`reserve`) is settled to this event's real cost and tokens.
         """
-        event_id = _clean_id(id) if id is not None else _ids.next_id()
-        try:
-            row = self._event_row(
-                event_id=event_id, model=model, provider=provider,
-                tokens=(input_tokens, output_tokens, cache_read_tokens, cache_write_tokens,
+        event = CallEvent(
+            model=model, provider=provider,
+            usage=Usage(input_tokens, output_tokens, cache_read_tokens, cache_write_tokens,
                         reasoning_tokens),
-                latency_ms=latency_ms, ttft_ms=ttft_ms, status=status, error_type=error_type,
-                call_type=call_type, streamed=streamed, resolved_model=resolved_model,
-                estimated=estimated, cache_hit=cache_hit, ts=ts, source=source,
-                attribution=(project, user, session, tags, request_id, metadata),
-            )
-            self._submit(row, reservation)
+            status=status, error_type=error_type, call_type=call_type, streamed=streamed,
+            resolved_model=resolved_model, estimated=estimated, cache_hit=cache_hit, ts=ts,
+            latency_ms=latency_ms, ttft_ms=ttft_ms, id=id, source=source, project=project,
+            user=user, session=session, tags=tags, request_id=request_id, metadata=metadata)
+        return self.record_event(event, reservation=reservation)
+
+    def record_event(self, event: CallEvent, *, reservation: Reservation | None = None) -> str:
+        """Record one :class:`CallEvent` (what :meth:`record` does with its arguments);
+        returns its event id. Never raises."""
+        event_id = clean_id(event.id) if event.id is not None else _ids.next_id()
+        try:
+            self._submit(self._row(event, event_id), reservation)
         except Exception as exc:  # never into the caller's code
-            warn_limited("record", "llmtally: could not record a call to %r (%s: %s)", model,
-                         type(exc).__name__, exc, exc_info=True)
+            warn_limited("record", "llmtally: could not record a call to %r (%s: %s)",
+                         event.model, type(exc).__name__, exc, exc_info=True)
         return event_id
 
-    def _record_later(self, build: Callable[[], Mapping[str, Any]]) -> bool:
-        """Have the writer thread build and record an event: ``build()`` returns
-        :meth:`record`'s keyword arguments, ``id`` and ``ts`` included (the attribution in
-        force on the writer thread is the Tally's default scope only). Returns False, and does
-        nothing, when the event must be recorded on the caller's thread (``durability="sync"``)."""
+    def record_later(self, build: Callable[[], CallEvent]) -> bool:
+        """Have the writer thread build and record an event (for adapters whose event is
+        costly to build, e.g. counting a response offline): the attribution in force on the
+        writer thread is the Tally's default scope only, so ``build()`` returns an event with
+        its attribution, ``id`` and ``ts`` set. Returns False, and does nothing, when the event
+        must be recorded on the caller's thread (``durability="sync"``, or after close)."""
         if self._sync or self._closed:
             return False
         self._writer.submit(functools.partial(self._deferred_row, build))
@@ -310,15 +314,13 @@ class Tally:
                      "it is kept in %s until a Tally on this ledger replays it", self.spill_path)
         self._writer.spill_now([row], reason="the Tally is closed")
 
-    def _deferred_row(self, build: Callable[[], Mapping[str, Any]]) -> dict[str, Any]:
-        values = {**_record_defaults(), **build()}
-        del values["reservation"]  # never deferred: a hold is settled on the caller's thread
-        return self._event_row(
-            event_id=_clean_id(event_id) if (event_id := values.pop("id")) is not None
-            else _ids.next_id(), model=values.pop("model"),
-            provider=values.pop("provider"),
-            tokens=tuple(values.pop(name) for name in _TOKEN_FIELDS),
-            attribution=tuple(values.pop(name) for name in _ATTRIBUTION_FIELDS), **values)
+    def _deferred_row(self, build: Callable[[], CallEvent]) -> dict[str, Any]:
+        event = build()
+        return self._row(event, clean_id(event.id) if event.id is not None else _ids.next_id())
+
+    def _row(self, event: CallEvent, event_id: str) -> dict[str, Any]:
+        return event_row(event, event_id=event_id, now=self._clock(),
+                         scope=self._attribution_here(), prices=self.prices)
 
     def _submit(self, row: dict[str, Any], reservation: Reservation | None) -> None:
         if reservation is not None and reservation.holds:
@@ -333,91 +335,6 @@ class Tally:
                          "event durable in time (the ledger hangs and the spill file %s "
                          "cannot be written); it stays queued", self.spill_path,
                          level=logging.ERROR)
-
-    def _event_row(self, *, event_id: str, model: Any, provider: Any, tokens: tuple[Any, ...],
-                   latency_ms: Any, ttft_ms: Any, status: Any, error_type: Any, call_type: Any,
-                   streamed: Any, resolved_model: Any, estimated: bool, cache_hit: bool,
-                   ts: Any, source: Any, attribution: tuple[Any, ...]) -> dict[str, Any]:
-        notes: list[str] = []
-        if all(type(value) is int and 0 <= value <= MAX_TOKEN_COUNT for value in tokens):
-            input_tokens, output_tokens, cache_read, cache_write, reasoning = tokens
-        else:
-            input_tokens, output_tokens, cache_read, cache_write, reasoning = (
-                _token_count(value, name, notes) for value, name in zip(tokens, _TOKEN_FIELDS))
-        # Parts never exceed their whole (input includes cache; output includes reasoning).
-        input_tokens = max(input_tokens, cache_read + cache_write)
-        output_tokens = max(output_tokens, reasoning)
-        model_name = _clean_text(model, notes, "model") or "unknown"
-        provider_name = _clean_text(provider, notes, "provider")
-        if status not in STATUSES:
-            status = _one_of(status, STATUSES, "status", "ok", notes)
-        when = _as_utc_naive(self._clock() if ts is None else ts)
-        priced = self.prices.cost(
-            model=model_name, provider=provider_name, input_tokens=input_tokens,
-            output_tokens=output_tokens, cache_read_tokens=cache_read,
-            cache_write_tokens=cache_write, reasoning_tokens=reasoning, at=when,
-        )
-        if status == "blocked":
-            cost, cost_status, price_source = 0.0, "priced", None
-        elif cache_hit:  # served from a cache: nothing was paid for these tokens
-            cost, cost_status, price_source = 0.0, "priced", "cache-hit"
-        elif priced.cost is None:
-            cost, cost_status, price_source = None, "unpriced", None
-        else:
-            cost, price_source = priced.cost, priced.source
-            cost_status = "estimated" if estimated else "priced"
-        project, user, session, tags, request_id, metadata = attribution
-        scope = self._attribution_here()
-        row = {
-            "id": event_id,
-            "ts": when,
-            "source": source if source in SOURCES else _one_of(source, SOURCES, "source",
-                                                                 "manual", notes),
-            # One name per provider and per model, whichever path recorded the call.
-            "provider": priced.provider,
-            "model": priced.model or model_name,
-            "resolved_model": _clean_text(resolved_model, notes, "resolved_model"),
-            "call_type": call_type if call_type in CALL_TYPES else _one_of(
-                call_type, CALL_TYPES, "call_type", "other", notes),
-            "streamed": bool(streamed),
-            "status": status,
-            "error_type": _clean_text(error_type, notes, "error_type"),
-            "input_tokens": input_tokens,
-            "output_tokens": output_tokens,
-            "cache_read_tokens": cache_read,
-            "cache_write_tokens": cache_write,
-            "reasoning_tokens": reasoning,
-            "cost": cost,
-            "currency": self.currency,
-            "cost_status": cost_status,
-            "price_source": price_source,
-            "latency_ms": None if latency_ms is None else _milliseconds(latency_ms, "latency_ms", notes),
-            "ttft_ms": None if ttft_ms is None else _milliseconds(ttft_ms, "ttft_ms", notes),
-            "project": _clean_text(project, notes, "project") or scope.project,
-            "user": _clean_text(user, notes, "user") or scope.user,
-            "session": _clean_id(session) or scope.session,
-            "tags": list(_scope.merge_tags(scope.tags, _tag_tuple(tags, notes)) if tags
-                         else scope.tags),
-            "request_id": _clean_id(request_id) or scope.request_id,
-            "metadata": None,
-        }
-        meta = dict(scope.metadata) if scope.metadata else {}
-        if metadata:
-            if isinstance(metadata, Mapping):
-                try:
-                    meta.update(metadata)
-                except Exception as exc:  # a Mapping that cannot be read costs its metadata only
-                    notes.append(f"metadata could not be read ({type(exc).__name__}); ignored")
-            else:
-                notes.append(f"metadata={_short_repr(metadata)} is not a mapping; ignored")
-        if meta:
-            meta = clean_metadata(meta, notes)  # cycles, depth, odd types: never to the writer
-        if cache_hit:
-            meta["cache_hit"] = True
-        if notes:
-            meta["llmtally_warnings"] = notes
-        row["metadata"] = meta
-        return row
 
     def track(
         self,
@@ -507,18 +424,13 @@ class Tally:
                 usage = Usage(output_tokens=count_text(response_text(result), requested))
                 estimated = True
                 metadata["llmtally_estimated"] = "the response reported no usage; output counted offline"
-            usage = usage or Usage()
-            self.record(
-                model=requested, provider=provider,
-                input_tokens=usage.input_tokens, output_tokens=usage.output_tokens,
-                cache_read_tokens=usage.cache_read_tokens,
-                cache_write_tokens=usage.cache_write_tokens,
-                reasoning_tokens=usage.reasoning_tokens,
+            attributes = {**attribution, "metadata": metadata or None}
+            self.record_event(CallEvent(
+                model=requested, provider=provider, usage=usage or NO_USAGE,
                 latency_ms=latency_ms, status="ok" if error is None else "error",
                 error_type=error_type(error) if error is not None else None,
                 call_type=call_type, resolved_model=answered, estimated=estimated,
-                reservation=held, **{**attribution, "metadata": metadata or None},
-            )
+                **attributes), reservation=held)
         except Exception as exc:
             warn_limited("track", "llmtally: could not record a tracked call (%s: %s)",
                          type(exc).__name__, exc, exc_info=True)
@@ -530,17 +442,33 @@ class Tally:
         ``acompletion``, streams, embeddings) and ``litellm.Router`` calls become events with
         ``source="litellm"``; :meth:`flush` also runs the async logging LiteLLM defers.
         """
-        logger_ = getattr(self, "_litellm_logger", None)
-        if logger_ is None:
-            try:
-                import litellm  # noqa: F401
-            except ImportError as exc:
-                raise ImportError('tally.litellm() needs LiteLLM: pip install "llmtally[litellm]"') from exc
-            from .integrations.litellm import LiteLLMLogger, drain_logging_worker
+        if self._litellm_logger is not None:
+            return self._litellm_logger
+        try:
+            import litellm  # noqa: F401  (imported already, the integration module would not fail)
 
-            logger_ = self._litellm_logger = LiteLLMLogger(self)
-            self._before_flush.append(drain_logging_worker)
-        return logger_
+            from .integrations.litellm import LiteLLMLogger, drain_logging_worker
+        except ImportError as exc:
+            raise ImportError('tally.litellm() needs LiteLLM: pip install "llmtally[litellm]"') from exc
+        with self._integration_lock:
+            if self._litellm_logger is None:
+                self._litellm_logger = LiteLLMLogger(self)
+                self._before_flush.append(drain_logging_worker)
+        return self._litellm_logger
+
+    @property
+    def litellm_attached(self) -> bool:
+        """Whether :meth:`litellm` has made this Tally's LiteLLM logger."""
+        return self._litellm_logger is not None
+
+    @property
+    def closed(self) -> bool:
+        """Whether :meth:`close` has run (calls recorded since wait in the spill file)."""
+        return self._closed
+
+    def now(self) -> datetime:
+        """This Tally's clock (an aware datetime): what its events and budgets call "now"."""
+        return self._clock()
 
     def guard(self, fn: F) -> F:
         """Budgets for a LiteLLM call that has no hook able to stop it: ``litellm.completion``
@@ -566,7 +494,7 @@ class Tally:
         """
         from .integrations.litellm import guard
 
-        return guard(self, fn)  # type: ignore[no-any-return]
+        return guard(self.litellm(), fn)  # type: ignore[no-any-return]
 
     def langchain(self) -> Any:
         """The LangChain callback handler that records every model call:
@@ -579,11 +507,16 @@ class Tally:
         ``metadata={"llmtally_project": ..., "llmtally_user": ..., "llmtally_session": ...}``
         and ``tags`` in the run config attribute the calls.
         """
+        if self._langchain_handler is not None:
+            return self._langchain_handler
         try:
-            from .integrations.langchain import handler_for
+            from .integrations.langchain import LangChainHandler
         except ImportError as exc:
             raise ImportError('tally.langchain() needs LangChain: pip install "llmtally[langchain]"') from exc
-        return handler_for(self)
+        with self._integration_lock:
+            if self._langchain_handler is None:
+                self._langchain_handler = LangChainHandler(self)
+        return self._langchain_handler
 
     def wrap_embeddings(self, embeddings: Any, *, model: str | None = None,
                         provider: str | None = None) -> Any:
@@ -724,8 +657,7 @@ class Tally:
         to an event yet. Only then is a check about to block worth a flush and a retry."""
         if self._writer.queued:
             return True
-        litellm_logger = self.__dict__.get("_litellm_logger")
-        return bool(litellm_logger is not None and litellm_logger._holds)
+        return self._litellm_logger is not None and self._litellm_logger.holds_calls()
 
     def _publish_budgets(self) -> bool:
         """Put this Tally's budget definitions in the ledger (retried until it answers)."""
@@ -846,7 +778,7 @@ class Tally:
         event loop ends (e.g. at the end of the ``main()`` given to ``asyncio.run``): LiteLLM
         logs async calls in tasks on that loop, and cancels those still running when the loop
         closes, so calls that finished just before would never be recorded."""
-        if getattr(self, "_litellm_logger", None) is not None:
+        if self._litellm_logger is not None:
             from .integrations.litellm import adrain_logging_worker
 
             await adrain_logging_worker(timeout)
@@ -922,13 +854,6 @@ class Tally:
 # -- helpers -------------------------------------------------------------------------------
 
 
-@functools.cache
-def _record_defaults() -> dict[str, Any]:
-    """:meth:`Tally.record`'s keyword defaults (for events built on the writer thread)."""
-    return {name: parameter.default
-            for name, parameter in inspect.signature(Tally.record).parameters.items()
-            if parameter.default is not inspect.Parameter.empty}
-
 
 MAX_CHOICES = 128  # OpenAI's own limit for n
 
@@ -969,15 +894,6 @@ def _aware_end(state: CounterState) -> datetime | None:
 def _utc_now() -> datetime:
     return datetime.now(timezone.utc)
 
-
-def _as_utc_naive(value: Any) -> datetime:
-    if type(value) is datetime and value.tzinfo is timezone.utc:
-        return value.replace(tzinfo=None)
-    if isinstance(value, datetime):
-        if value.tzinfo is not None:
-            value = value.astimezone(timezone.utc).replace(tzinfo=None)
-        return value
-    raise TypeError(f"ts must be a datetime, not {type(value).__name__}")
 
 
 def _as_prices(prices: Mapping[str, Any] | None) -> dict[str, Price] | None:
@@ -1050,75 +966,11 @@ def _register_exit_flush(tally: Tally) -> None:
         os.register_at_fork(after_in_child=restart_in_child)
 
 
-def _token_count(value: Any, name: str, notes: list[str]) -> int:
-    count = coerce_count(value)
-    if count is None:
-        if value is not None:
-            notes.append(f"{name}={_short_repr(value)} is not a token count; recorded as 0")
-        return 0
-    return count
 
 
-def _short_repr(value: Any) -> str:
-    try:
-        text = repr(value)
-    except Exception:  # a hostile __repr__ must not cost the event
-        text = f"<unprintable {type(value).__name__}>"
-    return text if len(text) <= 60 else text[:57] + "..."
 
 
-def _clean_text(value: Any, notes: list[str], name: str, limit: int = 256) -> str | None:
-    """Text safe for any database: no NUL, valid UTF-8, at most ``limit`` characters."""
-    if value is None:
-        return None
-    if type(value) is str and len(value) <= limit and value.isascii() and "\x00" not in value:
-        return value or None
-    text = value if isinstance(value, str) else str(value)
-    if not text.isascii():
-        text = text.encode("utf-8", "replace").decode("utf-8")
-    if "\x00" in text:
-        text = text.replace("\x00", "")
-    if len(text) > limit:
-        notes.append(f"{name} was {len(text)} characters; cut to {limit}")
-        text = text[:limit]
-    return text or None
 
-
-def _clean_id(value: Any) -> str | None:
-    return _clean_text(value, [], "id", limit=128)
-
-
-def _one_of(value: Any, allowed: frozenset[str], name: str, fallback: str, notes: list[str]) -> str:
-    if value in allowed:
-        return value
-    notes.append(f"{name}={_short_repr(value)} is not one of {sorted(allowed)}; recorded as {fallback!r}")
-    return fallback
-
-
-def _milliseconds(value: Any, name: str, notes: list[str]) -> float | None:
-    if value is None:
-        return None
-    try:
-        number = float(value)
-    except (TypeError, ValueError):
-        number = -1.0
-    if not (number >= 0 and number != float("inf")):
-        notes.append(f"{name}={_short_repr(value)} is not a duration; left empty")
-        return None
-    return number
-
-
-def _tag_tuple(tags: Any, notes: list[str]) -> tuple[str, ...]:
-    if tags is None:
-        return ()
-    if isinstance(tags, str):
-        tags = [tags]
-    try:
-        cleaned = [_clean_text(tag, notes, "tag") for tag in tags]
-    except TypeError:
-        notes.append(f"tags={_short_repr(tags)} is not a list of strings; ignored")
-        return ()
-    return tuple(dict.fromkeys(tag for tag in cleaned if tag))
 
 
 def _text_kwarg(kwargs: Mapping[str, Any], name: str) -> str | None:

@@ -9,13 +9,13 @@ from ._errors import ConfigError
 
 __all__ = ["parse_instant", "parse_duration"]
 
-_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(s|m|min|h|d|w)\s*$", re.IGNORECASE)
+DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(s|m|min|h|d|w)\s*$", re.IGNORECASE)
 _UNIT_SECONDS = {"s": 1, "m": 60, "min": 60, "h": 3600, "d": 86400, "w": 604800}
 
 
 def parse_duration(text: str) -> timedelta:
     """``"90d"``, ``"24h"``, ``"30m"``, ``"2w"``, ``"45s"`` as a timedelta."""
-    match = _DURATION.match(text)
+    match = DURATION.match(text)
     if not match:
         raise ConfigError(f"{text!r} is not a duration; use a number and a unit, e.g. 30m, 24h, 7d, 2w")
     return timedelta(seconds=float(match.group(1)) * _UNIT_SECONDS[match.group(2).lower()])
@@ -35,7 +35,7 @@ def parse_instant(value: str | datetime | date | None, *, now: datetime) -> date
         moment = datetime(value.year, value.month, value.day)
     else:
         text = str(value).strip()
-        if _DURATION.match(text):
+        if DURATION.match(text):
             moment = now - parse_duration(text)
         else:
             try:

@@ -54,8 +54,8 @@ from ._errors import ConfigError, LedgerError
 from ._files import create_beside
 from ._model import EVENT_COLUMNS, MAX_ID, MAX_TEXT, UsageEvent
 from ._reservations import EventCharges, rebuild_counters_before
-from ._store import Store, _driver_row
-from ._tally import CALL_TYPES, SOURCES, STATUSES
+from ._store import Store, driver_row
+from ._event import CALL_TYPES, SOURCES, STATUSES, TOKEN_FIELDS
 from ._timeparse import parse_instant
 from ._usage import MAX_TOKEN_COUNT
 
@@ -74,8 +74,6 @@ DEFAULT_IMPORT_BATCH = 5000
 IMPORT_BATCH_BYTES = 8 << 20
 INVALID_LINES_KEPT = 20
 _EVENTS = UsageEvent.__table__
-_TOKEN_FIELDS = ("input_tokens", "output_tokens", "cache_read_tokens", "cache_write_tokens",
-                 "reasoning_tokens")
 _JSONL_SUFFIXES = (".jsonl", ".ndjson", ".json")
 
 
@@ -651,7 +649,7 @@ def _csv_header(reader: Any, lines: _Lines, name: str) -> list[str]:
     return names
 
 
-_CSV_INTS = frozenset(_TOKEN_FIELDS)
+_CSV_INTS = frozenset(TOKEN_FIELDS)
 _CSV_FLOATS = frozenset({"cost", "latency_ms", "ttft_ms"})
 _CSV_JSON = frozenset({"tags", "metadata"})
 _CSV_BOOLS = {"true": True, "false": False, "1": True, "0": False}
@@ -707,7 +705,7 @@ def _event_row(record: Mapping[str, Any]) -> dict[str, Any]:
         "streamed": _flag(record, "streamed"),
         "status": _choice(record, "status", STATUSES, "ok"),
         "error_type": _text(record, "error_type", MAX_TEXT),
-        **{name: _count(record, name) for name in _TOKEN_FIELDS},
+        **{name: _count(record, name) for name in TOKEN_FIELDS},
         "cost": cost,
         "currency": _currency(record.get("currency")),
         "cost_status": _choice(record, "cost_status", COST_STATUSES,
@@ -926,9 +924,9 @@ def import_events(
     return result
 
 
-def _event_of(driver_row: Sequence[Any]) -> dict[str, Any]:
-    """A spooled driver row (see ``_driver_row``) as the event dict the store takes."""
-    event = dict(zip(EVENT_COLUMNS, driver_row))
+def _event_of(spooled: Sequence[Any]) -> dict[str, Any]:
+    """A spooled driver row (see ``driver_row``) as the event dict the store takes."""
+    event = dict(zip(EVENT_COLUMNS, spooled))
     if isinstance(event["ts"], str):
         event["ts"] = datetime.fromisoformat(event["ts"])
     for key in ("tags", "metadata"):
@@ -939,7 +937,7 @@ def _event_of(driver_row: Sequence[Any]) -> dict[str, Any]:
 
 def _valid_batches(records: Iterable[tuple[int, Any]], result: ImportResult, lines: _Lines,
                    batch_size: int, sqlite: bool) -> Iterator[list[tuple[Any, ...]]]:
-    """The valid records as driver rows (see ``_driver_row``), in batches of at most
+    """The valid records as driver rows (see ``driver_row``), in batches of at most
     ``batch_size`` rows or about IMPORT_BATCH_BYTES of input; invalid ones noted in ``result``."""
     batch: list[tuple[Any, ...]] = []
     start = lines.bytes_read
@@ -947,7 +945,7 @@ def _valid_batches(records: Iterable[tuple[int, Any]], result: ImportResult, lin
         try:
             if isinstance(record, _Invalid):
                 raise record
-            batch.append(_driver_row(_event_row(record), sqlite))
+            batch.append(driver_row(_event_row(record), sqlite))
         except _Invalid as invalid:
             result._note_invalid(number, str(invalid))
             continue

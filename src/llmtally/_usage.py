@@ -10,18 +10,18 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
-from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
-__all__ = ["Usage", "extract_usage", "response_model", "response_text", "coerce_count",
-           "MAX_TOKEN_COUNT"]
+__all__ = ["Usage", "TOKEN_FIELDS", "extract_usage", "response_model", "response_text",
+           "coerce_count", "MAX_TOKEN_COUNT"]
 
 MAX_TOKEN_COUNT = 10**12
 """Larger counts are not real usage (no call is a trillion tokens): they are treated as invalid."""
 
 
-@dataclass(frozen=True, slots=True)
-class Usage:
+class Usage(NamedTuple):
+    """A call's token counts (input includes cache reads and writes; output, reasoning)."""
+
     input_tokens: int = 0
     output_tokens: int = 0
     cache_read_tokens: int = 0
@@ -38,6 +38,11 @@ def _get(obj: Any, key: str) -> Any:
         return getattr(obj, key, None)
     except Exception:  # properties of odd objects may raise
         return None
+
+
+TOKEN_FIELDS = ("input_tokens", "output_tokens", "cache_read_tokens", "cache_write_tokens",
+                "reasoning_tokens")
+"""The token counts of a call, as :class:`Usage` fields and as the ledger's columns."""
 
 
 def coerce_count(value: Any) -> int | None:

@@ -439,8 +439,7 @@ def budgets(tally: Any, as_json: bool, check: bool, repair: bool) -> None:
             raise SystemExit(1)
         return
     now = datetime.now(timezone.utc)
-    tally._publish_budgets()  # the budgets of llmtally.toml are in force too
-    tally.flush(10)
+    tally.flush(10)  # also puts the budgets of llmtally.toml in the ledger: they are in force too
     with tally.store.connect() as conn:
         states = ledger_states(conn, now)
         unpriced = [unpriced_calls(conn, state) if state.budget.kind == "usd" else 0

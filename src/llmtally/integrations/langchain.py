@@ -54,7 +54,6 @@ import time
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from datetime import datetime
-from dataclasses import replace
 from types import MappingProxyType
 from typing import TYPE_CHECKING, Any, TypeVar
 from uuid import UUID
@@ -65,6 +64,7 @@ from langchain_core.embeddings import Embeddings
 from .. import _scope
 from .._budgets import BudgetExceeded
 from .._errors import error_type
+from .._event import CallEvent
 from .._log import warn_limited
 from .._offloop import reserve_off_loop
 from .._usage import MAX_TOKEN_COUNT, Usage, coerce_count, extract_usage
@@ -72,10 +72,10 @@ from . import _handoff
 
 if TYPE_CHECKING:
     from .._reservations import Reservation
-    from .._tally import Tally
+    from .._recorder import Recorder
 
 __all__ = ["LangChainHandler", "RunStart", "langchain_event", "TalliedEmbeddings",
-           "handler_for", "wrap_embeddings"]
+           "wrap_embeddings"]
 
 T = TypeVar("T")
 
@@ -106,7 +106,7 @@ class RunStart:
                  "root", "tags", "project", "user", "session", "request_id", "name", "scope",
                  "prompt", "prompt_tokens", "hold", "first_token", "claimed", "ended", "token")
 
-    def __init__(self, tally: Tally, run_id: UUID, *, provider: str | None, model: str | None,
+    def __init__(self, tally: Recorder, run_id: UUID, *, provider: str | None, model: str | None,
                  serialized: Any, call_type: str, parent: UUID | None, root: UUID, tags: Any,
                  metadata: Mapping[str, Any], name: Any, prompt: Any) -> None:
         self.tally, self.run_id = tally, run_id
@@ -158,8 +158,8 @@ class RunStart:
 
 def langchain_event(start: RunStart | None, response: Any, *, run_id: Any, parent_run_id: Any = None,
                     tags: Any = None, error: BaseException | None = None,
-                    ended: float | None = None) -> dict[str, Any]:
-    """The keyword arguments for ``tally.record(...)`` describing one LangChain model call.
+                    ended: float | None = None) -> CallEvent:
+    """The :class:`~llmtally.CallEvent` describing one LangChain model call.
 
     ``start`` is what the handler saw when the run started (None for a run it never saw
     start); ``response`` the ``LLMResult`` of ``on_llm_end`` (or the partial one given to
@@ -187,16 +187,14 @@ def langchain_event(start: RunStart | None, response: Any, *, run_id: Any, paren
         usage = None if abandoned else _reported_usage(generations, llm_output, meta)
         _add_tokens(event, meta, usage, start, generation, message, abandoned)
     event["metadata"] = meta
-    return event
+    return CallEvent(**event)
 
 
 def _later_event(start: RunStart, response: Any, run_id: Any, parent_run_id: Any, tags: Any,
-                 ended: float, ts: datetime) -> dict[str, Any]:
+                 ended: float, ts: datetime) -> CallEvent:
     """A finished run's event, built on the writer thread from what the caller's thread saw."""
-    event = langchain_event(start, response, run_id=run_id, parent_run_id=parent_run_id,
-                            tags=tags, ended=ended)
-    event["ts"] = ts
-    return event
+    return langchain_event(start, response, run_id=run_id, parent_run_id=parent_run_id,
+                           tags=tags, ended=ended)._replace(ts=ts)
 
 
 def _started_event(start: RunStart, resolved: str | None, event_id: str,
@@ -243,7 +241,7 @@ def _add_tokens(event: dict[str, Any], meta: dict[str, Any], usage: Usage | None
             and start.prompt:
         # No call reads nothing: a stream whose provider left the prompt out of its usage
         # (an Anthropic-format server sending output_tokens only). Count the prompt.
-        usage = replace(usage, input_tokens=start.count_prompt())
+        usage = usage._replace(input_tokens=start.count_prompt())
         event["estimated"] = True
         meta["llmtally_estimated"] = "the model reported no input tokens; prompt counted offline"
     if usage is None:
@@ -255,9 +253,7 @@ def _add_tokens(event: dict[str, Any], meta: dict[str, Any], usage: Usage | None
     if abandoned:
         event["streamed"] = True
         meta["stream_abandoned"] = True
-    event.update(input_tokens=usage.input_tokens, output_tokens=usage.output_tokens,
-                 cache_read_tokens=usage.cache_read_tokens,
-                 cache_write_tokens=usage.cache_write_tokens, reasoning_tokens=usage.reasoning_tokens)
+    event["usage"] = usage
 
 
 def _error_type(error: BaseException) -> str:
@@ -496,7 +492,7 @@ class LangChainHandler(BaseCallbackHandler):
     raise_error = True  # for BudgetExceeded only: every other fault is caught here
     run_inline = True  # no thread-pool hop under ainvoke
 
-    def __init__(self, tally: Tally) -> None:
+    def __init__(self, tally: Recorder) -> None:
         super().__init__()
         self.tally = tally
         # keyed by _key(run id)
@@ -614,7 +610,7 @@ class LangChainHandler(BaseCallbackHandler):
         return run, meta, params
 
     def _started(self, run: RunStart) -> None:
-        if self.tally.__dict__.get("_litellm_logger") is not None:
+        if self.tally.litellm_attached:
             run.token = _handoff.offer(run)
         self._remember(self._runs, _key(run.run_id), run, _MAX_RUNS)
 
@@ -645,13 +641,13 @@ class LangChainHandler(BaseCallbackHandler):
                 if run is not None:
                     self.tally.release(run.hold)
                 return
-            if run is not None and run.hold is None and error is None and self.tally._record_later(
+            if run is not None and run.hold is None and error is None and self.tally.record_later(
                     functools.partial(_later_event, run, response, run_id, parent_run_id, tags,
-                                      time.perf_counter(), self.tally._clock())):
+                                      time.perf_counter(), self.tally.now())):
                 return  # the usual case: the event is read and priced on the writer thread
             event = langchain_event(run, response, run_id=run_id, parent_run_id=parent_run_id,
                                     tags=tags, error=error)
-            self.tally.record(**event, reservation=run.hold if run is not None else None)
+            self.tally.record_event(event, reservation=run.hold if run is not None else None)
         except Exception as exc:
             _fault("on_llm_end", exc)
 
@@ -733,18 +729,6 @@ def _fault(hook: str, exc: BaseException) -> None:
                  type(exc).__name__, exc, exc_info=True)
 
 
-_create_lock = threading.Lock()
-
-
-def handler_for(tally: Tally) -> LangChainHandler:
-    """The Tally's one LangChain handler (see :meth:`Tally.langchain`)."""
-    handler = tally.__dict__.get("_langchain_handler")
-    if handler is None:
-        with _create_lock:
-            handler = tally.__dict__.get("_langchain_handler")
-            if handler is None:
-                handler = tally._langchain_handler = LangChainHandler(tally)  # type: ignore[attr-defined]
-    return handler
 
 
 # -- embeddings ------------------------------------------------------------------------------
@@ -755,7 +739,7 @@ class _EmbeddingCall:
 
     __slots__ = ("tally", "hold", "claimed", "ended", "scope")
 
-    def __init__(self, tally: Tally, hold: Reservation | None, scope: _scope.Attribution) -> None:
+    def __init__(self, tally: Recorder, hold: Reservation | None, scope: _scope.Attribution) -> None:
         self.tally, self.hold, self.scope = tally, hold, scope
         self.claimed = self.ended = False
 
@@ -772,7 +756,7 @@ class TalliedEmbeddings(Embeddings):
     budgets first. Every other attribute is the wrapped object's.
     """
 
-    def __init__(self, tally: Tally, embeddings: Embeddings, *, model: str | None = None,
+    def __init__(self, tally: Recorder, embeddings: Embeddings, *, model: str | None = None,
                  provider: str | None = None) -> None:
         self._tally = tally
         self._inner = embeddings
@@ -846,7 +830,7 @@ class TalliedEmbeddings(Embeddings):
                                        input_tokens=tokens, max_tokens=0, call_type="embedding")
         call = _EmbeddingCall(self._tally, hold, _scope.current())
         offered = None
-        if self._tally.__dict__.get("_litellm_logger") is not None:
+        if self._tally.litellm_attached:
             offered = _handoff.offer(call)
         return call, tokens, offered
 
@@ -858,14 +842,15 @@ class TalliedEmbeddings(Embeddings):
                 self._tally.release(_handoff.take_hold(call), sent=True)
                 return
             scope = call.scope
-            self._tally.record(
-                model=self._model, provider=self._provider, input_tokens=0 if error else tokens,
+            self._tally.record_event(CallEvent(
+                model=self._model, provider=self._provider,  # type: ignore[arg-type]
+                usage=Usage(input_tokens=0 if error else tokens),
                 latency_ms=(time.perf_counter() - started) * 1000.0,
                 status="ok" if error is None else "error",
                 error_type=_error_type(error) if error is not None else None,
                 call_type="embedding", estimated=error is None, source="langchain",
                 project=scope.project, user=scope.user, session=scope.session, tags=scope.tags,
-                request_id=scope.request_id, metadata=dict(scope.metadata) or None,
+                request_id=scope.request_id, metadata=dict(scope.metadata) or None),
                 reservation=call.hold)
         except Exception as exc:
             _fault("embeddings", exc)
@@ -888,7 +873,7 @@ def _embeddings_provider(embeddings: Any) -> str | None:
     return _PACKAGE_PROVIDERS.get(module)
 
 
-def wrap_embeddings(tally: Tally, embeddings: Any, *, model: str | None = None,
+def wrap_embeddings(tally: Recorder, embeddings: Any, *, model: str | None = None,
                     provider: str | None = None) -> TalliedEmbeddings:
     """See :meth:`Tally.wrap_embeddings`."""
     if isinstance(embeddings, TalliedEmbeddings):

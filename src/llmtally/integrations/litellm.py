@@ -67,6 +67,7 @@ from litellm.integrations.custom_logger import CustomLogger
 
 from .. import _scope
 from .._errors import error_type
+from .._event import CallEvent
 from .._ids import EventIds
 from .._offloop import reserve_off_loop
 from .._log import warn_limited
@@ -75,7 +76,7 @@ from ._handoff import claim as _claim_offered, take_hold as _take_offered_hold
 
 if TYPE_CHECKING:
     from .._reservations import Reservation
-    from .._tally import Tally
+    from .._recorder import Recorder
 
 __all__ = ["LiteLLMLogger", "CallStart", "litellm_event", "drain_logging_worker",
            "adrain_logging_worker", "guard"]
@@ -106,8 +107,8 @@ class CallStart:
 
 def litellm_event(kwargs: Any, response_obj: Any, start_time: Any, end_time: Any, *,
                   failed: bool, call_start: CallStart | None = None,
-                  abandoned: bool = False) -> dict[str, Any]:
-    """The keyword arguments for ``tally.record(...)`` describing one LiteLLM call.
+                  abandoned: bool = False) -> CallEvent:
+    """The :class:`~llmtally.CallEvent` describing one LiteLLM call.
 
     ``kwargs``, ``response_obj``, ``start_time`` and ``end_time`` are what LiteLLM passes to a
     ``CustomLogger``'s success or failure hook; ``call_start`` is what the logger saw when the
@@ -140,10 +141,7 @@ def litellm_event(kwargs: Any, response_obj: Any, start_time: Any, end_time: Any
         if usage is None or (streamed and _usage_not_sent(kw, provider, call_start)):
             usage = _count_offline(kw, response_obj, model)
             event["estimated"] = True
-        event.update(input_tokens=usage.input_tokens, output_tokens=usage.output_tokens,
-                     cache_read_tokens=usage.cache_read_tokens,
-                     cache_write_tokens=usage.cache_write_tokens,
-                     reasoning_tokens=usage.reasoning_tokens)
+        event["usage"] = usage
         if kw.get("cache_hit") is True:
             event["cache_hit"] = True
     event.update(_attribution(kw, params, meta, call_start))
@@ -155,7 +153,7 @@ def litellm_event(kwargs: Any, response_obj: Any, start_time: Any, end_time: Any
             "the caller left the stream early; prompt and the chunks consumed counted offline")
     elif event.get("estimated"):
         event["metadata"]["llmtally_estimated"] = "the provider reported no usage; tokens counted offline"
-    return event
+    return CallEvent(**event)
 
 
 def _provider_model(response_obj: Any) -> str | None:
@@ -321,12 +319,12 @@ def _text(value: Any) -> str | None:
 class LiteLLMLogger(CustomLogger):
     """A LiteLLM ``CustomLogger`` that records every call in a :class:`~llmtally.Tally`.
 
-    Get it with ``tally.litellm()`` (one instance per Tally) and register it with
+    Get it with ``tally.litellm()`` (one instance per Recorder) and register it with
     ``litellm.callbacks = [tally.litellm()]``. Its hooks never raise into LiteLLM, except
     ``BudgetExceeded`` before a call is sent.
     """
 
-    def __init__(self, tally: Tally) -> None:
+    def __init__(self, tally: Recorder) -> None:
         super().__init__()
         self.tally = tally
         # LiteLLM keeps one logger per "key" (class name and public scalar attributes): this
@@ -504,8 +502,9 @@ class LiteLLMLogger(CustomLogger):
                 return
             if start is None:  # not seen starting: the attribution in force here is the best guess
                 start = CallStart(_scope.current())
-            self.tally.record(**litellm_event(kwargs, response_obj, start_time, end_time,
-                                              failed=failed, call_start=start), reservation=held)
+            self.tally.record_event(litellm_event(kwargs, response_obj, start_time, end_time,
+                                                  failed=failed, call_start=start),
+                                    reservation=held)
         except Exception as exc:
             warn_limited("litellm-hook", "llmtally: could not record a LiteLLM call (%s: %s)",
                          type(exc).__name__, exc, exc_info=True)
@@ -514,6 +513,10 @@ class LiteLLMLogger(CustomLogger):
                 self._recorded(kwargs.get("litellm_call_id") if isinstance(kwargs, Mapping) else None)
 
     # -- durability="sync": a guarded call returns once its event is durable ----------------
+
+    def holds_calls(self) -> bool:
+        """Whether calls it held budgets for have not been recorded yet."""
+        return bool(self._holds)
 
     def _await_record(self, call_id: str) -> threading.Event:
         done = threading.Event()
@@ -660,7 +663,7 @@ def _is_budget_refusal(kwargs: Any) -> bool:
         str(getattr(error, "detail", None) or getattr(error, "message", "")).startswith("llmtally ")
 
 
-def _reserve(tally: Tally, kw: Mapping[str, Any], call_type: str | None) -> Reservation | None:
+def _reserve(tally: Recorder, kw: Mapping[str, Any], call_type: str | None) -> Reservation | None:
     """``tally.reserve()`` for a LiteLLM call described by its kwargs (as LiteLLM's hooks and
     ``litellm.completion`` see them): raises ``BudgetExceeded`` if a budget would go over.
 
@@ -767,11 +770,11 @@ def _caller_metadata(user_api_key_dict: Any) -> dict[str, str]:
     return found
 
 
-def guard(tally: Tally, fn: Any) -> Any:
-    """See :meth:`Tally.guard`."""
+def guard(logger_: LiteLLMLogger, fn: Any) -> Any:
+    """See :meth:`Tally.guard`: ``logger_`` is the Tally's ``tally.litellm()``."""
+    tally = logger_.tally
     if getattr(fn, "_llmtally_guarded", None) is tally:
         return fn
-    logger_ = tally.litellm()
     sync_durable = tally.durability == "sync"
     hooked = install_setup_hook()  # then budgets are held by the set-up hook, for every call
 
@@ -1208,7 +1211,7 @@ def _record_abandoned(state: _StreamState) -> None:
         event = litellm_event(kwargs, {"model": resolved, "choices": [{"message": {"content": text}}]},
                               state.start_time, state.ended_at, failed=False, call_start=start,
                               abandoned=True)
-        logger_.tally.record(**event, reservation=held)
+        logger_.tally.record_event(event, reservation=held)
 
 
 def _wait_for_abandoned_streams(deadline: float) -> None:
