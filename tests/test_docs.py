@@ -5,6 +5,7 @@ exist."""
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import re
 import subprocess
@@ -25,9 +26,7 @@ README_MAX_LINES = 250
 def site(tmp_path_factory: pytest.TempPathFactory) -> Path:
     site_dir = tmp_path_factory.mktemp("site")
     env = {**os.environ, "NO_MKDOCS_2_WARNING": "1"}  # mkdocs-material's notice, not a problem
-    try:
-        import mkdocs  # noqa: F401
-    except ImportError:
+    if importlib.util.find_spec("mkdocs") is None:
         pytest.fail('mkdocs is missing: pip install -e ".[dev]" installs what the docs need')
     result = subprocess.run(
         [sys.executable, "-m", "mkdocs", "build", "--strict", "--site-dir", str(site_dir)],
@@ -84,6 +83,12 @@ def test_the_readme_is_a_short_front_door():
     # the one-liners come before the long parts: within the first 50 lines
     first = next(i for i, line in enumerate(lines) if "litellm.callbacks = [tally.litellm()]" in line)
     assert first < 50, f"the LiteLLM one-liner is on line {first + 1}"
+
+
+def test_the_docs_quick_start_is_the_readmes():
+    readme = (ROOT / "README.md").read_text()
+    getting_started = (DOCS / "getting-started.md").read_text()
+    assert quick_start_commands(getting_started) == quick_start_commands(readme)
 
 
 def test_the_readme_links_resolve():
