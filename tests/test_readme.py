@@ -1,4 +1,6 @@
-"""The README's commands are the ones that work: the test command is CI's, the quick start runs."""
+"""The README's commands are the ones that work: the test command is CI's, the quick start runs.
+
+tests/test_docs.py checks the rest of the README (its length, its links) and the docs site."""
 
 from __future__ import annotations
 
@@ -14,12 +16,20 @@ def _bash_blocks(text: str) -> list[str]:
     return re.findall(r"```bash\n(.*?)```", text, flags=re.S)
 
 
+def quick_start_commands(readme: str) -> list[str]:
+    """The commands of the README's "Quick start" section (its first bash block)."""
+    section = readme.split("\n## Quick start\n", 1)[1].split("\n## ", 1)[0]
+    return [line for line in _bash_blocks(section)[0].splitlines()
+            if line and not line.startswith("#")]
+
+
 def test_ci_runs_the_readme_test_command():
     readme = (ROOT / "README.md").read_text()
-    quick_start = [line for line in _bash_blocks(readme)[0].splitlines()
-                   if line and not line.startswith("#")]
+    quick_start = quick_start_commands(readme)
     assert len(quick_start) == 2, "the quick start is exactly two commands"
-    test_command = quick_start[1]
+    demo_command, test_command = quick_start
+    assert demo_command.startswith("python3 -m venv .venv && ")
+    assert demo_command.endswith(" && .venv/bin/llmtally demo")
     assert "pytest" in test_command
     assert test_command in (ROOT / ".ci" / "run").read_text()
 
