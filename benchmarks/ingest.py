@@ -27,8 +27,8 @@ from sqlalchemy import create_engine, text
 from _postgres import DEFAULT_URL, scratch_schema
 
 from llmtally import Tally
-from llmtally._model import EVENT_COLUMNS
-from llmtally._store import Store
+from llmtally._storage.tables import EVENT_COLUMNS
+from llmtally._storage.store import Store
 
 BATCH = 1000
 

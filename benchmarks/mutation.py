@@ -38,19 +38,19 @@ BUDGET_TESTS = ["tests/test_budgets.py", "tests/test_budgets_exact.py",
                 "tests/test_budget_recovery.py", "tests/test_mutation_kills.py"]
 # module -> (file mutated, tests run against it)
 MODULES: dict[str, tuple[str, list[str]]] = {
-    "reservations": ("src/llmtally/_reservations.py", BUDGET_TESTS),
-    "store": ("src/llmtally/_store.py",
+    "reservations": ("src/llmtally/_budgets/ledger.py", BUDGET_TESTS),
+    "store": ("src/llmtally/_storage/store.py",
               ["tests/test_ledger.py", "tests/test_schema.py", "tests/test_record.py",
                "tests/test_spill.py", "tests/test_budget_recovery.py",
                "tests/test_mutation_kills.py"]),
-    "spill": ("src/llmtally/_spill.py",
+    "spill": ("src/llmtally/_storage/spill.py",
               ["tests/test_spill.py", "tests/faults/test_spill_faults.py",
                "tests/test_mutation_kills.py",
                # two replaying processes: flaky on a loaded 2-core machine (the first process
                # to record may not have spilled everything yet), so a false kill or a failed
                # clean run; the claim logic it covers has unit tests in test_mutation_kills.py
                "--deselect=tests/test_spill.py::test_two_processes_replaying_one_spill_file_add_each_event_once"]),
-    "writer": ("src/llmtally/_writer.py",
+    "writer": ("src/llmtally/_storage/writer.py",
                ["tests/test_ledger.py", "tests/test_record.py", "tests/test_spill.py",
                 "tests/test_hostile_writer.py", "tests/test_mutation_kills.py"]),
     "litellm": ("src/llmtally/integrations/litellm.py",
@@ -59,7 +59,7 @@ MODULES: dict[str, tuple[str, list[str]]] = {
     "langchain": ("src/llmtally/integrations/langchain.py",
                   ["tests/test_langchain.py", "tests/test_langchain_budgets.py",
                    "tests/test_mutation_kills.py"]),
-    "pricing": ("src/llmtally/_pricing.py",
+    "pricing": ("src/llmtally/_pricing/book.py",
                 ["tests/test_pricing.py", "tests/test_mutation_kills.py"]),
 }
 def _toml_list(values: list[str]) -> str:

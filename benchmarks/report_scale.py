@@ -39,9 +39,9 @@ def load(url: str, count: int, span_days: int) -> tuple[float, int]:
     """Write ``count`` sample events ending at NOW; returns (seconds, events in the week)."""
     from sqlalchemy import DateTime, bindparam, text
 
-    from llmtally._pricing import PriceBook
+    from llmtally._pricing.book import PriceBook
     from llmtally._sample import bulk_load
-    from llmtally._store import Store
+    from llmtally._storage.store import Store
 
     store = Store(url)
     prices = PriceBook(None, price_map="bundled")
@@ -63,7 +63,7 @@ def load(url: str, count: int, span_days: int) -> tuple[float, int]:
 def child(url: str, out_dir: str) -> None:
     """Run in a fresh process: make the report three times, print timings, RSS and size."""
     from llmtally import Tally
-    from llmtally._report import write_report
+    from llmtally._reporting.report import write_report
 
     tally = Tally(url, price_map="bundled", clock=lambda: NOW,
                   spill_path=Path(out_dir) / "spill.jsonl")

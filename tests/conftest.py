@@ -123,7 +123,7 @@ def fetch_events(url: str) -> list[dict]:
     """Every stored event, read back with plain SQL (not through llmtally's own queries)."""
     from sqlalchemy import create_engine, text
 
-    from llmtally._store import normalize_url
+    from llmtally._storage.store import normalize_url
 
     engine = create_engine(normalize_url(url))
     try:

@@ -9,7 +9,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
-from llmtally._alerts import WebhookSender
+from llmtally._budgets.alerts import WebhookSender
 
 
 class _Server:

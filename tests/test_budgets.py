@@ -13,7 +13,7 @@ import pytest
 from conftest import fetch_events, require_postgres
 
 from llmtally import Budget, BudgetExceeded, ConfigError, Price, Tally
-from llmtally._budgets import instance_for, window_for
+from llmtally._budgets.budget import instance_for, window_for
 from llmtally.testing import FakeProvider, FakeUsage
 
 PENNY = {"penny": Price(input=0, output=0.01, per="token")}  # one output token = $0.01 exactly
@@ -342,7 +342,7 @@ def test_calls_let_through_unchecked_are_charged_to_the_budget_once(ledger_url, 
     """A call that went out without a hold — fail open (an empty reservation) or simply
     recorded — is charged to every covering budget by the transaction that stores it, once,
     including a counter that does not exist yet (seeded from the ledger, this event in it)."""
-    from llmtally._reservations import Reservation
+    from llmtally._budgets.ledger import Reservation
 
     tally = make_tally(ledger_url, prices=PENNY, budgets=[Budget(usd=0.03, per="day"),
                                                           Budget(usd=1, per="day", each="user")])
@@ -355,7 +355,7 @@ def test_calls_let_through_unchecked_are_charged_to_the_budget_once(ledger_url, 
     assert spent == {("usd 0.03/day", ""): 0.03, ("usd 1/day each user", "ann"): 0.02}
     assert _penny_call(tally, user="bob") is False  # the day budget is spent: refused
     assert round(tally.budget_states()[0].spent, 9) == 0.03
-    from llmtally._reservations import check_counters
+    from llmtally._budgets.ledger import check_counters
 
     assert check_counters(tally.store) == []  # every counter equals the ledger's GROUP BY
 

@@ -21,10 +21,10 @@ from hypothesis import strategies as st
 
 from llmtally import Budget, BudgetExceeded, Price, Tally
 from llmtally import CallEvent
-from llmtally._event import event_row
-from llmtally._reservations import check_counters
-from llmtally._scope import EMPTY
-from llmtally._usage import Usage
+from llmtally._events.event import event_row
+from llmtally._budgets.ledger import check_counters
+from llmtally._events.scope import EMPTY
+from llmtally._events.usage import Usage
 from llmtally.testing import FakeUsage
 
 litellm = pytest.importorskip("litellm")
@@ -179,7 +179,7 @@ def test_a_process_without_budgets_charges_the_ledgers_budgets(ledger_url, make_
 
 
 def test_an_import_into_an_open_window_is_charged(ledger_url, make_tally, tmp_path):
-    from llmtally._transfer import export_events, import_events
+    from llmtally._transfer.transfer import export_events, import_events
 
     tally = make_tally(ledger_url, prices=PRICES, budgets=[Budget(usd=0.10, per="day")])
     tally.reserve(model="penny", input_tokens=0, max_tokens=1)  # the counter exists
@@ -215,7 +215,7 @@ def test_a_spill_replay_is_charged_once(make_tally, tmp_path):
 def test_prune_keeps_counters_equal_to_the_ledger(ledger_url, make_tally):
     from datetime import datetime, timedelta, timezone
 
-    from llmtally._transfer import prune_events
+    from llmtally._transfer.transfer import prune_events
 
     now = datetime.now(timezone.utc)
     tally = make_tally(ledger_url, prices=PRICES, budgets=[Budget(usd=1, per="total"),
@@ -239,7 +239,7 @@ def test_prune_keeps_counters_equal_to_the_ledger(ledger_url, make_tally):
 def test_counters_equal_the_ledger_after_any_mix_of_paths(make_tally, tmp_path, steps):
     """Property: whatever mix of paths wrote the events, each counter's spend equals the sum
     over its window's covered events and its reserve equals the open holds."""
-    from llmtally._reservations import Reservation
+    from llmtally._budgets.ledger import Reservation
 
     url = f"sqlite:///{tmp_path / f'mix-{id(steps)}.db'}"
     tally = make_tally(url, prices=PRICES, budgets=[
@@ -427,7 +427,7 @@ def test_budgets_are_defined_in_the_ledger_for_every_reader(ledger_url, make_tal
                                                            Budget(tokens=100, per="hour")])
     tally.reserve(model="penny", input_tokens=0, max_tokens=1)
     reader = make_tally(ledger_url)  # defines none
-    from llmtally._reservations import defined_budgets
+    from llmtally._budgets.ledger import defined_budgets
 
     with reader.store.connect() as conn:
         labels = sorted(d.budget.label for d in defined_budgets(conn))
@@ -521,7 +521,7 @@ def test_a_caller_cannot_choose_the_stamp_that_keys_a_hold(make_tally, provider)
 def test_a_cancelled_async_check_gives_its_hold_back(make_tally):
     import time
 
-    from llmtally._offloop import reserve_off_loop
+    from llmtally._budgets.offloop import reserve_off_loop
 
     tally = make_tally(prices=PRICES, budgets=[Budget(usd=0.05, per="day")])
 

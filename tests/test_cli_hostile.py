@@ -219,7 +219,7 @@ def _half_overwritten(tmp_path: Path) -> Path:
 def _newer(url: str, tmp_path: Path) -> str:
     from sqlalchemy import create_engine, text
 
-    from llmtally._store import normalize_url
+    from llmtally._storage.store import normalize_url
 
     with Tally(url, price_map="bundled", spill_path=tmp_path / "n.jsonl") as tally:
         tally.record(model="m", input_tokens=1)

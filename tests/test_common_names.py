@@ -9,7 +9,7 @@ from importlib.resources import files
 
 import pytest
 
-from llmtally._pricing import PriceBook, canonical_provider
+from llmtally._pricing.book import PriceBook, canonical_provider
 
 litellm = pytest.importorskip("litellm")
 

@@ -19,7 +19,7 @@ from conftest import fetch_events
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
-from llmtally._usage import MAX_TOKEN_COUNT, extract_usage
+from llmtally._events.usage import MAX_TOKEN_COUNT, extract_usage
 
 pytest.importorskip("litellm")
 from llmtally.integrations.litellm import litellm_event  # noqa: E402

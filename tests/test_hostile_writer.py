@@ -18,9 +18,9 @@ import pytest
 from conftest import CLOSED_PORT_URL, fetch_events
 
 from llmtally import Tally
-from llmtally._metadata import MAX_DEPTH, MAX_NODES
-from llmtally._model import EVENT_COLUMNS
-from llmtally._spill import SpillFile, encode_event
+from llmtally._events.metadata import MAX_DEPTH, MAX_NODES
+from llmtally._storage.tables import EVENT_COLUMNS
+from llmtally._storage.spill import SpillFile, encode_event
 
 MAX_LOG_RECORDS = 20
 

@@ -41,7 +41,7 @@ def test_import_and_record_make_no_network_connection(tmp_path):
         with llmtally.Tally({str(tmp_path / 'l.db')!r}) as tally:
             tally.record(model="gpt-4o-mini", input_tokens=10)
             tally.record(model="claude-sonnet-4-5", provider="anthropic", input_tokens=10)
-            from llmtally._tokens import count_text
+            from llmtally._events.tokens import count_text
             count_text("some words to count", "gpt-4o-mini")
         print(json.dumps(attempts))
     """)

@@ -44,7 +44,7 @@ from langchain_core.runnables import RunnableLambda, RunnableParallel, chain  # 
 from langchain_core.tools import tool  # noqa: E402
 from langchain_openai import ChatOpenAI, OpenAI, OpenAIEmbeddings  # noqa: E402
 
-from llmtally._tokens import count_messages, count_text  # noqa: E402
+from llmtally._events.tokens import count_messages, count_text  # noqa: E402
 from llmtally.integrations.langchain import LangChainHandler, TalliedEmbeddings  # noqa: E402
 
 REPLY = "Hello from the fake provider."

@@ -228,7 +228,7 @@ def test_events_built_on_the_writer_thread_are_written_and_a_failing_builder_los
     """Integrations may queue a builder instead of an event (Tally.record_later): it runs on
     the writer thread, also when a full queue spills it; one that raises is logged and skipped."""
     from llmtally import CallEvent
-    from llmtally._usage import Usage
+    from llmtally._events.usage import Usage
 
     tally = make_tally(max_queue=3, flush_interval_s=60)
 

@@ -26,7 +26,7 @@ from llmtally.testing import FakeUsage
 litellm = pytest.importorskip("litellm")
 from litellm.integrations.custom_logger import CustomLogger  # noqa: E402
 
-from llmtally._tokens import count_messages, count_text  # noqa: E402
+from llmtally._events.tokens import count_messages, count_text  # noqa: E402
 from llmtally.integrations.litellm import LiteLLMLogger, litellm_event  # noqa: E402
 
 REPLY = "Hello from the fake provider."

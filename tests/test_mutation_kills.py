@@ -18,7 +18,7 @@ from decimal import Decimal
 import pytest
 
 from llmtally import Budget, Price
-from llmtally._spill import SpillFile, _process_alive, decode_event, encode_event
+from llmtally._storage.spill import SpillFile, _process_alive, decode_event, encode_event
 
 # -- _spill.py -----------------------------------------------------------------------------------
 
@@ -182,7 +182,7 @@ def test_timestamps_keep_their_zone_through_a_spill_line():
 
 
 def test_an_append_that_lost_the_race_to_a_claim_retries_on_the_new_file(tmp_path, monkeypatch):
-    from llmtally import _spill
+    from llmtally._storage import spill as _spill
 
     answers = iter([False, True])  # first open: the file was claimed between open and flock
     monkeypatch.setattr(_spill, "_still_at", lambda fd, path: next(answers))
@@ -193,7 +193,7 @@ def test_an_append_that_lost_the_race_to_a_claim_retries_on_the_new_file(tmp_pat
 
 
 def test_still_at_tells_a_renamed_or_replaced_file(tmp_path):
-    from llmtally._spill import _still_at
+    from llmtally._storage.spill import _still_at
 
     path = tmp_path / "f"
     path.write_text("x")
@@ -215,7 +215,7 @@ NOW = datetime(2026, 11, 25, 12, 0, tzinfo=timezone.utc)
 
 
 def test_thresholds_are_reached_at_their_share_of_the_limit():
-    from llmtally._reservations import _thresholds_reached
+    from llmtally._budgets.ledger import _thresholds_reached
 
     assert _thresholds_reached(Budget(tokens=100, warn_at=(0.5, 0.8)), 10) == []
     assert _thresholds_reached(Budget(tokens=100, warn_at=(0.5, 0.8)), 50) == [0.5]
@@ -261,7 +261,7 @@ def test_a_batch_charges_each_new_event_once_however_many_and_repeated(ledger, r
     assert tally.flush(30)
     [state] = tally.budget_states()
     assert (state.spent, state.reserved) == (1201, 0)
-    from llmtally._reservations import check_counters
+    from llmtally._budgets.ledger import check_counters
 
     assert check_counters(tally.store) == []
 
@@ -271,7 +271,7 @@ def test_a_call_straddling_midnight_releases_yesterday_and_charges_today(ledger_
 
     from conftest import fetch_events
 
-    from llmtally._reservations import check_counters
+    from llmtally._budgets.ledger import check_counters
 
     clock = {"now": datetime(2026, 11, 25, 23, 59, 59, tzinfo=timezone.utc)}
     tally = make_tally(ledger_url, prices=PENNY, budgets=[Budget(usd=0.05, per="day")],
@@ -391,7 +391,7 @@ def test_two_budgets_crossing_in_one_batch_both_warn(ledger_url, make_tally):
 
 
 def test_a_batch_settling_more_than_a_thousand_holds_releases_every_one(ledger_url, make_tally):
-    from llmtally._reservations import check_counters
+    from llmtally._budgets.ledger import check_counters
 
     tally = make_tally(ledger_url, prices=PENNY, budgets=[Budget(requests=5000, per="day")],
                        clock=lambda: NOW, batch_size=5000, flush_interval_s=60)

@@ -10,8 +10,8 @@ from sqlalchemy import create_engine, text
 import pytest
 
 from llmtally import Budget, BudgetExceeded
-from llmtally._reservations import check_counters
-from llmtally._store import normalize_url
+from llmtally._budgets.ledger import check_counters
+from llmtally._storage.store import normalize_url
 from llmtally.testing import FakeProvider, FakeUsage
 
 MSGS = [{"role": "user", "content": "hi"}]

@@ -17,7 +17,7 @@ from typing import Any
 
 import pytest
 
-from llmtally._pricing import PriceBook, _bundled_path, canonical_provider, slim_entry
+from llmtally._pricing.book import PriceBook, _bundled_path, canonical_provider, slim_entry
 
 litellm = pytest.importorskip("litellm")
 from litellm._internal_context import pinned_billing_time  # noqa: E402

@@ -17,9 +17,9 @@ from conftest import fetch_events
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from llmtally import _pricing
+from llmtally._pricing import book as _pricing
 from llmtally._errors import ConfigError
-from llmtally._pricing import CURRENCIES, Price, PriceBook, PricedCost, slim_entry
+from llmtally._pricing.book import CURRENCIES, Price, PriceBook, PricedCost, slim_entry
 
 REPO = Path(__file__).resolve().parent.parent
 SNAPSHOT = REPO / "src" / "llmtally" / "data" / "prices.json"

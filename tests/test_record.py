@@ -198,7 +198,7 @@ def test_a_call_event_reaches_the_ledger_field_by_field(make_tally):
     from datetime import datetime, timezone
 
     from llmtally import CallEvent
-    from llmtally._usage import Usage
+    from llmtally._events.usage import Usage
 
     tally = make_tally(prices={"acme/model-x": {"input": 1.0, "output": 2.0, "cache_read": 0.5,
                                                  "cache_write": 1.5, "reasoning": 2.0}})

@@ -17,9 +17,9 @@ import pytest
 from sqlalchemy import DateTime, bindparam, create_engine, text
 
 from llmtally import Budget, ConfigError, Price
-from llmtally._report import build_report, format_money, render_html, report_path
+from llmtally._reporting.report import build_report, format_money, render_html, report_path
 from llmtally._sample import UNPRICED_MODEL, bulk_load, record_history, sample_calls
-from llmtally._store import Store, normalize_url
+from llmtally._storage.store import Store, normalize_url
 
 from conftest import fetch_events
 

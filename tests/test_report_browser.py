@@ -18,7 +18,7 @@ from datetime import datetime, timedelta, timezone
 
 import pytest
 
-from llmtally._report import format_money
+from llmtally._reporting.report import format_money
 from llmtally._sample import record_history
 
 from conftest import IN_CI

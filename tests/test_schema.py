@@ -12,8 +12,8 @@ from conftest import fetch_events
 from sqlalchemy import create_engine, inspect, text
 
 from llmtally import LedgerError, Tally, UsageEvent
-from llmtally._migrations import MIGRATIONS, Migration
-from llmtally._store import Store
+from llmtally._storage.migrations import MIGRATIONS, Migration
+from llmtally._storage.store import Store
 
 FIXTURES = Path(__file__).parent / "fixtures"
 

@@ -13,7 +13,7 @@ import pytest
 from conftest import CLOSED_PORT_URL, fetch_events, require_postgres
 
 from llmtally import Tally
-from llmtally._spill import SpillFile
+from llmtally._storage.spill import SpillFile
 
 
 def _record_while_down(tmp_path, count: int) -> list[str]:
@@ -120,7 +120,7 @@ def fetch_shape() -> dict:
     """A complete event row, as the writer receives it."""
     from datetime import datetime
 
-    from llmtally._model import EVENT_COLUMNS
+    from llmtally._storage.tables import EVENT_COLUMNS
 
     row = {name: None for name in EVENT_COLUMNS}
     row.update(ts=datetime(2026, 1, 1), source="manual", model="m", call_type="chat",

@@ -13,8 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from llmtally import _tokens
-from llmtally._tokens import count_messages, count_text, heuristic_count, tokenizer_name
+from llmtally._events import tokens as _tokens
+from llmtally._events.tokens import count_messages, count_text, heuristic_count, tokenizer_name
 
 SAMPLES = [
     "hello world",
@@ -226,7 +226,7 @@ def test_offline_without_files_falls_back_instead_of_downloading(tmp_path: Path)
     }
     code = (
         "import json\n"
-        "from llmtally import _tokens\n"
+        "from llmtally._events import tokens as _tokens\n"
         f"_tokens._search_dirs = lambda: [{str(empty)!r}]  # as if litellm were not installed\n"
         "n = _tokens.count_text('hello offline world', 'gpt-4o')\n"
         "print(json.dumps({'n': n, 'name': _tokens.tokenizer_name('gpt-4o'),\n"
@@ -245,7 +245,7 @@ def test_offline_with_local_files_uses_tiktoken(tmp_path: Path) -> None:
     }
     code = (
         "import json, sys\n"
-        "from llmtally import _tokens\n"
+        "from llmtally._events import tokens as _tokens\n"
         "n = _tokens.count_text('hello offline world', 'gpt-4o')\n"
         "print(json.dumps({'n': n, 'name': _tokens.tokenizer_name('gpt-4o'),\n"
         "                  'litellm': 'litellm' in sys.modules,\n"
@@ -260,7 +260,7 @@ def test_import_loads_nothing_heavy() -> None:
         "import json, sys\n"
         "import llmtally\n"  # the package's own imports are not this module's cost
         "before = set(sys.modules)\n"
-        "import llmtally._tokens\n"
+        "import llmtally._events.tokens\n"
         "heavy = [m for m in ('tiktoken', 'litellm', 'hashlib', 'base64')\n"
         "         if m in sys.modules and m not in before]\n"
         "print(json.dumps({'heavy': heavy}))\n"

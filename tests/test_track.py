@@ -9,7 +9,7 @@ import time
 import pytest
 from conftest import ledger_rows
 
-from llmtally._tokens import count_text
+from llmtally._events.tokens import count_text
 from llmtally.testing import FakeUsage
 
 openai = pytest.importorskip("openai")

@@ -25,9 +25,9 @@ from hypothesis import strategies as st
 from sqlalchemy import select, text
 
 from llmtally import Budget, Tally
-from llmtally._model import EVENT_COLUMNS, MAX_ID, MAX_TEXT, UsageEvent
-from llmtally._store import Store
-from llmtally._transfer import (TransferError, count_events, export_events, import_events,
+from llmtally._storage.tables import EVENT_COLUMNS, MAX_ID, MAX_TEXT, UsageEvent
+from llmtally._storage.store import Store
+from llmtally._transfer.transfer import (TransferError, count_events, export_events, import_events,
                                 prune_events)
 from llmtally.cli import main
 
@@ -258,7 +258,7 @@ def test_prune_archives_then_deletes_and_reimport_restores(ledger_url, make_tall
     with gzip.open(tmp_path / "old.jsonl.gz", "rt", encoding="utf-8") as archive:
         assert {json.loads(line)["id"] for line in archive} == old_ids
     # budget counters cache a GROUP BY over the events: the pruned spend leaves the total
-    from llmtally._reservations import check_counters
+    from llmtally._budgets.ledger import check_counters
 
     assert check_counters(store) == []
     assert _counter_rows(store)[0][0] < counters[0][0]

@@ -24,8 +24,8 @@ from conftest import fetch_events
 from sqlalchemy import text
 from test_transfer import cli, new_ledger, stores, typed_rows
 
-from llmtally._store import Store, driver_row
-from llmtally._transfer import (MAX_LINE_BYTES, MAX_RECORD_BYTES, TransferError, _event_row,
+from llmtally._storage.store import Store, driver_row
+from llmtally._transfer.transfer import (MAX_LINE_BYTES, MAX_RECORD_BYTES, TransferError, _event_row,
                                 export_events, import_events)
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -55,8 +55,8 @@ def _import_in_subprocess(path: Path, db: Path, *args: str) -> tuple[dict, float
         "    for line in open('/proc/self/status'):\n"
         "        if line.startswith('VmHWM:'):\n"
         "            return int(line.split()[1]) / 1024\n"
-        "from llmtally._store import Store\n"
-        "from llmtally._transfer import import_events\n"
+        "from llmtally._storage.store import Store\n"
+        "from llmtally._transfer.transfer import import_events\n"
         "store = Store(sys.argv[2])\n"
         "r = import_events(store, sys.argv[1], format=(sys.argv[3] if len(sys.argv) > 3 else None))\n"
         "store.close()\n"

@@ -13,14 +13,14 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from ._budgets import Budget, BudgetExceeded
+from ._budgets.budget import Budget, BudgetExceeded
 from ._errors import ConfigError, LedgerError
-from ._event import CallEvent
-from ._pricing import Price
+from ._events.event import CallEvent
+from ._pricing.book import Price
 from ._tally import Tally
 
 if TYPE_CHECKING:
-    from ._model import UsageEvent
+    from ._storage.tables import UsageEvent
 
 __all__ = ["Tally", "CallEvent", "Budget", "BudgetExceeded", "Price", "UsageEvent", "ConfigError",
            "LedgerError", "__version__"]
@@ -30,7 +30,7 @@ __version__ = "0.1.0"
 
 def __getattr__(name: str) -> Any:
     if name == "UsageEvent":  # a SQLModel class: importing it loads SQLAlchemy
-        from ._model import UsageEvent
+        from ._storage.tables import UsageEvent
 
         return UsageEvent
     raise AttributeError(f"module 'llmtally' has no attribute {name!r}")

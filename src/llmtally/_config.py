@@ -49,9 +49,9 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
-from ._budgets import Budget
+from ._budgets.budget import Budget
 from ._errors import ConfigError
-from ._pricing import Price
+from ._pricing.book import Price
 
 __all__ = ["load_settings", "check_tally_arguments", "DEFAULT_CONFIG_FILE", "ENV_VARIABLES"]
 

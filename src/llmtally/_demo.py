@@ -20,7 +20,7 @@ from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any
 
-from ._budgets import Budget, BudgetExceeded
+from ._budgets.budget import Budget, BudgetExceeded
 from ._errors import ConfigError
 
 __all__ = ["run_demo", "DemoResult", "DEMO_TAG"]
@@ -88,7 +88,7 @@ def run_demo(database: str | os.PathLike[str], reports: str | os.PathLike[str],
         today = now.astimezone(tally.tz).date()
         period = {"since": (today - timedelta(days=6)).isoformat(),
                   "until": (today + timedelta(days=1)).isoformat()}
-        from ._report import write_report
+        from ._reporting.report import write_report
 
         written = write_report(tally, reports, **period)
     result.report = written.path

@@ -11,8 +11,8 @@ from datetime import datetime
 from typing import TYPE_CHECKING, Any, Protocol
 
 if TYPE_CHECKING:
-    from ._event import CallEvent
-    from ._reservations import BudgetLedger, Reservation
+    from ._events.event import CallEvent
+    from ._budgets.ledger import BudgetLedger, Reservation
 
 __all__ = ["Recorder"]
 

@@ -26,13 +26,13 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone, tzinfo
 from typing import TYPE_CHECKING, Any
 
-from ._event import CallEvent, event_row
-from ._scope import EMPTY
-from ._usage import Usage
+from ._events.event import CallEvent, event_row
+from ._events.scope import EMPTY
+from ._events.usage import Usage
 
 if TYPE_CHECKING:
-    from ._pricing import PriceBook
-    from ._store import Store
+    from ._pricing.book import PriceBook
+    from ._storage.store import Store
     from ._tally import Tally
 
 __all__ = ["sample_calls", "sample_rows", "record_history", "bulk_load",

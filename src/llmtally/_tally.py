@@ -19,21 +19,21 @@ from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
-from . import _scope
-from ._alerts import DEFAULT_WEBHOOK_TIMEOUT_S, WebhookSender, is_webhook
-from ._budgets import Budget, BudgetExceeded, zone
+from ._events import scope as _scope
+from ._budgets.alerts import DEFAULT_WEBHOOK_TIMEOUT_S, WebhookSender, is_webhook
+from ._budgets.budget import Budget, BudgetExceeded, zone
 from ._errors import ConfigError, error_type
-from ._event import NO_USAGE, CallEvent, clean_id, event_row
+from ._events.event import NO_USAGE, CallEvent, clean_id, event_row
 from ._log import logger, warn_limited
-from ._pricing import Price, PriceBook
-from ._ids import EventIds
-from ._usage import Usage, coerce_count, extract_usage, response_model, response_text
+from ._pricing.book import Price, PriceBook
+from ._events.ids import EventIds
+from ._events.usage import Usage, coerce_count, extract_usage, response_model, response_text
 
 if TYPE_CHECKING:  # the database layer is imported when a Tally is made, not at `import llmtally`
-    from ._queries import SummaryRow, UnpricedRow
-    from ._reservations import BudgetLedger, CounterState, Crossing, Reservation
-    from ._store import Store
-    from ._writer import Writer
+    from ._reporting.queries import SummaryRow, UnpricedRow
+    from ._budgets.ledger import BudgetLedger, CounterState, Crossing, Reservation
+    from ._storage.store import Store
+    from ._storage.writer import Writer
     from .integrations.langchain import LangChainHandler
     from .integrations.litellm import LiteLLMLogger
 
@@ -120,8 +120,8 @@ class Tally:
         from ._config import check_tally_arguments
 
         check_tally_arguments(locals())  # first thing: here locals() is the arguments (and self)
-        from ._store import DEFAULT_DATABASE_URL, Store
-        from ._writer import Writer
+        from ._storage.store import DEFAULT_DATABASE_URL, Store
+        from ._storage.writer import Writer
 
         self.prices = PriceBook(_as_prices(prices), currency=currency, rates=rates, price_map=price_map)
         self.prices.known_models()  # load the map now: a bad map file fails here, not at a call
@@ -146,7 +146,7 @@ class Tally:
         url = database_url or os.environ.get("LLMTALLY_DATABASE_URL") or DEFAULT_DATABASE_URL
         # last of the checks: it creates the SQLite file
         self.store: Store = Store(url, durable_commits=self._sync)
-        from ._spill import SpillFile
+        from ._storage.spill import SpillFile
 
         self.spill_path = Path(spill_path) if spill_path else _default_spill_path(self.store)
         self._writer: Writer = Writer(self.store, SpillFile(self.spill_path), **writer_options)
@@ -172,7 +172,7 @@ class Tally:
                               "or \"block\"")
         self._unpriced_policy = unpriced
         self._unpriced_warned: set[str] = set()
-        from ._reservations import EventCharges
+        from ._budgets.ledger import EventCharges
 
         # Every event this Tally writes is charged to every budget defined in the ledger (by any
         # process), in the transaction that stores it.
@@ -180,7 +180,7 @@ class Tally:
         self.budgets: BudgetLedger | None = None
         self._let_through = False  # a call was let through unchecked (fail open) since...
         if budgets:
-            from ._reservations import BudgetLedger
+            from ._budgets.ledger import BudgetLedger
 
             for budget in budgets:
                 if not isinstance(budget, Budget):
@@ -419,7 +419,7 @@ class Tally:
             estimated = False
             metadata = dict(attribution.get("metadata") or {})
             if error is None and usage is None:
-                from ._tokens import count_text
+                from ._events.tokens import count_text
 
                 usage = Usage(output_tokens=count_text(response_text(result), requested))
                 estimated = True
@@ -570,7 +570,7 @@ class Tally:
         """
         if self.budgets is None:
             return None
-        from ._reservations import Reservation
+        from ._budgets.ledger import Reservation
 
         attributes = self._budget_attributes(model, provider, project, user, session, tags)
         estimate, priced = self._estimate(model, provider, messages, input_tokens, max_tokens,
@@ -626,7 +626,7 @@ class Tally:
         event loop never waits for it (the scope in force is carried over)."""
         if self.budgets is None:
             return None
-        from ._offloop import reserve_off_loop
+        from ._budgets.offloop import reserve_off_loop
 
         return await reserve_off_loop(self, functools.partial(self.reserve, **call))
 
@@ -712,7 +712,7 @@ class Tally:
                   has_output: bool = True) -> tuple[dict[str, float], bool]:
         """A call's estimated use, and whether its model has a price (an embedding has no
         output)."""
-        from ._tokens import count_messages
+        from ._events.tokens import count_messages
 
         prompt = coerce_count(input_tokens)
         if prompt is None:
@@ -816,7 +816,7 @@ class Tally:
         """Calls, tokens and cost per ``by`` value (model, provider, project, user, session,
         source, status, call_type or day) between ``since`` and ``until`` ("7d", "24h",
         "2026-11-01", a datetime). Flushes first, so this Tally's own events are included."""
-        from ._queries import summarize
+        from ._reporting.queries import summarize
 
         self.flush(DEFAULT_EXIT_FLUSH_TIMEOUT_S)
         now = self._clock()
@@ -825,7 +825,7 @@ class Tally:
 
     def unpriced(self, since: str | datetime | None = None) -> list[UnpricedRow]:
         """Models seen with no known price: add them to ``prices`` to have them priced."""
-        from ._queries import unpriced_models
+        from ._reporting.queries import unpriced_models
 
         self.flush(DEFAULT_EXIT_FLUSH_TIMEOUT_S)
         with self.store.connect() as conn:
@@ -845,7 +845,7 @@ class Tally:
         >>> tally.report("reports/", week="last")
         PosixPath('reports/llmtally-2026-W47.html')
         """
-        from ._report import write_report
+        from ._reporting.report import write_report
 
         return write_report(self, path, week=week, since=since, until=until,
                             project=project).path

@@ -207,7 +207,7 @@ def open_ledger(database_url: str | None, config_path: str | None, *, create: bo
     from sqlalchemy.engine import make_url
 
     from ._config import load_settings
-    from ._store import DEFAULT_DATABASE_URL, normalize_url
+    from ._storage.store import DEFAULT_DATABASE_URL, normalize_url
     from ._tally import Tally
 
     settings = load_settings(config_path)
@@ -344,7 +344,7 @@ def prices(model: str, provider: str | None, price_map: str | None, config_path:
       llmtally prices qwen-plus --provider dashscope
     """
     from ._config import load_settings
-    from ._pricing import PriceBook
+    from ._pricing.book import PriceBook
 
     settings = load_settings(config_path)
     book = PriceBook(settings.get("prices"), currency=settings.get("currency", "USD"),
@@ -418,7 +418,7 @@ def budgets(tally: Any, as_json: bool, check: bool, repair: bool) -> None:
       llmtally budgets --config llmtally.toml
       llmtally budgets --check --db postgresql+psycopg://app@db/llm
     """
-    from ._reservations import check_counters, ledger_states, unpriced_calls
+    from ._budgets.ledger import check_counters, ledger_states, unpriced_calls
 
     if check or repair:
         drifts = check_counters(tally.store, repair=repair)
@@ -498,7 +498,7 @@ def report(tally: Any, week: str | None, since: str | None, until: str | None,
       llmtally report --week last -o reports/
       llmtally report --since 2026-11-01 --until 2026-11-15 --project search -o r.html
     """
-    from ._report import write_report
+    from ._reporting.report import write_report
 
     written = write_report(tally, output, week=week, since=since, until=until, project=project)
     echo(str(written.path))
@@ -524,7 +524,7 @@ def export(tally: Any, fmt: str | None, since: str | None, until: str | None,
       llmtally export --format csv --since 30d > usage.csv
       llmtally export --project search -o search.jsonl.gz
     """
-    from ._transfer import export_events
+    from ._transfer.transfer import export_events
 
     with _export_progress(tally, since=since, until=until, project=project) as progress:
         to_file = output not in (None, "-")
@@ -557,7 +557,7 @@ def import_(tally: Any, file: str, fmt: str | None) -> None:
       llmtally import usage.jsonl
       llmtally export --db a.db | llmtally import - --db merged.db
     """
-    from ._transfer import import_events
+    from ._transfer.transfer import import_events
 
     source = sys.stdin.buffer if file == "-" else file
     result = import_events(tally.store, source, format=fmt)
@@ -595,7 +595,7 @@ def prune(tally: Any, older_than: str, archive: str | None, dry_run: bool) -> No
       llmtally prune --older-than 90d --dry-run
       llmtally prune --older-than 90d --archive old-2026Q3.jsonl.gz
     """
-    from ._transfer import prune_events
+    from ._transfer.transfer import prune_events
 
     result = prune_events(tally.store, older_than, archive=archive, dry_run=dry_run)
     details = [f"cost {_money(amount, currency)}" for currency, amount in result.cost.items()]
@@ -616,7 +616,7 @@ def _export_progress(tally: Any, **filters: Any) -> Iterator[Callable[[int], Non
     if not sys.stderr.isatty():
         yield None
         return
-    from ._transfer import count_events
+    from ._transfer.transfer import count_events
 
     total = count_events(tally.store, **filters)
     with click.progressbar(length=total, label="exporting", file=sys.stderr) as bar:

@@ -326,7 +326,7 @@ def test_a_user_over_budget_gets_429_before_the_provider_and_a_blocked_row(budge
 def _held(url: str) -> int:
     from sqlalchemy import create_engine, text
 
-    from llmtally._store import normalize_url
+    from llmtally._storage.store import normalize_url
 
     engine = create_engine(normalize_url(url))
     try:
@@ -359,8 +359,8 @@ def test_master_key_requests_belong_to_the_end_user_in_the_body(budget_proxy):
 def test_concurrent_requests_sharing_a_call_id_are_each_held_and_charged(budget_proxy):
     from concurrent.futures import ThreadPoolExecutor
 
-    from llmtally._reservations import check_counters
-    from llmtally._store import Store
+    from llmtally._budgets.ledger import check_counters
+    from llmtally._storage.store import Store
 
     client = budget_proxy.client("sk-alice")
 

@@ -18,7 +18,7 @@ from __future__ import annotations
 import contextvars
 from typing import Any, Protocol
 
-from .._scope import Attribution
+from .._events.scope import Attribution
 
 __all__ = ["OfferedCall", "offer", "withdraw", "claim", "take_hold"]
 

@@ -61,17 +61,17 @@ from uuid import UUID
 from langchain_core.callbacks import BaseCallbackHandler
 from langchain_core.embeddings import Embeddings
 
-from .. import _scope
-from .._budgets import BudgetExceeded
+from .._events import scope as _scope
+from .._budgets.budget import BudgetExceeded
 from .._errors import error_type
-from .._event import CallEvent
+from .._events.event import CallEvent
 from .._log import warn_limited
-from .._offloop import reserve_off_loop
-from .._usage import MAX_TOKEN_COUNT, Usage, coerce_count, extract_usage
+from .._budgets.offloop import reserve_off_loop
+from .._events.usage import MAX_TOKEN_COUNT, Usage, coerce_count, extract_usage
 from . import _handoff
 
 if TYPE_CHECKING:
-    from .._reservations import Reservation
+    from .._budgets.ledger import Reservation
     from .._recorder import Recorder
 
 __all__ = ["LangChainHandler", "RunStart", "langchain_event", "TalliedEmbeddings",
@@ -321,7 +321,7 @@ def _empty_with_text(usage: Usage, generation: Any) -> bool:
 
 
 def _count_offline(start: RunStart | None, generation: Any, message: Any, model: str) -> Usage:
-    from .._tokens import count_text
+    from .._events.tokens import count_text
 
     prompt = start.count_prompt() if start is not None else 0
     output = count_text(_answer_text(generation), model)
@@ -333,7 +333,7 @@ def _count_offline(start: RunStart | None, generation: Any, message: Any, model:
 
 
 def _count_prompt(prompt: Any, model: str | None) -> int:
-    from .._tokens import count_messages, count_text
+    from .._events.tokens import count_messages, count_text
 
     try:
         if isinstance(prompt, str):
@@ -819,7 +819,7 @@ class TalliedEmbeddings(Embeddings):
         """Count the input and hold it on the budgets (raises BudgetExceeded before the call)."""
         tokens = 0
         try:
-            from .._tokens import count_text
+            from .._events.tokens import count_text
 
             tokens = sum(count_text(text, self._model) for text in texts if isinstance(text, str))
         except Exception as exc:

@@ -65,17 +65,17 @@ from typing import TYPE_CHECKING, Any
 
 from litellm.integrations.custom_logger import CustomLogger
 
-from .. import _scope
+from .._events import scope as _scope
 from .._errors import error_type
-from .._event import CallEvent
-from .._ids import EventIds
-from .._offloop import reserve_off_loop
+from .._events.event import CallEvent
+from .._events.ids import EventIds
+from .._budgets.offloop import reserve_off_loop
 from .._log import warn_limited
-from .._usage import Usage, extract_usage, response_model, response_text
+from .._events.usage import Usage, extract_usage, response_model, response_text
 from ._handoff import claim as _claim_offered, take_hold as _take_offered_hold
 
 if TYPE_CHECKING:
-    from .._reservations import Reservation
+    from .._budgets.ledger import Reservation
     from .._recorder import Recorder
 
 __all__ = ["LiteLLMLogger", "CallStart", "litellm_event", "drain_logging_worker",
@@ -274,7 +274,7 @@ def _openai_compatible() -> frozenset[str]:
 
 def _count_offline(kw: Mapping[str, Any], response_obj: Any, model: str) -> Usage:
     """Tokens counted with the offline tokenizer. The prompt is read, counted and dropped."""
-    from .._tokens import count_messages, count_text
+    from .._events.tokens import count_messages, count_text
 
     messages = kw.get("messages")
     if isinstance(messages, (list, tuple)):
@@ -393,7 +393,7 @@ class LiteLLMLogger(CustomLogger):
         the budget's message (anything else would be a 500 for the client)."""
         if self.tally.budgets is None or not isinstance(data, dict):
             return None
-        from .._budgets import BudgetExceeded
+        from .._budgets.budget import BudgetExceeded
 
         caller = _caller_metadata(user_api_key_dict)
         meta = {**_mapping(data.get("metadata")), **_mapping(data.get("litellm_metadata")), **caller}
@@ -652,7 +652,7 @@ def _on_setup(logging_obj: Any, kwargs: Any, call_type: Any, args: tuple[Any, ..
 
 def _is_budget_refusal(kwargs: Any) -> bool:
     """A call our own budget hook stopped (LiteLLM runs its failure hooks for it too)."""
-    from .._budgets import BudgetExceeded
+    from .._budgets.budget import BudgetExceeded
 
     error = kwargs.get("exception") if isinstance(kwargs, Mapping) else None
     if isinstance(error, BudgetExceeded) or isinstance(getattr(error, "__cause__", None),
@@ -697,7 +697,7 @@ def _reserve(tally: Recorder, kw: Mapping[str, Any], call_type: str | None) -> R
 
 def _count_inputs(inputs: Any, model: str) -> int:
     """Tokens of every input: texts counted offline, token-id lists by their length."""
-    from .._tokens import count_text
+    from .._events.tokens import count_text
 
     if isinstance(inputs, str):
         return count_text(inputs, model)

@@ -14,8 +14,8 @@ from dataclasses import dataclass
 from datetime import date, datetime, timedelta, timezone, tzinfo
 from typing import Literal
 
-from ._errors import ConfigError
-from ._timeparse import DURATION, parse_duration
+from .._errors import ConfigError
+from .._timeparse import DURATION, parse_duration
 
 __all__ = ["Period", "resolve_period", "MAX_DAY_BUCKETS", "MAX_WEEK_BUCKETS"]
 

@@ -50,14 +50,14 @@ from typing import IO, Any
 from sqlalchemy import Connection, Select, case, delete, func, select
 from sqlalchemy.exc import SQLAlchemyError
 
-from ._errors import ConfigError, LedgerError
-from ._files import create_beside
-from ._model import EVENT_COLUMNS, MAX_ID, MAX_TEXT, UsageEvent
-from ._reservations import EventCharges, rebuild_counters_before
-from ._store import Store, driver_row
-from ._event import CALL_TYPES, SOURCES, STATUSES, TOKEN_FIELDS
-from ._timeparse import parse_instant
-from ._usage import MAX_TOKEN_COUNT
+from .._errors import ConfigError, LedgerError
+from .._storage.files import create_beside
+from .._storage.tables import EVENT_COLUMNS, MAX_ID, MAX_TEXT, UsageEvent
+from .._budgets.ledger import EventCharges, rebuild_counters_before
+from .._storage.store import Store, driver_row
+from .._events.event import CALL_TYPES, SOURCES, STATUSES, TOKEN_FIELDS
+from .._timeparse import parse_instant
+from .._events.usage import MAX_TOKEN_COUNT
 
 __all__ = [
     "TransferError", "ExportResult", "ImportResult", "PruneResult", "FORMATS", "COST_STATUSES",

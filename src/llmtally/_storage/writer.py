@@ -32,10 +32,10 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
-from ._log import warn_limited
-from ._metadata import clean_metadata, safe_str
-from ._spill import SpillFile, encode_event
-from ._store import InsertHook, Store, is_outage
+from .._log import warn_limited
+from .._events.metadata import clean_metadata, safe_str
+from .spill import SpillFile, encode_event
+from .store import InsertHook, Store, is_outage
 
 __all__ = ["Writer", "DEFAULT_BATCH_SIZE", "DEFAULT_FLUSH_INTERVAL_S", "DEFAULT_MAX_QUEUE"]
 

@@ -24,10 +24,10 @@ from sqlalchemy.engine import make_url
 from sqlalchemy.exc import ArgumentError, DatabaseError, NoSuchModuleError, OperationalError
 from sqlalchemy.pool import StaticPool
 
-from ._errors import ConfigError, LedgerError
-from ._log import warn_limited
-from ._migrations import MIGRATIONS, Migration, migrate
-from ._model import EVENT_COLUMNS, EVENTS_TABLE, UsageEvent
+from .._errors import ConfigError, LedgerError
+from .._log import warn_limited
+from .migrations import MIGRATIONS, Migration, migrate
+from .tables import EVENT_COLUMNS, EVENTS_TABLE, UsageEvent
 
 __all__ = ["Store", "InsertHook", "normalize_url", "DEFAULT_DATABASE_URL", "is_outage"]
 

@@ -12,12 +12,12 @@ from collections.abc import Iterable, Mapping
 from datetime import datetime, timezone
 from typing import TYPE_CHECKING, Any, NamedTuple
 
-from . import _scope
-from ._metadata import clean_metadata
-from ._usage import MAX_TOKEN_COUNT, TOKEN_FIELDS, Usage, coerce_count
+from . import scope as _scope
+from .metadata import clean_metadata
+from .usage import MAX_TOKEN_COUNT, TOKEN_FIELDS, Usage, coerce_count
 
 if TYPE_CHECKING:
-    from ._pricing import PriceBook
+    from .._pricing.book import PriceBook
 
 __all__ = ["CallEvent", "event_row", "STATUSES", "CALL_TYPES", "SOURCES", "TOKEN_FIELDS",
            "NO_USAGE", "as_utc_naive", "clean_id"]

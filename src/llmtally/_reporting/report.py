@@ -20,15 +20,15 @@ from datetime import datetime, timezone, tzinfo
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
-from . import _report_data as data
-from ._errors import ConfigError
-from ._files import create_beside
-from ._report_period import Period, resolve_period
+from . import data
+from .._errors import ConfigError
+from .._storage.files import create_beside
+from .period import Period, resolve_period
 
 if TYPE_CHECKING:
-    from ._pricing import PriceBook
-    from ._reservations import CounterState
-    from ._store import Store
+    from .._pricing.book import PriceBook
+    from .._budgets.ledger import CounterState
+    from .._storage.store import Store
 
 __all__ = ["Report", "ReportFile", "build_report", "render_html", "write_report",
            "report_path", "format_money", "DEFAULT_REPORT_DIR", "DEFAULT_TOP"]

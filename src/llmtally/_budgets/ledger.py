@@ -55,13 +55,13 @@ from sqlalchemy import (JSON, BigInteger, Column, Connection, DateTime, Float, M
                         select, text)
 from sqlalchemy.dialects.postgresql import JSONB
 
-from ._budgets import Budget, BudgetExceeded, Window, instance_for, window_for, zone
-from ._errors import ConfigError
-from ._log import logger, warn_limited
-from ._model import UsageEvent
+from .budget import Budget, BudgetExceeded, Window, instance_for, window_for, zone
+from .._errors import ConfigError
+from .._log import logger, warn_limited
+from .._storage.tables import UsageEvent
 
 if TYPE_CHECKING:  # a Store is passed in; _store -> _migrations -> this module at run time
-    from ._store import Store
+    from .._storage.store import Store
 
 __all__ = ["BudgetLedger", "EventCharges", "Hold", "Reservation", "CounterState", "Crossing",
            "Drift", "UNIT_SCALE", "to_units", "defined_budgets", "check_counters",

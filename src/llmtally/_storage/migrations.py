@@ -35,9 +35,9 @@ from sqlalchemy import (
 )
 from sqlalchemy.dialects.postgresql import JSONB
 
-from ._errors import LedgerError
-from ._model import EVENTS_TABLE
-from ._usage import TOKEN_FIELDS
+from .._errors import LedgerError
+from .tables import EVENTS_TABLE
+from .._events.usage import TOKEN_FIELDS
 
 __all__ = ["Migration", "MIGRATIONS", "SCHEMA_TABLE", "migrate", "schema_version"]
 
@@ -156,8 +156,8 @@ def m004_one_name_per_provider(conn: Connection) -> None:
     Data, not DDL: it uses today's naming rules (:func:`llmtally._pricing.ledger_names` and
     ``split_route``), which every new row follows. Ended windows of those budgets lose their
     counters (history only: nothing reads them); open windows are recounted from the events."""
-    from ._pricing import ledger_names, split_route
-    from ._reservations import rename_budgets
+    from .._pricing.book import ledger_names, split_route
+    from .._budgets.ledger import rename_budgets
 
     events = Table(EVENTS_TABLE, MetaData(), Column("provider", String), Column("model", String))
     pairs = conn.execute(select(events.c.provider, events.c.model).distinct()).all()

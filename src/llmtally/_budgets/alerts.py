@@ -16,7 +16,7 @@ from collections.abc import Mapping
 from typing import Any
 from urllib.parse import urlsplit
 
-from ._log import warn_limited
+from .._log import warn_limited
 
 __all__ = ["WebhookSender", "is_webhook", "redact_url", "DEFAULT_WEBHOOK_TIMEOUT_S"]
 

@@ -1,0 +1,1 @@
+"""Budgets: definitions, the counters and holds in the ledger, alerts."""

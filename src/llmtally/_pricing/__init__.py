@@ -1,0 +1,1 @@
+"""Prices: the price map, overrides, provider and model names, the cost of a call."""

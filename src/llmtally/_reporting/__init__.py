@@ -1,0 +1,1 @@
+"""Reading the ledger: summaries, the weekly report's figures, periods, the HTML report."""

@@ -1,0 +1,1 @@
+"""Moving events in and out: export, import, prune."""
