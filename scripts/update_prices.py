@@ -4,7 +4,7 @@
     python scripts/update_prices.py path/to/model_prices_and_context_window_backup.json
 
 Writes src/llmtally/data/prices.json: {"version": <today>, "litellm_version": ..., "models": {...}},
-each model slimmed to what token pricing needs (see llmtally._pricing.book.slim_entry). Reads files
+each model slimmed to what token pricing needs (see llmtally._pricing.price_map.slim_entry). Reads files
 only: it never fetches anything and never imports litellm.
 """
 
@@ -19,7 +19,7 @@ import os
 import sys
 from pathlib import Path
 
-from llmtally._pricing.book import LITELLM_MAP_FILE, slim_price_map
+from llmtally._pricing.price_map import LITELLM_MAP_FILE, slim_price_map
 
 SNAPSHOT = Path(__file__).resolve().parent.parent / "src" / "llmtally" / "data" / "prices.json"
 

@@ -9,7 +9,8 @@ from importlib.resources import files
 
 import pytest
 
-from llmtally._pricing.book import PriceBook, canonical_provider
+from llmtally._pricing.book import PriceBook
+from llmtally._pricing.names import canonical_provider
 
 litellm = pytest.importorskip("litellm")
 

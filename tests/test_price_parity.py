@@ -17,7 +17,9 @@ from typing import Any
 
 import pytest
 
-from llmtally._pricing.book import PriceBook, _bundled_path, canonical_provider, slim_entry
+from llmtally._pricing.book import PriceBook
+from llmtally._pricing.price_map import _bundled_path, slim_entry
+from llmtally._pricing.names import canonical_provider
 
 litellm = pytest.importorskip("litellm")
 from litellm._internal_context import pinned_billing_time  # noqa: E402

@@ -18,8 +18,11 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from llmtally._pricing import book as _pricing
+from llmtally._pricing import price_map as _price_map
 from llmtally._errors import ConfigError
-from llmtally._pricing.book import CURRENCIES, Price, PriceBook, PricedCost, slim_entry
+from llmtally._pricing.price import CURRENCIES, Price, PricedCost
+from llmtally._pricing.book import PriceBook
+from llmtally._pricing.price_map import slim_entry
 
 REPO = Path(__file__).resolve().parent.parent
 SNAPSHOT = REPO / "src" / "llmtally" / "data" / "prices.json"
@@ -422,24 +425,24 @@ def test_auto_prefers_a_newer_installed_litellm(tmp_path: Path, monkeypatch: pyt
     path.write_text(
         json.dumps({"gpt-4o-mini": {"litellm_provider": "openai", "input_cost_per_token": 1e-06}})
     )
-    monkeypatch.setattr(_pricing, "_installed_litellm", lambda: ("99.0.0", str(path)))
+    monkeypatch.setattr(_price_map, "installed_litellm", lambda: ("99.0.0", str(path)))
     book = PriceBook()
     assert book.map_source == "litellm-map:99.0.0"
     assert book.cost(model="gpt-4o-mini", input_tokens=1).cost == pytest.approx(1e-06, abs=1e-15)
-    monkeypatch.setattr(_pricing, "_installed_litellm", lambda: ("1.0.0", str(path)))
+    monkeypatch.setattr(_price_map, "installed_litellm", lambda: ("1.0.0", str(path)))
     assert PriceBook().map_source.startswith("litellm-map:20")  # older litellm: the snapshot
 
 
 def test_map_loads_once_across_threads(monkeypatch: pytest.MonkeyPatch) -> None:
     loads = []
-    real = _pricing._load_map
+    real = _pricing.load_map
 
     def counting(choice: str) -> object:
         loads.append(choice)
         time.sleep(0.05)
         return real(choice)
 
-    monkeypatch.setattr(_pricing, "_load_map", counting)
+    monkeypatch.setattr(_pricing, "load_map", counting)
     book = PriceBook(price_map="bundled")
     assert loads == []  # lazy: nothing read at construction
     results: list[float | None] = []

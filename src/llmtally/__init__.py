@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 from ._budgets.budget import Budget, BudgetExceeded
 from ._errors import ConfigError, LedgerError
 from ._events.event import CallEvent
-from ._pricing.book import Price
+from ._pricing.price import Price
 from ._tally import Tally
 
 if TYPE_CHECKING:

@@ -51,7 +51,7 @@ from typing import Any
 
 from ._budgets.budget import Budget
 from ._errors import ConfigError
-from ._pricing.book import Price
+from ._pricing.price import Price
 
 __all__ = ["load_settings", "check_tally_arguments", "DEFAULT_CONFIG_FILE", "ENV_VARIABLES"]
 

@@ -25,7 +25,8 @@ from ._budgets.budget import Budget, BudgetExceeded, zone
 from ._errors import ConfigError, error_type
 from ._events.event import NO_USAGE, CallEvent, clean_id, event_row
 from ._log import logger, warn_limited
-from ._pricing.book import Price, PriceBook
+from ._pricing.price import Price
+from ._pricing.book import PriceBook
 from ._events.ids import EventIds
 from ._events.usage import Usage, coerce_count, extract_usage, response_model, response_text
 

@@ -17,7 +17,7 @@ from typing import Any
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from .._errors import ConfigError
-from .._pricing.book import canonical_provider, split_route
+from .._pricing.names import canonical_provider, split_route
 
 __all__ = ["Budget", "BudgetExceeded", "Window", "window_for", "instance_for", "zone",
            "PERIODS", "SCOPE_KEYS", "EACH_KEYS"]
