@@ -179,7 +179,8 @@ def test_a_process_without_budgets_charges_the_ledgers_budgets(ledger_url, make_
 
 
 def test_an_import_into_an_open_window_is_charged(ledger_url, make_tally, tmp_path):
-    from llmtally._transfer.transfer import export_events, import_events
+    from llmtally._transfer.export import export_events
+    from llmtally._transfer.importing import import_events
 
     tally = make_tally(ledger_url, prices=PRICES, budgets=[Budget(usd=0.10, per="day")])
     tally.reserve(model="penny", input_tokens=0, max_tokens=1)  # the counter exists
@@ -215,7 +216,7 @@ def test_a_spill_replay_is_charged_once(make_tally, tmp_path):
 def test_prune_keeps_counters_equal_to_the_ledger(ledger_url, make_tally):
     from datetime import datetime, timedelta, timezone
 
-    from llmtally._transfer.transfer import prune_events
+    from llmtally._transfer.prune import prune_events
 
     now = datetime.now(timezone.utc)
     tally = make_tally(ledger_url, prices=PRICES, budgets=[Budget(usd=1, per="total"),

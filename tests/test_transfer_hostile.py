@@ -25,8 +25,11 @@ from sqlalchemy import text
 from test_transfer import cli, new_ledger, stores, typed_rows
 
 from llmtally._storage.store import Store, driver_row
-from llmtally._transfer.transfer import (MAX_LINE_BYTES, MAX_RECORD_BYTES, TransferError, _event_row,
-                                export_events, import_events)
+from llmtally._transfer.transfer import MAX_LINE_BYTES, TransferError
+from llmtally._transfer.reading import MAX_RECORD_BYTES
+from llmtally._transfer.validation import event_row
+from llmtally._transfer.export import export_events
+from llmtally._transfer.importing import import_events
 
 ROOT = Path(__file__).resolve().parents[1]
 NOW = datetime.now(timezone.utc).replace(microsecond=0)
@@ -56,7 +59,7 @@ def _import_in_subprocess(path: Path, db: Path, *args: str) -> tuple[dict, float
         "        if line.startswith('VmHWM:'):\n"
         "            return int(line.split()[1]) / 1024\n"
         "from llmtally._storage.store import Store\n"
-        "from llmtally._transfer.transfer import import_events\n"
+        "from llmtally._transfer.importing import import_events\n"
         "store = Store(sys.argv[2])\n"
         "r = import_events(store, sys.argv[1], format=(sys.argv[3] if len(sys.argv) > 3 else None))\n"
         "store.close()\n"
@@ -194,7 +197,7 @@ class _Interrupting(io.RawIOBase):
 def _write_now(url: str, row: dict) -> None:
     """Insert one event on a connection of its own that does not wait for any lock."""
     store = Store(url)
-    params = driver_row(_event_row(row), store.dialect == "sqlite")
+    params = driver_row(event_row(row), store.dialect == "sqlite")
     sql = store._insert_sql
     store.close()
     if url.startswith("sqlite"):

@@ -524,7 +524,7 @@ def export(tally: Any, fmt: str | None, since: str | None, until: str | None,
       llmtally export --format csv --since 30d > usage.csv
       llmtally export --project search -o search.jsonl.gz
     """
-    from ._transfer.transfer import export_events
+    from ._transfer.export import export_events
 
     with _export_progress(tally, since=since, until=until, project=project) as progress:
         to_file = output not in (None, "-")
@@ -557,7 +557,7 @@ def import_(tally: Any, file: str, fmt: str | None) -> None:
       llmtally import usage.jsonl
       llmtally export --db a.db | llmtally import - --db merged.db
     """
-    from ._transfer.transfer import import_events
+    from ._transfer.importing import import_events
 
     source = sys.stdin.buffer if file == "-" else file
     result = import_events(tally.store, source, format=fmt)
@@ -595,7 +595,7 @@ def prune(tally: Any, older_than: str, archive: str | None, dry_run: bool) -> No
       llmtally prune --older-than 90d --dry-run
       llmtally prune --older-than 90d --archive old-2026Q3.jsonl.gz
     """
-    from ._transfer.transfer import prune_events
+    from ._transfer.prune import prune_events
 
     result = prune_events(tally.store, older_than, archive=archive, dry_run=dry_run)
     details = [f"cost {_money(amount, currency)}" for currency, amount in result.cost.items()]
@@ -616,7 +616,7 @@ def _export_progress(tally: Any, **filters: Any) -> Iterator[Callable[[int], Non
     if not sys.stderr.isatty():
         yield None
         return
-    from ._transfer.transfer import count_events
+    from ._transfer.export import count_events
 
     total = count_events(tally.store, **filters)
     with click.progressbar(length=total, label="exporting", file=sys.stderr) as bar:
