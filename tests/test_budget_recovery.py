@@ -23,7 +23,7 @@ from sqlalchemy.exc import OperationalError
 
 from llmtally import Budget, BudgetExceeded, Price
 from llmtally._budgets.budget import window_for
-from llmtally._budgets.ledger import check_counters
+from llmtally._budgets.counters import check_counters
 
 PENNY = {"penny": Price(input=0, output=0.01, per="token")}  # one output token = $0.01 exactly
 NOW = datetime(2026, 11, 25, 12, 0, tzinfo=timezone.utc)

@@ -342,7 +342,7 @@ def test_calls_let_through_unchecked_are_charged_to_the_budget_once(ledger_url, 
     """A call that went out without a hold — fail open (an empty reservation) or simply
     recorded — is charged to every covering budget by the transaction that stores it, once,
     including a counter that does not exist yet (seeded from the ledger, this event in it)."""
-    from llmtally._budgets.ledger import Reservation
+    from llmtally._budgets.states import Reservation
 
     tally = make_tally(ledger_url, prices=PENNY, budgets=[Budget(usd=0.03, per="day"),
                                                           Budget(usd=1, per="day", each="user")])
@@ -355,7 +355,7 @@ def test_calls_let_through_unchecked_are_charged_to_the_budget_once(ledger_url, 
     assert spent == {("usd 0.03/day", ""): 0.03, ("usd 1/day each user", "ann"): 0.02}
     assert _penny_call(tally, user="bob") is False  # the day budget is spent: refused
     assert round(tally.budget_states()[0].spent, 9) == 0.03
-    from llmtally._budgets.ledger import check_counters
+    from llmtally._budgets.counters import check_counters
 
     assert check_counters(tally.store) == []  # every counter equals the ledger's GROUP BY
 

@@ -22,7 +22,7 @@ from hypothesis import strategies as st
 from llmtally import Budget, BudgetExceeded, Price, Tally
 from llmtally import CallEvent
 from llmtally._events.event import event_row
-from llmtally._budgets.ledger import check_counters
+from llmtally._budgets.counters import check_counters
 from llmtally._events.scope import EMPTY
 from llmtally._events.usage import Usage
 from llmtally.testing import FakeUsage
@@ -240,7 +240,7 @@ def test_prune_keeps_counters_equal_to_the_ledger(ledger_url, make_tally):
 def test_counters_equal_the_ledger_after_any_mix_of_paths(make_tally, tmp_path, steps):
     """Property: whatever mix of paths wrote the events, each counter's spend equals the sum
     over its window's covered events and its reserve equals the open holds."""
-    from llmtally._budgets.ledger import Reservation
+    from llmtally._budgets.states import Reservation
 
     url = f"sqlite:///{tmp_path / f'mix-{id(steps)}.db'}"
     tally = make_tally(url, prices=PRICES, budgets=[
@@ -428,7 +428,7 @@ def test_budgets_are_defined_in_the_ledger_for_every_reader(ledger_url, make_tal
                                                            Budget(tokens=100, per="hour")])
     tally.reserve(model="penny", input_tokens=0, max_tokens=1)
     reader = make_tally(ledger_url)  # defines none
-    from llmtally._budgets.ledger import defined_budgets
+    from llmtally._budgets.counters import defined_budgets
 
     with reader.store.connect() as conn:
         labels = sorted(d.budget.label for d in defined_budgets(conn))

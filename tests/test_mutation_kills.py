@@ -215,14 +215,14 @@ NOW = datetime(2026, 11, 25, 12, 0, tzinfo=timezone.utc)
 
 
 def test_thresholds_are_reached_at_their_share_of_the_limit():
-    from llmtally._budgets.ledger import _thresholds_reached
+    from llmtally._budgets.states import thresholds_reached
 
-    assert _thresholds_reached(Budget(tokens=100, warn_at=(0.5, 0.8)), 10) == []
-    assert _thresholds_reached(Budget(tokens=100, warn_at=(0.5, 0.8)), 50) == [0.5]
-    assert _thresholds_reached(Budget(tokens=100, warn_at=(0.5, 0.8)), 80) == [0.5, 0.8]
-    assert _thresholds_reached(Budget(requests=1, warn_at=(0.5, 0.8)), 1) == [0.5, 0.8]
-    assert _thresholds_reached(Budget(requests=1, warn_at=(0.5, 0.8)), 0) == []
-    assert _thresholds_reached(Budget(usd=0, warn_at=(0.5,)), 10) == []  # no limit to share
+    assert thresholds_reached(Budget(tokens=100, warn_at=(0.5, 0.8)), 10) == []
+    assert thresholds_reached(Budget(tokens=100, warn_at=(0.5, 0.8)), 50) == [0.5]
+    assert thresholds_reached(Budget(tokens=100, warn_at=(0.5, 0.8)), 80) == [0.5, 0.8]
+    assert thresholds_reached(Budget(requests=1, warn_at=(0.5, 0.8)), 1) == [0.5, 0.8]
+    assert thresholds_reached(Budget(requests=1, warn_at=(0.5, 0.8)), 0) == []
+    assert thresholds_reached(Budget(usd=0, warn_at=(0.5,)), 10) == []  # no limit to share
 
 
 def test_postgres_one_statement_reserve_holds_nothing_for_a_kind_not_estimated(pg_url,
@@ -261,7 +261,7 @@ def test_a_batch_charges_each_new_event_once_however_many_and_repeated(ledger, r
     assert tally.flush(30)
     [state] = tally.budget_states()
     assert (state.spent, state.reserved) == (1201, 0)
-    from llmtally._budgets.ledger import check_counters
+    from llmtally._budgets.counters import check_counters
 
     assert check_counters(tally.store) == []
 
@@ -271,7 +271,7 @@ def test_a_call_straddling_midnight_releases_yesterday_and_charges_today(ledger_
 
     from conftest import fetch_events
 
-    from llmtally._budgets.ledger import check_counters
+    from llmtally._budgets.counters import check_counters
 
     clock = {"now": datetime(2026, 11, 25, 23, 59, 59, tzinfo=timezone.utc)}
     tally = make_tally(ledger_url, prices=PENNY, budgets=[Budget(usd=0.05, per="day")],
@@ -391,7 +391,7 @@ def test_two_budgets_crossing_in_one_batch_both_warn(ledger_url, make_tally):
 
 
 def test_a_batch_settling_more_than_a_thousand_holds_releases_every_one(ledger_url, make_tally):
-    from llmtally._budgets.ledger import check_counters
+    from llmtally._budgets.counters import check_counters
 
     tally = make_tally(ledger_url, prices=PENNY, budgets=[Budget(requests=5000, per="day")],
                        clock=lambda: NOW, batch_size=5000, flush_interval_s=60)

@@ -10,7 +10,7 @@ from sqlalchemy import create_engine, text
 import pytest
 
 from llmtally import Budget, BudgetExceeded
-from llmtally._budgets.ledger import check_counters
+from llmtally._budgets.counters import check_counters
 from llmtally._storage.store import normalize_url
 from llmtally.testing import FakeProvider, FakeUsage
 

@@ -260,7 +260,7 @@ def test_prune_archives_then_deletes_and_reimport_restores(ledger_url, make_tall
     with gzip.open(tmp_path / "old.jsonl.gz", "rt", encoding="utf-8") as archive:
         assert {json.loads(line)["id"] for line in archive} == old_ids
     # budget counters cache a GROUP BY over the events: the pruned spend leaves the total
-    from llmtally._budgets.ledger import check_counters
+    from llmtally._budgets.counters import check_counters
 
     assert check_counters(store) == []
     assert _counter_rows(store)[0][0] < counters[0][0]

@@ -12,7 +12,8 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 if TYPE_CHECKING:
     from ._events.event import CallEvent
-    from ._budgets.ledger import BudgetLedger, Reservation
+    from ._budgets.ledger import BudgetLedger
+    from ._budgets.states import Reservation
 
 __all__ = ["Recorder"]
 

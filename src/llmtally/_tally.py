@@ -32,7 +32,8 @@ from ._events.usage import Usage, coerce_count, extract_usage, response_model, r
 
 if TYPE_CHECKING:  # the database layer is imported when a Tally is made, not at `import llmtally`
     from ._reporting.queries import SummaryRow, UnpricedRow
-    from ._budgets.ledger import BudgetLedger, CounterState, Crossing, Reservation
+    from ._budgets.ledger import BudgetLedger
+    from ._budgets.states import CounterState, Crossing, Reservation
     from ._storage.store import Store
     from ._storage.writer import Writer
     from .integrations.langchain import LangChainHandler
@@ -173,7 +174,7 @@ class Tally:
                               "or \"block\"")
         self._unpriced_policy = unpriced
         self._unpriced_warned: set[str] = set()
-        from ._budgets.ledger import EventCharges
+        from ._budgets.charges import EventCharges
 
         # Every event this Tally writes is charged to every budget defined in the ledger (by any
         # process), in the transaction that stores it.
@@ -571,7 +572,7 @@ class Tally:
         """
         if self.budgets is None:
             return None
-        from ._budgets.ledger import Reservation
+        from ._budgets.states import Reservation
 
         attributes = self._budget_attributes(model, provider, project, user, session, tags)
         estimate, priced = self._estimate(model, provider, messages, input_tokens, max_tokens,

@@ -418,7 +418,7 @@ def budgets(tally: Any, as_json: bool, check: bool, repair: bool) -> None:
       llmtally budgets --config llmtally.toml
       llmtally budgets --check --db postgresql+psycopg://app@db/llm
     """
-    from ._budgets.ledger import check_counters, ledger_states, unpriced_calls
+    from ._budgets.counters import check_counters, ledger_states, unpriced_calls
 
     if check or repair:
         drifts = check_counters(tally.store, repair=repair)

@@ -359,7 +359,7 @@ def test_master_key_requests_belong_to_the_end_user_in_the_body(budget_proxy):
 def test_concurrent_requests_sharing_a_call_id_are_each_held_and_charged(budget_proxy):
     from concurrent.futures import ThreadPoolExecutor
 
-    from llmtally._budgets.ledger import check_counters
+    from llmtally._budgets.counters import check_counters
     from llmtally._storage.store import Store
 
     client = budget_proxy.client("sk-alice")

@@ -27,7 +27,7 @@ from .period import Period, resolve_period
 
 if TYPE_CHECKING:
     from .._pricing.book import PriceBook
-    from .._budgets.ledger import CounterState
+    from .._budgets.states import CounterState
     from .._storage.store import Store
 
 __all__ = ["Report", "ReportFile", "build_report", "render_html", "write_report",

@@ -157,7 +157,7 @@ def m004_one_name_per_provider(conn: Connection) -> None:
     ``split_route``), which every new row follows. Ended windows of those budgets lose their
     counters (history only: nothing reads them); open windows are recounted from the events."""
     from .._pricing.names import ledger_names, split_route
-    from .._budgets.ledger import rename_budgets
+    from .._budgets.counters import rename_budgets
 
     events = Table(EVENTS_TABLE, MetaData(), Column("provider", String), Column("model", String))
     pairs = conn.execute(select(events.c.provider, events.c.model).distinct()).all()

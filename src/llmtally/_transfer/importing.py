@@ -14,7 +14,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import IO, Any
 
-from .._budgets.ledger import EventCharges
+from .._budgets.charges import EventCharges
 from .._storage.store import Store, driver_row
 from .._storage.tables import EVENT_COLUMNS
 from .reading import (

@@ -11,7 +11,7 @@ from typing import Any
 
 from sqlalchemy import Connection, case, delete, func, select
 
-from .._budgets.ledger import rebuild_counters_before
+from .._budgets.counters import rebuild_counters_before
 from .._errors import ConfigError
 from .._storage.store import Store
 from .._timeparse import parse_instant

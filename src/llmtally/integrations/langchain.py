@@ -71,7 +71,7 @@ from .._events.usage import MAX_TOKEN_COUNT, Usage, coerce_count, extract_usage
 from . import _handoff
 
 if TYPE_CHECKING:
-    from .._budgets.ledger import Reservation
+    from .._budgets.states import Reservation
     from .._recorder import Recorder
 
 __all__ = ["LangChainHandler", "RunStart", "langchain_event", "TalliedEmbeddings",

@@ -75,7 +75,7 @@ from .._events.usage import Usage, extract_usage, response_model, response_text
 from ._handoff import claim as _claim_offered, take_hold as _take_offered_hold
 
 if TYPE_CHECKING:
-    from .._budgets.ledger import Reservation
+    from .._budgets.states import Reservation
     from .._recorder import Recorder
 
 __all__ = ["LiteLLMLogger", "CallStart", "litellm_event", "drain_logging_worker",
