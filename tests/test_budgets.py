@@ -413,7 +413,7 @@ def test_webhooks_get_each_threshold_and_the_block_as_json(make_tally):
         results = [_penny_call(tally, user="ann") for _ in range(5)]
         assert results == [True] * 4 + [False]
         tally.flush()  # the threshold fires when the events crossing it are stored
-        assert tally._webhooks.drain(10)
+        assert tally._guard.drain_alerts(10)
         events = [(body["event"], body.get("threshold")) for body in receiver.bodies]
         assert sorted(events, key=str) == [("blocked", None), ("threshold", 0.5)]
         blocked = receiver.bodies[1]
@@ -437,7 +437,7 @@ def test_a_failing_webhook_is_retried_and_never_delays_the_call(make_tally, capl
         started = _time.perf_counter()
         assert not _penny_call(tally)  # blocked: alerts go out on another thread
         assert _time.perf_counter() - started < 1.0
-        assert tally._webhooks.drain(20)
+        assert tally._guard.drain_alerts(20)
         assert receiver.attempts == 3 and len(receiver.bodies) == 1  # 2 failures, then delivered
         assert "could not be delivered to http://127.0.0.1:1/…" in caplog.text
         assert "s3cret" not in caplog.text and "secret-token" not in caplog.text

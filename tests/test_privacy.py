@@ -104,7 +104,7 @@ def test_sqlite_file_spill_file_and_logs_hold_no_key_or_prompt(tmp_path, provide
     # Phase 2: a SQLite ledger, which also replays the spill file.
     up = _tally(f"sqlite:///{tmp_path / 'ledger.db'}", tmp_path)
     _every_kind_of_call(up, provider)
-    assert up._webhooks.drain(30)
+    assert up._guard.drain_alerts(30)
     up.close()
     prompts_sent = [entry for entry in provider.request_log
                     if CANARY_PROMPT in str(entry["body"])]
@@ -122,7 +122,7 @@ def test_postgres_tables_hold_no_key_or_prompt(pg_url, tmp_path, provider, caplo
     caplog.set_level(logging.DEBUG, logger="llmtally")
     tally = _tally(pg_url, tmp_path)
     _every_kind_of_call(tally, provider)
-    assert tally._webhooks.drain(30)
+    assert tally._guard.drain_alerts(30)
     tally.close()
     import psycopg
 

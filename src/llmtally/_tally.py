@@ -5,13 +5,10 @@ from __future__ import annotations
 import atexit
 import functools
 import hashlib
-import inspect
-import json
 import logging
 import os
 import sys
 import threading
-import time
 import weakref
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
@@ -19,21 +16,24 @@ from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
+from ._budgets.budget import Budget, zone
+from ._budgets.guard import BudgetGuard, check_alerts
+from ._errors import ConfigError
 from ._events import scope as _scope
-from ._budgets.alerts import DEFAULT_WEBHOOK_TIMEOUT_S, WebhookSender, is_webhook
-from ._budgets.budget import Budget, BudgetExceeded, zone
-from ._errors import ConfigError, error_type
-from ._events.event import NO_USAGE, CallEvent, clean_id, event_row
+from ._events.event import CallEvent, clean_id, event_row
+from ._events.ids import EVENT_IDS
+from ._events.usage import (
+    Usage,
+)
 from ._log import logger, warn_limited
-from ._pricing.price import Price
 from ._pricing.book import PriceBook
-from ._events.ids import EventIds
-from ._events.usage import Usage, coerce_count, extract_usage, response_model, response_text
+from ._pricing.price import Price
+from ._tracking import tracked
 
 if TYPE_CHECKING:  # the database layer is imported when a Tally is made, not at `import llmtally`
-    from ._reporting.queries import SummaryRow, UnpricedRow
     from ._budgets.ledger import BudgetLedger
-    from ._budgets.states import CounterState, Crossing, Reservation
+    from ._budgets.states import CounterState, Reservation
+    from ._reporting.queries import SummaryRow, UnpricedRow
     from ._storage.store import Store
     from ._storage.writer import Writer
     from .integrations.langchain import LangChainHandler
@@ -49,8 +49,7 @@ DEFAULT_RESERVATION_TTL_S = 900.0
 DEFAULT_MAX_OUTPUT_ESTIMATE = 4096
 UNPRICED_POLICIES = ("allow", "block")
 _SCOPE_KEYS = ("project", "user", "session", "tags", "request_id", "metadata")
-_ids = EventIds()
-_FLUSH_BEFORE_BLOCKING_S = 2.0
+_ids = EVENT_IDS
 
 
 class Tally:
@@ -162,25 +161,12 @@ class Tally:
         # e.g. LiteLLM's deferred async logging queue. Each gets the flush's timeout.
         self._before_flush: list[Callable[[float | None], None]] = []
         self.tz = zone(timezone)  # calendar windows of budgets and reports
-        self._fail_closed = bool(fail_closed)
-        self._max_output_estimate = max_output_estimate
-        self._alerts = _check_alerts(alerts)
-        self._webhooks: WebhookSender | None = None
-        if any(is_webhook(target) for target in self._alerts):
-            self._webhooks = WebhookSender()
+        alerts = check_alerts(alerts)
         if unpriced not in UNPRICED_POLICIES:
             raise ConfigError(f"unpriced={unpriced!r} is not allowed; use \"allow\" (the default: "
                               "calls to a model with no price pass usd budgets, with a warning) "
                               "or \"block\"")
-        self._unpriced_policy = unpriced
-        self._unpriced_warned: set[str] = set()
-        from ._budgets.charges import EventCharges
-
-        # Every event this Tally writes is charged to every budget defined in the ledger (by any
-        # process), in the transaction that stores it.
-        self._writer.charges = EventCharges(self._clock, on_crossings=self._deliver)
         self.budgets: BudgetLedger | None = None
-        self._let_through = False  # a call was let through unchecked (fail open) since...
         if budgets:
             from ._budgets.ledger import BudgetLedger
 
@@ -191,7 +177,18 @@ class Tally:
                 self.store, budgets, tz=self.tz, currency=self.currency,
                 reservation_ttl=timedelta(seconds=reservation_ttl_s), clock=self._clock,
                 timezone_name=timezone or "UTC")
-            self._publish_budgets()
+        self._guard = BudgetGuard(
+            self.budgets, prices=self.prices, writer=self._writer, clock=self._clock,
+            attribution=self._attribution_here, record=self.record_event, flush=self.flush,
+            integration_holds=self._integration_holds, alerts=alerts,
+            fail_closed=bool(fail_closed), max_output_estimate=max_output_estimate,
+            unpriced=unpriced)
+        from ._budgets.charges import EventCharges
+
+        # Every event this Tally writes is charged to every budget defined in the ledger (by any
+        # process), in the transaction that stores it; crossed thresholds alert from here.
+        self._writer.charges = EventCharges(self._clock, on_crossings=self._guard.deliver)
+        self._guard.publish()
         _register_exit_flush(self)
 
     @classmethod
@@ -362,80 +359,10 @@ class Tally:
                             f"allowed: model, provider, call_type, {', '.join(_SCOPE_KEYS)}")
 
         def decorate(func: F) -> F:
-            if inspect.iscoroutinefunction(func):
-                @functools.wraps(func)
-                async def async_tracked(*args: Any, **kwargs: Any) -> Any:
-                    held = self._reserve_tracked(model, provider, call_type, kwargs, attribution)
-                    started = time.perf_counter()
-                    try:
-                        result = await func(*args, **kwargs)
-                    except BaseException as exc:
-                        self._record_tracked(None, exc, started, model, provider, call_type,
-                                             kwargs, attribution, held)
-                        raise
-                    self._record_tracked(result, None, started, model, provider, call_type,
-                                         kwargs, attribution, held)
-                    return result
-                return async_tracked  # type: ignore[return-value]
-
-            @functools.wraps(func)
-            def tracked(*args: Any, **kwargs: Any) -> Any:
-                held = self._reserve_tracked(model, provider, call_type, kwargs, attribution)
-                started = time.perf_counter()
-                try:
-                    result = func(*args, **kwargs)
-                except BaseException as exc:
-                    self._record_tracked(None, exc, started, model, provider, call_type,
-                                         kwargs, attribution, held)
-                    raise
-                self._record_tracked(result, None, started, model, provider, call_type,
-                                     kwargs, attribution, held)
-                return result
-            return tracked  # type: ignore[return-value]
+            return tracked(self, func, model=model, provider=provider, call_type=call_type,
+                           attribution=attribution)
 
         return decorate(fn) if fn is not None else decorate
-
-    def _reserve_tracked(self, model: str | None, provider: str | None, call_type: str,
-                         call_kwargs: Mapping[str, Any],
-                         attribution: Mapping[str, Any]) -> Reservation | None:
-        """Budgets first: raises BudgetExceeded before the decorated function runs."""
-        if self.budgets is None:
-            return None
-        messages = call_kwargs.get("messages")
-        return self.reserve(
-            model=model or _text_kwarg(call_kwargs, "model") or "unknown", provider=provider,
-            messages=messages if isinstance(messages, (list, tuple)) else None,
-            max_tokens=call_kwargs.get("max_tokens") or call_kwargs.get("max_completion_tokens"),
-            call_type=call_type, **{k: v for k, v in attribution.items()
-                                    if k in ("project", "user", "session", "tags")})
-
-    def _record_tracked(self, result: Any, error: BaseException | None, started: float,
-                        model: str | None, provider: str | None, call_type: str,
-                        call_kwargs: Mapping[str, Any], attribution: Mapping[str, Any],
-                        held: Reservation | None = None) -> None:
-        try:
-            latency_ms = (time.perf_counter() - started) * 1000.0
-            answered = response_model(result) if error is None else None
-            requested = model or _text_kwarg(call_kwargs, "model") or answered or "unknown"
-            usage = extract_usage(result) if error is None else None
-            estimated = False
-            metadata = dict(attribution.get("metadata") or {})
-            if error is None and usage is None:
-                from ._events.tokens import count_text
-
-                usage = Usage(output_tokens=count_text(response_text(result), requested))
-                estimated = True
-                metadata["llmtally_estimated"] = "the response reported no usage; output counted offline"
-            attributes = {**attribution, "metadata": metadata or None}
-            self.record_event(CallEvent(
-                model=requested, provider=provider, usage=usage or NO_USAGE,
-                latency_ms=latency_ms, status="ok" if error is None else "error",
-                error_type=error_type(error) if error is not None else None,
-                call_type=call_type, resolved_model=answered, estimated=estimated,
-                **attributes), reservation=held)
-        except Exception as exc:
-            warn_limited("track", "llmtally: could not record a tracked call (%s: %s)",
-                         type(exc).__name__, exc, exc_info=True)
 
     def litellm(self) -> Any:
         """The LiteLLM callback that records every call: ``litellm.callbacks = [tally.litellm()]``.
@@ -570,80 +497,22 @@ class Tally:
         >>> response = client.chat.completions.create(model="gpt-4o-mini", messages=msgs, max_tokens=500)
         >>> tally.record(model="gpt-4o-mini", input_tokens=..., output_tokens=..., reservation=held)
         """
-        if self.budgets is None:
-            return None
-        from ._budgets.states import Reservation
-
-        attributes = self._budget_attributes(model, provider, project, user, session, tags)
-        estimate, priced = self._estimate(model, provider, messages, input_tokens, max_tokens,
-                                          choices, has_output=call_type != "embedding")
-        reservation_id = _ids.next_id()
-        try:
-            if not priced:
-                self._unpriced_call(model, attributes)
-            if self._let_through or self._writer.behind:
-                # Calls let through while the ledger was down wait in the writer: store (and
-                # so charge) them before checking this one.
-                if self._writer.catch_up(_FLUSH_BEFORE_BLOCKING_S) and not self._writer.behind:
-                    self._let_through = False
-            try:
-                try:
-                    return self.budgets.reserve(reservation_id, attributes, estimate)
-                except Exception as exc:
-                    if not _is_conflict(exc):
-                        raise
-                    # PostgreSQL chose this transaction as a deadlock or serialization victim
-                    return self.budgets.reserve(reservation_id, attributes, estimate)
-            except BudgetExceeded:
-                if not self._holds_in_flight():
-                    raise
-                # About to block: calls that finished here may still hold more than they used
-                # until their events are stored (which releases their holds): store them, retry.
-                self.flush(_FLUSH_BEFORE_BLOCKING_S)
-                return self.budgets.reserve(reservation_id, attributes, estimate)
-        except BudgetExceeded as exc:
-            budget = exc.budget or getattr(exc, "unpriced_under", None)
-            if budget is None:  # fail closed: the ledger could not be asked
-                raise
-            self.record(id=reservation_id, model=model, provider=provider, status="blocked",
-                        error_type="llmtally.BudgetExceeded", call_type=call_type,
-                        project=project, user=user, session=session, tags=tags,
-                        metadata={"budget": budget.label, "budget_scope": exc.scope,
-                                  **({"unpriced": True} if exc.budget is None else {})})
-            self._alert("blocked", budget, exc.scope, used=exc.used, requested=exc.requested,
-                        resets_at=exc.resets_at)
-            raise
-        except Exception as exc:
-            if self._fail_closed:
-                raise BudgetExceeded.unavailable(exc) from exc
-            self._let_through = True
-            warn_limited("budget-open", "llmtally: budgets could not be checked (%s: %s); the "
-                         "call is allowed (fail open) and charged to the budgets when its event "
-                         "is written. Use fail_closed=True to block instead.",
-                         type(exc).__name__, exc)
-            return Reservation(reservation_id, ())
+        return self._guard.reserve(model=model, provider=provider, messages=messages,
+                                   input_tokens=input_tokens, max_tokens=max_tokens,
+                                   choices=choices, call_type=call_type, project=project,
+                                   user=user, session=session, tags=tags)
 
     async def areserve(self, **call: Any) -> Reservation | None:
         """:meth:`reserve` for async code: the database work runs on a worker thread, so the
         event loop never waits for it (the scope in force is carried over)."""
-        if self.budgets is None:
-            return None
-        from ._budgets.offloop import reserve_off_loop
-
-        return await reserve_off_loop(self, functools.partial(self.reserve, **call))
+        return await self._guard.areserve(**call)
 
     def release(self, reservation: Reservation | None, *, sent: bool = False) -> None:
         """Give a reservation back when no event will record the call (it was not made).
         A call that was made is recorded instead (``record(..., reservation=...)``), which
         releases the hold and charges what it used; ``sent`` is accepted for compatibility and
         changes nothing: only events count. Never raises."""
-        if reservation is None or self.budgets is None or not reservation.holds:
-            return
-        try:
-            self.budgets.release(reservation)
-        except Exception as exc:
-            warn_limited("budget-settle", "llmtally: could not release a budget reservation "
-                         "(%s: %s); it expires on its own", type(exc).__name__, exc)
+        self._guard.release(reservation, sent=sent)
 
     def budget_states(self) -> list[CounterState]:
         """Each budget (and each ``each=`` instance with use) in its current window. Flushes
@@ -651,44 +520,11 @@ class Tally:
         if self.budgets is None:
             return []
         self.flush(DEFAULT_EXIT_FLUSH_TIMEOUT_S)
-        return self.budgets.states()
+        return self._guard.states()
 
-    def _holds_in_flight(self) -> bool:
-        """Whether calls of this process that have finished, or are finishing, may still hold
-        more than they used: events not yet stored, or holds an integration has not handed
-        to an event yet. Only then is a check about to block worth a flush and a retry."""
-        if self._writer.queued:
-            return True
+    def _integration_holds(self) -> bool:
+        """Whether the LiteLLM logger holds budgets for calls not recorded yet."""
         return self._litellm_logger is not None and self._litellm_logger.holds_calls()
-
-    def _publish_budgets(self) -> bool:
-        """Put this Tally's budget definitions in the ledger (retried until it answers)."""
-        if self.budgets is None:
-            return True
-        try:
-            self.budgets.publish()
-            return True
-        except Exception as exc:
-            warn_limited("budget-publish", "llmtally: could not write the budget definitions to "
-                         "the ledger yet (%s: %s); will try again", type(exc).__name__, exc)
-            return False
-
-    def _unpriced_call(self, model: str, attributes: Mapping[str, Any]) -> None:
-        """A call of a model with no price, under a usd budget: warn once per model, or block."""
-        assert self.budgets is not None
-        now = self._clock()
-        usd = [b for b, _, _ in self.budgets.covering(attributes, now)
-               if b.kind == "usd" and b.action == "block"]
-        if not usd:
-            return
-        if self._unpriced_policy == "block":
-            raise BudgetExceeded.unpriced(model, usd[0])
-        if model not in self._unpriced_warned and len(self._unpriced_warned) < 10_000:
-            self._unpriced_warned.add(model)
-            logger.warning("llmtally: %r has no price, so usd budgets (%s) cannot count its "
-                           "calls; they are allowed (unpriced=\"allow\"). Add a price override "
-                           "(prices={%r: Price(...)}) or use unpriced=\"block\"; `llmtally "
-                           "budgets` counts these calls", model, usd[0].label, model)
 
     def _attribution_here(self) -> _scope.Attribution:
         """The scope in force here, over the Tally's default scope."""
@@ -697,72 +533,13 @@ class Tally:
             scope = self._default_scope.merged(scope)
         return scope
 
-    def _budget_attributes(self, model: str, provider: str | None, project: str | None,
-                           user: str | None, session: str | None,
-                           tags: Iterable[str] | None) -> dict[str, Any]:
-        scope = self._attribution_here()
-        names = self.prices.resolve(model, provider)
-        return {
-            "model": names.model or model, "provider": names.provider,
-            "project": project or scope.project, "user": user or scope.user,
-            "session": session or scope.session,
-            "tags": _scope.merge_tags(scope.tags, tuple(tags or ())),
-        }
-
-    def _estimate(self, model: str, provider: str | None, messages: Iterable[Any] | None,
-                  input_tokens: Any, max_tokens: Any, choices: Any = None, *,
-                  has_output: bool = True) -> tuple[dict[str, float], bool]:
-        """A call's estimated use, and whether its model has a price (an embedding has no
-        output)."""
-        from ._events.tokens import count_messages
-
-        prompt = coerce_count(input_tokens)
-        if prompt is None:
-            prompt = count_messages(list(messages), model) if messages else 0
-        limit = self.prices.max_output_tokens(model, provider)
-        output = coerce_count(max_tokens) if has_output else 0
-        if not has_output:
-            pass
-        elif not output:  # absent, zero, negative or not a whole number: as if not given
-            output = min(limit, self._max_output_estimate) if limit else self._max_output_estimate
-        elif limit:
-            output = min(output, limit)  # the provider sends no more than the model's limit
-        output *= _choices(choices)
-        priced = self.prices.cost(model=model, provider=provider, input_tokens=prompt,
-                                  output_tokens=output)
-        return ({"usd": priced.cost or 0.0, "tokens": prompt + output, "requests": 1.0},
-                priced.cost is not None)
-
-    def _deliver(self, crossings: Iterable[Crossing]) -> None:
-        for crossing in crossings:
-            state = crossing.state
-            self._alert("threshold", state.budget, _state_scope(state), used=state.spent,
-                        threshold=crossing.threshold, resets_at=_aware_end(state))
-
-    def _alert(self, kind: str, budget: Budget, scope: Mapping[str, str], **details: Any) -> None:
-        payload = {"event": kind, "budget": budget.label, "kind": budget.kind,
-                   "limit": budget.limit, "scope": dict(scope), **details}
-        if isinstance(payload.get("resets_at"), datetime):
-            payload["resets_at"] = payload["resets_at"].isoformat()
-        for target in self._alerts:
-            try:
-                if target == "log":
-                    logger.warning("llmtally budget %s: %s", kind, json.dumps(payload))
-                elif is_webhook(target):
-                    self._webhooks.send(target, payload)  # type: ignore[union-attr]
-                else:
-                    target(payload)
-            except Exception as exc:
-                warn_limited("alert", "llmtally: a budget alert target failed (%s: %s)",
-                             type(exc).__name__, exc)
-
     # -- durability ----------------------------------------------------------------------
 
     def flush(self, timeout: float | None = None) -> bool:
         """Wait until every event recorded so far is in the ledger (or, if the database is
         unreachable, safe in the spill file). Returns False if ``timeout`` ran out."""
         self._drain_integrations(timeout)
-        self._publish_budgets()
+        self._guard.publish()
         return self._writer.flush(timeout)
 
     def _drain_integrations(self, timeout: float | None) -> None:
@@ -797,8 +574,7 @@ class Tally:
         # those calls finished before close() and belong in this Tally's ledger.
         self._drain_integrations(timeout)
         self._closed = True
-        if self._webhooks is not None:
-            self._webhooks.drain(DEFAULT_WEBHOOK_TIMEOUT_S)
+        self._guard.drain_alerts()
         if not self._writer.close(timeout):
             logger.warning("llmtally: close() gave up after %ss with %d events not yet written "
                            "(a slow or unreachable ledger); events already spilled are in %s",
@@ -856,41 +632,6 @@ class Tally:
 # -- helpers -------------------------------------------------------------------------------
 
 
-
-MAX_CHOICES = 128  # OpenAI's own limit for n
-
-
-def _choices(value: Any) -> int:
-    """``n`` / ``best_of`` as a multiplier of the output estimate (1 if absent or not usable)."""
-    count = coerce_count(value)
-    return min(count, MAX_CHOICES) if count else 1
-
-
-def _is_conflict(exc: BaseException) -> bool:
-    """A PostgreSQL deadlock or serialization failure: worth one more try, not an outage."""
-    return getattr(getattr(exc, "orig", None), "sqlstate", None) in ("40P01", "40001")
-
-
-def _check_alerts(alerts: Sequence[Any]) -> tuple[Any, ...]:
-    if isinstance(alerts, str):
-        alerts = (alerts,)
-    for target in alerts:
-        if target != "log" and not callable(target) and not is_webhook(target):
-            raise ConfigError(f"alerts: {target!r} is not allowed; use \"log\", a webhook URL "
-                              "(https://...) or a callable taking the alert as a dict")
-    return tuple(alerts)
-
-
-def _state_scope(state: CounterState) -> dict[str, str]:
-    scope = dict(state.budget.scope)
-    if state.budget.each:
-        scope[state.budget.each] = state.instance
-    return scope
-
-
-def _aware_end(state: CounterState) -> datetime | None:
-    end = state.window.end
-    return None if end is None else end.replace(tzinfo=timezone.utc)
 
 
 def _utc_now() -> datetime:
@@ -966,15 +707,3 @@ def _register_exit_flush(tally: Tally) -> None:
     atexit.register(flush_at_exit)
     if hasattr(os, "register_at_fork"):
         os.register_at_fork(after_in_child=restart_in_child)
-
-
-
-
-
-
-
-
-
-def _text_kwarg(kwargs: Mapping[str, Any], name: str) -> str | None:
-    value = kwargs.get(name)
-    return value if isinstance(value, str) and value else None

@@ -11,7 +11,7 @@ import itertools
 import os
 import secrets
 
-__all__ = ["EventIds"]
+__all__ = ["EventIds", "EVENT_IDS"]
 
 
 class EventIds:
@@ -28,3 +28,7 @@ class EventIds:
 
     def next_id(self) -> str:
         return f"{self._prefix}{next(self._counter):012x}"
+
+
+EVENT_IDS = EventIds()
+"""The ids of this process's events (and of budget holds, which become event ids)."""
