@@ -22,7 +22,7 @@ from hypothesis import strategies as st
 from llmtally._events.usage import MAX_TOKEN_COUNT, extract_usage
 
 pytest.importorskip("litellm")
-from llmtally.integrations.litellm import litellm_event  # noqa: E402
+from llmtally.integrations.litellm_events import litellm_event
 
 _numbers = (st.none() | st.booleans() | st.integers(-10**20, 10**20) | st.floats()
             | st.just(math.nan) | st.just(-math.inf) | st.decimals(allow_nan=True)

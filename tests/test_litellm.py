@@ -27,7 +27,8 @@ litellm = pytest.importorskip("litellm")
 from litellm.integrations.custom_logger import CustomLogger  # noqa: E402
 
 from llmtally._events.tokens import count_messages, count_text  # noqa: E402
-from llmtally.integrations.litellm import LiteLLMLogger, litellm_event  # noqa: E402
+from llmtally.integrations.litellm import LiteLLMLogger
+from llmtally.integrations.litellm_events import litellm_event
 
 REPLY = "Hello from the fake provider."
 # gpt-4o-mini, USD per token: input, cached input, output
@@ -301,7 +302,7 @@ def test_a_fully_read_stream_is_still_one_normal_event(tally, provider, mode):
 
 @pytest.mark.timeout(120)  # ~15 s; a hang (see below) fails here, not after the suite's 300 s
 def test_abandoned_streams_leave_nothing_behind(tally, provider):
-    from llmtally.integrations import litellm as integration
+    from llmtally.integrations import litellm_streams as integration
 
     read = {}  # call id -> the text of the one chunk read
     for _ in range(20):

@@ -47,273 +47,58 @@ the transaction storing the event releases the hold and charges the real cost:
 from __future__ import annotations
 
 import asyncio
-import atexit
 import functools
-import gc
 import inspect
 import logging
-import queue
 import sys
 import threading
 import time
 import uuid
-import weakref
 from collections.abc import Mapping
-from dataclasses import dataclass
-from datetime import datetime
 from typing import TYPE_CHECKING, Any
 
 from litellm.integrations.custom_logger import CustomLogger
 
-from .._events import scope as _scope
-from .._errors import error_type
-from .._events.event import CallEvent
-from .._events.ids import EventIds
 from .._budgets.offloop import reserve_off_loop
+from .._events import scope as _scope
+from .._events.ids import EventIds
 from .._log import warn_limited
-from .._events.usage import Usage, extract_usage, response_model, response_text
-from ._handoff import claim as _claim_offered, take_hold as _take_offered_hold
+from ._handoff import claim as _claim_offered
+from ._handoff import take_hold as _take_offered_hold
+from .litellm_events import (
+    EVENT_ID_KEY,
+    PROXY_ADMIN,
+    CallStart,
+    asks_for_usage,
+    attribution,
+    call_key,
+    call_type_of,
+    litellm_event,
+    mapping,
+    text,
+)
+from .litellm_streams import (
+    LOGGERS,
+    collect_garbage,
+    install_lock,
+    install_stream_watch,
+    state_of,
+    wait_for_abandoned_streams,
+    wait_for_running_collection,
+    watched,
+)
 
 if TYPE_CHECKING:
     from .._budgets.states import Reservation
     from .._recorder import Recorder
 
-__all__ = ["LiteLLMLogger", "CallStart", "litellm_event", "drain_logging_worker",
-           "adrain_logging_worker", "guard"]
+__all__ = ["LiteLLMLogger", "drain_logging_worker", "adrain_logging_worker", "guard"]
 
-_CALL_TYPES = {
-    "completion": "chat", "text_completion": "completion", "embedding": "embedding",
-    "image_generation": "image", "image_edit": "image", "image_variation": "image",
-    "transcription": "audio", "speech": "audio", "rerank": "rerank", "moderation": "moderation",
-    "responses": "responses",
-}
-# Providers that speak OpenAI's streaming format: they send usage only when asked to.
-_OPENAI_FORMAT = frozenset({"openai", "azure", "text-completion-openai", "azure_text",
-                            "custom_openai", "litellm_proxy"})
 _IDLE_WAIT_S = 10.0  # how long flush(timeout=None) waits for LiteLLM's logging threads
 _DRAIN_WAIT_S = 30.0  # and at most for LiteLLM's async queue: a drain never hangs a flush
 _MAX_PENDING_STARTS = 10_000  # calls started but not finished (abandoned streams never finish)
 _MAX_PENDING_HOLDS = 10_000  # budget holds not settled yet; one dropped here expires by its TTL
 _SYNC_WAIT_S = 15.0  # durability="sync": the longest a guarded call waits for its event
-
-
-@dataclass(frozen=True, slots=True)
-class CallStart:
-    """What is known only when a call starts, on the caller's thread."""
-
-    scope: _scope.Attribution
-    stream_usage_asked: bool | None = None  # did the request ask an OpenAI-format stream for usage
-
-
-def litellm_event(kwargs: Any, response_obj: Any, start_time: Any, end_time: Any, *,
-                  failed: bool, call_start: CallStart | None = None,
-                  abandoned: bool = False) -> CallEvent:
-    """The :class:`~llmtally.CallEvent` describing one LiteLLM call.
-
-    ``kwargs``, ``response_obj``, ``start_time`` and ``end_time`` are what LiteLLM passes to a
-    ``CustomLogger``'s success or failure hook; ``call_start`` is what the logger saw when the
-    call started (the attribution in force there). Tolerates any shape: missing or odd fields
-    give ``None`` / 0, never an exception.
-    """
-    kw: Mapping[str, Any] = kwargs if isinstance(kwargs, Mapping) else {}
-    params = _mapping(kw.get("litellm_params"))
-    meta = _mapping(params.get("metadata"))
-    provider = _text(kw.get("custom_llm_provider")) or _text(params.get("custom_llm_provider"))
-    model = _text(kw.get("model")) or (None if failed else response_model(response_obj)) or "unknown"
-    streamed = kw.get("stream") is True
-    event: dict[str, Any] = {
-        "source": "litellm", "model": model, "provider": provider,
-        "call_type": _call_type(kw.get("call_type")), "streamed": streamed,
-        "status": "error" if failed else "ok", "latency_ms": _ms_between(start_time, end_time),
-    }
-    call_id = _text(kw.get("litellm_call_id"))
-    event_id = _text(kw.get(EVENT_ID_KEY))
-    if event_id or call_id:
-        event["id"] = event_id or _event_id(call_id, start_time)  # type: ignore[arg-type]
-    if failed:
-        error = kw.get("exception")
-        event["error_type"] = error_type(error) if isinstance(error, BaseException) else None
-    else:
-        event["resolved_model"] = _provider_model(response_obj) or response_model(response_obj)
-        if streamed:
-            event["ttft_ms"] = _ms_between(start_time, kw.get("completion_start_time"))
-        usage = None if abandoned else extract_usage(response_obj)
-        if usage is None or (streamed and _usage_not_sent(kw, provider, call_start)):
-            usage = _count_offline(kw, response_obj, model)
-            event["estimated"] = True
-        event["usage"] = usage
-        if kw.get("cache_hit") is True:
-            event["cache_hit"] = True
-    event.update(_attribution(kw, params, meta, call_start))
-    if call_id:
-        event["metadata"]["litellm_call_id"] = call_id
-    if abandoned:
-        event["metadata"]["stream_abandoned"] = True
-        event["metadata"]["llmtally_estimated"] = (
-            "the caller left the stream early; prompt and the chunks consumed counted offline")
-    elif event.get("estimated"):
-        event["metadata"]["llmtally_estimated"] = "the provider reported no usage; tokens counted offline"
-    return CallEvent(**event)
-
-
-def _provider_model(response_obj: Any) -> str | None:
-    """The model the provider answered with, as LiteLLM kept it: the proxy renames the
-    response's ``model`` to the model group it was asked for (before deferred logging runs)."""
-    try:
-        hidden = getattr(response_obj, "_hidden_params", None)
-    except Exception:
-        return None
-    return _text(hidden.get("provider_response_model")) if isinstance(hidden, dict) else None
-
-
-def _attribution(kw: Mapping[str, Any], params: Mapping[str, Any], meta: Mapping[str, Any],
-                 call_start: CallStart | None) -> dict[str, Any]:
-    scope = call_start.scope if call_start is not None else _scope.EMPTY
-    trace_id = _text(kw.get("litellm_trace_id")) or _text(params.get("litellm_trace_id"))
-    tags = meta.get("tags")
-    tags = (tags,) if isinstance(tags, str) else tuple(
-        str(tag) for tag in tags if tag is not None) if isinstance(tags, (list, tuple)) else ()
-    extra: dict[str, Any] = dict(scope.metadata)
-    model_info = _mapping(params.get("model_info"))
-    for key, value in (("litellm_trace_id", trace_id),
-                       ("model_group", _text(meta.get("model_group"))),
-                       ("deployment_id", _text(model_info.get("id")) or _text(kw.get("model_id"))),
-                       ("attempted_retries", meta.get("attempted_retries")),
-                       ("attempted_fallbacks", meta.get("attempted_fallbacks"))):
-        if value and (isinstance(value, str) or type(value) is int):
-            extra[key] = value
-    proxy = _proxy_caller(kw, params, meta)
-    extra.update((key, value) for key, value in proxy.items() if key not in ("team", "project"))
-    if proxy.get("key_alias"):
-        tags = (*tags, f"key:{proxy['key_alias']}")
-    # On the proxy the authenticated key's user and team win over what the request body says,
-    # so a caller cannot move its spend to someone else's user or project.
-    return {
-        "project": proxy.get("project") or proxy.get("team") or _text(meta.get("project"))
-        or scope.project,
-        "user": proxy.get("user_id") or _text(meta.get("user")) or proxy.get("end_user")
-        or _text(kw.get("user")) or scope.user,
-        "session": _text(meta.get("session_id")) or _text(params.get("litellm_session_id"))
-        or scope.session,
-        "tags": list(_scope.merge_tags(scope.tags, tags)),
-        "request_id": _text(meta.get("request_id")) or scope.request_id or trace_id,
-        "metadata": extra,
-    }
-
-
-# What the LiteLLM proxy puts as the user of requests made with its master key
-# (``litellm.constants.LITELLM_PROXY_ADMIN_NAME``).
-_PROXY_ADMIN = "default_user_id"
-# The LiteLLM proxy's caller, as its auth step put it in the request metadata.
-_PROXY_FIELDS = (("key_alias", "user_api_key_alias"), ("user_id", "user_api_key_user_id"),
-                 ("team_id", "user_api_key_team_id"), ("team_alias", "user_api_key_team_alias"),
-                 ("end_user", "user_api_key_end_user_id"), ("org_id", "user_api_key_org_id"),
-                 ("project_id", "user_api_key_project_id"),
-                 ("project_alias", "user_api_key_project_alias"))
-
-
-def _proxy_caller(kw: Mapping[str, Any], params: Mapping[str, Any],
-                  meta: Mapping[str, Any]) -> dict[str, str]:
-    """The proxy's key alias, user, team, organisation and end user, when the call came through
-    the LiteLLM proxy (``user_api_key_*`` metadata), as ``metadata`` entries plus ``project``
-    (LiteLLM project, else the team) and ``team``. The key itself and its hash are never read.
-    """
-    sources = [meta, _mapping(params.get("litellm_metadata")),
-               _mapping(_mapping(kw.get("standard_logging_object")).get("metadata"))]
-    found: dict[str, str] = {}
-    for name, field in _PROXY_FIELDS:
-        for source in sources:
-            value = _text(source.get(field))
-            if value == _PROXY_ADMIN and name == "user_id":
-                continue  # the master key's placeholder, not a person: the end user decides
-            if value:
-                found[name] = value
-                break
-    if not found:
-        return found
-    team = found.get("team_alias") or found.get("team_id")
-    project = found.get("project_alias") or found.get("project_id")
-    return {**found, **({"team": team} if team else {}), **({"project": project} if project else {})}
-
-
-def _event_id(call_id: str, start_time: Any) -> str:
-    """An event id when LiteLLM ran no hook of ours before the call (no stamp): the caller may
-    choose the call id (``litellm_call_id=``, the proxy's ``x-litellm-call-id`` header), so it
-    is suffixed with the call's start time, and two calls sharing an id stay two events."""
-    if not isinstance(start_time, datetime):
-        return call_id[:128]
-    try:
-        return f"{call_id[:100]}@{start_time.timestamp():.6f}"
-    except (OverflowError, OSError, ValueError):
-        return call_id[:128]
-
-
-def _usage_not_sent(kw: Mapping[str, Any], provider: str | None,
-                    call_start: CallStart | None) -> bool:
-    """True when an OpenAI-format stream was not asked for usage, so the provider sent none."""
-    if provider not in _OPENAI_FORMAT and provider not in _openai_compatible():
-        return False
-    if call_start is not None and call_start.stream_usage_asked is not None:
-        return not call_start.stream_usage_asked
-    return not _asks_for_usage(kw)
-
-
-def _asks_for_usage(kw: Mapping[str, Any]) -> bool:
-    """Whether the request body LiteLLM sent (or, failing that, the caller's arguments) asked
-    the stream for usage. LiteLLM adds the option itself for api.openai.com."""
-    body = _mapping(_mapping(kw.get("additional_args")).get("complete_input_dict"))
-    options = body.get("stream_options") if "stream_options" in body else kw.get("stream_options")
-    return isinstance(options, Mapping) and options.get("include_usage") is True
-
-
-def _openai_compatible() -> frozenset[str]:
-    litellm = sys.modules.get("litellm")
-    names = getattr(litellm, "openai_compatible_providers", ())
-    return frozenset(names) if isinstance(names, (list, tuple, set, frozenset)) else frozenset()
-
-
-def _count_offline(kw: Mapping[str, Any], response_obj: Any, model: str) -> Usage:
-    """Tokens counted with the offline tokenizer. The prompt is read, counted and dropped."""
-    from .._events.tokens import count_messages, count_text
-
-    messages = kw.get("messages")
-    if isinstance(messages, (list, tuple)):
-        prompt = count_messages(messages, model)
-    else:
-        inputs = kw.get("input")
-        inputs = [inputs] if isinstance(inputs, str) else inputs if isinstance(inputs, list) else []
-        prompt = sum(count_text(item, model) for item in inputs if isinstance(item, str))
-    return Usage(input_tokens=prompt, output_tokens=count_text(response_text(response_obj), model))
-
-
-def _call_type(value: Any) -> str:
-    if not isinstance(value, str):
-        return "other"
-    name = value.removeprefix("litellm.").lower()
-    if name in _CALL_TYPES:
-        return _CALL_TYPES[name]
-    return _CALL_TYPES.get(name[1:], "other") if name.startswith("a") else "other"
-
-
-def _ms_between(start: Any, end: Any) -> float | None:
-    try:
-        if isinstance(start, datetime) and isinstance(end, datetime):
-            seconds = (end - start).total_seconds()
-        elif type(start) in (int, float) and type(end) in (int, float):
-            seconds = end - start
-        else:
-            return None
-    except (TypeError, ValueError, OverflowError):  # naive vs aware datetimes, say
-        return None
-    return seconds * 1000.0 if seconds >= 0 else None
-
-
-def _mapping(value: Any) -> Mapping[str, Any]:
-    return value if isinstance(value, Mapping) else {}
-
-
-def _text(value: Any) -> str | None:
-    return value if isinstance(value, str) and value else None
 
 
 class LiteLLMLogger(CustomLogger):
@@ -338,7 +123,7 @@ class LiteLLMLogger(CustomLogger):
         # durability="sync": call ids whose guarded caller waits until the call's event is
         # durable (set once the hook's record() returned). Guarded by _starts_lock.
         self._awaited: dict[str, threading.Event] = {}
-        _LOGGERS.add(self)
+        LOGGERS.add(self)
         install_stream_watch()
         install_setup_hook()
 
@@ -366,7 +151,7 @@ class LiteLLMLogger(CustomLogger):
         kwargs unchanged."""
         if self.tally.budgets is None or not isinstance(kwargs, Mapping):
             return None
-        key = _call_key(kwargs)
+        key = call_key(kwargs)
         if key is None:
             return None
         with self._starts_lock:
@@ -396,7 +181,7 @@ class LiteLLMLogger(CustomLogger):
         from .._budgets.budget import BudgetExceeded
 
         caller = _caller_metadata(user_api_key_dict)
-        meta = {**_mapping(data.get("metadata")), **_mapping(data.get("litellm_metadata")), **caller}
+        meta = {**mapping(data.get("metadata")), **mapping(data.get("litellm_metadata")), **caller}
         kwargs = {**data, "metadata": meta, "model": _proxy_deployment_model(data.get("model"))}
         try:
             held = await reserve_off_loop(self.tally, _reserve, self.tally, kwargs,
@@ -431,6 +216,17 @@ class LiteLLMLogger(CustomLogger):
         if replaced is not None and replaced is not held:
             self.tally.release(replaced)
 
+    def saw_start(self, call_id: str) -> bool:
+        """Whether this logger saw the call start and has not recorded it yet."""
+        return call_id in self._starts
+
+    def take_start(self, call_id: str) -> tuple[CallStart | None, Reservation | None]:
+        """What this logger noted when the call started, and its hold, taken (so the call is
+        recorded once: by LiteLLM's hook or, for an abandoned stream, by the stream watch)."""
+        with self._starts_lock:
+            start = self._starts.pop(call_id, None)
+        return start, (self._take_hold(call_id) if start is not None else None)
+
     def _take_hold(self, key: Any) -> Reservation | None:
         if not isinstance(key, str):
             return None
@@ -444,14 +240,14 @@ class LiteLLMLogger(CustomLogger):
         """Capture the caller's attribution: success hooks may run where it is not visible
         (sync streams finish on a thread pool that does not copy the context)."""
         try:
-            key = _call_key(kwargs)
+            key = call_key(kwargs)
             if key is None:
                 return
-            asked = _asks_for_usage(kwargs) if kwargs.get("stream") is True else None
+            asked = asks_for_usage(kwargs) if kwargs.get("stream") is True else None
             scope = _scope.current()
             offered = _claim_offered(self.tally)
             if offered is not None:  # made by a LangChain run that tally.langchain() watches:
-                # this logger records the call, with LangChain's attribution (see _handoff)
+                # this logger records the call, with LangChain's attribution (see handoff)
                 scope = scope.merged(offered.attribution())
                 held = _take_offered_hold(offered)
                 with self._starts_lock:
@@ -489,7 +285,7 @@ class LiteLLMLogger(CustomLogger):
     def _record(self, kwargs: Any, response_obj: Any, start_time: Any, end_time: Any, *,
                 failed: bool) -> None:
         try:
-            key = _call_key(kwargs) if isinstance(kwargs, Mapping) else None
+            key = call_key(kwargs) if isinstance(kwargs, Mapping) else None
             with self._starts_lock:
                 start = self._starts.pop(key, None) if key is not None else None
             held = self._take_hold(key)
@@ -536,34 +332,15 @@ class LiteLLMLogger(CustomLogger):
             self._awaited.pop(call_id, None)
 
 
-# Our own id for one LiteLLM call, put in its logging details (``model_call_details``) when
-# LiteLLM sets the call up: every hook of the call sees it, and it becomes the event's id. The
-# caller's ``litellm_call_id`` (which a client of the proxy can choose) is never trusted as a key.
-EVENT_ID_KEY = "llmtally_event_id"
 _PROXY_TOKEN_KEY = "llmtally_hold"  # in a proxy request's metadata: its hold, taken before routing
 _ids = EventIds()
 
 
-def _call_key(kwargs: Any) -> str | None:
-    """The key of a call's hold and start: our stamp; failing that (a LiteLLM whose set-up hook
-    could not be installed), LiteLLM's call id."""
-    if not isinstance(kwargs, Mapping):
-        return None
-    # A call's own kwargs (the deployment hook's) may hold anything the caller passed: read the
-    # stamp from its logging object. Hooks given the logging details themselves read it there.
-    details = getattr(kwargs.get("litellm_logging_obj"), "model_call_details", None)
-    key = details.get(EVENT_ID_KEY) if isinstance(details, dict) else kwargs.get(EVENT_ID_KEY)
-    if isinstance(key, str):
-        return key
-    call_id = kwargs.get("litellm_call_id")
-    return call_id if isinstance(call_id, str) else None
-
-
 def _proxy_token(kwargs: Mapping[str, Any]) -> str | None:
-    params = _mapping(kwargs.get("litellm_params"))
+    params = mapping(kwargs.get("litellm_params"))
     for meta in (kwargs.get("metadata"), kwargs.get("litellm_metadata"), params.get("metadata"),
                  params.get("litellm_metadata")):
-        token = _mapping(meta).get(_PROXY_TOKEN_KEY)
+        token = mapping(meta).get(_PROXY_TOKEN_KEY)
         if isinstance(token, str):
             return token
     return None
@@ -582,7 +359,7 @@ def install_setup_hook() -> bool:
     event loop). Returns False, and changes nothing, if this LiteLLM's ``function_setup`` has
     another shape (then sync calls need :meth:`Tally.guard`)."""
     global _setup_installed
-    with _install_lock:
+    with install_lock:
         if _setup_installed:
             return True
         try:
@@ -624,7 +401,7 @@ def _on_setup(logging_obj: Any, kwargs: Any, call_type: Any, args: tuple[Any, ..
     details = getattr(logging_obj, "model_call_details", None)
     if not isinstance(details, dict) or not isinstance(kwargs, Mapping):
         return
-    loggers = [logger_ for logger_ in list(_LOGGERS) if _registered(logger_)]
+    loggers = [logger_ for logger_ in list(LOGGERS) if _registered(logger_)]
     if not loggers:
         return
     details[EVENT_ID_KEY] = _ids.next_id()  # always ours: a caller's own value is replaced
@@ -670,11 +447,11 @@ def _reserve(tally: Recorder, kw: Mapping[str, Any], call_type: str | None) -> R
     The estimate: the prompt (``messages``, or every ``input`` / ``prompt`` of an embedding or
     text completion, counted offline) plus ``max_tokens`` (or ``max_completion_tokens``) times
     ``n`` (or ``best_of``, the larger)."""
-    params = _mapping(kw.get("litellm_params"))
-    meta = {**_mapping(params.get("metadata")), **_mapping(kw.get("litellm_metadata")),
-            **_mapping(kw.get("metadata"))}
+    params = mapping(kw.get("litellm_params"))
+    meta = {**mapping(params.get("metadata")), **mapping(kw.get("litellm_metadata")),
+            **mapping(kw.get("metadata"))}
     model, provider = _model_and_provider(kw)
-    kind = _call_type(call_type)
+    kind = call_type_of(call_type)
     messages = kw.get("messages")
     input_tokens = None
     if not isinstance(messages, (list, tuple)):
@@ -688,7 +465,7 @@ def _reserve(tally: Recorder, kw: Mapping[str, Any], call_type: str | None) -> R
     if max_tokens is None:
         max_tokens = kw.get("max_completion_tokens")
     choices = max((_positive(kw.get("n")), _positive(kw.get("best_of"))))
-    who = _attribution(kw, params, meta, CallStart(_scope.current()))
+    who = attribution(kw, params, meta, CallStart(_scope.current()))
     return tally.reserve(model=model, provider=provider, messages=messages,
                          input_tokens=input_tokens, max_tokens=max_tokens, choices=choices,
                          call_type=kind, project=who["project"], user=who["user"],
@@ -720,14 +497,14 @@ def _positive(value: Any) -> int:
 
 def _model_and_provider(kw: Mapping[str, Any]) -> tuple[str, str | None]:
     """The model name without its route and the provider, as the call's event will have them."""
-    model = _text(kw.get("model")) or "unknown"
-    provider = _text(kw.get("custom_llm_provider"))
+    model = text(kw.get("model")) or "unknown"
+    provider = text(kw.get("custom_llm_provider"))
     try:
         import litellm
 
         name, found, _, _ = litellm.get_llm_provider(model=model, custom_llm_provider=provider,
-                                                     api_base=_text(kw.get("api_base")))
-        return (_text(name) or model), (_text(found) or provider)
+                                                     api_base=text(kw.get("api_base")))
+        return (text(name) or model), (text(found) or provider)
     except Exception:
         if provider is None and "/" in model:
             provider, model = model.split("/", 1)
@@ -743,7 +520,7 @@ def _proxy_deployment_model(model: Any) -> Any:
         from litellm.proxy.proxy_server import llm_router
 
         for deployment in (llm_router.get_model_list(model_name=model) or []) if llm_router else []:
-            found = _text(_mapping(deployment.get("litellm_params")).get("model"))
+            found = text(mapping(deployment.get("litellm_params")).get("model"))
             if found:
                 return found
     except Exception:
@@ -765,7 +542,7 @@ def _caller_metadata(user_api_key_dict: Any) -> dict[str, str]:
     for field, attr in _CALLER_FIELDS:
         value = (user_api_key_dict.get(attr) if isinstance(user_api_key_dict, Mapping)
                  else getattr(user_api_key_dict, attr, None))
-        if _text(value) and not (attr == "user_id" and value == _PROXY_ADMIN):
+        if text(value) and not (attr == "user_id" and value == PROXY_ADMIN):
             found[field] = value
     return found
 
@@ -907,14 +684,12 @@ def drain_logging_worker(timeout: float | None = None) -> None:
     """
     deadline = time.monotonic() + (_IDLE_WAIT_S if timeout is None else timeout)
     _wait_for_logging_threads(deadline)
-    running = _collection
-    if running is not None:  # an earlier flush's collection, held up in a finaliser: let it end
-        running.wait(max(0.0, deadline - time.monotonic()))
-    if any(not _state_of(stream).finished for stream in list(_watched)):
+    wait_for_running_collection(deadline)
+    if any(not state_of(stream).finished for stream in list(watched)):
         # a stream left unread is freed by the cycle collector only (LiteLLM's logging object
         # and the stream refer to each other): find such streams now, off the caller's thread
-        _collect_garbage(deadline)
-    _wait_for_abandoned_streams(deadline)
+        collect_garbage(deadline)
+    wait_for_abandoned_streams(deadline)
     module = sys.modules.get("litellm.litellm_core_utils.logging_worker")
     worker = getattr(module, "GLOBAL_LOGGING_WORKER", None)
     if worker is None or getattr(worker, "_queue", None) is None:
@@ -995,264 +770,3 @@ def _flush_on_new_loop(worker: Any, timeout: float | None) -> None:
             loop.run_until_complete(worker.stop())  # cancel the worker task bound to this loop
         finally:
             loop.close()
-
-
-# -- abandoned streams -----------------------------------------------------------------------
-#
-# LiteLLM logs a stream only when the caller reads it to the end. A stream left halfway (a
-# ``break``, an exception in the caller's loop, a cancelled task) logs nothing, although the
-# provider charged for the prompt and for what it sent. ``install_stream_watch()`` (run once by
-# ``tally.litellm()``) wraps four methods of LiteLLM's ``CustomStreamWrapper``:
-#
-# - ``__init__`` notes, for a call one of our loggers saw starting, what the event needs (a
-#   shallow copy of a few LiteLLM kwargs, the wrapper's own list of chunks returned so far) and
-#   registers a ``weakref.finalize`` on the stream;
-# - ``__next__`` / ``__anext__`` mark the stream finished when it ends or fails (LiteLLM then
-#   logs it itself) and note when the first chunk came;
-# - ``close`` / ``aclose``, called by the user (not by LiteLLM itself at the end of a stream),
-#   and otherwise the finalizer when the stream object is released, hand a stream that did not
-#   finish to a daemon thread that records it: ``streamed``, ``estimated``, prompt and consumed
-#   chunks counted offline, ``metadata["stream_abandoned"] = True``.
-#
-# A stream is released by Python's cycle collector, not at once (LiteLLM's logging object and
-# the stream refer to each other), so ``tally.flush()`` runs ``gc.collect()`` while watched
-# streams are alive — on a thread of its own, never the caller's (see ``_collect_garbage``).
-#
-# The finalizer only puts the stream on a ``queue.SimpleQueue`` (safe from finalizers and GC);
-# nothing is kept per stream once it is released; every wrapped method passes through what
-# LiteLLM returns or raises, and a fault of ours is logged, never raised.
-
-_STATE_ATTR = "_llmtally_stream"
-_SNAPSHOT_KEYS = ("llmtally_event_id", "litellm_call_id", "model", "custom_llm_provider", "messages", "input",
-                  "call_type", "litellm_params", "litellm_trace_id", "user", "stream_options",
-                  "model_id")
-_LOGGERS: weakref.WeakSet[LiteLLMLogger] = weakref.WeakSet()
-_watched: weakref.WeakSet[Any] = weakref.WeakSet()  # streams alive and watched
-_ABANDONED: queue.SimpleQueue[Any] = queue.SimpleQueue()
-_install_lock = threading.Lock()
-_installed = False
-_recorder: threading.Thread | None = None
-
-
-class _StreamState:
-    __slots__ = ("call_id", "kwargs", "start_time", "chunks", "first_chunk_at", "ended_at",
-                 "finished", "in_next", "finalizer")
-
-    def __init__(self, call_id: str, kwargs: dict[str, Any], start_time: Any, chunks: list) -> None:
-        self.call_id, self.kwargs, self.start_time, self.chunks = call_id, kwargs, start_time, chunks
-        self.first_chunk_at: datetime | None = None
-        self.ended_at: datetime | None = None
-        self.finished = False
-        self.in_next = False
-        self.finalizer: Any = None
-
-
-def install_stream_watch() -> bool:
-    """Wrap LiteLLM's ``CustomStreamWrapper`` once per process so that abandoned streams are
-    recorded (see the notes above). Returns False if this LiteLLM's wrapper has another shape."""
-    global _installed
-    with _install_lock:
-        if _installed:
-            return True
-        try:
-            from litellm.litellm_core_utils.streaming_handler import CustomStreamWrapper as cls
-        except ImportError:
-            return False
-        if not all(callable(getattr(cls, name, None)) for name in ("__init__", "__next__", "__anext__")):
-            return False
-        original_init, original_next, original_anext = cls.__init__, cls.__next__, cls.__anext__
-
-        @functools.wraps(original_init)
-        def __init__(self, *args, **kwargs):  # type: ignore[no-untyped-def]
-            original_init(self, *args, **kwargs)
-            _watch(self)
-
-        @functools.wraps(original_next)
-        def __next__(self):  # type: ignore[no-untyped-def]
-            state = self.__dict__.get(_STATE_ATTR)
-            if state is None:
-                return original_next(self)
-            state.in_next = True
-            try:
-                chunk = original_next(self)
-            except Exception:  # the end (StopIteration) or a failure: LiteLLM logs both itself
-                state.finished = True
-                raise
-            finally:
-                state.in_next = False
-            if state.first_chunk_at is None:
-                state.first_chunk_at = datetime.now()
-            return chunk
-
-        @functools.wraps(original_anext)
-        async def __anext__(self):  # type: ignore[no-untyped-def]
-            state = self.__dict__.get(_STATE_ATTR)
-            if state is None:
-                return await original_anext(self)
-            state.in_next = True
-            try:
-                chunk = await original_anext(self)
-            except Exception:  # StopAsyncIteration or a failure; not CancelledError
-                state.finished = True
-                raise
-            finally:
-                state.in_next = False
-            if state.first_chunk_at is None:
-                state.first_chunk_at = datetime.now()
-            return chunk
-
-        cls.__init__, cls.__next__, cls.__anext__ = __init__, __next__, __anext__
-        atexit.register(_drain_at_exit)  # after the ledger's exit flush was registered: runs before it
-        if callable(getattr(cls, "close", None)):
-            original_close = cls.close
-
-            @functools.wraps(original_close)
-            def close(self):  # type: ignore[no-untyped-def]
-                try:
-                    return original_close(self)
-                finally:
-                    _closed_by_caller(self)
-
-            cls.close = close
-        if callable(getattr(cls, "aclose", None)):
-            original_aclose = cls.aclose
-
-            @functools.wraps(original_aclose)
-            async def aclose(self):  # type: ignore[no-untyped-def]
-                try:
-                    return await original_aclose(self)
-                finally:
-                    _closed_by_caller(self)
-
-            cls.aclose = aclose
-        _installed = True
-        return True
-
-
-def _watch(stream: Any) -> None:
-    """Register a new stream for a call one of our loggers saw starting."""
-    try:
-        loggers = list(_LOGGERS)
-        if not loggers:
-            return
-        logging_obj = getattr(stream, "logging_obj", None)
-        details = getattr(logging_obj, "model_call_details", None)
-        chunks = getattr(stream, "chunks", None)
-        if not isinstance(details, dict) or not isinstance(chunks, list):
-            return
-        call_id = _call_key(details)
-        if call_id is None or not any(call_id in lg._starts for lg in loggers):
-            return
-        state = _StreamState(call_id, {key: details[key] for key in _SNAPSHOT_KEYS if key in details},
-                             getattr(logging_obj, "start_time", None), chunks)
-        state.finalizer = weakref.finalize(stream, _stream_released, state)
-        state.finalizer.atexit = True
-        stream.__dict__[_STATE_ATTR] = state
-        _watched.add(stream)
-        _ensure_recorder()
-    except Exception as exc:
-        warn_limited("litellm-stream", "llmtally: could not watch a LiteLLM stream (%s: %s)",
-                     type(exc).__name__, exc, exc_info=True)
-
-
-def _state_of(stream: Any) -> _StreamState:
-    return stream.__dict__[_STATE_ATTR]
-
-
-def _closed_by_caller(stream: Any) -> None:
-    state = stream.__dict__.get(_STATE_ATTR) if hasattr(stream, "__dict__") else None
-    if state is not None and not state.in_next and not state.finished and state.finalizer is not None:
-        state.finalizer()  # runs _stream_released now, once
-
-
-def _stream_released(state: _StreamState) -> None:
-    """The stream was closed by its caller or released: queue it if it did not finish. Runs in
-    finalizer context: only a ``SimpleQueue.put``, which is safe there."""
-    if not state.finished:
-        state.finished = True
-        state.ended_at = datetime.now()
-        _ABANDONED.put(state)
-
-
-def _ensure_recorder() -> None:
-    global _recorder
-    if _recorder is None or not _recorder.is_alive():  # also after a fork
-        with _install_lock:
-            if _recorder is None or not _recorder.is_alive():
-                _recorder = threading.Thread(target=_record_abandoned_forever,
-                                             name="llmtally-litellm-streams", daemon=True)
-                _recorder.start()
-
-
-def _record_abandoned_forever() -> None:
-    while True:
-        item = _ABANDONED.get()
-        if isinstance(item, threading.Event):  # a flush waiting for what was queued before it
-            item.set()
-            continue
-        try:
-            _record_abandoned(item)
-        except Exception as exc:
-            warn_limited("litellm-stream", "llmtally: could not record an abandoned LiteLLM stream "
-                         "(%s: %s)", type(exc).__name__, exc, exc_info=True)
-
-
-def _record_abandoned(state: _StreamState) -> None:
-    for logger_ in list(_LOGGERS):
-        with logger_._starts_lock:
-            start = logger_._starts.pop(state.call_id, None)
-        if start is None:  # not this logger's call, or LiteLLM logged it after all
-            continue
-        held = logger_._take_hold(state.call_id)
-        chunks = list(state.chunks)
-        text = "".join(response_text(chunk) for chunk in chunks)
-        resolved = next((model for model in map(response_model, chunks) if model), None)
-        kwargs = {**state.kwargs, "stream": True, "completion_start_time": state.first_chunk_at}
-        event = litellm_event(kwargs, {"model": resolved, "choices": [{"message": {"content": text}}]},
-                              state.start_time, state.ended_at, failed=False, call_start=start,
-                              abandoned=True)
-        logger_.tally.record_event(event, reservation=held)
-
-
-def _wait_for_abandoned_streams(deadline: float) -> None:
-    """Return once the streams released so far are recorded (the recorder runs them in order)."""
-    if _recorder is None:
-        return
-    _ensure_recorder()
-    done = threading.Event()
-    _ABANDONED.put(done)
-    done.wait(max(0.0, deadline - time.monotonic()))
-
-
-def _collect_garbage(deadline: float) -> None:
-    """``gc.collect()`` on a thread of our own; wait for it until ``deadline``.
-
-    A collection runs the finalisers of every object it frees, not only ours: an abandoned
-    OpenAI SDK stream closes its HTTP response there, which takes httpcore's connection-pool
-    lock (a ``threading.Lock``, not re-entrant). Run on the caller's thread while that thread
-    holds the lock (``flush()`` from a SIGTERM handler that interrupted a request does), it
-    would wait for itself forever. On a thread of ours, the finaliser waits only until the
-    caller releases the lock, and the caller waits at most until ``deadline``."""
-    global _collection
-    done = _collection = threading.Event()
-
-    def collect() -> None:
-        global _collection
-        try:
-            with _collect_lock:  # one collection at a time: a second gc.collect() returns at once
-                gc.collect()
-        finally:
-            done.set()
-            if _collection is done:
-                _collection = None
-
-    threading.Thread(target=collect, name="llmtally-collect", daemon=True).start()
-    done.wait(max(0.0, deadline - time.monotonic()))
-
-
-_collect_lock = threading.Lock()
-_collection: threading.Event | None = None  # set when the latest collection started has ended
-
-
-def _drain_at_exit() -> None:
-    _wait_for_abandoned_streams(time.monotonic() + 2.0)
