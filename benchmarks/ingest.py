@@ -22,13 +22,12 @@ import time
 import uuid
 from datetime import datetime, timedelta
 
+from _postgres import DEFAULT_URL, scratch_schema
 from sqlalchemy import create_engine, text
 
-from _postgres import DEFAULT_URL, scratch_schema
-
 from llmtally import Tally
-from llmtally._storage.tables import EVENT_COLUMNS
 from llmtally._storage.store import Store
+from llmtally._storage.tables import EVENT_COLUMNS
 
 BATCH = 1000
 

@@ -13,8 +13,8 @@ from __future__ import annotations
 import statistics
 import time
 
-from llmtally._pricing.book import PriceBook
 from llmtally._events.tokens import count_text, heuristic_count, tokenizer_name
+from llmtally._pricing.book import PriceBook
 
 
 def p50_us(call, runs: int = 20_000) -> float:

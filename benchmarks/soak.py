@@ -34,7 +34,6 @@ from importlib.metadata import version
 os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")  # no network at import
 
 import litellm  # noqa: E402
-
 from _postgres import DEFAULT_URL, scratch_schema  # noqa: E402
 
 from llmtally import Tally  # noqa: E402

@@ -19,10 +19,9 @@ from conftest import MSGS, fetch_events
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from llmtally import Budget, BudgetExceeded, Price, Tally
-from llmtally import CallEvent
-from llmtally._events.event import event_row
+from llmtally import Budget, BudgetExceeded, CallEvent, Price, Tally
 from llmtally._budgets.counters import check_counters
+from llmtally._events.event import event_row
 from llmtally._events.scope import EMPTY
 from llmtally._events.usage import Usage
 from llmtally.testing import FakeUsage

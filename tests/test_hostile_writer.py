@@ -19,8 +19,8 @@ from conftest import CLOSED_PORT_URL, fetch_events
 
 from llmtally import Tally
 from llmtally._events.metadata import MAX_DEPTH, MAX_NODES
-from llmtally._storage.tables import EVENT_COLUMNS
 from llmtally._storage.spill import SpillFile, encode_event
+from llmtally._storage.tables import EVENT_COLUMNS
 
 MAX_LOG_RECORDS = 20
 

@@ -15,8 +15,8 @@ import json
 import subprocess
 import sys
 import threading
-import tracemalloc
 import time
+import tracemalloc
 import uuid
 from datetime import datetime, timezone
 from pathlib import Path

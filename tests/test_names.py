@@ -4,10 +4,9 @@ from __future__ import annotations
 
 import json
 
+import pytest
 from conftest import fetch_events
 from sqlalchemy import create_engine, text
-
-import pytest
 
 from llmtally import Budget, BudgetExceeded
 from llmtally._budgets.counters import check_counters

@@ -11,15 +11,15 @@ from __future__ import annotations
 
 import json
 import logging
-from importlib.metadata import version
 from datetime import datetime, timezone
+from importlib.metadata import version
 from typing import Any
 
 import pytest
 
 from llmtally._pricing.book import PriceBook
-from llmtally._pricing.price_map import _bundled_path, slim_entry
 from llmtally._pricing.names import canonical_provider
+from llmtally._pricing.price_map import _bundled_path, slim_entry
 
 litellm = pytest.importorskip("litellm")
 from litellm._internal_context import pinned_billing_time  # noqa: E402

@@ -17,11 +17,11 @@ from conftest import fetch_events
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from llmtally._errors import ConfigError
 from llmtally._pricing import book as _pricing
 from llmtally._pricing import price_map as _price_map
-from llmtally._errors import ConfigError
-from llmtally._pricing.price import CURRENCIES, Price, PricedCost
 from llmtally._pricing.book import PriceBook
+from llmtally._pricing.price import CURRENCIES, Price, PricedCost
 from llmtally._pricing.price_map import slim_entry
 
 REPO = Path(__file__).resolve().parent.parent

@@ -92,7 +92,6 @@ def test_sqlite_file_spill_file_and_logs_hold_no_key_or_prompt(tmp_path, provide
     # Phase 1: the ledger is unreachable, events go to the spill file.
     down = _tally(CLOSED_PORT_URL, tmp_path)
     calls = _every_kind_of_call(down, provider)
-    spill = tmp_path / "spill.jsonl"
     # The writer probing the ledger may hold the backlog in a claimed copy
     # (spill.jsonl.replaying.<pid>.<id>): events are in one file or the other.
     spill_files = sorted(tmp_path.glob("spill.jsonl*"))

@@ -14,14 +14,13 @@ from html.parser import HTMLParser
 from pathlib import Path
 
 import pytest
+from conftest import fetch_events
 from sqlalchemy import DateTime, bindparam, create_engine, text
 
 from llmtally import Budget, ConfigError, Price
 from llmtally._reporting.report import build_report, format_money, render_html, report_path
 from llmtally._sample import UNPRICED_MODEL, bulk_load, record_history, sample_calls
 from llmtally._storage.store import Store, normalize_url
-
-from conftest import fetch_events
 
 NOW = datetime(2026, 11, 25, 10, 0, tzinfo=timezone.utc)        # a Wednesday, in 2026-W48
 W47 = (datetime(2026, 11, 16), datetime(2026, 11, 23))          # last week, UTC

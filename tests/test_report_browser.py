@@ -17,12 +17,11 @@ import struct
 from datetime import datetime, timedelta, timezone
 
 import pytest
+from conftest import IN_CI
+from test_report import W47, sql_totals
 
 from llmtally._reporting.report import format_money
 from llmtally._sample import record_history
-
-from conftest import IN_CI
-from test_report import W47, sql_totals
 
 NOW = datetime(2026, 11, 25, 10, 0, tzinfo=timezone.utc)
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking"]

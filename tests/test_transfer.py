@@ -25,12 +25,12 @@ from hypothesis import strategies as st
 from sqlalchemy import select, text
 
 from llmtally import Budget, Tally
-from llmtally._storage.tables import EVENT_COLUMNS, MAX_ID, MAX_TEXT, UsageEvent
 from llmtally._storage.store import Store
-from llmtally._transfer.transfer import TransferError
+from llmtally._storage.tables import EVENT_COLUMNS, MAX_ID, MAX_TEXT, UsageEvent
 from llmtally._transfer.export import count_events, export_events
 from llmtally._transfer.importing import import_events
 from llmtally._transfer.prune import prune_events
+from llmtally._transfer.transfer import TransferError
 from llmtally.cli import main
 
 NOW = datetime.now(timezone.utc).replace(microsecond=0)

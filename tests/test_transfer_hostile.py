@@ -25,11 +25,11 @@ from sqlalchemy import text
 from test_transfer import cli, new_ledger, stores, typed_rows
 
 from llmtally._storage.store import Store, driver_row
-from llmtally._transfer.transfer import MAX_LINE_BYTES, TransferError
-from llmtally._transfer.reading import MAX_RECORD_BYTES
-from llmtally._transfer.validation import event_row
 from llmtally._transfer.export import export_events
 from llmtally._transfer.importing import import_events
+from llmtally._transfer.reading import MAX_RECORD_BYTES
+from llmtally._transfer.transfer import MAX_LINE_BYTES, TransferError
+from llmtally._transfer.validation import event_row
 
 ROOT = Path(__file__).resolve().parents[1]
 NOW = datetime.now(timezone.utc).replace(microsecond=0)

@@ -266,7 +266,8 @@ def _validated_prices(origin: str, prices: Any) -> dict[str, Price]:
             if key not in _PRICE_KEYS:
                 raise _unknown(origin, f"prices.{model!r}.", key, _PRICE_KEYS)
         if "input" not in entry:
-            raise ConfigError(f"{origin}: prices.{model!r} needs at least input = <price per {entry.get('per', '1M')} tokens>")
+            per = entry.get("per", "1M")
+            raise ConfigError(f"{origin}: prices.{model!r} needs at least input = <price per {per} tokens>")
         try:
             out[model] = Price(**entry)
         except ConfigError as exc:

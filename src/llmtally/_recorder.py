@@ -11,9 +11,9 @@ from datetime import datetime
 from typing import TYPE_CHECKING, Any, Protocol
 
 if TYPE_CHECKING:
-    from ._events.event import CallEvent
     from ._budgets.ledger import BudgetLedger
     from ._budgets.states import Reservation
+    from ._events.event import CallEvent
 
 __all__ = ["Recorder"]
 

@@ -461,7 +461,8 @@ class Tally:
         try:
             from .integrations.langchain import wrap_embeddings
         except ImportError as exc:
-            raise ImportError('tally.wrap_embeddings() needs LangChain: pip install "llmtally[langchain]"') from exc
+            raise ImportError('tally.wrap_embeddings() needs LangChain: '
+                              'pip install "llmtally[langchain]"') from exc
         return wrap_embeddings(self, embeddings, model=model, provider=provider)
 
     # -- budgets -------------------------------------------------------------------------

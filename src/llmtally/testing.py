@@ -131,7 +131,8 @@ class _Server(ThreadingHTTPServer):
         self.provider = provider
         self._open: set[socket.socket] = set()
         self._open_lock = threading.Lock()
-        self._handler_threads: list[threading.Thread] = []  # touched only by the serve_forever thread, then stop()
+        # touched only by the serve_forever thread, then stop()
+        self._handler_threads: list[threading.Thread] = []
         super().__init__(addr, _Handler)
 
     def process_request(self, request: Any, client_address: Any) -> None:
@@ -292,7 +293,8 @@ def _chat_tool_calls(h: _Handler, fp: FakeProvider, body: dict[str, Any],
                 delta = {"role": "assistant", "content": None, **delta}
             choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": None}
             yield "", {**head, "choices": [choice], **extra}, True
-            arguments = {"tool_calls": [{"index": i, "function": {"arguments": call["function"]["arguments"]}}]}
+            arguments = {"tool_calls": [
+                {"index": i, "function": {"arguments": call["function"]["arguments"]}}]}
             choice = {"index": 0, "delta": arguments, "logprobs": None, "finish_reason": None}
             yield "", {**head, "choices": [choice], **extra}, True
         choice = {"index": 0, "delta": {}, "logprobs": None, "finish_reason": "tool_calls"}
@@ -339,9 +341,11 @@ def _completions(h: _Handler, fp: FakeProvider, body: dict[str, Any]) -> None:
     rid, created = fp._new_id("cmpl-fake"), int(time.time())
     head = {"id": rid, "object": "text_completion", "created": created, "model": model}
     prompt = body.get("prompt")
-    n_prompts = len(prompt) if isinstance(prompt, list) and prompt and isinstance(prompt[0], (str, list)) else 1
+    batched = isinstance(prompt, list) and prompt and isinstance(prompt[0], (str, list))
+    n_prompts = len(prompt) if batched else 1
     if not body.get("stream"):
-        choices = [{"index": i, "text": reply, "logprobs": None, "finish_reason": "stop"} for i in range(n_prompts)]
+        choices = [{"index": i, "text": reply, "logprobs": None, "finish_reason": "stop"}
+                   for i in range(n_prompts)]
         return h._send_json(200, {**head, "choices": choices, "usage": usage})
     include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
     extra = {"usage": None} if include_usage else {}
@@ -404,7 +408,8 @@ def _messages(h: _Handler, fp: FakeProvider, body: dict[str, Any]) -> None:
         start = {**message, "content": [], "stop_reason": None, "stop_sequence": None, "usage": start_usage}
         yield "message_start", {"type": "message_start", "message": start}, False
         block = {"type": "text", "text": ""}
-        yield "content_block_start", {"type": "content_block_start", "index": 0, "content_block": block}, False
+        yield ("content_block_start",
+               {"type": "content_block_start", "index": 0, "content_block": block}, False)
         yield "ping", {"type": "ping"}, False
         for piece in _split_reply(reply):
             delta = {"type": "text_delta", "text": piece}
@@ -449,7 +454,8 @@ _ROUTES = {
 
 
 class FakeProvider:
-    """An HTTP server on 127.0.0.1 speaking OpenAI and Anthropic wire formats; counts requests; fails on demand.
+    """An HTTP server on 127.0.0.1 speaking OpenAI and Anthropic wire formats; counts requests;
+    fails on demand.
 
     Endpoints: ``POST /v1/chat/completions``, ``/v1/completions``, ``/v1/embeddings`` (OpenAI) and
     ``/v1/messages`` (Anthropic), each non-streamed and streamed (SSE, chunked encoding). Anything
@@ -667,7 +673,8 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     with FakeProvider(host=args.host, port=args.port, reply=args.reply) as fp:
         print(f"Fake LLM provider on {fp.url}\n  OpenAI base:    {fp.openai_base}\n"
-              f"  Anthropic base: {fp.anthropic_base}\n  usage: {asdict(fp.usage)}\nCtrl-C to stop.", flush=True)
+              f"  Anthropic base: {fp.anthropic_base}\n  usage: {asdict(fp.usage)}\n"
+              "Ctrl-C to stop.", flush=True)
         try:
             threading.Event().wait()
         except KeyboardInterrupt:

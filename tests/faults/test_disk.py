@@ -22,7 +22,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import call_id_of, IN_CI, fetch_events
+from conftest import IN_CI, call_id_of, fetch_events
 
 from llmtally import Tally
 from llmtally.testing import FakeProvider

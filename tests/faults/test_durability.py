@@ -23,7 +23,6 @@ from llmtally.testing import FakeProvider
 from .conftest import worker_env
 
 
-
 def test_a_sync_record_is_in_the_ledger_when_it_returns(ledger_url, make_tally):
     tally = make_tally(ledger_url, durability="sync", flush_interval_s=60)  # no timer would help
     for number in range(10):

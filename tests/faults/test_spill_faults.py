@@ -17,7 +17,6 @@ from conftest import CLOSED_PORT_URL, fetch_events, require_postgres
 from .conftest import wait_until, worker_env
 
 
-
 def _python(code: str, *args: str) -> subprocess.Popen:
     return subprocess.Popen([sys.executable, "-c", textwrap.dedent(code), *args],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,

@@ -1,4 +1,5 @@
-"""Charging budgets in the transaction that stores events: each inserted event charged once, its hold released."""
+"""Charging budgets in the transaction that stores events: each inserted event charged once, its
+hold released."""
 
 from __future__ import annotations
 

@@ -1,4 +1,5 @@
-"""Budget counters kept equal to the ledger: seeded from the events, charged per stored event, recounted, checked and repaired."""
+"""Budget counters kept equal to the ledger: seeded from the events, charged per stored event,
+recounted, checked and repaired."""
 
 from __future__ import annotations
 

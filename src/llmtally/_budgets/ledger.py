@@ -55,12 +55,12 @@ from .._log import logger
 from .budget import Budget, BudgetExceeded, Window, instance_for, window_for
 from .counters import (
     counter_arrays,
+    counter_states,
     definition_text,
     ensure_counter,
     holds_json,
     release_reservations,
     scope_of,
-    counter_states,
 )
 from .states import Amounts, CounterState, Defined, Hold, Reservation
 from .tables import (

@@ -1,4 +1,5 @@
-"""What budgets report: holds and reservations, counter states, threshold crossings, definitions found in the ledger, drifts."""
+"""What budgets report: holds and reservations, counter states, threshold crossings, definitions
+found in the ledger, drifts."""
 
 from __future__ import annotations
 

@@ -26,15 +26,15 @@ from llmtally._errors import ConfigError
 
 from .model_price import ModelPrice
 from .names import canonical_provider, ledger_names
-from .price import PER_DIVISOR, DEFAULT_CURRENCY, Price, PricedCost, check_currency
+from .price import DEFAULT_CURRENCY, PER_DIVISOR, Price, PricedCost, check_currency
 from .price_map import (
     CACHE_LIMIT,
     NO_LITELLM,
     PRICE_MAP_CHOICES,
+    PriceMap,
     entry_price,
     installed_litellm,
     load_map,
-    PriceMap,
 )
 
 __all__ = ["PriceBook", "Resolution"]
@@ -282,7 +282,8 @@ class PriceBook:
         return found
 
     def lookup(self, model: str, provider: str | None = None) -> ModelPrice | None:
-        """The prices that apply to ``model`` served by ``provider``, or None if unknown (see :meth:`resolve`)."""
+        """The prices that apply to ``model`` served by ``provider``, or None if unknown (see
+        :meth:`resolve`)."""
         return self.resolve(model, provider).price
 
     def _resolve(self, model: str, provider: str | None) -> Resolution:
@@ -371,7 +372,8 @@ class PriceBook:
             input_tokens, output_tokens, cache_read_tokens, cache_write_tokens, reasoning_tokens, at
         )
         if amount is None:
-            return PricedCost(None, self.currency, "unpriced", None, price.model_key, found.provider, found.model)
+            return PricedCost(None, self.currency, "unpriced", None, price.model_key, found.provider,
+                              found.model)
         return PricedCost(amount, self.currency, "priced", price.source, price.model_key, found.provider,
                           found.model)
 

@@ -1,4 +1,5 @@
-"""A model's per-token rates from a price-map entry, with tiers above a context size, and the cost of one call's usage."""
+"""A model's per-token rates from a price-map entry, with tiers above a context size, and the cost
+of one call's usage."""
 
 from __future__ import annotations
 

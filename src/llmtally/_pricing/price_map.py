@@ -1,4 +1,5 @@
-"""LiteLLM's price map: the bundled snapshot or the installed litellm's, loaded, slimmed and turned into model prices."""
+"""LiteLLM's price map: the bundled snapshot or the installed litellm's, loaded, slimmed and turned
+into model prices."""
 
 from __future__ import annotations
 
@@ -15,11 +16,11 @@ from .model_price import (
     FIREWORKS_CACHE_READ_RATIO,
     PRICE_FIELDS,
     ModelPrice,
+    Rates,
     default_cache_read,
     number,
-    Rates,
 )
-from .names import litellm_routes, canonical_provider
+from .names import canonical_provider, litellm_routes
 from .offpeak import OffPeak, slim_windows, weekday, windows_of
 
 __all__ = ["PRICE_MAP_CHOICES", "slim_entry", "slim_price_map"]

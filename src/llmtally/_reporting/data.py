@@ -19,8 +19,8 @@ from typing import Any
 from sqlalchemy import Connection, String, and_, case, func, or_, select
 from sqlalchemy.sql import ColumnElement
 
-from .._storage.tables import UsageEvent
 from .._events.usage import TOKEN_FIELDS
+from .._storage.tables import UsageEvent
 
 __all__ = ["Range", "Totals", "GroupRow", "Percentiles", "ErrorRow", "CallRow", "UnpricedModel",
            "totals", "group_totals", "model_totals", "time_buckets", "percentiles", "errors",

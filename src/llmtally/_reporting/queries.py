@@ -11,9 +11,9 @@ from sqlalchemy import Connection, Date, case, cast, func, select
 from sqlalchemy.sql import ColumnElement
 
 from .._errors import ConfigError
+from .._events.usage import TOKEN_FIELDS
 from .._storage.tables import UsageEvent
 from .._timeparse import parse_instant
-from .._events.usage import TOKEN_FIELDS
 
 __all__ = ["SummaryRow", "UnpricedRow", "summarize", "unpriced_models", "GROUP_BY"]
 

@@ -20,14 +20,14 @@ from datetime import datetime, timezone, tzinfo
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
-from . import data
 from .._errors import ConfigError
 from .._storage.files import create_beside
+from . import data
 from .period import Period, resolve_period
 
 if TYPE_CHECKING:
-    from .._pricing.book import PriceBook
     from .._budgets.states import CounterState
+    from .._pricing.book import PriceBook
     from .._storage.store import Store
 
 __all__ = ["Report", "ReportFile", "build_report", "render_html", "write_report",
@@ -596,7 +596,8 @@ def render_html(report: Report) -> str:
     template = _environment().get_template("report.html.j2")
     return template.render(
         r=report, money=report.money, rate=_rate, local=lambda m: f"{m:%Y-%m-%d %H:%M}",
-        when=lambda naive: f"{naive.replace(tzinfo=timezone.utc).astimezone(report.period.tz):%a %d %b %H:%M}",
+        when=lambda naive: (
+            f"{naive.replace(tzinfo=timezone.utc).astimezone(report.period.tz):%a %d %b %H:%M}"),
         price_key=_price_key, toml_key=_toml_key)
 
 

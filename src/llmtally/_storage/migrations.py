@@ -36,8 +36,8 @@ from sqlalchemy import (
 from sqlalchemy.dialects.postgresql import JSONB
 
 from .._errors import LedgerError
-from .tables import EVENTS_TABLE
 from .._events.usage import TOKEN_FIELDS
+from .tables import EVENTS_TABLE
 
 __all__ = ["Migration", "MIGRATIONS", "SCHEMA_TABLE", "migrate", "schema_version"]
 
@@ -156,8 +156,8 @@ def m004_one_name_per_provider(conn: Connection) -> None:
     Data, not DDL: it uses today's naming rules (:func:`llmtally._pricing.ledger_names` and
     ``split_route``), which every new row follows. Ended windows of those budgets lose their
     counters (history only: nothing reads them); open windows are recounted from the events."""
-    from .._pricing.names import ledger_names, split_route
     from .._budgets.counters import rename_budgets
+    from .._pricing.names import ledger_names, split_route
 
     events = Table(EVENTS_TABLE, MetaData(), Column("provider", String), Column("model", String))
     pairs = conn.execute(select(events.c.provider, events.c.model).distinct()).all()

@@ -32,8 +32,8 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
-from .._log import warn_limited
 from .._events.metadata import clean_metadata, safe_str
+from .._log import warn_limited
 from .spill import SpillFile, encode_event
 from .store import InsertHook, Store, is_outage
 
@@ -397,7 +397,7 @@ class Writer:
                                 raise
                             _, bad, outage = self._insert_one_by_one(batch, self._replay_insert)
                             if outage is not None:
-                                raise outage  # the file stays claimed; it is retried whole
+                                raise outage  # noqa: B904  (the file stays claimed; retried whole)
                             refused += bad
                     self._reject(refused)  # only once the whole file is in: never kept twice
                     if bad_lines:

@@ -1,4 +1,5 @@
-"""Reading a file to import: plain or gzip, JSONL or CSV, line by line with bounded memory (a hostile file cannot exhaust it)."""
+"""Reading a file to import: plain or gzip, JSONL or CSV, line by line with bounded memory (a
+hostile file cannot exhaust it)."""
 
 from __future__ import annotations
 

@@ -5,8 +5,9 @@ chunks read through a server-side cursor on PostgreSQL (SQLite cursors stream by
 memory stays flat however large the ledger. ``ts`` is ISO 8601 in UTC (``...Z``); in CSV,
 ``tags`` and ``metadata`` are JSON text, ``streamed`` is ``true``/``false``, an empty cell is
 NULL, and a text cell a spreadsheet would run as a formula (it starts with ``= + - @``, a tab
-or a CR) starts with a ``'`` that import takes off again. Written to a path, the file appears complete or not at all (a temporary file renamed
-into place); a name ending in ``.gz`` is gzip-compressed.
+or a CR) starts with a ``'`` that import takes off again. Written to a path, the file appears
+complete or not at all (a temporary file renamed into place); a name ending in ``.gz`` is
+gzip-compressed.
 
 **Import** reads what export writes (JSONL or CSV, gzip-compressed or not) and is idempotent:
 an event whose id is already in the ledger is skipped, so importing a file twice adds nothing
@@ -43,7 +44,8 @@ from .._errors import ConfigError, LedgerError
 from .._storage.store import Store
 from .._storage.tables import UsageEvent
 
-__all__ = ["TransferError", "ExportResult", "ImportResult", "PruneResult", "FORMATS", "COST_STATUSES", "MAX_LINE_BYTES"]
+__all__ = ["TransferError", "ExportResult", "ImportResult", "PruneResult", "FORMATS", "COST_STATUSES",
+           "MAX_LINE_BYTES"]
 
 FORMATS = ("jsonl", "csv")
 COST_STATUSES = frozenset({"priced", "estimated", "unpriced"})

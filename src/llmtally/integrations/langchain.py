@@ -61,13 +61,13 @@ from uuid import UUID
 from langchain_core.callbacks import BaseCallbackHandler
 from langchain_core.embeddings import Embeddings
 
-from .._events import scope as _scope
 from .._budgets.budget import BudgetExceeded
-from .._errors import error_type
-from .._events.event import CallEvent
-from .._log import warn_limited
 from .._budgets.offloop import reserve_off_loop
+from .._errors import error_type
+from .._events import scope as _scope
+from .._events.event import CallEvent
 from .._events.usage import MAX_TOKEN_COUNT, Usage, coerce_count, extract_usage
+from .._log import warn_limited
 from . import _handoff
 
 if TYPE_CHECKING:

@@ -1,4 +1,5 @@
-"""A LiteLLM call as a CallEvent: what a CustomLogger hook is given, read defensively (any shape: odd fields give None / 0, never an exception); see ``integrations.litellm`` for the mapping."""
+"""A LiteLLM call as a CallEvent: what a CustomLogger hook is given, read defensively (any shape:
+odd fields give None / 0, never an exception); see ``integrations.litellm`` for the mapping."""
 
 from __future__ import annotations
 

@@ -1,4 +1,5 @@
-"""Streams a caller leaves unread or half read: recorded (prompt and the chunks consumed, counted offline) when the stream is closed, collected or the process exits."""
+"""Streams a caller leaves unread or half read: recorded (prompt and the chunks consumed, counted
+offline) when the stream is closed, collected or the process exits."""
 
 from __future__ import annotations
 
