@@ -16,13 +16,14 @@ from typing import TYPE_CHECKING, Any
 from ._budgets.budget import Budget, BudgetExceeded
 from ._errors import ConfigError, LedgerError
 from ._events.event import CallEvent
+from ._events.usage import Usage
 from ._pricing.price import Price
 from ._tally import Tally
 
 if TYPE_CHECKING:
     from ._storage.tables import UsageEvent
 
-__all__ = ["Tally", "CallEvent", "Budget", "BudgetExceeded", "Price", "UsageEvent", "ConfigError",
+__all__ = ["Tally", "CallEvent", "Usage", "Budget", "BudgetExceeded", "Price", "UsageEvent", "ConfigError",
            "LedgerError", "__version__"]
 
 __version__ = "0.1.0"

@@ -6,7 +6,7 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from sqlalchemy import (
     Connection,
@@ -15,11 +15,8 @@ from sqlalchemy import (
 
 from .budget import Window, window_for
 from .counters import charges_of, parse_definition, release_reservations
-from .states import Crossing, Defined, Hold, record_crossings, thresholds_reached
-from .tables import CHARGE, DEFINITIONS, PG_SHARED_LOCK, naive
-
-if TYPE_CHECKING:  # a Store is passed in; _store -> _migrations -> this module at run time
-    pass
+from .states import CounterState, Crossing, Defined, Hold, naive, thresholds_reached
+from .tables import ALERTS, CHARGE, DEFINITIONS, PG_SHARED_LOCK, insert_ignore
 
 __all__ = ["EventCharges"]
 
@@ -112,3 +109,20 @@ class EventCharges:
             if parsed is not None:
                 out.append(parsed)
         return out
+
+
+def record_crossings(conn: Connection, hold: Hold, thresholds: Sequence[float], spent: int,
+                     reserved: int, now: datetime) -> list[Crossing]:
+    """The ``thresholds`` reached that this transaction is first to claim in the ledger, so
+    that only one process (and one event) reports each per window."""
+    budget = hold.budget
+    crossed = []
+    for threshold in thresholds:
+        # RETURNING says whether this insert won (psycopg reports rowcount -1 for it)
+        claimed = conn.execute(insert_ignore(conn, ALERTS).values(
+            budget_key=budget.key, instance=hold.instance, window_start=hold.window.start,
+            threshold=threshold, fired_at=now).returning(ALERTS.c.threshold)).first()
+        if claimed is not None:
+            state = CounterState.from_units(budget, hold.instance, hold.window, spent, reserved)
+            crossed.append(Crossing(state, threshold))
+    return crossed

@@ -25,20 +25,17 @@ from .._errors import ConfigError
 from .._log import warn_limited
 from .._storage.tables import UsageEvent
 from .budget import Budget, Window, instance_for, window_for, zone
-from .states import CounterState, Defined, Drift, Hold
+from .states import UNIT_SCALE, CounterState, Defined, Drift, Hold, naive, to_units
 from .tables import (
     CHARGE,
     COUNTERS,
     DEFINITIONS,
     PG_EXCLUSIVE_LOCK,
     RESERVATIONS,
-    UNIT_SCALE,
     USE,
     E,
     half_up,
     insert_ignore,
-    naive,
-    to_units,
 )
 
 if TYPE_CHECKING:  # a Store is passed in; _store -> _migrations -> this module at run time

@@ -62,20 +62,8 @@ from .counters import (
     release_reservations,
     scope_of,
 )
-from .states import Amounts, CounterState, Defined, Hold, Reservation
-from .tables import (
-    DEFINITIONS,
-    PG_EXCLUSIVE_LOCK,
-    RESERVATIONS,
-    RESERVE,
-    RESERVE_IF_ROOM,
-    UNIT_SCALE,
-    USE,
-    aware,
-    naive,
-    to_units,
-    whoami,
-)
+from .states import UNIT_SCALE, Amounts, CounterState, Defined, Hold, Reservation, aware, naive, to_units
+from .tables import DEFINITIONS, PG_EXCLUSIVE_LOCK, RESERVATIONS, RESERVE, RESERVE_IF_ROOM, USE, whoami
 
 if TYPE_CHECKING:  # a Store is passed in; _store -> _migrations -> this module at run time
     from .._storage.store import Store

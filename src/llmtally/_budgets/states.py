@@ -3,22 +3,15 @@ found in the ledger, drifts."""
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+import math
+from collections.abc import Mapping
 from dataclasses import dataclass
-from datetime import datetime, timedelta
-from typing import TYPE_CHECKING, Any
-
-from sqlalchemy import (
-    Connection,
-)
+from datetime import datetime, timedelta, timezone
+from typing import Any
 
 from .budget import Budget, Window, zone
-from .tables import ALERTS, UNIT_SCALE, insert_ignore, naive, to_units
 
-if TYPE_CHECKING:  # a Store is passed in; _store -> _migrations -> this module at run time
-    pass
-
-__all__ = ["Hold", "Reservation", "CounterState", "Crossing", "Drift"]
+__all__ = ["Hold", "Reservation", "CounterState", "Crossing", "Drift", "UNIT_SCALE", "to_units"]
 
 @dataclass(frozen=True, slots=True)
 class Hold:
@@ -111,23 +104,6 @@ class Drift:
 Amounts = Mapping[str, float]  # {"usd": ..., "tokens": ..., "requests": ...}
 
 
-def record_crossings(conn: Connection, hold: Hold, thresholds: Sequence[float], spent: int,
-                     reserved: int, now: datetime) -> list[Crossing]:
-    """The ``thresholds`` reached that this transaction is first to claim in the ledger, so
-    that only one process (and one event) reports each per window."""
-    budget = hold.budget
-    crossed = []
-    for threshold in thresholds:
-        # RETURNING says whether this insert won (psycopg reports rowcount -1 for it)
-        claimed = conn.execute(insert_ignore(conn, ALERTS).values(
-            budget_key=budget.key, instance=hold.instance, window_start=hold.window.start,
-            threshold=threshold, fired_at=now).returning(ALERTS.c.threshold)).first()
-        if claimed is not None:
-            state = CounterState.from_units(budget, hold.instance, hold.window, spent, reserved)
-            crossed.append(Crossing(state, threshold))
-    return crossed
-
-
 def thresholds_reached(budget: Budget, spent: int) -> list[float]:
     """The warning thresholds ``spent`` units have reached (each is claimed once per window
     in the ledger, so one reached earlier — by a seed, an import — is still reported once)."""
@@ -135,3 +111,23 @@ def thresholds_reached(budget: Budget, spent: int) -> list[float]:
     if limit <= 0:
         return []
     return [t for t in budget.warn_at if t * limit <= spent]
+
+
+UNIT_SCALE = {"usd": 10**9, "tokens": 1, "requests": 1}
+"""Counters hold integers: nano-units of money, whole tokens, whole requests."""
+
+
+def to_units(kind: str, amount: float) -> int:
+    """An amount of ``kind`` as the integer the counters hold: rounded half up, exactly as the
+    SQL that seeds a counter from the events rounds (see :func:`seed`)."""
+    return math.floor(float(amount) * UNIT_SCALE[kind] + 0.5)
+
+
+def naive(moment: datetime) -> datetime:
+    if moment.tzinfo is not None:
+        moment = moment.astimezone(timezone.utc).replace(tzinfo=None)
+    return moment
+
+
+def aware(moment: datetime | None, tz: Any) -> datetime | None:
+    return None if moment is None else moment.replace(tzinfo=timezone.utc).astimezone(tz)

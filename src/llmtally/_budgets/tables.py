@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-import math
 import os
 import socket
-from datetime import datetime, timezone
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from sqlalchemy import (
     JSON,
@@ -28,19 +26,7 @@ from sqlalchemy.dialects.postgresql import JSONB
 
 from .._storage.tables import UsageEvent
 
-if TYPE_CHECKING:  # a Store is passed in; _store -> _migrations -> this module at run time
-    pass
-
-__all__ = ["UNIT_SCALE", "to_units"]
-
-UNIT_SCALE = {"usd": 10**9, "tokens": 1, "requests": 1}
-"""Counters hold integers: nano-units of money, whole tokens, whole requests."""
-
-
-def to_units(kind: str, amount: float) -> int:
-    """An amount of ``kind`` as the integer the counters hold: rounded half up, exactly as the
-    SQL that seeds a counter from the events rounds (see :func:`seed`)."""
-    return math.floor(float(amount) * UNIT_SCALE[kind] + 0.5)
+__all__ = ["COUNTERS", "RESERVATIONS", "ALERTS", "DEFINITIONS"]
 
 
 _meta = MetaData()
@@ -134,11 +120,3 @@ def insert_ignore(conn: Connection, table: Table = COUNTERS) -> Any:
     return insert(table).on_conflict_do_nothing()
 
 
-def naive(moment: datetime) -> datetime:
-    if moment.tzinfo is not None:
-        moment = moment.astimezone(timezone.utc).replace(tzinfo=None)
-    return moment
-
-
-def aware(moment: datetime | None, tz: Any) -> datetime | None:
-    return None if moment is None else moment.replace(tzinfo=timezone.utc).astimezone(tz)

@@ -7,15 +7,12 @@ import sys
 from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import datetime
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from .._errors import error_type
 from .._events import scope as _scope
 from .._events.event import CallEvent
 from .._events.usage import Usage, extract_usage, response_model, response_text
-
-if TYPE_CHECKING:
-    pass
 
 __all__ = ["CallStart", "litellm_event"]
 
