@@ -50,6 +50,7 @@ DEFAULT_MAX_OUTPUT_ESTIMATE = 4096
 UNPRICED_POLICIES = ("allow", "block")
 _SCOPE_KEYS = ("project", "user", "session", "tags", "request_id", "metadata")
 _ids = EVENT_IDS
+_new_tuple = tuple.__new__
 
 
 class Tally:
@@ -273,14 +274,13 @@ class Tally:
         answered from a cache (LiteLLM's, say): its tokens are kept, its cost is 0.
         ``reservation`` (from :meth:`reserve`) is settled to this event's real cost and tokens.
         """
-        event = CallEvent(
-            model=model, provider=provider,
-            usage=Usage(input_tokens, output_tokens, cache_read_tokens, cache_write_tokens,
-                        reasoning_tokens),
-            status=status, error_type=error_type, call_type=call_type, streamed=streamed,
-            resolved_model=resolved_model, estimated=estimated, cache_hit=cache_hit, ts=ts,
-            latency_ms=latency_ms, ttft_ms=ttft_ms, id=id, source=source, project=project,
-            user=user, session=session, tags=tags, request_id=request_id, metadata=metadata)
+        # CallEvent's own field order (tests/test_record.py holds it), built without the
+        # keyword binding of its constructor: this runs on the caller's thread for every call
+        event = _new_tuple(CallEvent, (
+            model, provider, _new_tuple(Usage, (input_tokens, output_tokens, cache_read_tokens,
+                                                cache_write_tokens, reasoning_tokens)),
+            status, error_type, call_type, streamed, resolved_model, estimated, cache_hit, ts,
+            latency_ms, ttft_ms, id, source, project, user, session, tags, request_id, metadata))
         return self.record_event(event, reservation=reservation)
 
     def record_event(self, event: CallEvent, *, reservation: Reservation | None = None) -> str:
@@ -288,7 +288,8 @@ class Tally:
         returns its event id. Never raises."""
         event_id = clean_id(event.id) if event.id is not None else _ids.next_id()
         try:
-            self._submit(self._row(event, event_id), reservation)
+            self._submit(event_row(event, event_id=event_id, now=self._clock(),
+                                   scope=self._attribution_here(), prices=self.prices), reservation)
         except Exception as exc:  # never into the caller's code
             warn_limited("record", "llmtally: could not record a call to %r (%s: %s)",
                          event.model, type(exc).__name__, exc, exc_info=True)
