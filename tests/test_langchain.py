@@ -45,7 +45,8 @@ from langchain_core.tools import tool  # noqa: E402
 from langchain_openai import ChatOpenAI, OpenAI, OpenAIEmbeddings  # noqa: E402
 
 from llmtally._events.tokens import count_messages, count_text  # noqa: E402
-from llmtally.integrations.langchain import LangChainHandler, TalliedEmbeddings  # noqa: E402
+from llmtally.integrations.langchain import LangChainHandler
+from llmtally.integrations.langchain_embeddings import TalliedEmbeddings
 
 REPLY = "Hello from the fake provider."
 PROMPT = "Say hello to the ledger, please."

@@ -460,7 +460,7 @@ class Tally:
         budgets first; ``model`` and ``provider`` default to what the object names.
         """
         try:
-            from .integrations.langchain import wrap_embeddings
+            from .integrations.langchain_embeddings import wrap_embeddings
         except ImportError as exc:
             raise ImportError('tally.wrap_embeddings() needs LangChain: '
                               'pip install "llmtally[langchain]"') from exc
