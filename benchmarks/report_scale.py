@@ -63,7 +63,7 @@ def load(url: str, count: int, span_days: int) -> tuple[float, int]:
 def child(url: str, out_dir: str) -> None:
     """Run in a fresh process: make the report three times, print timings, RSS and size."""
     from llmtally import Tally
-    from llmtally._reporting.report import write_report
+    from llmtally._reporting.render import write_report
 
     tally = Tally(url, price_map="bundled", clock=lambda: NOW,
                   spill_path=Path(out_dir) / "spill.jsonl")

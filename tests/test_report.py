@@ -18,7 +18,9 @@ from conftest import fetch_events
 from sqlalchemy import DateTime, bindparam, create_engine, text
 
 from llmtally import Budget, ConfigError, Price
-from llmtally._reporting.report import build_report, format_money, render_html, report_path
+from llmtally._reporting.numbers import format_money
+from llmtally._reporting.render import render_html, report_path
+from llmtally._reporting.report import build_report
 from llmtally._sample import UNPRICED_MODEL, bulk_load, record_history, sample_calls
 from llmtally._storage.store import Store, normalize_url
 

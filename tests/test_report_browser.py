@@ -20,7 +20,7 @@ import pytest
 from conftest import IN_CI
 from test_report import W47, sql_totals
 
-from llmtally._reporting.report import format_money
+from llmtally._reporting.numbers import format_money
 from llmtally._sample import record_history
 
 NOW = datetime(2026, 11, 25, 10, 0, tzinfo=timezone.utc)

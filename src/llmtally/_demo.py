@@ -88,7 +88,7 @@ def run_demo(database: str | os.PathLike[str], reports: str | os.PathLike[str],
         today = now.astimezone(tally.tz).date()
         period = {"since": (today - timedelta(days=6)).isoformat(),
                   "until": (today + timedelta(days=1)).isoformat()}
-        from ._reporting.report import write_report
+        from ._reporting.render import write_report
 
         written = write_report(tally, reports, **period)
     result.report = written.path

@@ -625,7 +625,7 @@ class Tally:
         >>> tally.report("reports/", week="last")
         PosixPath('reports/llmtally-2026-W47.html')
         """
-        from ._reporting.report import write_report
+        from ._reporting.render import write_report
 
         return write_report(self, path, week=week, since=since, until=until,
                             project=project).path

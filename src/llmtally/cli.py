@@ -498,7 +498,7 @@ def report(tally: Any, week: str | None, since: str | None, until: str | None,
       llmtally report --week last -o reports/
       llmtally report --since 2026-11-01 --until 2026-11-15 --project search -o r.html
     """
-    from ._reporting.report import write_report
+    from ._reporting.render import write_report
 
     written = write_report(tally, output, week=week, since=since, until=until, project=project)
     echo(str(written.path))
