@@ -37,7 +37,7 @@ import litellm  # noqa: E402
 from _postgres import DEFAULT_URL, scratch_schema  # noqa: E402
 
 from llmtally import Tally  # noqa: E402
-from llmtally.integrations.litellm import adrain_logging_worker, drain_logging_worker  # noqa: E402
+from llmtally.integrations.litellm_drain import adrain_logging_worker, drain_logging_worker
 
 MSGS = [{"role": "user", "content": "hello"}]
 ROUNDS = 3

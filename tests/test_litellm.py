@@ -764,7 +764,7 @@ def test_fact_async_calls_run_sync_pre_hook_and_defer_the_success_hook(provider)
     litellm.callbacks = [probe]
     asyncio.run(litellm.acompletion(**_openai(provider)))
     assert [name for name, _, _ in probe.seen] == ["pre"]  # success still queued after the loop ended
-    from llmtally.integrations.litellm import drain_logging_worker
+    from llmtally.integrations.litellm_drain import drain_logging_worker
 
     drain_logging_worker(5)
     assert [name for name, _, _ in probe.seen] == ["pre", "async_success"]

@@ -377,7 +377,8 @@ class Tally:
         try:
             import litellm  # noqa: F401  (imported already, the integration module would not fail)
 
-            from .integrations.litellm import LiteLLMLogger, drain_logging_worker
+            from .integrations.litellm import LiteLLMLogger
+            from .integrations.litellm_drain import drain_logging_worker
         except ImportError as exc:
             raise ImportError('tally.litellm() needs LiteLLM: pip install "llmtally[litellm]"') from exc
         with self._integration_lock:
@@ -560,7 +561,7 @@ class Tally:
         logs async calls in tasks on that loop, and cancels those still running when the loop
         closes, so calls that finished just before would never be recorded."""
         if self._litellm_logger is not None:
-            from .integrations.litellm import adrain_logging_worker
+            from .integrations.litellm_drain import adrain_logging_worker
 
             await adrain_logging_worker(timeout)
         import asyncio
