@@ -21,7 +21,8 @@ from click.testing import CliRunner
 from conftest import CLOSED_PORT_URL, fetch_events
 
 from llmtally import Tally
-from llmtally.cli import main, printable
+from llmtally._terminal import printable
+from llmtally.cli import main
 
 # An OSC title change with BEL, a clear-screen CSI, an 8-bit CSI (C1), DEL and a bidi override.
 HOSTILE = "\x1b]0;PWNED\x07\x1b[2J\x9b31m\x7f\u202e"
@@ -316,7 +317,7 @@ def test_an_unexpected_error_is_one_line_and_debug_shows_the_traceback(tmp_path,
 
 
 def test_library_warnings_during_a_command_reach_stderr_inert():
-    code = ("import logging; from llmtally.cli import _log_printably; _log_printably(); "
+    code = ("import logging; from llmtally._terminal import _log_printably; _log_printably(); "
             f"logging.getLogger('llmtally').warning('ledger %s is down', {HOSTILE!r})")
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                             timeout=60)

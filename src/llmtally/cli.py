@@ -8,162 +8,39 @@ escapes); JSON output is ASCII-escaped. Errors: one line on stderr, exit code 2
 
 from __future__ import annotations
 
-import codecs
 import contextlib
 import csv
 import functools
 import io
-import json
-import logging
-import os
-import sqlite3
 import sys
-import traceback
-import unicodedata
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import IO, Any, TypeVar, overload
 
 import click
 
-from ._errors import ConfigError, LedgerError
+from ._terminal import (
+    CommandError,
+    Group,
+    TerminalText,
+    echo,
+    iso,
+    money,
+    one_line_errors,
+    print_json,
+    print_table,
+    printable,
+    quantity,
+)
 
 F = TypeVar("F", bound=Callable[..., Any])
-DEBUG_VARIABLE = "LLMTALLY_DEBUG"  # set to 1: an unexpected error shows its traceback
 
 
 # -- output: nothing a caller recorded can drive the operator's terminal -----------------------
 
-_NAMED_ESCAPES = {"\t": "\\t", "\n": "\\n", "\r": "\\r"}
-
-
-def printable(value: object) -> str:
-    """``str(value)`` with every control character made visible: C0/C1 controls and DEL as
-    ``\\x1b``, format characters (bidi overrides such as U+202E, zero-width ones), line and
-    paragraph separators and lone surrogates as ``\\u202e``. Letters, marks, symbols and
-    spaces of any script pass unchanged."""
-    text = str(value)
-    if text.isprintable():
-        return text
-    return "".join(ch if ch.isprintable() or unicodedata.category(ch) == "Zs" else _escape(ch)
-                   for ch in text)
-
-
-def _escape(ch: str) -> str:
-    code = ord(ch)
-    if ch in _NAMED_ESCAPES:
-        return _NAMED_ESCAPES[ch]
-    if code < 0x100:
-        return f"\\x{code:02x}"
-    return f"\\u{code:04x}" if code < 0x10000 else f"\\U{code:08x}"
-
-
-def echo(text: object = "", *, err: bool = False) -> None:
-    """``click.echo`` for everything the CLI prints: each line made :func:`printable`."""
-    click.echo("\n".join(printable(line) for line in str(text).split("\n")), err=err)
-
-
-def _print_json(data: Any) -> None:
-    # ensure_ascii: every control, bidi and other non-ASCII character becomes a \uXXXX escape,
-    # so the output is valid JSON, exact (a parser gets the original values back) and inert.
-    click.echo(json.dumps(data, indent=2, ensure_ascii=True))
-
-
-class _TerminalText(io.RawIOBase):
-    """A binary stream for export to a terminal: lines pass, control characters made visible
-    (a CSV record's closing ``\\r`` is dropped). Files and pipes get the bytes unchanged."""
-
-    def __init__(self, terminal: IO[str]) -> None:
-        super().__init__()
-        self._terminal = terminal
-        self._decode = codecs.getincrementaldecoder("utf-8")(errors="replace").decode
-
-    def writable(self) -> bool:
-        return True
-
-    def write(self, data: Any) -> int:
-        lines = self._decode(bytes(data)).split("\n")
-        self._terminal.write("\n".join(printable(line.removesuffix("\r")) for line in lines))
-        return len(data)
-
-    def flush(self) -> None:
-        self._terminal.flush()
-
-
-class _PrintableLogs(logging.Formatter):
-    def format(self, record: logging.LogRecord) -> str:
-        return "\n".join(printable(line) for line in super().format(record).split("\n"))
-
 
 # -- errors: one line, exit code 2 --------------------------------------------------------------
-
-
-class CommandError(click.ClickException):
-    """One line saying what is wrong and how to fix it; exit code 2."""
-
-    exit_code = 2
-
-    def __init__(self, message: str) -> None:
-        super().__init__(printable(" ".join(str(message).split())))
-
-
-def _first_line(exc: BaseException) -> str:
-    cause = getattr(exc, "orig", None) or exc  # SQLAlchemy wraps the driver's error
-    if isinstance(cause, OSError) and cause.strerror:
-        return cause.strerror
-    text = str(cause).strip()
-    return text.splitlines()[0].strip() if text else type(cause).__name__
-
-
-def _as_command_error(exc: Exception, ledger: str | None = None) -> click.ClickException:
-    """What a user can act on, in one line, for an exception that escaped a command."""
-    from sqlalchemy.exc import OperationalError, SQLAlchemyError
-
-    if isinstance(exc, click.ClickException):
-        return exc
-    if isinstance(exc, (ConfigError, LedgerError)):
-        return CommandError(str(exc))
-    where = f"the ledger {ledger}" if ledger else "the ledger"
-    if isinstance(exc, (OperationalError, sqlite3.OperationalError)):
-        return CommandError(f"{where} cannot be reached ({_first_line(exc)}); nothing was "
-                            "changed. Check --db / LLMTALLY_DATABASE_URL and that the database "
-                            "is running")
-    if isinstance(exc, (SQLAlchemyError, sqlite3.Error)):
-        return CommandError(f"{where} cannot be read ({_first_line(exc)}); it may be corrupted "
-                            "or not a llmtally ledger. Check --db / LLMTALLY_DATABASE_URL")
-    if isinstance(exc, OSError):
-        name = f"{exc.filename}: " if exc.filename else ""
-        return CommandError(f"{name}{_first_line(exc)}")
-    return CommandError(f"internal error ({type(exc).__name__}: {_first_line(exc)}); this is a "
-                        f"bug in llmtally: run again with {DEBUG_VARIABLE}=1 for the traceback "
-                        "and report it")
-
-
-@contextlib.contextmanager
-def _one_line_errors(ledger: str | None = None) -> Iterator[None]:
-    try:
-        yield
-    except (click.exceptions.Exit, click.exceptions.Abort, BrokenPipeError):
-        raise  # click ends quietly on a closed pipe (`llmtally export | head`)
-    except Exception as exc:
-        if os.environ.get(DEBUG_VARIABLE) and not isinstance(exc, click.ClickException):
-            traceback.print_exc()
-        raise _as_command_error(exc, ledger) from exc
-
-
-class _Group(click.Group):
-    def invoke(self, ctx: click.Context) -> Any:
-        _log_printably()
-        with _one_line_errors():
-            return super().invoke(ctx)
-
-
-def _log_printably() -> None:
-    """Warnings the library logs during a command reach stderr (through logging's last-resort
-    handler, as nothing else is configured) with control characters made visible."""
-    if logging.lastResort is not None:
-        logging.lastResort.setFormatter(_PrintableLogs("%(message)s"))
 
 
 # -- the ledger ---------------------------------------------------------------------------------
@@ -194,7 +71,7 @@ def ledger_options(func: F | None = None, *, create: bool = False) -> Any:
     def wrapper(*args: Any, database_url: str | None, config_path: str | None, **kwargs: Any) -> Any:
         tally = open_ledger(database_url, config_path, create=create)
         try:
-            with _one_line_errors(tally.database_url):
+            with one_line_errors(tally.database_url):
                 return func(tally, *args, **kwargs)
         finally:
             tally.close()
@@ -224,7 +101,7 @@ def open_ledger(database_url: str | None, config_path: str | None, *, create: bo
             "`llmtally import FILE` or `llmtally demo`")
     tally = Tally(**settings)
     try:
-        with _one_line_errors(tally.database_url):
+        with one_line_errors(tally.database_url):
             tally.store.ensure_schema()  # PostgreSQL is otherwise reached at the first query
     except BaseException:
         tally.close()
@@ -235,7 +112,7 @@ def open_ledger(database_url: str | None, config_path: str | None, *, create: bo
 # -- the commands -------------------------------------------------------------------------------
 
 
-@click.group(cls=_Group,
+@click.group(cls=Group,
              context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
 @click.version_option(package_name="llmtally")
 def main() -> None:
@@ -300,7 +177,7 @@ def summary(tally: Any, since: str, until: str | None, group_by: str, project: s
     filters = {name: value for name, value in (("project", project), ("user", user)) if value}
     rows = tally.summary(since=since, until=until, by=group_by, **filters)
     if as_json:
-        _print_json([row.as_dict() for row in rows])
+        print_json([row.as_dict() for row in rows])
         return
     if as_csv:
         fields = list(rows[0].as_dict()) if rows else ["key"]
@@ -316,14 +193,14 @@ def summary(tally: Any, since: str, until: str | None, group_by: str, project: s
         return
     table = [[row.key or "-", row.calls, row.errors, row.input_tokens, row.output_tokens,
               row.cache_read_tokens,
-              "unpriced" if row.unpriced_calls == row.calls else _money(row.cost, row.currency),
+              "unpriced" if row.unpriced_calls == row.calls else money(row.cost, row.currency),
               row.unpriced_calls or ""] for row in rows]
     table.append(["TOTAL", sum(r.calls for r in rows), sum(r.errors for r in rows),
                   sum(r.input_tokens for r in rows), sum(r.output_tokens for r in rows),
                   sum(r.cache_read_tokens for r in rows),
-                  _money(sum(r.cost for r in rows), rows[0].currency),
+                  money(sum(r.cost for r in rows), rows[0].currency),
                   sum(r.unpriced_calls for r in rows) or ""])
-    _print_table([group_by, "calls", "errors", "input", "output", "cached", "cost", "unpriced"],
+    print_table([group_by, "calls", "errors", "input", "output", "cached", "cost", "unpriced"],
                  table, left=1)
     if any(r.unpriced_calls for r in rows):
         echo("\nSome calls have no known price (not counted in cost): see `llmtally unpriced`.")
@@ -385,12 +262,12 @@ def unpriced(tally: Any, since: str | None, as_json: bool) -> None:
     """
     rows = tally.unpriced(since=since)
     if as_json:
-        _print_json([row.as_dict() for row in rows])
+        print_json([row.as_dict() for row in rows])
         return
     if not rows:
         echo("Every recorded model has a price.")
         return
-    _print_table(["provider", "model", "calls", "input", "output", "last seen"],
+    print_table(["provider", "model", "calls", "input", "output", "last seen"],
                  [[r.provider or "-", r.model, r.calls, r.input_tokens, r.output_tokens,
                    r.last_seen.isoformat(timespec="seconds")] for r in rows], left=2)
     echo('\nAdd a price to llmtally.toml, e.g.\n  [prices."MODEL"]\n  input = 0.5    # per 1M '
@@ -426,10 +303,10 @@ def budgets(tally: Any, as_json: bool, check: bool, repair: bool) -> None:
         for drift in drifts:
             kind = unit[drift.budget.kind]
             echo(f"{drift.budget.label} [{drift.instance or 'all calls'}] window "
-                 f"{drift.window_start.isoformat()}: spent {_quantity(drift.spent, kind)}, the "
-                 f"ledger says {_quantity(drift.expected_spent, kind)}; reserved "
-                 f"{_quantity(drift.reserved, kind)}, open holds "
-                 f"{_quantity(drift.expected_reserved, kind)}"
+                 f"{drift.window_start.isoformat()}: spent {quantity(drift.spent, kind)}, the "
+                 f"ledger says {quantity(drift.expected_spent, kind)}; reserved "
+                 f"{quantity(drift.reserved, kind)}, open holds "
+                 f"{quantity(drift.expected_reserved, kind)}"
                  + (" (repaired)" if repair else ""))
         if not drifts:
             echo("Every budget counter equals the ledger.")
@@ -453,11 +330,11 @@ def budgets(tally: Any, as_json: bool, check: bool, repair: bool) -> None:
             "budget": budget.label, "scope": scope, "kind": budget.kind, "used": state.spent,
             "reserved": state.reserved, "limit": budget.limit,
             "percent": 100 * state.used / budget.limit if budget.limit else None,
-            "resets_at": _iso(state.window.end), "runs_out_at": _iso(run_out),
+            "resets_at": iso(state.window.end), "runs_out_at": iso(run_out),
             "action": budget.action, "unpriced_calls": not_counted,
         })
     if as_json:
-        _print_json(rows)
+        print_json(rows)
         return
     if not rows and tally.budgets is not None:
         echo("No budget has been charged yet (an each= budget shows each user, project... "
@@ -467,11 +344,11 @@ def budgets(tally: Any, as_json: bool, check: bool, repair: bool) -> None:
         echo("No budgets configured: add [[budgets]] to llmtally.toml (see the README).")
         return
     unit = {"usd": tally.currency, "tokens": "tokens", "requests": "requests"}
-    _print_table(
+    print_table(
         ["budget", "scope", "used", "reserved", "limit", "%", "resets", "runs out", "unpriced"],
         [[r["budget"], ", ".join(f"{k}={v}" for k, v in r["scope"].items()) or "all calls",
-          _quantity(r["used"], unit[r["kind"]]), _quantity(r["reserved"], unit[r["kind"]]),
-          _quantity(r["limit"], unit[r["kind"]]),
+          quantity(r["used"], unit[r["kind"]]), quantity(r["reserved"], unit[r["kind"]]),
+          quantity(r["limit"], unit[r["kind"]]),
           "-" if r["percent"] is None else f"{r['percent']:.1f}",
           r["resets_at"] or "never", r["runs_out_at"] or "-",
           str(r["unpriced_calls"]) if r["unpriced_calls"] else "-"] for r in rows], left=2)
@@ -530,7 +407,7 @@ def export(tally: Any, fmt: str | None, since: str | None, until: str | None,
         to_file = output not in (None, "-")
         stdout: IO[bytes] = sys.stdout.buffer
         if not to_file and sys.stdout.isatty():
-            stdout = _TerminalText(sys.stdout)  # type: ignore[assignment]
+            stdout = TerminalText(sys.stdout)  # type: ignore[assignment]
         result = export_events(tally.store, output if to_file else stdout,
                                format=fmt, since=since, until=until, project=project,
                                progress=progress)
@@ -598,10 +475,10 @@ def prune(tally: Any, older_than: str, archive: str | None, dry_run: bool) -> No
     from ._transfer.prune import prune_events
 
     result = prune_events(tally.store, older_than, archive=archive, dry_run=dry_run)
-    details = [f"cost {_money(amount, currency)}" for currency, amount in result.cost.items()]
+    details = [f"cost {money(amount, currency)}" for currency, amount in result.cost.items()]
     if result.unpriced:
         details.append(f"{result.unpriced:,} unpriced")
-    what = f"{result.events:,} events older than {_iso(result.cutoff)}" + (
+    what = f"{result.events:,} events older than {iso(result.cutoff)}" + (
         f" ({'; '.join(details)})" if details else "")
     if result.dry_run:
         echo(f"would delete {what}" + (f", archiving them to {archive}" if archive else "")
@@ -621,35 +498,6 @@ def _export_progress(tally: Any, **filters: Any) -> Iterator[Callable[[int], Non
     total = count_events(tally.store, **filters)
     with click.progressbar(length=total, label="exporting", file=sys.stderr) as bar:
         yield bar.update
-
-
-def _iso(moment: datetime | None) -> str | None:
-    if moment is None:
-        return None
-    return moment.replace(tzinfo=timezone.utc).isoformat(timespec="seconds")
-
-
-def _quantity(amount: float, unit: str) -> str:
-    if unit in ("tokens", "requests"):
-        return f"{amount:,.0f}"
-    return _money(amount, unit)
-
-
-def _money(amount: float, currency: str | None) -> str:
-    digits = 2 if abs(amount) >= 1 else 6
-    return f"{amount:,.{digits}f} {currency or ''}".strip()
-
-
-def _print_table(header: Sequence[str], rows: Sequence[Sequence[Any]], *, left: int) -> None:
-    """Aligned columns: the first ``left`` columns (names) flush left, figures flush right."""
-    cells = [[printable(c) for c in header]] + [[printable(c) for c in row] for row in rows]
-    widths = [max(len(row[i]) for row in cells) for i in range(len(header))]
-    for index, row in enumerate(cells):
-        line = "  ".join(cell.ljust(w) if i < left else cell.rjust(w)
-                         for i, (cell, w) in enumerate(zip(row, widths)))
-        echo(line.rstrip())
-        if index == 0:
-            echo("  ".join("-" * w for w in widths))
 
 
 def _describe_price(model: str, price: Any, stored: str) -> str:
