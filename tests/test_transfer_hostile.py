@@ -29,7 +29,7 @@ from llmtally._transfer.export import export_events
 from llmtally._transfer.importing import import_events
 from llmtally._transfer.reading import MAX_RECORD_BYTES
 from llmtally._transfer.transfer import MAX_LINE_BYTES, TransferError
-from llmtally._transfer.validation import event_row
+from llmtally._transfer.validation import validated_row
 
 ROOT = Path(__file__).resolve().parents[1]
 NOW = datetime.now(timezone.utc).replace(microsecond=0)
@@ -197,7 +197,7 @@ class _Interrupting(io.RawIOBase):
 def _write_now(url: str, row: dict) -> None:
     """Insert one event on a connection of its own that does not wait for any lock."""
     store = Store(url)
-    params = driver_row(event_row(row), store.dialect == "sqlite")
+    params = driver_row(validated_row(row), store.dialect == "sqlite")
     sql = store._insert_sql
     store.close()
     if url.startswith("sqlite"):

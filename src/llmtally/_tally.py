@@ -281,15 +281,18 @@ class Tally:
                                                 cache_write_tokens, reasoning_tokens)),
             status, error_type, call_type, streamed, resolved_model, estimated, cache_hit, ts,
             latency_ms, ttft_ms, id, source, project, user, session, tags, request_id, metadata))
-        return self.record_event(event, reservation=reservation)
+        return self._record(event, _ids.next_id() if id is None else clean_id(id), reservation)
 
     def record_event(self, event: CallEvent, *, reservation: Reservation | None = None) -> str:
         """Record one :class:`CallEvent` (what :meth:`record` does with its arguments);
         returns its event id. Never raises."""
-        event_id = clean_id(event.id) if event.id is not None else _ids.next_id()
+        return self._record(event, _ids.next_id() if event.id is None else clean_id(event.id),
+                            reservation)
+
+    def _record(self, event: CallEvent, event_id: str, reservation: Reservation | None) -> str:
         try:
-            self._submit(event_row(event, event_id=event_id, now=self._clock(),
-                                   scope=self._attribution_here(), prices=self.prices), reservation)
+            self._submit(event_row(event, event_id, self._clock(), self._attribution_here(),
+                                   self.prices), reservation)
         except Exception as exc:  # never into the caller's code
             warn_limited("record", "llmtally: could not record a call to %r (%s: %s)",
                          event.model, type(exc).__name__, exc, exc_info=True)

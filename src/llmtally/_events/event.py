@@ -67,7 +67,7 @@ class CallEvent(NamedTuple):
     metadata: Mapping[str, Any] | None = None
 
 
-def event_row(event: CallEvent, *, event_id: str, now: datetime, scope: _scope.Attribution,
+def event_row(event: CallEvent, event_id: str, now: datetime, scope: _scope.Attribution,
               prices: PriceBook) -> dict[str, Any]:
     """The ledger row for ``event``: cleaned, priced in ``prices``' currency at the event's
     time, attributed (``scope`` fills what the event leaves unset). Never raises for an odd
@@ -112,12 +112,13 @@ def event_row(event: CallEvent, *, event_id: str, now: datetime, scope: _scope.A
         # One name per provider and per model, whichever path recorded the call.
         "provider": priced.provider,
         "model": priced.model or model_name,
-        "resolved_model": _clean_text(resolved_model, notes, "resolved_model"),
+        "resolved_model": None if resolved_model is None else _clean_text(
+            resolved_model, notes, "resolved_model"),
         "call_type": call_type if call_type in CALL_TYPES else _one_of(
             call_type, CALL_TYPES, "call_type", "other", notes),
         "streamed": bool(streamed),
         "status": status,
-        "error_type": _clean_text(error_type, notes, "error_type"),
+        "error_type": None if error_type is None else _clean_text(error_type, notes, "error_type"),
         "input_tokens": input_tokens,
         "output_tokens": output_tokens,
         "cache_read_tokens": cache_read,
@@ -129,12 +130,14 @@ def event_row(event: CallEvent, *, event_id: str, now: datetime, scope: _scope.A
         "price_source": price_source,
         "latency_ms": None if latency_ms is None else _milliseconds(latency_ms, "latency_ms", notes),
         "ttft_ms": None if ttft_ms is None else _milliseconds(ttft_ms, "ttft_ms", notes),
-        "project": _clean_text(project, notes, "project") or scope.project,
-        "user": _clean_text(user, notes, "user") or scope.user,
-        "session": clean_id(session) or scope.session,
+        # most calls leave these unset: no call for them (this runs on the caller's thread)
+        "project": (None if project is None else _clean_text(project, notes, "project"))
+        or scope.project,
+        "user": (None if user is None else _clean_text(user, notes, "user")) or scope.user,
+        "session": (None if session is None else clean_id(session)) or scope.session,
         "tags": list(_scope.merge_tags(scope.tags, _tag_tuple(tags, notes)) if tags
                      else scope.tags),
-        "request_id": clean_id(request_id) or scope.request_id,
+        "request_id": (None if request_id is None else clean_id(request_id)) or scope.request_id,
         "metadata": None,
     }
     meta = dict(scope.metadata) if scope.metadata else {}

@@ -33,7 +33,7 @@ from .transfer import (
     ledger_errors,
     reason,
 )
-from .validation import Invalid, event_row
+from .validation import Invalid, validated_row
 
 __all__ = ["import_events"]
 
@@ -99,7 +99,7 @@ def _valid_batches(records: Iterable[tuple[int, Any]], result: ImportResult, lin
         try:
             if isinstance(record, Invalid):
                 raise record
-            batch.append(driver_row(event_row(record), sqlite))
+            batch.append(driver_row(validated_row(record), sqlite))
         except Invalid as invalid:
             result.note_invalid(number, str(invalid))
             continue

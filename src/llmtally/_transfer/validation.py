@@ -21,7 +21,7 @@ class Invalid(Exception):
 COLUMN_SET = frozenset(EVENT_COLUMNS)
 
 
-def event_row(record: Mapping[str, Any]) -> dict[str, Any]:
+def validated_row(record: Mapping[str, Any]) -> dict[str, Any]:
     """One decoded line (JSON types) as a ledger row, or :class:`Invalid` saying why not.
 
     Missing or null values take the column's default; unknown keys are ignored; ``source``
