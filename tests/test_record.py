@@ -235,3 +235,21 @@ def test_a_call_event_reaches_the_ledger_field_by_field(make_tally):
         # 0.7 M plain input at $1, 0.2 M cache reads at $0.5, 0.1 M cache writes at $1.5,
         # 0.35 M plain output at $2, 0.05 M reasoning at $2 (per million tokens)
         assert row["cost"] == pytest.approx(0.7 + 0.1 + 0.15 + 0.7 + 0.1, abs=1e-9)
+
+
+def test_the_values_handed_back_are_the_types_llmtally_types_names(make_tally):
+    from llmtally import Budget
+    from llmtally.types import Attribution, CounterState, PricedCost, Reservation, SummaryRow
+
+    tally = make_tally(budgets=[Budget(tokens=1_000, per="day")])
+    held = tally.reserve(model="gpt-4o-mini", input_tokens=10, max_tokens=10)
+    assert type(held) is Reservation
+    tally.record(model="gpt-4o-mini", provider="openai", input_tokens=10, output_tokens=5,
+                 reservation=held)
+    with tally.scope(project="p") as scope:
+        assert type(scope) is Attribution
+    [row] = tally.summary(since="1d")
+    assert type(row) is SummaryRow and (row.calls, row.input_tokens) == (1, 10)
+    [state] = tally.budget_states()
+    assert type(state) is CounterState and state.spent == 15
+    assert type(tally.prices.cost(model="gpt-4o-mini", input_tokens=1)) is PricedCost
