@@ -253,3 +253,19 @@ def test_the_values_handed_back_are_the_types_llmtally_types_names(make_tally):
     [state] = tally.budget_states()
     assert type(state) is CounterState and state.spent == 15
     assert type(tally.prices.cost(model="gpt-4o-mini", input_tokens=1)) is PricedCost
+
+
+def test_an_id_with_nothing_left_once_cleaned_gets_a_new_one_and_the_event_is_kept(make_tally):
+    """``id=""`` or an id of NULs cleans to nothing, which no database stores as a key: the
+    event gets a new id (returned) instead of being rejected."""
+    from llmtally import CallEvent
+
+    tally = make_tally()
+    returned = [tally.record(model="gpt-4o-mini", input_tokens=1, id=""),
+                tally.record(model="gpt-4o-mini", input_tokens=2, id="\x00\x00"),
+                tally.record_event(CallEvent(model="gpt-4o-mini", id=""))]
+    assert tally.record_later(lambda: CallEvent(model="gpt-4o-mini", id="\x00"))
+    rows = ledger_rows(tally)
+    assert len(rows) == 4 and all(isinstance(event_id, str) and len(event_id) == 32
+                                  for event_id in returned)
+    assert set(returned) < {row["id"] for row in rows} and tally._writer.rejected == 0

@@ -18,10 +18,13 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ._budgets.budget import Budget, BudgetExceeded
 from ._errors import ConfigError
+
+if TYPE_CHECKING:
+    from langchain_core.runnables import RunnableConfig
 
 __all__ = ["run_demo", "DemoResult", "DEMO_TAG"]
 
@@ -86,7 +89,7 @@ def run_demo(database: str | os.PathLike[str], reports: str | os.PathLike[str],
         tally.flush()
         # The last seven whole days, today included: the live and blocked calls are in it.
         today = now.astimezone(tally.tz).date()
-        period = {"since": (today - timedelta(days=6)).isoformat(),
+        period: dict[str, Any] = {"since": (today - timedelta(days=6)).isoformat(),
                   "until": (today + timedelta(days=1)).isoformat()}
         from ._reporting.render import write_report
 
@@ -153,7 +156,7 @@ def _langchain_calls(tally: Any) -> int:
 
         def _get_ls_params(self, stop: list[str] | None = None, **kwargs: Any) -> Any:
             params = super()._get_ls_params(stop=stop, **kwargs)
-            params.update(ls_provider="anthropic", ls_model_name=LANGCHAIN_MODEL)
+            params["ls_provider"], params["ls_model_name"] = "anthropic", LANGCHAIN_MODEL
             return params
 
     def answer(text: str, prompt: int) -> AIMessage:
@@ -165,7 +168,7 @@ def _langchain_calls(tally: Any) -> int:
     chain = (ChatPromptTemplate.from_messages([("system", "You answer support questions."),
                                                ("user", "{question}")])
              | DemoChatModel(messages=replies))
-    config = {"callbacks": [tally.langchain()],
+    config: RunnableConfig = {"callbacks": [tally.langchain()],
               "metadata": {"llmtally_project": LIVE_PROJECT, "llmtally_user": "dee"}}
     questions = [{"question": f"What is the refund window for order {n}?"} for n in range(4)]
     chain.batch(questions, config=config)

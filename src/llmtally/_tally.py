@@ -130,7 +130,7 @@ class Tally:
         self.currency = self.prices.currency
         self._default_scope = _scope_from_mapping(scope or {})
         self._clock = clock or _utc_now
-        writer_options = {
+        writer_options: dict[str, Any] = {
             name: value for name, value in (
                 ("batch_size", batch_size), ("flush_interval_s", flush_interval_s),
                 ("max_queue", max_queue),
@@ -281,13 +281,12 @@ class Tally:
                                                 cache_write_tokens, reasoning_tokens)),
             status, error_type, call_type, streamed, resolved_model, estimated, cache_hit, ts,
             latency_ms, ttft_ms, id, source, project, user, session, tags, request_id, metadata))
-        return self._record(event, _ids.next_id() if id is None else clean_id(id), reservation)
+        return self._record(event, _event_id(id), reservation)
 
     def record_event(self, event: CallEvent, *, reservation: Reservation | None = None) -> str:
         """Record one :class:`CallEvent` (what :meth:`record` does with its arguments);
         returns its event id. Never raises."""
-        return self._record(event, _ids.next_id() if event.id is None else clean_id(event.id),
-                            reservation)
+        return self._record(event, _event_id(event.id), reservation)
 
     def _record(self, event: CallEvent, event_id: str, reservation: Reservation | None) -> str:
         try:
@@ -319,11 +318,8 @@ class Tally:
 
     def _deferred_row(self, build: Callable[[], CallEvent]) -> dict[str, Any]:
         event = build()
-        return self._row(event, clean_id(event.id) if event.id is not None else _ids.next_id())
-
-    def _row(self, event: CallEvent, event_id: str) -> dict[str, Any]:
-        return event_row(event, event_id=event_id, now=self._clock(),
-                         scope=self._attribution_here(), prices=self.prices)
+        return event_row(event, _event_id(event.id), self._clock(), self._attribution_here(),
+                         self.prices)
 
     def _submit(self, row: dict[str, Any], reservation: Reservation | None) -> None:
         if reservation is not None and reservation.holds:
@@ -675,7 +671,7 @@ def _scope_from_mapping(values: Mapping[str, Any]) -> _scope.Attribution:
 
 def _default_spill_path(store: Store) -> Path:
     """Beside a SQLite file; for other databases, in the user's state directory."""
-    path = getattr(store, "path", None)
+    path: Path | None = getattr(store, "path", None)
     if path is not None:
         return path.with_name(path.name + ".spill.jsonl")
     state = Path(os.environ.get("XDG_STATE_HOME") or Path.home() / ".local" / "state")
@@ -713,3 +709,9 @@ def _register_exit_flush(tally: Tally) -> None:
     atexit.register(flush_at_exit)
     if hasattr(os, "register_at_fork"):
         os.register_at_fork(after_in_child=restart_in_child)
+
+
+def _event_id(given: str | None) -> str:
+    """The caller's id made safe for any database, or a new one: none given, or nothing left
+    of it once cleaned (``""``, NULs), which no database could store as a key."""
+    return (None if given is None else clean_id(given)) or _ids.next_id()

@@ -16,7 +16,7 @@ import sys
 from collections.abc import Callable, Iterator
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import IO, Any, TypeVar, overload
+from typing import IO, Any, TypeVar, cast, overload
 
 import click
 
@@ -321,7 +321,7 @@ def budgets(tally: Any, as_json: bool, check: bool, repair: bool) -> None:
         states = ledger_states(conn, now)
         unpriced = [unpriced_calls(conn, state) if state.budget.kind == "usd" else 0
                     for state in states]
-    rows = []
+    rows: list[dict[str, Any]] = []
     for state, not_counted in zip(states, unpriced):
         budget = state.budget
         scope = dict(budget.scope) | ({budget.each: state.instance} if budget.each else {})
@@ -408,7 +408,7 @@ def export(tally: Any, fmt: str | None, since: str | None, until: str | None,
         stdout: IO[bytes] = sys.stdout.buffer
         if not to_file and sys.stdout.isatty():
             stdout = TerminalText(sys.stdout)  # type: ignore[assignment]
-        result = export_events(tally.store, output if to_file else stdout,
+        result = export_events(tally.store, cast(str, output) if to_file else stdout,
                                format=fmt, since=since, until=until, project=project,
                                progress=progress)
     if to_file:

@@ -342,7 +342,7 @@ def _completions(h: _Handler, fp: FakeProvider, body: dict[str, Any]) -> None:
     head = {"id": rid, "object": "text_completion", "created": created, "model": model}
     prompt = body.get("prompt")
     batched = isinstance(prompt, list) and prompt and isinstance(prompt[0], (str, list))
-    n_prompts = len(prompt) if batched else 1
+    n_prompts = len(prompt) if batched and isinstance(prompt, list) else 1
     if not body.get("stream"):
         choices = [{"index": i, "text": reply, "logprobs": None, "finish_reason": "stop"}
                    for i in range(n_prompts)]

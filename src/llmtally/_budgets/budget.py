@@ -162,7 +162,7 @@ class BudgetExceeded(Exception):
 
     def __init__(self, budget: Budget, scope: Mapping[str, str], used: float, requested: float,
                  resets_at: datetime | None, unit: str) -> None:
-        self.budget = budget
+        self.budget: Budget | None = budget  # None: unavailable() and unpriced()
         self.unpriced_under: Budget | None = None
         self.scope = dict(scope)
         self.used = used
@@ -220,7 +220,7 @@ def zone(name: str | None) -> ZoneInfo | timezone:
     if name in (None, "", "UTC", "utc"):
         return timezone.utc
     try:
-        return ZoneInfo(name)  # type: ignore[arg-type]
+        return ZoneInfo(name)
     except (ZoneInfoNotFoundError, ValueError):
         raise ConfigError(f"timezone={name!r} is not a known time zone; use an IANA name such "
                           "as 'UTC', 'Europe/Berlin' or 'Asia/Shanghai'") from None

@@ -171,10 +171,10 @@ def counter_states(conn: Connection, defined: Sequence[Defined], now: datetime) 
     for item in defined:
         budget = item.budget
         window = window_for(budget.per, now, item.tz)
-        rows = conn.execute(select(COUNTERS.c.instance, COUNTERS.c.spent,
-                                   COUNTERS.c.reserved).where(
-            COUNTERS.c.budget_key == budget.key,
-            COUNTERS.c.window_start == window.start).order_by(COUNTERS.c.instance)).all()
+        rows: Sequence[Sequence[Any]] = conn.execute(
+            select(COUNTERS.c.instance, COUNTERS.c.spent, COUNTERS.c.reserved).where(
+                COUNTERS.c.budget_key == budget.key,
+                COUNTERS.c.window_start == window.start).order_by(COUNTERS.c.instance)).all()
         if not rows and budget.each is None:
             rows = [("", seed(conn, budget, "", window), 0)]
         states += [CounterState.from_units(budget, row[0], window, int(row[1]), int(row[2]))

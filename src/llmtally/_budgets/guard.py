@@ -122,7 +122,8 @@ class BudgetGuard:
             return None
         from .offloop import reserve_off_loop
 
-        return await reserve_off_loop(self, functools.partial(self.reserve, **call))
+        held: Reservation | None = await reserve_off_loop(self, functools.partial(self.reserve, **call))
+        return held
 
     def release(self, reservation: Reservation | None, *, sent: bool = False) -> None:
         """See :meth:`Tally.release`."""
@@ -208,6 +209,7 @@ class BudgetGuard:
             output = min(limit, self._max_output_estimate) if limit else self._max_output_estimate
         elif limit:
             output = min(output, limit)  # the provider sends no more than the model's limit
+        assert output is not None  # None (absent) was replaced above
         output *= _choices(choices)
         priced = self._prices.cost(model=model, provider=provider, input_tokens=prompt,
                                   output_tokens=output)

@@ -114,9 +114,11 @@ def whoami() -> str:
 
 def insert_ignore(conn: Connection, table: Table = COUNTERS) -> Any:
     if conn.dialect.name == "postgresql":
-        from sqlalchemy.dialects.postgresql import insert
-    else:
-        from sqlalchemy.dialects.sqlite import insert
+        from sqlalchemy.dialects.postgresql import insert as pg_insert
+
+        return pg_insert(table).on_conflict_do_nothing()
+    from sqlalchemy.dialects.sqlite import insert
+
     return insert(table).on_conflict_do_nothing()
 
 

@@ -166,7 +166,8 @@ def as_utc_naive(value: Any) -> datetime:
     if isinstance(value, datetime):
         if value.tzinfo is not None:
             value = value.astimezone(timezone.utc).replace(tzinfo=None)
-        return value
+        naive: datetime = value  # the assignment above makes it Any again for mypy
+        return naive
     raise TypeError(f"ts must be a datetime, not {type(value).__name__}")
 
 

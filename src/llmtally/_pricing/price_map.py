@@ -255,7 +255,8 @@ def _read_json(path: str, what: str) -> Any:
 def _models_of(data: Any, path: str) -> Mapping[str, Any]:
     """The ``{model: entry}`` part of a full LiteLLM map or of a slim snapshot like llmtally's."""
     if isinstance(data, dict) and isinstance(data.get("models"), dict):
-        return data["models"]
+        models: Mapping[str, Any] = data["models"]
+        return models
     if isinstance(data, dict):
         return data
     raise ConfigError(

@@ -319,7 +319,7 @@ def percentiles(conn: Connection, rows: Range, column: str, *, streamed_only: bo
                         (ranked.c.rank - 1) * 100 < p * ranked.c.samples) for p in PERCENTILES))
     statement = select(ranked.c.provider, ranked.c.model, ranked.c.samples, ranked.c.rank,
                        ranked.c.value).where(wanted)
-    found: dict[tuple[str | None, str], dict[str, Any]] = {}
+    found: dict[tuple[str | None, str], dict[str | int, Any]] = {}
     for row in conn.execute(statement):
         entry = found.setdefault((row.provider, row.model), {"samples": int(row.samples)})
         for p in PERCENTILES:
@@ -336,7 +336,8 @@ def errors(conn: Connection, rows: Range) -> list[ErrorRow]:
     statement = select(_E.provider, _E.error_type, func.count().label("count")) \
         .where(and_(rows.where_current(), _E.status == "error")) \
         .group_by(_E.provider, _E.error_type)
-    found = [ErrorRow(row.provider, row.error_type, int(row.count))
+    # Row.count is the "count" column at run time; its stubs see the tuple method
+    found = [ErrorRow(row.provider, row.error_type, int(row.count))  # type: ignore[call-overload]
              for row in conn.execute(statement)]
     return sorted(found, key=lambda row: (-row.count, row.provider or "", row.error_type or ""))
 

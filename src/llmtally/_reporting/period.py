@@ -81,6 +81,7 @@ def resolve_period(*, week: str | None, since: str | datetime | date | None,
         week = "last"
     if week is not None:
         return _week_period(str(week), now, tz)
+    assert since is not None  # week=None and since=None became week="last" above
     start = _instant(since, now, tz, "since")
     end = now if until is None else _instant(until, now, tz, "until")
     if end <= start:

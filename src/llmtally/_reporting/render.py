@@ -18,11 +18,11 @@ from .numbers import cut, duration, number, percent
 from .report import DEFAULT_REPORT_DIR, DEFAULT_TOP, ReportSource, build_report
 
 if TYPE_CHECKING:
-    pass
+    from jinja2 import Environment
 
 __all__ = ["ReportFile", "render_html", "write_report", "report_path"]
 
-def _environment() -> Any:
+def _environment() -> Environment:
     from jinja2 import Environment, PackageLoader, StrictUndefined, select_autoescape
 
     env = Environment(

@@ -48,8 +48,10 @@ class ReportSource(Protocol):
 
     store: Store
     prices: PriceBook
-    tz: tzinfo
     currency: str
+
+    @property
+    def tz(self) -> tzinfo: ...
 
     @property
     def database_url(self) -> str: ...
@@ -198,14 +200,15 @@ def _provider_health(providers: Sequence[data.GroupRow],
     for row in errors:
         by_provider.setdefault(row.provider, []).append((row.error_type or "(unknown)", row.count))
     out = []
-    for row in providers:
-        if not row.calls:
+    for group in providers:
+        if not group.calls:
             continue
-        types = by_provider.get(row.key, [])
+        types = by_provider.get(group.key, [])
         out.append(ProviderHealth(
-            provider=row.key if row.key is not None else "(none)", calls=row.calls,
-            errors=row.errors, error_rate=100.0 * row.errors / row.calls if row.calls else None,
-            previous_calls=row.previous_calls, top_errors=tuple(types[:3])))
+            provider=group.key if group.key is not None else "(none)", calls=group.calls,
+            errors=group.errors,
+            error_rate=100.0 * group.errors / group.calls if group.calls else None,
+            previous_calls=group.previous_calls, top_errors=tuple(types[:3])))
     out.sort(key=lambda item: (-(item.error_rate or 0.0), -item.calls, item.provider))
     return tuple(out[:MAX_ERROR_ROWS])
 

@@ -220,7 +220,9 @@ class Store:
             # executemany with RETURNING: concurrent inserts of one id are told apart exactly
             cursor = conn.connection.dbapi_connection.cursor()  # type: ignore[union-attr]
             try:
-                cursor.executemany(self._insert_sql + " RETURNING id", params, returning=True)
+                # psycopg's executemany takes returning=; SQLAlchemy's DBAPICursor protocol does not
+                cursor.executemany(self._insert_sql + " RETURNING id", params,
+                                   returning=True)  # type: ignore[call-arg]
                 new: set[str] = set()
                 while True:
                     new.update(row[0] for row in cursor.fetchall())
@@ -394,7 +396,8 @@ def _use_wal(engine: Engine) -> None:
     for attempt in range(_WAL_ATTEMPTS):
         raw = engine.raw_connection()
         try:
-            raw.driver_connection.execute("PRAGMA journal_mode=WAL")
+            # a new pool connection always has its driver connection
+            raw.driver_connection.execute("PRAGMA journal_mode=WAL")  # type: ignore[union-attr]
             return
         except sqlite3.OperationalError as exc:
             if "locked" not in str(exc) or attempt == _WAL_ATTEMPTS - 1:

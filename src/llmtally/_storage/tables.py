@@ -12,11 +12,14 @@ So ``input_tokens + output_tokens`` is always the call's total, and each part is
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Any
+from typing import TYPE_CHECKING, Any, ClassVar
 
 from sqlalchemy import JSON, BigInteger, Column, DateTime, Index
 from sqlalchemy.dialects.postgresql import JSONB
 from sqlmodel import Field, SQLModel
+
+if TYPE_CHECKING:
+    from sqlalchemy import Table
 
 __all__ = ["UsageEvent", "EVENTS_TABLE", "EVENT_COLUMNS", "MAX_TEXT", "MAX_ID"]
 
@@ -37,6 +40,9 @@ class UsageEvent(SQLModel, table=True):
     ``cost`` is in ``currency``; it is ``None`` when the model has no known price
     (``cost_status="unpriced"``), never a silent 0.
     """
+
+    if TYPE_CHECKING:  # set by SQLModel's metaclass; its stubs do not declare it
+        __table__: ClassVar[Table]
 
     __tablename__ = EVENTS_TABLE
     __table_args__ = (

@@ -48,6 +48,7 @@ DEFAULT_SYNC_TIMEOUT_S = 10.0  # the longest a durability="sync" record() waits 
 _RETRY_MIN_S = 0.25
 _RETRY_MAX_S = 15.0
 _Refused = tuple[dict[str, Any], BaseException]  # a row that cannot be stored, and why
+_Queued = dict[str, Any] | Callable[[], dict[str, Any] | None]  # a row, or a function that builds it
 
 
 class Writer:
@@ -79,7 +80,7 @@ class Writer:
 
     def _start(self) -> None:
         """Fresh state and a new writer thread (at construction, and in a forked child)."""
-        self._queue: queue.SimpleQueue[dict[str, Any]] = queue.SimpleQueue()
+        self._queue: queue.SimpleQueue[_Queued] = queue.SimpleQueue()
         self._submitted = itertools.count(1)  # next() is atomic under the GIL
         self._last_submitted = 0
         self._done = 0
@@ -122,13 +123,14 @@ class Writer:
         """
         self._last_submitted = next(self._submitted)
         if self._queue.qsize() >= self.max_queue:
-            row = row if isinstance(row, dict) else _built(row)
-            if row is None:
+            built = row if isinstance(row, dict) else _built(row)
+            if built is None:
                 self._count_dropped()
                 return
-            if self.spill_now([row], reason="the in-memory queue is full"):
+            if self.spill_now([built], reason="the in-memory queue is full"):
                 return
             # the disk refused too: keep it queued past the bound rather than drop it
+            row = built
         self._queue.put(row)
         if self._queue.qsize() >= self.batch_size:
             self._wake.set()
@@ -237,14 +239,13 @@ class Writer:
     def _drain_queue(self) -> None:
         while True:
             try:
-                row = self._queue.get_nowait()
+                item = self._queue.get_nowait()
             except queue.Empty:
                 return
-            if not isinstance(row, dict):
-                row = _built(row)
-                if row is None:
-                    self._count_dropped()
-                    continue
+            row = item if isinstance(item, dict) else _built(item)
+            if row is None:
+                self._count_dropped()
+                continue
             self._pending.append(row)
 
     def _must_spill(self, now: float) -> bool:

@@ -59,8 +59,8 @@ def export_events(
     statement = _filtered(select(EVENTS), since=since, until=until, project=project, now=now)
     with ledger_errors(store, "the export"), store.connect() as conn:
         if path is not None:
-            with atomic_output(path) as out:
-                rows = write_events(conn, statement, out, fmt, progress, chunk_rows)
+            with atomic_output(path) as file:
+                rows = write_events(conn, statement, file, fmt, progress, chunk_rows)
             return ExportResult(rows=rows, format=fmt, path=path)
         out: Any = target
         if fmt == "csv" and _is_terminal(target):

@@ -82,6 +82,7 @@ class Lines:
         return self
 
     def __next__(self) -> str:
+        item: tuple[int, str] | None
         if self._pushed is not None:
             item, self._pushed = self._pushed, None
         else:
@@ -306,7 +307,7 @@ def _csv_header(reader: Any, lines: Lines, name: str) -> list[str]:
             "columns: id, ts, model, ...), or --format jsonl for JSONL")
     try:
         lines.start_record()
-        header = next(reader, [])
+        header: list[str] = next(reader, [])
         while header == [] and lines.first_content():
             lines.start_record()
             header = next(reader, [])

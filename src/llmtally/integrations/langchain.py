@@ -178,7 +178,8 @@ class LangChainHandler(BaseCallbackHandler):
     on_chat_model_start = _StartHook("_on_chat_model_start", "_aon_chat_model_start")
     on_llm_start = _StartHook("_on_llm_start", "_aon_llm_start")
 
-    def on_llm_new_token(self, token: str, *, run_id: UUID, **kwargs: Any) -> None:
+    def on_llm_new_token(self, token: str | list[str | dict[str, Any]], *, run_id: UUID,
+                         **kwargs: Any) -> None:
         """A streamed chunk: the first one gives the time to first token."""
         try:
             run = self._runs.get(_key(run_id))

@@ -131,7 +131,7 @@ class TalliedEmbeddings(Embeddings):
                 return
             scope = call.scope
             self._tally.record_event(CallEvent(
-                model=self._model, provider=self._provider,  # type: ignore[arg-type]
+                model=self._model, provider=self._provider,
                 usage=Usage(input_tokens=0 if error else tokens),
                 latency_ms=(time.perf_counter() - started) * 1000.0,
                 status="ok" if error is None else "error",

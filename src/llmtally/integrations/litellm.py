@@ -533,7 +533,7 @@ def _caller_metadata(user_api_key_dict: Any) -> dict[str, str]:
     the proxy puts on the request's logging, so the hold is attributed like the event."""
     found: dict[str, str] = {}
     for field, attr in _CALLER_FIELDS:
-        value = (user_api_key_dict.get(attr) if isinstance(user_api_key_dict, Mapping)
+        value: Any = (user_api_key_dict.get(attr) if isinstance(user_api_key_dict, Mapping)
                  else getattr(user_api_key_dict, attr, None))
         if text(value) and not (attr == "user_id" and value == PROXY_ADMIN):
             found[field] = value

@@ -108,7 +108,7 @@ async def adrain_logging_worker(timeout: float | None = None) -> None:
 def _wait_for_logging_threads(deadline: float) -> None:
     module = sys.modules.get("litellm.litellm_core_utils.thread_pool_executor")
     executor = getattr(module, "executor", None)
-    slots = getattr(executor, "_pending_slots", None)  # released as each queued task ends
+    slots: Any = getattr(executor, "_pending_slots", None)  # released as each queued task ends
     capacity = getattr(executor, "_max_pending_tasks", None)
     if not isinstance(capacity, int) or not isinstance(getattr(slots, "_value", None), int):
         return
