@@ -155,7 +155,9 @@ class Budget:
 class BudgetExceeded(Exception):
     """A call was stopped before it was sent: it would take a budget over its limit.
 
-    Attributes: ``budget`` (the :class:`Budget`), ``scope`` (what it applied to, e.g.
+    Attributes: ``budget`` (the :class:`Budget`; None when the ledger could not be reached with
+    ``fail_closed=True``, or for a model with no price under ``unpriced="block"``, whose budget
+    is ``unpriced_under``), ``scope`` (what it applied to, e.g.
     ``{"user": "alice"}``), ``used`` (spent + reserved in this window), ``requested`` (this
     call's estimate), ``limit``, ``resets_at`` (aware datetime, None for ``per="total"``).
     """
