@@ -394,7 +394,8 @@ def _on_setup(logging_obj: Any, kwargs: Any, call_type: Any, args: tuple[Any, ..
     details = getattr(logging_obj, "model_call_details", None)
     if not isinstance(details, dict) or not isinstance(kwargs, Mapping):
         return
-    loggers = [logger_ for logger_ in list(LOGGERS) if _registered(logger_)]
+    loggers = [logger_ for logger_ in list(LOGGERS)
+               if isinstance(logger_, LiteLLMLogger) and _registered(logger_)]
     if not loggers:
         return
     details[EVENT_ID_KEY] = _ids.next_id()  # always ours: a caller's own value is replaced

@@ -11,7 +11,7 @@ import threading
 import time
 import weakref
 from datetime import datetime
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 from .._events.usage import response_model, response_text
 from .._log import warn_limited
@@ -21,7 +21,19 @@ from .litellm_events import (
 )
 
 if TYPE_CHECKING:
-    from .litellm import LiteLLMLogger
+    from .._budgets.states import Reservation
+    from .._recorder import Recorder
+    from .litellm_events import CallStart
+
+
+class WatchingLogger(Protocol):
+    """What the stream watch asks of a LiteLLM logger (``LiteLLMLogger``)."""
+
+    tally: Recorder
+
+    def saw_start(self, call_id: str) -> bool: ...
+
+    def take_start(self, call_id: str) -> tuple[CallStart | None, Reservation | None]: ...
 
 # -- abandoned streams -----------------------------------------------------------------------
 #
@@ -58,7 +70,7 @@ _SNAPSHOT_KEYS = ("llmtally_event_id", "litellm_call_id", "model", "custom_llm_p
                   "model_id")
 
 
-LOGGERS: weakref.WeakSet[LiteLLMLogger] = weakref.WeakSet()
+LOGGERS: weakref.WeakSet[WatchingLogger] = weakref.WeakSet()
 
 
 watched: weakref.WeakSet[Any] = weakref.WeakSet()  # streams alive and watched
