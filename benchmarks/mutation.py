@@ -59,8 +59,10 @@ MODULES: dict[str, tuple[str, list[str]]] = {
     "langchain": ("src/llmtally/integrations/langchain.py",
                   ["tests/test_langchain.py", "tests/test_langchain_budgets.py",
                    "tests/test_mutation_kills.py"]),
+    # the price-parity sweep (tests/test_price_parity.py, ~30 s) is left out: too slow per mutant
     "pricing": ("src/llmtally/_pricing.py",
-                ["tests/test_pricing.py", "tests/test_mutation_kills.py"]),
+                ["tests/test_pricing.py", "tests/test_names.py", "tests/test_common_names.py",
+                 "tests/test_mutation_kills.py"]),
 }
 def _toml_list(values: list[str]) -> str:
     return json.dumps(values)  # a TOML array of strings is valid JSON
@@ -77,6 +79,9 @@ def _scratch_for(name: str, path: str, tests: list[str]) -> Path:
                     ignore=shutil.ignore_patterns("__pycache__"))
     shutil.copytree(ROOT / "tests", here / "tests",
                     ignore=shutil.ignore_patterns("__pycache__", ".hypothesis"))
+    # tests/test_pricing.py runs scripts/update_prices.py from the repository next to tests/
+    shutil.copytree(ROOT / "scripts", here / "scripts",
+                    ignore=shutil.ignore_patterns("__pycache__"))
     _write_config(here, path, tests)
     return here
 
@@ -87,6 +92,7 @@ def _write_config(here: Path, path: str, tests: list[str]) -> None:
     project = tomllib.loads((ROOT / "pyproject.toml").read_text())
     settings = dict(project["tool"]["mutmut"])
     settings["only_mutate"] = [path]
+    settings["also_copy"] = ["scripts"]
     settings["pytest_add_cli_args_test_selection"] = [
         t for t in tests if t.startswith("-") or (ROOT / t).exists()]
     pytest_options = project["tool"]["pytest"]["ini_options"]
