@@ -12,7 +12,7 @@ import os
 import stat
 import subprocess
 import time
-from datetime import datetime, timezone
+from datetime import datetime, timedelta, timezone
 from decimal import Decimal
 
 import pytest
@@ -402,3 +402,226 @@ def test_a_batch_settling_more_than_a_thousand_holds_releases_every_one(ledger_u
     [state] = tally.budget_states()
     assert (state.spent, state.reserved) == (1201, 0)
     assert check_counters(tally.store) == []
+
+
+# -- _pricing.py ---------------------------------------------------------------------------------
+#
+# Off-peak rates from a price map in LiteLLM's format (a JSON file, as a user may give): each
+# call below uses input 1000 (100 cache read, 50 cache write) and output 300 (100 reasoning).
+
+_USAGE = {"input_tokens": 1000, "cache_read_tokens": 100, "cache_write_tokens": 50,
+          "output_tokens": 300, "reasoning_tokens": 100}
+_OFF_PEAK_MAP = {
+    # own cache-read and reasoning prices; off-peak only the input is cheaper, every day
+    # 22:00-02:00 and 12:00-13:00 UTC
+    "peaky-a": {"litellm_provider": "acme", "mode": "chat", "input_cost_per_token": 1e-6,
+                "output_cost_per_token": 2e-6, "cache_read_input_token_cost": 1e-7,
+                "output_cost_per_reasoning_token": 3e-6,
+                "off_peak_pricing": {"input_cost_per_token": 5e-7,
+                                     "hours_utc": ["22:00-02:00", "12:00-13:00"]}},
+    # an own cache-write price; off-peak output and cache read are cheaper, 03:00-04:00 UTC on
+    # Saturdays and Sundays of Los Angeles
+    "peaky-b": {"litellm_provider": "acme", "mode": "chat", "input_cost_per_token": 1e-6,
+                "output_cost_per_token": 2e-6, "cache_creation_input_token_cost": 4e-6,
+                "off_peak_pricing": {"output_cost_per_token": 1e-6,
+                                     "cache_read_input_token_cost": 2e-7,
+                                     "weekday_timezone": "America/Los_Angeles",
+                                     "windows": [{"hours_utc": ["03:00-04:00"],
+                                                  "weekdays": ["sat", "Sunday"]}]}},
+    # no cache or reasoning prices; off-peak input and cache write, all day every day
+    "peaky-c": {"litellm_provider": "acme", "mode": "chat", "input_cost_per_token": 1e-6,
+                "output_cost_per_token": 2e-6,
+                "off_peak_pricing": {"input_cost_per_token": 5e-7,
+                                     "cache_creation_input_token_cost": 8e-7,
+                                     "windows": [{"hours_utc": ["00:00-00:00"]}]}},
+}
+# peak: 850 uncached x input + 100 x cache read + 50 x cache write + 200 x output + 100 x reasoning
+_A_PEAK = 850 * 1e-6 + 100 * 1e-7 + 50 * 1e-6 + 200 * 2e-6 + 100 * 3e-6  # 0.00161
+# off-peak: the input rate, and the cache write that follows it (no own price); own cache
+# read and reasoning prices kept
+_A_OFF = 850 * 5e-7 + 100 * 1e-7 + 50 * 5e-7 + 200 * 2e-6 + 100 * 3e-6  # 0.00116
+_B_PEAK = 850 * 1e-6 + 100 * 1e-6 + 50 * 4e-6 + 200 * 2e-6 + 100 * 2e-6  # 0.00175
+# off-peak: standard input, own cache write kept, reasoning follows the off-peak output
+_B_OFF = 850 * 1e-6 + 100 * 2e-7 + 50 * 4e-6 + 200 * 1e-6 + 100 * 1e-6  # 0.00137
+# off-peak: cache read follows the off-peak input, reasoning the (standard) output
+_C_OFF = 850 * 5e-7 + 100 * 5e-7 + 50 * 8e-7 + 200 * 2e-6 + 100 * 2e-6  # 0.001115
+
+
+@pytest.fixture
+def off_peak_book(tmp_path, monkeypatch):
+    """A book on _OFF_PEAK_MAP, on a machine whose local time zone is Los Angeles (naive
+    moments still mean UTC)."""
+    import time as _time
+
+    from llmtally._pricing import PriceBook
+
+    path = tmp_path / "off_peak.json"
+    path.write_text(json.dumps(_OFF_PEAK_MAP))
+    monkeypatch.setenv("TZ", "America/Los_Angeles")
+    _time.tzset()
+    yield PriceBook(price_map=str(path))
+    monkeypatch.undo()
+    _time.tzset()
+
+
+def _utc(day, hour, minute=0):
+    return datetime(2026, 12, day, hour, minute, tzinfo=timezone.utc)
+
+
+@pytest.mark.parametrize(("at", "expected"), [
+    (_utc(2, 11, 59), _A_PEAK), (_utc(2, 12, 0), _A_OFF), (_utc(2, 12, 59), _A_OFF),
+    (_utc(2, 13, 0), _A_PEAK),  # a window's start is in it, its end is not
+    (_utc(2, 21, 59), _A_PEAK), (_utc(2, 22, 0), _A_OFF), (_utc(3, 1, 59), _A_OFF),
+    (_utc(3, 2, 0), _A_PEAK),  # the same across midnight
+    (datetime(2026, 12, 2, 17, 30, tzinfo=timezone(timedelta(hours=5))), _A_OFF),  # 12:30 UTC
+    (datetime(2026, 12, 2, 12, 30), _A_OFF),  # naive: UTC, whatever the machine's zone
+    (datetime(2026, 12, 2, 17, 30), _A_PEAK),
+    # a moment datetime cannot express in UTC (year 0): the standard price
+    (datetime(1, 1, 1, 0, 30, tzinfo=timezone(timedelta(hours=1))), _A_PEAK),
+])
+def test_off_peak_windows_every_day_start_in_end_out(off_peak_book, at, expected):
+    priced = off_peak_book.cost(model="peaky-a", at=at, **_USAGE)
+    assert priced.cost == pytest.approx(expected, abs=1e-12)
+
+
+@pytest.mark.parametrize(("at", "expected"), [
+    (_utc(5, 3, 30), _B_PEAK),  # Saturday 03:30 UTC is Friday 19:30 in Los Angeles
+    (_utc(7, 3, 30), _B_OFF),  # Monday 03:30 UTC is Sunday in Los Angeles
+    (datetime(2026, 12, 7, 3, 30), _B_OFF),  # naive: UTC
+    (datetime(2026, 12, 5, 3, 30), _B_PEAK),
+    (_utc(7, 4, 0), _B_PEAK), (_utc(6, 12, 0), _B_PEAK),  # Sunday, out of the hours
+])
+def test_off_peak_weekdays_are_read_in_the_blocks_time_zone(off_peak_book, at, expected):
+    priced = off_peak_book.cost(model="peaky-b", at=at, **_USAGE)
+    assert priced.cost == pytest.approx(expected, abs=1e-12)
+
+
+def test_a_window_starting_where_it_ends_is_all_day(off_peak_book):
+    for at in (_utc(2, 0, 0), _utc(5, 13, 17), _utc(6, 23, 59)):
+        assert off_peak_book.cost(model="peaky-c", at=at, **_USAGE).cost == \
+            pytest.approx(_C_OFF, abs=1e-12)
+
+
+def test_a_price_needs_an_input_price_and_says_what_is_allowed():
+    from llmtally._errors import ConfigError
+
+    with pytest.raises(ConfigError, match=r"^Price\.input: None is not a number"):
+        Price(input=None)  # type: ignore[arg-type]
+    with pytest.raises(ConfigError, match=r"^Price\.per: '1G' is not allowed; use one of '1M', '1K', 'token'$"):
+        Price(input=1, per="1G")
+    with pytest.raises(ConfigError, match=r"^Price\.currency: 'usd\$' is not an ISO 4217 currency code"):
+        Price(input=1, currency="usd$")
+
+
+def test_litellm_versions_compare_by_their_leading_numbers():
+    from llmtally._pricing import _version_tuple
+
+    assert _version_tuple("1.110.2") == (1, 110, 2)
+    assert _version_tuple("1.81.0rc1") == (1, 81, 0)
+    assert _version_tuple("2.0.0.1.5") == (2, 0, 0, 1)  # four parts at most
+    assert _version_tuple("1.2.dev3.4") == (1, 2)  # stops at the first part with no number
+    assert _version_tuple("1.110.10") > _version_tuple("1.110.9")
+
+
+def test_no_litellm_installed_means_no_litellm_map(monkeypatch):
+    import importlib.util
+
+    from llmtally import _pricing
+    from llmtally._errors import ConfigError
+
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, package=None: None)
+    assert _pricing._installed_litellm() is None
+    with pytest.raises(ConfigError, match=r"needs litellm installed"):
+        _pricing.PriceBook(price_map="litellm")
+    assert _pricing.PriceBook().map_source == _pricing.PriceBook(price_map="bundled").map_source
+
+
+def test_an_unreadable_litellm_map_names_itself(tmp_path, monkeypatch):
+    from llmtally import _pricing
+    from llmtally._errors import ConfigError
+
+    broken = tmp_path / "model_prices_and_context_window_backup.json"
+    broken.write_text("{not json")
+    monkeypatch.setattr(_pricing, "_installed_litellm", lambda: ("99.0.0", str(broken)))
+    with pytest.raises(ConfigError, match=r"^price_map='litellm': '.*backup\.json' is not a readable JSON price map"):
+        _pricing.PriceBook(price_map="litellm").known_models()
+    broken.write_text("[1, 2]")
+    with pytest.raises(ConfigError, match=r"^price_map: '.*backup\.json' holds no JSON object of models"):
+        _pricing.PriceBook(price_map="litellm").known_models()
+
+
+def test_a_price_map_file_removed_before_first_use_is_a_clear_error(tmp_path):
+    from llmtally._errors import ConfigError
+    from llmtally._pricing import PriceBook
+
+    path = tmp_path / "map.json"
+    path.write_text(json.dumps({"m": {"input_cost_per_token": 1e-6}}))
+    book = PriceBook(price_map=str(path))  # checked here, read on first use
+    path.unlink()
+    with pytest.raises(ConfigError, match=r"^price_map: file '.*map\.json' not found; give an existing JSON price map"):
+        book.cost(model="m", input_tokens=1)
+
+
+def test_aliases_are_followed_up_to_five_hops_and_never_loop():
+    from llmtally._pricing import slim_price_map
+
+    real = {"litellm_provider": "acme", "input_cost_per_token": 1e-6}
+    raw = {
+        "five-hops": {"alias_of": "h1"}, "six-hops": {"alias_of": "g1"},
+        "h1": {"alias_of": "h2"}, "h2": {"alias_of": "h3"}, "h3": {"alias_of": "h4"},
+        "h4": {"alias_of": "h5"}, "h5": {"alias_of": "real"},
+        "g1": {"alias_of": "g2"}, "g2": {"alias_of": "h1"},
+        "ghost": {"alias_of": "nowhere"}, "loop-a": {"alias_of": "loop-b"},
+        "loop-b": {"alias_of": "loop-a"}, "note": "not an entry", "real": real,
+    }
+    slim = slim_price_map(raw)
+    assert slim["five-hops"] == slim["h1"] == slim["real"] == real
+    # "six-hops" needs six: none (later keys are resolved later, from aliases resolved before)
+    assert sorted(slim) == ["five-hops", "g1", "g2", "h1", "h2", "h3", "h4", "h5", "real"]
+
+
+def test_slim_off_peak_blocks_keep_good_rules_only():
+    from llmtally._pricing import slim_entry
+
+    base = {"input_cost_per_token": 1e-6}
+
+    def off_peak(block):
+        return (slim_entry({**base, "off_peak_pricing": block}) or {}).get("off_peak_pricing")
+
+    rules = [
+        "junk", {"hours_utc": "bad"}, {"hours_utc": ["01:00-02:00"], "weekdays": "mon"},
+        {"hours_utc": ["03:00-04:00"]}, {"hours_utc": ["05:00-06:00", "7-8"], "weekdays": ["mon", 9, "Sun"]},
+    ]
+    assert off_peak({"input_cost_per_token": 5e-7, "windows": rules}) == {
+        "input_cost_per_token": 5e-7,
+        "windows": [{"hours_utc": ["03:00-04:00"]},
+                    {"hours_utc": ["05:00-06:00"], "weekdays": ["mon", "Sun"]}],
+    }
+    assert off_peak({"input_cost_per_token": 5e-7, "hours_utc": "22:00-02:00", "windows": 5}) == {
+        "input_cost_per_token": 5e-7, "hours_utc": ["22:00-02:00"]}
+    assert off_peak({"hours_utc": ["01:00-02:00"]}) is None  # no rate
+    assert off_peak({"input_cost_per_token": 5e-7}) is None  # no hours
+
+
+def test_slim_tiers_keep_whole_bounds_as_ints_and_skip_junk():
+    from llmtally._pricing import slim_entry
+
+    tiers = [{"range": [0, 128000.0], "input_cost_per_token": 1e-6},
+             {"range": [128000.0, 1e6 + 0.5], "input_cost_per_token": 2e-6}]
+    slim = slim_entry({"input_cost_per_token": 1e-6, "tiered_pricing": tiers})
+    assert json.dumps(slim["tiered_pricing"]) == (
+        '[{"range": [0, 128000], "input_cost_per_token": 1e-06}, '
+        '{"range": [128000, 1000000.5], "input_cost_per_token": 2e-06}]')
+    assert slim_entry({"input_cost_per_token": 1e-6, "tiered_pricing": None}) == {
+        "input_cost_per_token": 1e-6}
+
+
+def test_a_price_map_file_may_be_a_snapshot_like_llmtallys(tmp_path):
+    from llmtally._pricing import PriceBook
+
+    path = tmp_path / "snapshot.json"
+    path.write_text(json.dumps({"version": "2026-12-01", "models": {
+        "acme/chat": {"litellm_provider": "acme", "input_cost_per_token": 2e-6}}}))
+    book = PriceBook(price_map=str(path))
+    assert book.known_models() == 1
+    assert book.cost(model="acme/chat", input_tokens=1000).cost == pytest.approx(2e-3, abs=1e-12)
