@@ -428,6 +428,10 @@ _OFF_PEAK_MAP = {
                                      "weekday_timezone": "America/Los_Angeles",
                                      "windows": [{"hours_utc": ["03:00-04:00"],
                                                   "weekdays": ["sat", "Sunday"]}]}},
+    # off-peak windows with minutes: 10:30-11:45 and 23:00-23:59 UTC, every day
+    "peaky-d": {"litellm_provider": "acme", "mode": "chat", "input_cost_per_token": 1e-6,
+                "off_peak_pricing": {"input_cost_per_token": 5e-7,
+                                     "hours_utc": ["10:30-11:45", "23:00-23:59"]}},
     # no cache or reasoning prices; off-peak input and cache write, all day every day
     "peaky-c": {"litellm_provider": "acme", "mode": "chat", "input_cost_per_token": 1e-6,
                 "output_cost_per_token": 2e-6,
@@ -590,12 +594,13 @@ def test_slim_off_peak_blocks_keep_good_rules_only():
 
     rules = [
         "junk", {"hours_utc": "bad"}, {"hours_utc": ["01:00-02:00"], "weekdays": "mon"},
-        {"hours_utc": ["03:00-04:00"]}, {"hours_utc": ["05:00-06:00", "7-8"], "weekdays": ["mon", 9, "Sun"]},
+        {"hours_utc": ["03:00-04:00"]}, {"hours_utc": ["05:00-06:00", "7-8"],
+                                       "weekdays": ["mon", 9, 8, 0, 7, True, "Sun", " FRI ", "xyz"]},
     ]
     assert off_peak({"input_cost_per_token": 5e-7, "windows": rules}) == {
         "input_cost_per_token": 5e-7,
         "windows": [{"hours_utc": ["03:00-04:00"]},
-                    {"hours_utc": ["05:00-06:00"], "weekdays": ["mon", "Sun"]}],
+                    {"hours_utc": ["05:00-06:00"], "weekdays": ["mon", 7, "Sun", " FRI "]}],
     }
     assert off_peak({"input_cost_per_token": 5e-7, "hours_utc": "22:00-02:00", "windows": 5}) == {
         "input_cost_per_token": 5e-7, "hours_utc": ["22:00-02:00"]}
@@ -606,7 +611,8 @@ def test_slim_off_peak_blocks_keep_good_rules_only():
 def test_slim_tiers_keep_whole_bounds_as_ints_and_skip_junk():
     from llmtally._pricing import slim_entry
 
-    tiers = [{"range": [0, 128000.0], "input_cost_per_token": 1e-6},
+    tiers = ["junk", {"range": [0]}, {"range": [0, "x"], "input_cost_per_token": 1e-6},
+             {"range": [0, 128000.0], "input_cost_per_token": 1e-6},
              {"range": [128000.0, 1e6 + 0.5], "input_cost_per_token": 2e-6}]
     slim = slim_entry({"input_cost_per_token": 1e-6, "tiered_pricing": tiers})
     assert json.dumps(slim["tiered_pricing"]) == (
@@ -625,3 +631,87 @@ def test_a_price_map_file_may_be_a_snapshot_like_llmtallys(tmp_path):
     book = PriceBook(price_map=str(path))
     assert book.known_models() == 1
     assert book.cost(model="acme/chat", input_tokens=1000).cost == pytest.approx(2e-3, abs=1e-12)
+
+
+def test_slim_entries_read_prices_given_as_text_and_drop_negative_ones_and_other_fields():
+    from llmtally._pricing import slim_entry
+
+    assert slim_entry({"input_cost_per_token": "1e-6", "output_cost_per_token": -2e-6,
+                       "cache_read_input_token_cost": "free", "mode": "chat",
+                       "source": "https://example.com/pricing", "supports_vision": True}) == {
+        "input_cost_per_token": 1e-6, "mode": "chat"}
+
+
+@pytest.mark.parametrize(("at", "off"), [
+    (_utc(2, 10, 29), False), (_utc(2, 10, 30), True), (_utc(2, 11, 44), True),
+    (_utc(2, 11, 45), False), (_utc(2, 22, 59), False), (_utc(2, 23, 0), True),
+    (_utc(2, 23, 58), True), (_utc(2, 23, 59), False),
+])
+def test_off_peak_windows_count_their_minutes(off_peak_book, at, off):
+    priced = off_peak_book.cost(model="peaky-d", at=at, input_tokens=1000)
+    assert priced.cost == pytest.approx(5e-4 if off else 1e-3, abs=1e-12)
+
+
+def test_off_peak_hours_outside_a_day_are_dropped():
+    from llmtally._pricing import slim_entry
+
+    hours = ["24:00-01:00", "01:60-02:00", "01:00-24:00", "01:00-02:60", 5, "1:5-2:00",
+             "23:59-00:00", "23:00-23:59", " 7:05 - 8:10 "]
+    slim = slim_entry({"input_cost_per_token": 1e-6,
+                       "off_peak_pricing": {"input_cost_per_token": 5e-7, "hours_utc": hours}})
+    assert slim["off_peak_pricing"]["hours_utc"] == ["23:59-00:00", "23:00-23:59", " 7:05 - 8:10 "]
+
+
+# Tiers (LiteLLM's tiered_pricing): a prompt size in a tier's (low, high] takes its rates; one
+# below the first tier takes the first, any other the last.
+_TIER_MAP = {
+    "gappy": {"litellm_provider": "acme", "mode": "chat", "input_cost_per_token": 9e-6,
+              "tiered_pricing": [
+                  {"range": [3000, 4000], "input_cost_per_token": 2e-6},
+                  {"range": [1000, 2000], "input_cost_per_token": 1e-6},
+                  {"range": [5000, 6000], "input_cost_per_token": 3e-6}]},
+    # a tier without an output price keeps the model's; its cache and reasoning prices are its own
+    "tiered": {"litellm_provider": "acme", "mode": "chat", "input_cost_per_token": 9e-6,
+               "output_cost_per_token": 5e-6,
+               "tiered_pricing": [{"range": [0, 1_000_000], "input_cost_per_token": 1e-6,
+                                   "cache_read_input_token_cost": 1e-7,
+                                   "cache_creation_input_token_cost": 2e-6,
+                                   "output_cost_per_reasoning_token": 4e-6}]},
+}
+
+
+@pytest.mark.parametrize(("tokens", "rate"), [
+    (500, 1e-6), (1000, 1e-6), (1500, 1e-6), (2000, 1e-6), (2500, 3e-6), (3000, 3e-6),
+    (3500, 2e-6), (4000, 2e-6), (5500, 3e-6), (7000, 3e-6),
+])
+def test_a_prompt_size_picks_its_tier(tmp_path, tokens, rate):
+    from llmtally._pricing import PriceBook
+
+    path = tmp_path / "tiers.json"
+    path.write_text(json.dumps(_TIER_MAP))
+    book = PriceBook(price_map=str(path))
+    assert book.cost(model="gappy", input_tokens=tokens).cost == pytest.approx(tokens * rate, abs=1e-12)
+
+
+def test_a_tier_without_an_output_price_keeps_the_models(tmp_path):
+    from llmtally._pricing import PriceBook
+
+    path = tmp_path / "tiers.json"
+    path.write_text(json.dumps(_TIER_MAP))
+    priced = PriceBook(price_map=str(path)).cost(model="tiered", **_USAGE)
+    expected = 850 * 1e-6 + 100 * 1e-7 + 50 * 2e-6 + 200 * 5e-6 + 100 * 4e-6  # 0.00236
+    assert priced.cost == pytest.approx(expected, abs=1e-12)
+
+
+def test_token_counts_that_are_not_plain_ints():
+    from llmtally._pricing import PriceBook
+
+    book = PriceBook(price_map="bundled")  # gpt-4o-mini: $0.15 / $0.60 per 1M, cache read $0.075
+
+    def cost(**tokens):
+        return book.cost(model="gpt-4o-mini", **tokens).cost
+
+    assert cost(input_tokens=1.0, output_tokens=2.9) == pytest.approx(1.5e-7 + 2 * 6e-7, abs=1e-15)
+    assert cost(input_tokens="lots", output_tokens=10) == pytest.approx(10 * 6e-7, abs=1e-15)
+    # a negative cache count is 0: the whole prompt is uncached
+    assert cost(input_tokens=1000, cache_read_tokens=-100) == pytest.approx(1000 * 1.5e-7, abs=1e-15)
