@@ -715,3 +715,51 @@ def test_token_counts_that_are_not_plain_ints():
     assert cost(input_tokens="lots", output_tokens=10) == pytest.approx(10 * 6e-7, abs=1e-15)
     # a negative cache count is 0: the whole prompt is uncached
     assert cost(input_tokens=1000, cache_read_tokens=-100) == pytest.approx(1000 * 1.5e-7, abs=1e-15)
+
+
+# ``*_above_<N>k_tokens`` levels: each level exceeded replaces the rates it names; the others
+# stay as the level below left them.
+_ABOVE_MAP = {"stepped": {
+    "litellm_provider": "acme", "mode": "chat", "input_cost_per_token": 1e-6,
+    "output_cost_per_token": 2e-6, "cache_read_input_token_cost": 1e-7,
+    "cache_creation_input_token_cost": 3e-6, "output_cost_per_reasoning_token": 4e-6,
+    "input_cost_per_token_above_1k_tokens": 2e-6,
+    "output_cost_per_token_above_2k_tokens": 5e-6,
+    "cache_creation_input_token_cost_above_2k_tokens": 6e-6,
+    "cache_read_input_token_cost_above_3k_tokens": 5e-7,
+    "output_cost_per_reasoning_token_above_3k_tokens": 7e-6,
+}}
+
+
+@pytest.mark.parametrize(("prompt", "rates"), [
+    (1000, (1e-6, 2e-6, 1e-7, 3e-6, 4e-6)),  # at a threshold: not above it
+    (2000, (2e-6, 2e-6, 1e-7, 3e-6, 4e-6)),
+    (2500, (2e-6, 5e-6, 1e-7, 6e-6, 4e-6)),
+    (3500, (2e-6, 5e-6, 5e-7, 6e-6, 7e-6)),
+])
+def test_above_levels_replace_only_the_rates_they_name(tmp_path, prompt, rates):
+    from llmtally._pricing import PriceBook
+
+    path = tmp_path / "above.json"
+    path.write_text(json.dumps(_ABOVE_MAP))
+    book = PriceBook(price_map=str(path))
+    inp, out, read, write, reason = rates
+    expected = (prompt - 150) * inp + 100 * read + 50 * write + 200 * out + 100 * reason
+    priced = book.cost(model="stepped", **{**_USAGE, "input_tokens": prompt})
+    assert priced.cost == pytest.approx(expected, abs=1e-12)
+
+
+def test_ledger_names_take_off_only_the_providers_own_route():
+    from llmtally._pricing import ledger_names, split_route
+
+    assert ledger_names("my-gateway/llama-3", "My-Gateway") == ("llama-3", "My-Gateway")
+    assert ledger_names("text-completion-openai/gpt-3.5-turbo-instruct", "openai") == \
+        ("gpt-3.5-turbo-instruct", "openai")
+    assert ledger_names("openrouter/anthropic/claude-3.5", "openrouter") == \
+        ("anthropic/claude-3.5", "openrouter")
+    assert ledger_names("anthropic/claude-x", "openrouter") == ("anthropic/claude-x", "openrouter")
+    assert ledger_names("None/llama", None) == ("None/llama", None)
+    assert split_route("openrouter/anthropic/claude-3.5") == ("anthropic/claude-3.5", "openrouter")
+    assert split_route("deepseek") == ("deepseek", None)
+    assert split_route("acme-corp/x") == ("acme-corp/x", None)
+    assert split_route("deepseek/") == ("deepseek/", None)
