@@ -759,7 +759,35 @@ def test_ledger_names_take_off_only_the_providers_own_route():
         ("anthropic/claude-3.5", "openrouter")
     assert ledger_names("anthropic/claude-x", "openrouter") == ("anthropic/claude-x", "openrouter")
     assert ledger_names("None/llama", None) == ("None/llama", None)
+    # "google" names Gemini's SDK, but LiteLLM routes no "google/": the name stays whole
+    assert ledger_names("google/gemini-pro", "gemini") == ("google/gemini-pro", "gemini")
     assert split_route("openrouter/anthropic/claude-3.5") == ("anthropic/claude-3.5", "openrouter")
     assert split_route("deepseek") == ("deepseek", None)
     assert split_route("acme-corp/x") == ("acme-corp/x", None)
     assert split_route("deepseek/") == ("deepseek/", None)
+
+
+def test_fireworks_cache_reads_default_to_half_the_input_price_off_peak_too(tmp_path):
+    from llmtally._pricing import PriceBook
+
+    path = tmp_path / "fireworks.json"
+    path.write_text(json.dumps({
+        "fireworks_ai/input-only": {"litellm_provider": "fireworks_ai", "mode": "chat",
+                                    "input_cost_per_token": 1e-6},
+        "fireworks_ai/own-cache": {"litellm_provider": "fireworks_ai", "mode": "chat",
+                                   "input_cost_per_token": 1e-6, "output_cost_per_token": 2e-6,
+                                   "cache_read_input_token_cost": 1e-7},
+        "fireworks_ai/nightly": {"litellm_provider": "fireworks_ai", "mode": "chat",
+                                 "input_cost_per_token": 1e-6, "output_cost_per_token": 2e-6,
+                                 "off_peak_pricing": {"input_cost_per_token": 4e-7,
+                                                      "hours_utc": ["00:00-00:00"]}},
+    }))
+    book = PriceBook(price_map=str(path))
+
+    def cost(model):
+        return book.cost(model=model, input_tokens=1000, cache_read_tokens=100,
+                         at=_utc(2, 12)).cost
+
+    assert cost("fireworks_ai/input-only") == pytest.approx(900 * 1e-6 + 100 * 5e-7, abs=1e-12)
+    assert cost("fireworks_ai/own-cache") == pytest.approx(900 * 1e-6 + 100 * 1e-7, abs=1e-12)
+    assert cost("fireworks_ai/nightly") == pytest.approx(900 * 4e-7 + 100 * 2e-7, abs=1e-12)
