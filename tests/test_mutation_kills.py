@@ -733,6 +733,7 @@ _ABOVE_MAP = {"stepped": {
 
 @pytest.mark.parametrize(("prompt", "rates"), [
     (1000, (1e-6, 2e-6, 1e-7, 3e-6, 4e-6)),  # at a threshold: not above it
+    (1001, (2e-6, 2e-6, 1e-7, 3e-6, 4e-6)),
     (2000, (2e-6, 2e-6, 1e-7, 3e-6, 4e-6)),
     (2500, (2e-6, 5e-6, 1e-7, 6e-6, 4e-6)),
     (3500, (2e-6, 5e-6, 5e-7, 6e-6, 7e-6)),
@@ -791,3 +792,17 @@ def test_fireworks_cache_reads_default_to_half_the_input_price_off_peak_too(tmp_
     assert cost("fireworks_ai/input-only") == pytest.approx(900 * 1e-6 + 100 * 5e-7, abs=1e-12)
     assert cost("fireworks_ai/own-cache") == pytest.approx(900 * 1e-6 + 100 * 1e-7, abs=1e-12)
     assert cost("fireworks_ai/nightly") == pytest.approx(900 * 4e-7 + 100 * 2e-7, abs=1e-12)
+
+
+def test_above_levels_in_plain_tokens_and_in_another_currency(tmp_path):
+    from llmtally._pricing import PriceBook
+
+    path = tmp_path / "above.json"
+    path.write_text(json.dumps({**_ABOVE_MAP, "plain": {
+        "litellm_provider": "acme", "mode": "chat", "input_cost_per_token": 1e-6,
+        "input_cost_per_token_above_1500_tokens": 3e-6}}))
+    book = PriceBook(price_map=str(path))
+    assert book.cost(model="plain", input_tokens=1500).cost == pytest.approx(1.5e-3, abs=1e-12)
+    assert book.cost(model="plain", input_tokens=1600).cost == pytest.approx(4.8e-3, abs=1e-12)
+    cny = PriceBook(price_map=str(path), currency="CNY", rates={"USD": 7})
+    assert cny.cost(model="stepped", input_tokens=2000).cost == pytest.approx(2000 * 2e-6 * 7, abs=1e-12)
