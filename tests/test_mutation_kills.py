@@ -806,3 +806,31 @@ def test_above_levels_in_plain_tokens_and_in_another_currency(tmp_path):
     assert book.cost(model="plain", input_tokens=1600).cost == pytest.approx(4.8e-3, abs=1e-12)
     cny = PriceBook(price_map=str(path), currency="CNY", rates={"USD": 7})
     assert cny.cost(model="stepped", input_tokens=2000).cost == pytest.approx(2000 * 2e-6 * 7, abs=1e-12)
+
+
+def test_a_looked_up_price_says_its_currency_and_limits():
+    from llmtally._pricing import PriceBook
+
+    assert (PriceBook(price_map="bundled").lookup("gpt-4o-mini").currency,
+            PriceBook(price_map="bundled").lookup("gpt-4o-mini").max_input_tokens) == ("USD", 128000)
+    cny = PriceBook({"mine": Price(input=1, currency="EUR")}, currency="CNY",
+                    rates={"USD": 7, "EUR": 8}, price_map="bundled")
+    assert cny.lookup("gpt-4o-mini").currency == cny.lookup("mine").currency == "CNY"
+    assert cny.lookup("mine").input == pytest.approx(8e-6, abs=1e-18)  # 1 EUR per 1M tokens
+
+
+def test_an_embedding_without_an_output_price_charges_output_nothing(tmp_path):
+    from llmtally._pricing import PriceBook
+
+    path = tmp_path / "embeddings.json"
+    path.write_text(json.dumps({
+        "embed-cached": {"litellm_provider": "acme", "mode": "embedding",
+                         "input_cost_per_token": 1e-6, "cache_read_input_token_cost": 1e-7},
+        "embed-priced-output": {"litellm_provider": "acme", "mode": "embedding",
+                                "input_cost_per_token": 1e-6, "output_cost_per_token": 3e-6},
+    }))
+    book = PriceBook(price_map=str(path))
+    assert book.cost(model="embed-cached", input_tokens=1000, output_tokens=5).cost == \
+        pytest.approx(1e-3, abs=1e-12)
+    assert book.cost(model="embed-priced-output", input_tokens=1000, output_tokens=5).cost == \
+        pytest.approx(1e-3 + 1.5e-5, abs=1e-12)
