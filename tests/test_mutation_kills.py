@@ -834,3 +834,46 @@ def test_an_embedding_without_an_output_price_charges_output_nothing(tmp_path):
         pytest.approx(1e-3, abs=1e-12)
     assert book.cost(model="embed-priced-output", input_tokens=1000, output_tokens=5).cost == \
         pytest.approx(1e-3 + 1.5e-5, abs=1e-12)
+
+
+def test_book_configuration_errors_say_what_to_fix():
+    from llmtally._errors import ConfigError
+    from llmtally._pricing import PriceBook
+
+    with pytest.raises(ConfigError, match=r"^currency: 'XYZ' is not an ISO 4217 currency code"):
+        PriceBook(currency="XYZ")
+    with pytest.raises(ConfigError, match=r"^rates: no rate for USD \(the price map is in USD, "
+                                          r"the book is in CNY\); pass rates=\{'USD': <CNY per 1 USD>\}$"):
+        PriceBook(currency="CNY")
+    with pytest.raises(ConfigError, match=r"^rates: no rate for EUR \(override 'mine' is priced in EUR, "
+                                          r"the book is in USD\)"):
+        PriceBook({"mine": Price(input=1, currency="EUR")})
+    with pytest.raises(ConfigError, match=r"^price_map: 5 is not allowed; use 'auto', 'bundled', "
+                                          r"'litellm' or a file path$"):
+        PriceBook(price_map=5)  # type: ignore[arg-type]
+
+
+def test_overrides_keep_their_cache_write_price_and_provider():
+    from llmtally._pricing import PriceBook
+
+    book = PriceBook({"mine": Price(input=1, output=2, cache_write=3, per="1M")}, price_map="bundled")
+    priced = book.cost(model="mine", provider="DeepSeek", input_tokens=1000, cache_write_tokens=400)
+    assert priced.cost == pytest.approx(600 * 1e-6 + 400 * 3e-6, abs=1e-15)
+    assert book.lookup("mine", "DeepSeek").provider == "deepseek"
+
+
+def test_lookups_and_limits_heed_the_provider(tmp_path):
+    from llmtally._pricing import PriceBook
+
+    book = PriceBook(price_map="bundled")
+    assert book.lookup("gpt-4o-mini", "anthropic") is None  # OpenAI's entry is not Anthropic's
+    assert book.max_output_tokens("gpt-4o-mini", "anthropic") is None
+    assert book.max_output_tokens("gpt-4o-mini") == 16384
+    path = tmp_path / "limits.json"
+    path.write_text(json.dumps({
+        "acme-x": {"litellm_provider": "acme", "input_cost_per_token": 1e-6, "max_output_tokens": 4096},
+        "acme/acme-x": {"litellm_provider": "acme", "input_cost_per_token": 2e-6}}))
+    mapped = PriceBook(price_map=str(path))
+    # a bare name is priced by its provider's own key, whose entry says no limit
+    assert mapped.lookup("acme-x").model_key == "acme/acme-x"
+    assert mapped.max_output_tokens("acme-x") is None
