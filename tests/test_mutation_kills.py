@@ -877,3 +877,31 @@ def test_lookups_and_limits_heed_the_provider(tmp_path):
     # a bare name is priced by its provider's own key, whose entry says no limit
     assert mapped.lookup("acme-x").model_key == "acme/acme-x"
     assert mapped.max_output_tokens("acme-x") is None
+
+
+def test_rates_must_be_finite_positive_numbers_for_known_currencies():
+    from llmtally._errors import ConfigError
+    from llmtally._pricing import PriceBook
+
+    for rate in (0, -1, float("inf"), float("nan"), True, "7"):
+        with pytest.raises(ConfigError, match=r"^rates\['USD'\]: .* is not allowed; give how many CNY"):
+            PriceBook(currency="CNY", rates={"USD": rate})
+    with pytest.raises(ConfigError, match=r"^rates: 'XYZ' is not an ISO 4217 currency code"):
+        PriceBook(rates={"XYZ": 1.0})
+
+
+def test_an_override_under_a_provider_alias_answers_to_the_canonical_name_only():
+    from llmtally._pricing import PriceBook
+
+    book = PriceBook({"google/acme/gem": Price(input=1), "google": Price(input=2)}, price_map="bundled")
+    assert book.cost(model="acme/gem", provider="gemini", input_tokens=10**6).cost == \
+        pytest.approx(1.0, abs=1e-12)
+    assert book.cost(model="gemini/").status == "unpriced"  # "google" is a model name, not a route
+
+
+def test_a_model_price_costs_only_the_tokens_given():
+    from llmtally._pricing import PriceBook
+
+    price = PriceBook(price_map="bundled").lookup("gpt-4o-mini")  # $0.15 / $0.60 per 1M
+    assert price.cost(input_tokens=1000) == pytest.approx(1.5e-4, abs=1e-15)
+    assert price.cost(output_tokens=10) == pytest.approx(6e-6, abs=1e-15)
