@@ -905,3 +905,50 @@ def test_a_model_price_costs_only_the_tokens_given():
     price = PriceBook(price_map="bundled").lookup("gpt-4o-mini")  # $0.15 / $0.60 per 1M
     assert price.cost(input_tokens=1000) == pytest.approx(1.5e-4, abs=1e-15)
     assert price.cost(output_tokens=10) == pytest.approx(6e-6, abs=1e-15)
+
+
+def test_counts_on_a_side_without_a_price_and_odd_counts(tmp_path):
+    from llmtally._pricing import PriceBook
+
+    path = tmp_path / "sides.json"
+    path.write_text(json.dumps({
+        **_ABOVE_MAP,
+        "in-only": {"litellm_provider": "acme", "mode": "chat", "input_cost_per_token": 1e-6},
+        "out-only": {"litellm_provider": "acme", "mode": "chat", "output_cost_per_token": 2e-6}}))
+    book = PriceBook(price_map=str(path))
+    assert book.cost(model="out-only", input_tokens=10).status == "unpriced"
+    assert book.cost(model="out-only", cache_read_tokens=10).status == "unpriced"
+    assert book.cost(model="out-only", output_tokens=10).cost == pytest.approx(2e-5, abs=1e-15)
+    # a negative count is 0: no output used, so a model without an output price is priced
+    assert book.cost(model="in-only", input_tokens=100, output_tokens=-10).cost == \
+        pytest.approx(1e-4, abs=1e-15)
+    # ...and a negative cache write adds nothing to the uncached prompt
+    assert book.cost(model="stepped", input_tokens=1000, cache_write_tokens=-50).cost == \
+        pytest.approx(1e-3, abs=1e-15)
+    stepped = book.lookup("stepped")  # five different rates: each default count is 0
+    assert stepped.cost(input_tokens=1000) == pytest.approx(1e-3, abs=1e-15)
+    assert stepped.cost(output_tokens=10) == pytest.approx(2e-5, abs=1e-15)
+
+
+def test_a_call_without_a_moment_is_priced_at_the_utc_now(tmp_path, monkeypatch):
+    import time as _time
+
+    from llmtally._pricing import PriceBook
+
+    path = tmp_path / "half_day.json"
+    path.write_text(json.dumps({"half-day": {
+        "litellm_provider": "acme", "mode": "chat", "input_cost_per_token": 1e-6,
+        "off_peak_pricing": {"input_cost_per_token": 5e-7, "hours_utc": ["00:00-12:00"]}}}))
+    monkeypatch.setenv("TZ", "Etc/GMT+12")  # local time is 12 h behind UTC: off-peak flips
+    _time.tzset()
+    try:
+        book = PriceBook(price_map=str(path))
+        before = datetime.now(timezone.utc)
+        now = book.cost(model="half-day", input_tokens=1000).cost
+        after = datetime.now(timezone.utc)
+        if (before.hour < 12) != (after.hour < 12):
+            pytest.skip("the call straddled 00:00 or 12:00 UTC")
+        assert now == pytest.approx(5e-4 if before.hour < 12 else 1e-3, abs=1e-15)
+    finally:
+        monkeypatch.undo()
+        _time.tzset()
