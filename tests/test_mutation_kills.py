@@ -952,3 +952,37 @@ def test_a_call_without_a_moment_is_priced_at_the_utc_now(tmp_path, monkeypatch)
     finally:
         monkeypatch.undo()
         _time.tzset()
+
+
+def test_a_map_files_own_providers_route_model_names(tmp_path):
+    from llmtally._pricing import PriceBook
+
+    path = tmp_path / "map.json"
+    path.write_text(json.dumps({"acme/chat-1": {"litellm_provider": "acme", "input_cost_per_token": 1e-6}}))
+    found = PriceBook(price_map=str(path)).resolve("acme/chat-1")
+    assert (found.model, found.provider, found.price.model_key) == ("chat-1", "acme", "acme/chat-1")
+
+
+def test_litellm_gone_before_first_use_and_an_unreadable_newer_map(tmp_path, monkeypatch, caplog):
+    import importlib.util
+    import logging
+
+    from llmtally import _pricing
+    from llmtally._errors import ConfigError
+
+    broken = tmp_path / "model_prices_and_context_window_backup.json"
+    broken.write_text("{not json")
+    monkeypatch.setattr(_pricing, "_installed_litellm", lambda: ("99.0.0", str(broken)))
+    with caplog.at_level(logging.WARNING, logger="llmtally"):
+        book = _pricing.PriceBook()  # auto: the newer litellm's map is unreadable
+        assert book.map_source == _pricing.PriceBook(price_map="bundled").map_source
+    assert [(r.name, r.getMessage()) for r in caplog.records] == [
+        ("llmtally", f"litellm 99.0.0's price map at {broken} is unreadable; "
+                     "using llmtally's bundled snapshot")]
+    monkeypatch.undo()
+    if importlib.util.find_spec("litellm") is None:
+        return
+    book = _pricing.PriceBook(price_map="litellm")
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, package=None: None)
+    with pytest.raises(ConfigError, match=r"needs litellm installed"):
+        book.known_models()
