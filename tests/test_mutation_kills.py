@@ -986,3 +986,13 @@ def test_litellm_gone_before_first_use_and_an_unreadable_newer_map(tmp_path, mon
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, package=None: None)
     with pytest.raises(ConfigError, match=r"needs litellm installed"):
         book.known_models()
+
+
+def test_a_price_map_file_without_models_names_itself(tmp_path):
+    from llmtally._errors import ConfigError
+    from llmtally._pricing import PriceBook
+
+    listing = tmp_path / "list.json"
+    listing.write_text("[1, 2]")
+    with pytest.raises(ConfigError, match=r"^price_map: '.*list\.json' holds no JSON object of models"):
+        PriceBook(price_map=str(listing)).known_models()
