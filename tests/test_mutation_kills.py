@@ -495,7 +495,14 @@ def test_off_peak_windows_every_day_start_in_end_out(off_peak_book, at, expected
     (datetime(2026, 12, 5, 3, 30), _B_PEAK),
     (_utc(7, 4, 0), _B_PEAK), (_utc(6, 12, 0), _B_PEAK),  # Sunday, out of the hours
 ])
-def test_off_peak_weekdays_are_read_in_the_blocks_time_zone(off_peak_book, at, expected):
+@pytest.mark.parametrize("machine_zone", ["Pacific/Honolulu", "Asia/Kolkata"])
+def test_off_peak_weekdays_are_read_in_the_blocks_time_zone(off_peak_book, monkeypatch, at,
+                                                            expected, machine_zone):
+    import time as _time
+
+    # the machine's own zone, on either side of UTC, changes nothing
+    monkeypatch.setenv("TZ", machine_zone)
+    _time.tzset()
     priced = off_peak_book.cost(model="peaky-b", at=at, **_USAGE)
     assert priced.cost == pytest.approx(expected, abs=1e-12)
 
