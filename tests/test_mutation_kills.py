@@ -432,6 +432,12 @@ _OFF_PEAK_MAP = {
     "peaky-d": {"litellm_provider": "acme", "mode": "chat", "input_cost_per_token": 1e-6,
                 "off_peak_pricing": {"input_cost_per_token": 5e-7,
                                      "hours_utc": ["10:30-11:45", "23:00-23:59"]}},
+    # no cache or reasoning prices; off-peak output and reasoning, all day every day
+    "peaky-e": {"litellm_provider": "acme", "mode": "chat", "input_cost_per_token": 1e-6,
+                "output_cost_per_token": 2e-6,
+                "off_peak_pricing": {"output_cost_per_token": 1.5e-6,
+                                     "output_cost_per_reasoning_token": 2.5e-6,
+                                     "hours_utc": ["00:00-00:00"]}},
     # no cache or reasoning prices; off-peak input and cache write, all day every day
     "peaky-c": {"litellm_provider": "acme", "mode": "chat", "input_cost_per_token": 1e-6,
                 "output_cost_per_token": 2e-6,
@@ -511,6 +517,9 @@ def test_a_window_starting_where_it_ends_is_all_day(off_peak_book):
     for at in (_utc(2, 0, 0), _utc(5, 13, 17), _utc(6, 23, 59)):
         assert off_peak_book.cost(model="peaky-c", at=at, **_USAGE).cost == \
             pytest.approx(_C_OFF, abs=1e-12)
+        # standard input and cache prices; the block's own output and reasoning rates
+        assert off_peak_book.cost(model="peaky-e", at=at, **_USAGE).cost == \
+            pytest.approx(850 * 1e-6 + 100 * 1e-6 + 50 * 1e-6 + 200 * 1.5e-6 + 100 * 2.5e-6, abs=1e-12)
 
 
 def test_a_price_needs_an_input_price_and_says_what_is_allowed():
