@@ -587,17 +587,17 @@ def test_aliases_are_followed_up_to_five_hops_and_never_loop():
 
     real = {"litellm_provider": "acme", "input_cost_per_token": 1e-6}
     raw = {
-        "five-hops": {"alias_of": "h1"}, "six-hops": {"alias_of": "g1"},
+        "five-hops": {"alias_of": "h1"}, "six-hops": {"alias_of": "g1"},  # g1 -> h1 -> ... -> real
         "h1": {"alias_of": "h2"}, "h2": {"alias_of": "h3"}, "h3": {"alias_of": "h4"},
         "h4": {"alias_of": "h5"}, "h5": {"alias_of": "real"},
-        "g1": {"alias_of": "g2"}, "g2": {"alias_of": "h1"},
+        "g1": {"alias_of": "h1"},
         "ghost": {"alias_of": "nowhere"}, "loop-a": {"alias_of": "loop-b"},
         "loop-b": {"alias_of": "loop-a"}, "note": "not an entry", "real": real,
     }
     slim = slim_price_map(raw)
     assert slim["five-hops"] == slim["h1"] == slim["real"] == real
     # "six-hops" needs six: none (later keys are resolved later, from aliases resolved before)
-    assert sorted(slim) == ["five-hops", "g1", "g2", "h1", "h2", "h3", "h4", "h5", "real"]
+    assert sorted(slim) == ["five-hops", "g1", "h1", "h2", "h3", "h4", "h5", "real"]
 
 
 def test_slim_off_peak_blocks_keep_good_rules_only():
@@ -974,9 +974,13 @@ def test_a_map_files_own_providers_route_model_names(tmp_path):
     from llmtally._pricing import PriceBook
 
     path = tmp_path / "map.json"
-    path.write_text(json.dumps({"acme/chat-1": {"litellm_provider": "acme", "input_cost_per_token": 1e-6}}))
-    found = PriceBook(price_map=str(path)).resolve("acme/chat-1")
+    path.write_text(json.dumps({"acme/chat-1": {"litellm_provider": "acme", "input_cost_per_token": 1e-6},
+                                "kimi/k2": {"litellm_provider": "kimi", "input_cost_per_token": 1e-6}}))
+    book = PriceBook(price_map=str(path))
+    found = book.resolve("acme/chat-1")
     assert (found.model, found.provider, found.price.model_key) == ("chat-1", "acme", "acme/chat-1")
+    found = book.resolve("kimi/k2")  # a provider name LiteLLM does not route, folded to Moonshot
+    assert (found.model, found.provider, found.price.model_key) == ("k2", "moonshot", "kimi/k2")
 
 
 def test_litellm_gone_before_first_use_and_an_unreadable_newer_map(tmp_path, monkeypatch, caplog):
