@@ -36,9 +36,10 @@ SCRATCH = ROOT / ".mutation"
 # same functions more slowly)
 BUDGET_TESTS = ["tests/test_budgets.py", "tests/test_budgets_exact.py",
                 "tests/test_budget_recovery.py", "tests/test_mutation_kills.py"]
-# module -> (file mutated, tests run against it)
+# module -> (the file, or the area's files as a glob ending in *, mutated; tests run against it)
 MODULES: dict[str, tuple[str, list[str]]] = {
-    "reservations": ("src/llmtally/_budgets/ledger.py", BUDGET_TESTS),
+    # what was _reservations.py: the ledger, counters, charges, states and tables of _budgets
+    "reservations": ("src/llmtally/_budgets/*", BUDGET_TESTS),
     "store": ("src/llmtally/_storage/store.py",
               ["tests/test_ledger.py", "tests/test_schema.py", "tests/test_record.py",
                "tests/test_spill.py", "tests/test_budget_recovery.py",
@@ -53,14 +54,16 @@ MODULES: dict[str, tuple[str, list[str]]] = {
     "writer": ("src/llmtally/_storage/writer.py",
                ["tests/test_ledger.py", "tests/test_record.py", "tests/test_spill.py",
                 "tests/test_hostile_writer.py", "tests/test_mutation_kills.py"]),
-    "litellm": ("src/llmtally/integrations/litellm.py",
+    "litellm": ("src/llmtally/integrations/litellm*",
                 ["tests/test_litellm.py", "tests/test_litellm_budgets.py",
                  "tests/test_mutation_kills.py"]),
-    "langchain": ("src/llmtally/integrations/langchain.py",
+    "langchain": ("src/llmtally/integrations/langchain*",
                   ["tests/test_langchain.py", "tests/test_langchain_budgets.py",
                    "tests/test_mutation_kills.py"]),
-    "pricing": ("src/llmtally/_pricing/book.py",
-                ["tests/test_pricing.py", "tests/test_mutation_kills.py"]),
+    # the price-parity sweep (tests/test_price_parity.py, ~30 s) is left out: too slow per mutant
+    "pricing": ("src/llmtally/_pricing/*",
+                ["tests/test_pricing.py", "tests/test_names.py", "tests/test_common_names.py",
+                 "tests/test_mutation_kills.py"]),
 }
 def _toml_list(values: list[str]) -> str:
     return json.dumps(values)  # a TOML array of strings is valid JSON
@@ -77,6 +80,9 @@ def _scratch_for(name: str, path: str, tests: list[str]) -> Path:
                     ignore=shutil.ignore_patterns("__pycache__"))
     shutil.copytree(ROOT / "tests", here / "tests",
                     ignore=shutil.ignore_patterns("__pycache__", ".hypothesis"))
+    # tests/test_pricing.py runs scripts/update_prices.py from the repository next to tests/
+    shutil.copytree(ROOT / "scripts", here / "scripts",
+                    ignore=shutil.ignore_patterns("__pycache__"))
     _write_config(here, path, tests)
     return here
 
@@ -87,6 +93,7 @@ def _write_config(here: Path, path: str, tests: list[str]) -> None:
     project = tomllib.loads((ROOT / "pyproject.toml").read_text())
     settings = dict(project["tool"]["mutmut"])
     settings["only_mutate"] = [path]
+    settings["also_copy"] = ["scripts"]
     settings["pytest_add_cli_args_test_selection"] = [
         t for t in tests if t.startswith("-") or (ROOT / t).exists()]
     pytest_options = project["tool"]["pytest"]["ini_options"]

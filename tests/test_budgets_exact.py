@@ -301,16 +301,36 @@ def test_concurrent_calls_sharing_a_call_id_are_separate_events_and_holds(ledger
     assert _spent(tally) == {("usd 0.03/day", ""): 0.03}
 
 
-def test_a_logger_registered_twice_records_one_event(make_tally, provider):
-    tally = make_tally(prices=PRICES)
+def test_a_logger_registered_twice_records_one_event(make_tally, provider, monkeypatch):
+    from llmtally.integrations.litellm import LiteLLMLogger
+
+    tally = make_tally(prices=PRICES, budgets=[Budget(usd=1, per="day")])
     logger_ = tally.litellm()
-    litellm.callbacks = [logger_]
+    assert tally.litellm() is logger_  # one logger per Tally
+    # LiteLLM itself runs one logger per key (class and public scalar attributes): the same
+    # logger in three lists runs once. A second logger of this Tally under another key is not
+    # dropped, so every call's hooks run twice; the call's own id (stamped when LiteLLM set it
+    # up) makes the two records one event, charged once.
+    again = LiteLLMLogger(tally)
+    again.llmtally_instance += "-again"
+    hooks = []
+    record = LiteLLMLogger._record
+
+    def counted(self, kwargs, *args, **kw):
+        hooks.append(self)
+        return record(self, kwargs, *args, **kw)
+
+    monkeypatch.setattr(LiteLLMLogger, "_record", counted)
+    litellm.callbacks = [logger_, again]
     litellm.success_callback.append(logger_)
     litellm._async_success_callback.append(logger_)
     litellm.completion(**_chat(provider))
     asyncio.run(litellm.acompletion(**_chat(provider)))
     assert tally.flush(10)
-    assert len(fetch_events(tally.store.url)) == 2
+    assert sorted(map(id, hooks)) == sorted([id(logger_), id(again)] * 2)  # 2 calls x 2 loggers
+    rows = fetch_events(tally.store.url)
+    assert [(row["status"], round(row["cost"], 9)) for row in rows] == [("ok", 0.01)] * 2
+    assert _spent(tally) == {("usd 1/day", ""): 0.02}
 
 
 def test_two_tallies_in_one_process_each_record(tmp_path, provider):

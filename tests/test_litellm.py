@@ -379,7 +379,10 @@ def test_a_stream_the_provider_cuts_is_a_failure_not_an_abandoned_stream(tally, 
             pass
     gc.collect()
     rows = ledger_rows(tally)
-    assert len(rows) <= 1 and not any(_abandoned(row) for row in rows)
+    [row] = rows  # the failure, once: not also an abandoned stream when the iterator is collected
+    assert not _abandoned(row)
+    assert (row["status"], row["error_type"], row["streamed"]) == ("error", "openai.APIConnectionError", 1)
+    assert (row["input_tokens"], row["output_tokens"], row["cost"]) == (0, 0, 0.0)
 
 
 # -- embeddings -----------------------------------------------------------------------------
