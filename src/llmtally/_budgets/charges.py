@@ -13,9 +13,10 @@ from sqlalchemy import (
     select,
 )
 
+from .._events.event import as_utc_naive
 from .budget import Window, window_for
 from .counters import charges_of, parse_definition, release_reservations
-from .states import CounterState, Crossing, Defined, Hold, naive, thresholds_reached
+from .states import CounterState, Crossing, Defined, Hold, thresholds_reached
 from .tables import ALERTS, CHARGE, DEFINITIONS, PG_SHARED_LOCK, insert_ignore
 
 __all__ = ["EventCharges"]
@@ -58,7 +59,7 @@ class EventCharges:
 
     def after_insert(self, conn: Connection, batch: _Batch,
                      inserted: Sequence[Mapping[str, Any]]) -> Callable[[], None] | None:
-        now = naive(self._clock())
+        now = as_utc_naive(self._clock())
         used = charges_of(batch.definitions, inserted)
         released = release_reservations(conn, batch.reservation_ids, now, apply=False)
         crossings: list[Crossing] = []

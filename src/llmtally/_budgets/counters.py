@@ -22,10 +22,11 @@ from sqlalchemy import (
 from sqlalchemy.dialects.postgresql import JSONB
 
 from .._errors import ConfigError
+from .._events.event import as_utc_naive
 from .._log import warn_limited
 from .._storage.tables import UsageEvent
 from .budget import Budget, Window, instance_for, window_for, zone
-from .states import UNIT_SCALE, CounterState, Defined, Drift, Hold, naive, to_units
+from .states import UNIT_SCALE, CounterState, Defined, Drift, Hold, to_units
 from .tables import (
     CHARGE,
     COUNTERS,
@@ -53,7 +54,7 @@ def charges_of(definitions: Sequence[Defined],
     for event in events:
         if event.get("status") == "blocked":
             continue
-        ts = naive(event["ts"]) if isinstance(event.get("ts"), datetime) else None
+        ts = as_utc_naive(event["ts"]) if isinstance(event.get("ts"), datetime) else None
         if ts is None:
             continue
         for defined in definitions:
@@ -163,7 +164,7 @@ def defined_budgets(conn: Connection) -> list[Defined]:
 
 def ledger_states(conn: Connection, now: datetime) -> list[CounterState]:
     """:meth:`BudgetLedger.states` for every budget defined in the ledger."""
-    return counter_states(conn, defined_budgets(conn), naive(now))
+    return counter_states(conn, defined_budgets(conn), as_utc_naive(now))
 
 
 def counter_states(conn: Connection, defined: Sequence[Defined], now: datetime) -> list[CounterState]:
@@ -215,7 +216,7 @@ def recount(conn: Connection, *, repair: bool = False,
     for (holds,) in conn.execute(select(RESERVATIONS.c.holds)).all():
         for key, instance, start, amount in _holds(holds):
             held[(key, instance, start)] = held.get((key, instance, start), 0) + amount
-    now = naive(datetime.now(timezone.utc))
+    now = as_utc_naive(datetime.now(timezone.utc))
     for row in counters:
         defined = by_key.get(row.budget_key)
         if defined is None:
@@ -266,14 +267,14 @@ def rename_budgets(conn: Connection, now: datetime) -> None:
     if named:
         conn.execute(delete(COUNTERS).where(COUNTERS.c.budget_key.in_(sorted(named)),
                                             COUNTERS.c.window_end.is_not(None),
-                                            COUNTERS.c.window_end <= naive(now)))
+                                            COUNTERS.c.window_end <= as_utc_naive(now)))
         recount(conn, repair=True, budget_keys=named)
 
 
 def rebuild_counters_before(store: Store, cutoff: datetime) -> int:
     """After events older than ``cutoff`` were deleted (prune): drop the counters of windows
     that ended by then and recompute those that straddle it. Returns the counters changed."""
-    cutoff = naive(cutoff)
+    cutoff = as_utc_naive(cutoff)
     with store.write() as conn:
         if conn.dialect.name == "postgresql":
             conn.execute(PG_EXCLUSIVE_LOCK)

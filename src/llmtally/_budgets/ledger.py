@@ -51,6 +51,7 @@ from sqlalchemy import (
 )
 
 from .._errors import ConfigError
+from .._events.event import as_utc_naive
 from .._log import logger
 from .budget import Budget, BudgetExceeded, Window, instance_for, window_for
 from .counters import (
@@ -62,7 +63,7 @@ from .counters import (
     release_reservations,
     scope_of,
 )
-from .states import UNIT_SCALE, Amounts, CounterState, Defined, Hold, Reservation, aware, naive, to_units
+from .states import UNIT_SCALE, Amounts, CounterState, Defined, Hold, Reservation, aware, to_units
 from .tables import DEFINITIONS, PG_EXCLUSIVE_LOCK, RESERVATIONS, RESERVE, RESERVE_IF_ROOM, USE, whoami
 
 if TYPE_CHECKING:  # a Store is passed in; _store -> _migrations -> this module at run time
@@ -134,7 +135,7 @@ class BudgetLedger:
         differs from the one stored replaces it — the latest published wins — and is logged."""
         if self._published:
             return
-        now = naive(self._clock())
+        now = as_utc_naive(self._clock())
         me = whoami()
         with self.store.write() as conn:
             if conn.dialect.name == "postgresql":
@@ -204,7 +205,7 @@ class BudgetLedger:
     def reserve(self, reservation_id: str, attributes: Mapping[str, Any],
                 estimate: Amounts) -> Reservation:
         """Hold ``estimate`` on every covering budget, or raise BudgetExceeded (nothing held)."""
-        now = naive(self._clock())
+        now = as_utc_naive(self._clock())
         if self._generation != self.store.generation:  # the SQLite file was replaced
             self._generation = self.store.generation
             self._known_counters.clear()
@@ -274,12 +275,12 @@ class BudgetLedger:
             return
         with self.store.write() as conn:
             self._fast_commit(conn)
-            release_reservations(conn, [reservation.id], naive(self._clock()))
+            release_reservations(conn, [reservation.id], as_utc_naive(self._clock()))
 
     def states(self, now: datetime | None = None) -> list[CounterState]:
         """Every budget instance with a counter in its current window (plus each budget
         without ``each=`` even if unused), for ``llmtally budgets``."""
-        now = naive(now or self._clock())
+        now = as_utc_naive(now or self._clock())
         defined = [Defined(budget, self.timezone_name) for budget in self.budgets]
         with self.store.connect() as conn:
             return counter_states(conn, defined, now)

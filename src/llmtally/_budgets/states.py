@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 from typing import Any
 
+from .._events.event import as_utc_naive
 from .budget import Budget, Window, zone
 
 __all__ = ["Hold", "Reservation", "CounterState", "Crossing", "Drift", "UNIT_SCALE", "to_units"]
@@ -50,7 +51,7 @@ class CounterState:
     def run_out(self, now: datetime) -> datetime | None:
         """When the limit is reached at this window's burn rate so far (naive UTC), or None
         if not before the window resets (or nothing has been spent yet)."""
-        now = naive(now)
+        now = as_utc_naive(now)
         elapsed = (now - self.window.start).total_seconds()
         if self.spent <= 0 or elapsed <= 0 or self.window.end is None:
             return None
@@ -123,10 +124,6 @@ def to_units(kind: str, amount: float) -> int:
     return math.floor(float(amount) * UNIT_SCALE[kind] + 0.5)
 
 
-def naive(moment: datetime) -> datetime:
-    if moment.tzinfo is not None:
-        moment = moment.astimezone(timezone.utc).replace(tzinfo=None)
-    return moment
 
 
 def aware(moment: datetime | None, tz: Any) -> datetime | None:

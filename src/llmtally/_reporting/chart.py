@@ -5,12 +5,12 @@ from __future__ import annotations
 import bisect
 import math
 from collections.abc import Sequence
-from datetime import datetime, timezone
+from datetime import datetime
 from typing import TYPE_CHECKING
 
 from .figures import Chart, ChartBar
 from .numbers import format_money
-from .period import Period
+from .period import Period, naive_utc
 
 if TYPE_CHECKING:
     pass
@@ -24,8 +24,8 @@ _CHART_LEFT, _CHART_RIGHT, _CHART_TOP, _CHART_BOTTOM = 64, 12, 14, 30
 def cost_chart(period: Period, buckets: Sequence[tuple[datetime, float, int]], currency: str
            ) -> tuple[Chart, tuple[tuple[str, float, float | None, int], ...]]:
     """Cost per day (or week, month) as bars, the previous period as a dashed line."""
-    edges = [_naive_utc(start) for start, _end in period.buckets]
-    previous_edges = [_naive_utc(start) for start, _end in period.previous_buckets]
+    edges = [naive_utc(start) for start, _end in period.buckets]
+    previous_edges = [naive_utc(start) for start, _end in period.previous_buckets]
     start, end = period.utc_range
     previous_start, previous_end = period.previous_utc_range
     count = len(edges)
@@ -80,8 +80,6 @@ def cost_chart(period: Period, buckets: Sequence[tuple[datetime, float, int]], c
     return chart, tuple(daily)
 
 
-def _naive_utc(moment: datetime) -> datetime:
-    return moment.astimezone(timezone.utc).replace(tzinfo=None)
 
 
 def _nice_scale(value: float) -> tuple[float, int]:

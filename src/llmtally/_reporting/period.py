@@ -50,11 +50,11 @@ class Period:
     @property
     def utc_range(self) -> tuple[datetime, datetime]:
         """[start, end) as naive UTC (the ledger's ``ts`` form)."""
-        return _naive_utc(self.start), _naive_utc(self.end)
+        return naive_utc(self.start), naive_utc(self.end)
 
     @property
     def previous_utc_range(self) -> tuple[datetime, datetime]:
-        return _naive_utc(self.previous_start), _naive_utc(self.previous_end)
+        return naive_utc(self.previous_start), naive_utc(self.previous_end)
 
     @property
     def whole_hour_offsets(self) -> bool:
@@ -207,7 +207,7 @@ def _aware(moment: datetime, default: tzinfo) -> datetime:
     return moment if moment.tzinfo is not None else moment.replace(tzinfo=default)
 
 
-def _naive_utc(moment: datetime) -> datetime:
+def naive_utc(moment: datetime) -> datetime:
     return moment.astimezone(timezone.utc).replace(tzinfo=None)
 
 

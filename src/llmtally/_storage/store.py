@@ -27,7 +27,7 @@ from sqlalchemy.pool import StaticPool
 from .._errors import ConfigError, LedgerError
 from .._log import warn_limited
 from .migrations import MIGRATIONS, Migration, migrate
-from .tables import EVENT_COLUMNS, EVENTS_TABLE, UsageEvent
+from .tables import EVENT_COLUMNS, EVENTS_TABLE
 
 __all__ = ["Store", "InsertHook", "normalize_url", "DEFAULT_DATABASE_URL", "is_outage"]
 
@@ -41,7 +41,6 @@ class InsertHook(Protocol):
 
     def after_insert(self, conn: Connection, batch: Any,
                      inserted: Sequence[Mapping[str, Any]]) -> Callable[[], None] | None: ...
-_EVENTS = UsageEvent.__table__
 _PG_CONNECT_TIMEOUT_S = 5
 _SQLITE_BUSY_TIMEOUT_S = 30
 _WAL_ATTEMPTS = 100  # 50 ms apart
