@@ -71,21 +71,21 @@ def test_no_file_and_no_environment_means_defaults(tmp_path, monkeypatch):
 @pytest.mark.parametrize(("text", "message"), [
     ('databse_url = "x.db"', r"unknown key 'databse_url' \(did you mean 'database_url'\?\)"),
     ("currency = 5", r"currency = 5 must be a non-empty string"),
-    ('[scope]\nteam = "x"', r"unknown key scope.'team'; allowed: project, user"),
-    ('[scope]\ntags = "x"', r"scope.tags = 'x' must be a list of strings"),
-    ("[rates]\nCNY = -1", r"rates.CNY = -1 must be a positive number"),
-    ('[prices."m"]\noutput = 1', r"prices.'m' needs at least input"),
-    ('[prices."m"]\ninput = 1\nprice = 2', r"unknown key prices.'m'.'price'"),
+    ('[scope]\nteam = "x"', r"unknown key 'team' in scope; allowed: project, user"),
+    ('[scope]\ntags = [1]', r"scope\['tags'\] = \[1\] must be a list of strings"),
+    ("[rates]\nCNY = -1", r"rates\['CNY'\] = -1 must be a number > 0"),
+    ('[prices."m"]\noutput = 1', r"prices\['m'\] = \{'output': 1\} needs at least input"),
+    ('[prices."m"]\ninput = 1\nprice = 2', r"unknown key 'price' in prices\['m'\]"),
     ('[prices."m"]\ninput = -1', r"prices.'m'.*input"),
     ('[prices."m"]\ninput = 1\nper = "2M"', r"prices.'m'.*per"),
     ('[prices."m"]\ninput = 1\ncurrency = "XYZ"', r"prices.'m'.*XYZ"),
     ("alert = []", r"unknown key 'alert' \(did you mean 'alerts'\?\)"),
-    ("alerts = [\"email\"]", r"alerts must be a list of \"log\" and webhook URLs"),
+    ("alerts = [\"email\"]", r"alerts\[0\] = 'email' is not allowed; use \"log\", a webhook URL"),
     ("[[budgets]]\nusd = -1", r"budgets\[1\]: Budget: usd=-1 must be a number >= 0"),
     ("[[budgets]]\nusd = 1\nper = \"fortnight\"", r"budgets\[1\].*per='fortnight'"),
     ("[[budgets]]\nusd = 1\nscope = { team = \"x\" }", r"budgets\[1\].*scope key 'team'"),
     ("[[budgets]]\nusd = 1\neach = \"colour\"", r"budgets\[1\].*each='colour'"),
-    ("[[budgets]]\ndollars = 1", r"unknown key budgets\[1\].'dollars'"),
+    ("[[budgets]]\ndollars = 1", r"unknown key 'dollars' in budgets\[1\]"),
     ("budgets = 5", r"budgets must be an array of tables"),
     ("fail_closed = \"maybe\"", r"fail_closed = 'maybe' must be true or false"),
     ("this is = not toml", r"not valid TOML"),
@@ -165,23 +165,23 @@ warn_at = [0.5]
 # -- Tally(...) arguments: as strict as the same keys in the file ------------------------------
 
 _WRONG_ARGUMENTS = [
-    ("fail_closed", "false", "must be True or False"),
-    ("fail_closed", 0, "must be True or False"),
+    ("fail_closed", "false", "must be true or false (a bool, not str)"),
+    ("fail_closed", 0, "must be true or false (a bool, not int)"),
     ("database_url", 5, "must be a non-empty string"),
     ("database_url", b"llmtally.db", "must be a non-empty string"),
-    ("prices", ["gpt-4o"], "must be a dict of model name"),
-    ("prices", {"m": 0.5}, "prices['m'] must be a llmtally.Price"),
+    ("prices", ["gpt-4o"], "must be a table of model name"),
+    ("prices", {"m": 0.5}, "prices['m'] = 0.5 must be a llmtally.Price"),
     ("prices", {"m": {"input": "0.5"}}, "prices['m']['input'] = '0.5' must be a number"),
     ("currency", 978, "must be a non-empty string"),
     ("rates", {"CNY": "0.14"}, "rates['CNY'] = '0.14' must be a number > 0"),
     ("rates", {"CNY": True}, "rates['CNY'] = True must be a number > 0"),
-    ("rates", [("CNY", 0.14)], "must be a dict of currency code"),
+    ("rates", [("CNY", 0.14)], "must be a table of currency code"),
     ("price_map", 1, "must be a path"),
-    ("scope", "project=search", "must be a dict such as"),
+    ("scope", "project=search", "must be a table such as"),
     ("scope", {"project": 7}, "scope['project'] = 7 must be a string"),
     ("scope", {"tags": "a,b".split(",") + [3]}, "scope['tags']"),
-    ("scope", {"metadata": "x"}, "scope['metadata'] must be a dict"),
-    ("scope", {"team": "x"}, "scope has unknown keys ['team']"),
+    ("scope", {"metadata": "x"}, "scope['metadata'] = 'x' must be a table"),
+    ("scope", {"team": "x"}, "unknown key 'team' in scope"),
     ("spill_path", 5, "must be a path"),
     ("batch_size", "500", "must be a whole number > 0"),
     ("batch_size", True, "must be a whole number > 0"),
@@ -224,7 +224,7 @@ def test_each_tally_argument_of_the_wrong_type_is_a_config_error(tmp_path, name,
 
 def test_fail_closed_string_false_no_longer_fails_closed(tmp_path):
     """The reported bug: a truthy string made the Tally fail closed."""
-    with pytest.raises(ConfigError, match=r"Tally\(fail_closed='false'\): must be True or False"):
+    with pytest.raises(ConfigError, match=r"Tally\(fail_closed='false'\): must be true or false"):
         Tally(f"sqlite:///{tmp_path / 'l.db'}", fail_closed="false", price_map="bundled")
 
 
@@ -244,3 +244,85 @@ def test_right_types_in_every_form_are_accepted(tmp_path):
         tally.record(model="b", input_tokens=1_000_000, output_tokens=1_000_000)
     [row] = fetch_events(f"sqlite:///{tmp_path / 'ok.db'}")
     assert row["cost"] == pytest.approx(3.5) and row["project"] == "p"
+
+
+# -- one settings model: the same rule and words wherever a key is set -------------------------
+
+# (key, the file's TOML value, the same value in Python, the variable that sets it, its text)
+_SAME_VALUE_EVERYWHERE = [
+    ("durability", '"eventually"', "eventually", "LLMTALLY_DURABILITY", "eventually"),
+    ("unpriced", '"maybe"', "maybe", "LLMTALLY_UNPRICED", "maybe"),
+    ("timezone", '"Mars/Olympus"', "Mars/Olympus", "LLMTALLY_TIMEZONE", "Mars/Olympus"),
+    ("currency", '" "', " ", "LLMTALLY_CURRENCY", " "),
+    ("rates", "{ CNY = -1 }", {"CNY": -1}, "LLMTALLY_RATES", "CNY=-1"),
+    ("batch_size", "0", 0, None, None),
+    ("reservation_ttl_s", "-5", -5, None, None),
+    ("scope", "{ team = \"x\" }", {"team": "x"}, None, None),
+    ("prices", "{ m = { input = 1, per = \"2M\" } }", {"m": {"input": 1, "per": "2M"}}, None, None),
+    ("alerts", '["log", "email"]', ["log", "email"], None, None),
+]
+
+
+def _problem(message: str) -> str:
+    """What a message says after the prefix naming where the value came from."""
+    head, _, rest = message.partition("): " if message.startswith("Tally(") else ": ")
+    return rest
+
+
+@pytest.mark.parametrize(("key", "toml", "python", "variable", "text"), _SAME_VALUE_EVERYWHERE,
+                         ids=[case[0] for case in _SAME_VALUE_EVERYWHERE])
+def test_a_bad_value_is_refused_in_the_same_words_wherever_it_is_set(tmp_path, key, toml, python,
+                                                                      variable, text):
+    config = _write(tmp_path, f"{key} = {toml}\n")
+    with pytest.raises(ConfigError) as from_file:
+        load_settings(config, environ={})
+    db = tmp_path / "never.db"
+    with pytest.raises(ConfigError) as from_argument:
+        Tally(f"sqlite:///{db}", price_map="bundled", **{key: python})
+    assert not db.exists()
+    assert str(from_file.value).startswith(f"{config}: ")
+    assert str(from_argument.value).startswith(f"Tally({key}=")
+    file_says, argument_says = _problem(str(from_file.value)), _problem(str(from_argument.value))
+    # the argument's prefix shows the value, so a top-level key's value is not said twice
+    assert file_says in (argument_says, f"{key} = {python!r} {argument_says}")
+    if variable:
+        with pytest.raises(ConfigError) as from_environment:
+            load_settings(None, environ={variable: text})
+        assert str(from_environment.value).startswith(f"{variable}: ")
+        # LLMTALLY_RATES=CNY=-1 reads as the float -1.0
+        assert _problem(str(from_environment.value)).replace("-1.0", "-1") == file_says
+
+
+def test_the_file_sets_the_tuning_keys_and_they_reach_the_tally(tmp_path):
+    config = _write(tmp_path, f"""
+database_url = "{tmp_path / 't.db'}"
+price_map = "bundled"
+batch_size = 7
+flush_interval_s = 0.05
+max_queue = 70
+reservation_ttl_s = 30
+max_output_estimate = 100
+""")
+    settings_ = load_settings(config, environ={})
+    assert settings_ == {"database_url": str(tmp_path / "t.db"), "price_map": "bundled",
+                         "batch_size": 7, "flush_interval_s": 0.05, "max_queue": 70,
+                         "reservation_ttl_s": 30, "max_output_estimate": 100}
+    with Tally.from_config(config, spill_path=tmp_path / "s.jsonl") as tally:
+        assert (tally._writer.batch_size, tally._writer.max_queue) == (7, 70)
+
+
+def test_environment_values_name_their_variable(tmp_path):
+    with pytest.raises(ConfigError, match=r"^LLMTALLY_FAIL_CLOSED='maybe' must be true or false"):
+        load_settings(None, environ={"LLMTALLY_FAIL_CLOSED": "maybe"})
+    assert load_settings(None, environ={"LLMTALLY_FAIL_CLOSED": "yes"}) == {"fail_closed": True}
+    config = _write(tmp_path, 'durability = "sync"\n')
+    # the variable wins over the file, and a bad one is named, not the file
+    with pytest.raises(ConfigError, match=r"^LLMTALLY_DURABILITY: durability = 'later' is not allowed"):
+        load_settings(config, environ={"LLMTALLY_DURABILITY": "later"})
+
+
+def test_a_flag_in_the_file_is_a_toml_boolean(tmp_path):
+    config = _write(tmp_path, 'fail_closed = "false"\n')
+    with pytest.raises(ConfigError, match=r"fail_closed = 'false' must be true or false \(a bool, not str\)"):
+        load_settings(config, environ={})
+    assert load_settings(_write(tmp_path, "fail_closed = false\n"), environ={}) == {"fail_closed": False}

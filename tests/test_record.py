@@ -131,7 +131,7 @@ def test_bad_configuration_is_refused_at_construction(tmp_path):
         Tally(f"sqlite:///{tmp_path / 'a.db'}", currency="XYZ")
     with pytest.raises(ConfigError, match="batch_size"):
         Tally(f"sqlite:///{tmp_path / 'a.db'}", batch_size=0)
-    with pytest.raises(ConfigError, match="scope has unknown keys"):
+    with pytest.raises(ConfigError, match="unknown key 'team' in scope"):
         Tally(f"sqlite:///{tmp_path / 'a.db'}", scope={"team": "x"})
     with pytest.raises(ConfigError, match="input"):
         Tally(f"sqlite:///{tmp_path / 'a.db'}", prices={"m": {"input": -1}})

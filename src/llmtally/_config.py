@@ -1,7 +1,10 @@
-"""`llmtally.toml` and `LLMTALLY_*` variables → keyword arguments for `Tally`.
+"""`llmtally.toml` and `LLMTALLY_*` variables → :class:`~llmtally._settings.Settings`.
 
-Precedence: keyword arguments > environment > file. Every bad value is a `ConfigError`
-that names where it came from, the key, the value and what is allowed.
+This module only reads: TOML tables become Python values (``[[budgets]]`` tables become
+`Budget` objects), environment strings become numbers, booleans and lists. Every key is then
+validated by the one settings model, so a bad value is refused with the same words as the
+same value passed to ``Tally(...)``, prefixed by where it came from: the file's path or the
+variable's name. Precedence: keyword arguments > environment > file.
 
 ```toml
 database_url = "postgresql+psycopg://app@db/llm"   # or a path; default ./llmtally.db
@@ -41,26 +44,20 @@ warn_at = [0.5, 0.8]
 
 from __future__ import annotations
 
-import difflib
-import math
 import os
 import tomllib
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 from ._budgets.budget import Budget
 from ._errors import ConfigError
-from ._pricing.price import Price
+from ._settings import Settings, unknown_key
 
-__all__ = ["load_settings", "check_tally_arguments", "DEFAULT_CONFIG_FILE", "ENV_VARIABLES"]
+__all__ = ["load_settings", "read_settings", "DEFAULT_CONFIG_FILE", "ENV_VARIABLES"]
 
 DEFAULT_CONFIG_FILE = "llmtally.toml"
-_TOP_LEVEL = ("database_url", "currency", "price_map", "spill_path", "rates", "scope", "prices",
-              "budgets", "timezone", "fail_closed", "alerts", "durability", "unpriced")
 _BUDGET_KEYS = ("usd", "tokens", "requests", "per", "scope", "each", "warn_at", "action", "name")
-_SCOPE_KEYS = ("project", "user", "session", "tags", "request_id", "metadata")
-_PRICE_KEYS = ("input", "output", "cache_read", "cache_write", "reasoning", "per", "currency")
 ENV_VARIABLES = {
     "LLMTALLY_DATABASE_URL": "database_url",
     "LLMTALLY_CURRENCY": "currency",
@@ -77,15 +74,25 @@ ENV_VARIABLES = {
 }
 
 
-def load_settings(path: str | os.PathLike[str] | None = None,
-                  environ: Mapping[str, str] | None = None) -> dict[str, Any]:
-    """Read the config file and environment; return validated keyword arguments for ``Tally``."""
+def read_settings(path: str | os.PathLike[str] | None = None,
+                  environ: Mapping[str, str] | None = None) -> Settings:
+    """The settings of the config file and the environment, validated.
+
+    The file is ``path``, else ``$LLMTALLY_CONFIG``, else ``./llmtally.toml`` if present.
+    """
     environ = os.environ if environ is None else environ
     file_path = _config_path(path, environ)
-    settings = _read_file(file_path) if file_path else {}
     origin = str(file_path) if file_path else "settings"
-    _apply_environment(settings, environ)
-    return _validated(settings, origin)
+    values = _read_file(file_path, origin) if file_path else {}
+    origins = dict.fromkeys(values, origin)
+    _apply_environment(values, origins, environ)
+    return Settings.validated(values, lambda key: f"{origins.get(key, origin)}: ")
+
+
+def load_settings(path: str | os.PathLike[str] | None = None,
+                  environ: Mapping[str, str] | None = None) -> dict[str, Any]:
+    """:func:`read_settings` as keyword arguments for ``Tally``: only the keys that were set."""
+    return read_settings(path, environ).given()
 
 
 def _config_path(path: str | os.PathLike[str] | None, environ: Mapping[str, str]) -> Path | None:
@@ -97,10 +104,10 @@ def _config_path(path: str | os.PathLike[str] | None, environ: Mapping[str, str]
     return default if default.is_file() else None
 
 
-def _read_file(path: Path) -> dict[str, Any]:
+def _read_file(path: Path, origin: str) -> dict[str, Any]:
     try:
         with open(path, "rb") as handle:
-            return tomllib.load(handle)
+            values = tomllib.load(handle)
     except FileNotFoundError:
         raise ConfigError(f"config file {path} does not exist (set LLMTALLY_CONFIG or pass a path "
                           "to Tally.from_config)") from None
@@ -108,23 +115,62 @@ def _read_file(path: Path) -> dict[str, Any]:
         raise ConfigError(f"config file {path} cannot be read: {exc.strerror or exc}") from None
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
         raise ConfigError(f"config file {path} is not valid TOML: {exc}") from None
+    if "budgets" in values:
+        values["budgets"] = _budget_tables(origin, values["budgets"])
+    return values
 
 
-def _apply_environment(settings: dict[str, Any], environ: Mapping[str, str]) -> None:
+def _budget_tables(origin: str, budgets: Any) -> Any:
+    """``[[budgets]]`` tables as Budget objects (anything else is left to the model to refuse)."""
+    if not isinstance(budgets, list):
+        raise ConfigError(f"{origin}: budgets must be an array of tables: [[budgets]] usd = 50, "
+                          "per = \"month\"")
+    out: list[Budget] = []
+    for number, entry in enumerate(budgets, start=1):
+        if not isinstance(entry, Mapping):
+            raise ConfigError(f"{origin}: budgets[{number}] must be a table such as "
+                              "{ usd = 50, per = \"month\" }")
+        for key in entry:
+            if key not in _BUDGET_KEYS:
+                raise ConfigError(f"{origin}: " + unknown_key(key, f"budgets[{number}]", _BUDGET_KEYS))
+        values = dict(entry)
+        if isinstance(values.get("warn_at"), list):
+            values["warn_at"] = tuple(values["warn_at"])
+        try:
+            out.append(Budget(**values))
+        except ConfigError as exc:
+            raise ConfigError(f"{origin}: budgets[{number}]: {exc}") from None
+    return out
+
+
+def _apply_environment(values: dict[str, Any], origins: dict[str, str],
+                       environ: Mapping[str, str]) -> None:
     for variable, key in ENV_VARIABLES.items():
-        value = environ.get(variable)
-        if value is None or value == "":
+        text = environ.get(variable)
+        if text is None or text == "":
             continue
-        if key == "rates":
-            settings["rates"] = _parse_rates(variable, value)
-        elif key.startswith("scope."):
-            scope = settings.setdefault("scope", {})
+        if key.startswith("scope."):
+            scope = values.get("scope")
             if not isinstance(scope, dict):
-                scope = settings["scope"] = {}
+                scope = values["scope"] = {}
+                origins["scope"] = variable
             name = key.split(".", 1)[1]
-            scope[name] = [t.strip() for t in value.split(",") if t.strip()] if name == "tags" else value
+            scope[name] = [t.strip() for t in text.split(",") if t.strip()] if name == "tags" else text
+            continue
+        origins[key] = variable
+        if key == "rates":
+            values[key] = _parse_rates(variable, text)
+        elif key == "fail_closed":
+            values[key] = _parse_boolean(variable, text)
         else:
-            settings[key] = value
+            values[key] = text
+
+
+def _parse_boolean(variable: str, text: str) -> bool:
+    word = text.strip().lower()
+    if word in ("1", "true", "yes", "0", "false", "no"):
+        return word in ("1", "true", "yes")
+    raise ConfigError(f"{variable}={text!r} must be true or false (1/0, yes/no also work)")
 
 
 def _parse_rates(variable: str, text: str) -> dict[str, float]:
@@ -139,303 +185,3 @@ def _parse_rates(variable: str, text: str) -> dict[str, float]:
         if not sep:
             raise ConfigError(f"{variable}={text!r}: each rate is CODE=NUMBER, e.g. CNY=0.1389")
     return rates
-
-
-def _unknown(origin: str, where: str, key: str, allowed: tuple[str, ...]) -> ConfigError:
-    close = difflib.get_close_matches(key, allowed, n=1)
-    hint = f" (did you mean {close[0]!r}?)" if close else ""
-    return ConfigError(f"{origin}: unknown key {where}{key!r}{hint}; allowed: {', '.join(allowed)}")
-
-
-def _validated(settings: Mapping[str, Any], origin: str) -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for key, value in settings.items():
-        if key not in _TOP_LEVEL:
-            raise _unknown(origin, "", key, _TOP_LEVEL)
-        if key == "budgets":
-            out["budgets"] = _validated_budgets(origin, value)
-        elif key == "alerts":
-            if not isinstance(value, list) or not all(
-                    v == "log" or (isinstance(v, str) and v.startswith(("http://", "https://")))
-                    for v in value):
-                raise ConfigError(f"{origin}: alerts must be a list of \"log\" and webhook URLs "
-                                  "(https://...)")
-            out["alerts"] = value
-        elif key == "fail_closed":
-            out["fail_closed"] = _boolean(origin, key, value)
-        elif key == "durability":
-            out["durability"] = _durability(origin, value)
-        elif key == "unpriced":
-            choice = value.strip().lower() if isinstance(value, str) else value
-            if choice not in ("allow", "block"):
-                raise ConfigError(f"{origin}: unpriced = {value!r} is not allowed; use \"allow\" "
-                                  "(calls to a model with no price pass usd budgets, warned) or "
-                                  "\"block\"")
-            out["unpriced"] = choice
-        elif key in ("database_url", "currency", "price_map", "spill_path", "timezone"):
-            if not isinstance(value, str) or not value.strip():
-                raise ConfigError(f"{origin}: {key} = {value!r} must be a non-empty string")
-            out[key] = value.strip().upper() if key == "currency" else value.strip()
-        elif key == "rates":
-            out["rates"] = _validated_rates(origin, value)
-        elif key == "scope":
-            out["scope"] = _validated_scope(origin, value)
-        elif key == "prices":
-            out["prices"] = _validated_prices(origin, value)
-    return out
-
-
-def _boolean(origin: str, key: str, value: Any) -> bool:
-    if isinstance(value, bool):
-        return value
-    if isinstance(value, str) and value.strip().lower() in ("1", "true", "yes", "0", "false", "no"):
-        return value.strip().lower() in ("1", "true", "yes")
-    raise ConfigError(f"{origin}: {key} = {value!r} must be true or false")
-
-
-def _durability(origin: str, value: Any) -> str:
-    choice = value.strip().lower() if isinstance(value, str) else value
-    if choice not in ("batched", "sync"):
-        raise ConfigError(f"{origin}: durability = {value!r} is not allowed; use \"batched\" "
-                          "(the default: events are written in background batches) or \"sync\" "
-                          "(each record waits until its event is committed)")
-    return choice
-
-
-def _validated_budgets(origin: str, budgets: Any) -> list[Budget]:
-    if not isinstance(budgets, list):
-        raise ConfigError(f"{origin}: budgets must be an array of tables: [[budgets]] usd = 50, "
-                          "per = \"month\"")
-    out: list[Budget] = []
-    for number, entry in enumerate(budgets, start=1):
-        if not isinstance(entry, Mapping):
-            raise ConfigError(f"{origin}: budgets[{number}] must be a table such as "
-                              "{ usd = 50, per = \"month\" }")
-        for key in entry:
-            if key not in _BUDGET_KEYS:
-                raise _unknown(origin, f"budgets[{number}].", key, _BUDGET_KEYS)
-        values = dict(entry)
-        if "warn_at" in values and isinstance(values["warn_at"], list):
-            values["warn_at"] = tuple(values["warn_at"])
-        try:
-            out.append(Budget(**values))
-        except ConfigError as exc:
-            raise ConfigError(f"{origin}: budgets[{number}]: {exc}") from None
-    return out
-
-
-def _validated_rates(origin: str, rates: Any) -> dict[str, float]:
-    if not isinstance(rates, Mapping):
-        raise ConfigError(f"{origin}: rates must be a table such as [rates] CNY = 0.1389")
-    out: dict[str, float] = {}
-    for code, rate in rates.items():
-        if isinstance(rate, bool) or not isinstance(rate, (int, float)) or not math.isfinite(rate) \
-                or rate <= 0:
-            raise ConfigError(f"{origin}: rates.{code} = {rate!r} must be a positive number "
-                              f"(how many units of the ledger currency one {code} is worth)")
-        out[str(code).upper()] = float(rate)
-    return out
-
-
-def _validated_scope(origin: str, scope: Any) -> dict[str, Any]:
-    if not isinstance(scope, Mapping):
-        raise ConfigError(f"{origin}: scope must be a table such as [scope] project = \"search\"")
-    for key, value in scope.items():
-        if key not in _SCOPE_KEYS:
-            raise _unknown(origin, "scope.", key, _SCOPE_KEYS)
-        if key == "tags":
-            if not isinstance(value, list) or not all(isinstance(t, str) for t in value):
-                raise ConfigError(f"{origin}: scope.tags = {value!r} must be a list of strings")
-        elif key == "metadata":
-            if not isinstance(value, Mapping):
-                raise ConfigError(f"{origin}: scope.metadata must be a table")
-        elif not isinstance(value, str):
-            raise ConfigError(f"{origin}: scope.{key} = {value!r} must be a string")
-    return dict(scope)
-
-
-def _validated_prices(origin: str, prices: Any) -> dict[str, Price]:
-    if not isinstance(prices, Mapping):
-        raise ConfigError(f"{origin}: prices must be tables such as [prices.\"my-model\"] input = 0.5")
-    out: dict[str, Price] = {}
-    for model, entry in prices.items():
-        if not isinstance(entry, Mapping):
-            raise ConfigError(f"{origin}: prices.{model!r} must be a table of input, output, "
-                              "cache_read, cache_write, reasoning, per, currency")
-        for key in entry:
-            if key not in _PRICE_KEYS:
-                raise _unknown(origin, f"prices.{model!r}.", key, _PRICE_KEYS)
-        if "input" not in entry:
-            per = entry.get("per", "1M")
-            raise ConfigError(f"{origin}: prices.{model!r} needs at least input = <price per {per} tokens>")
-        try:
-            out[model] = Price(**entry)
-        except ConfigError as exc:
-            raise ConfigError(f"{origin}: prices.{model!r}: {exc}") from None
-    return out
-
-
-# -- Tally(...) keyword arguments ------------------------------------------------------------
-# As strict as the file: a bool is a bool (``fail_closed="false"`` is refused, not truthy), a
-# number is a number (never a bool or a numeric string), a text setting a string. Values are
-# only checked here; Tally still builds its own objects from them.
-
-
-def check_tally_arguments(arguments: Mapping[str, Any]) -> None:
-    """Raise a ConfigError naming the first ``Tally(...)`` argument of the wrong type or range."""
-    for name, value in arguments.items():
-        check = _ARGUMENT_CHECKS.get(name)
-        if check is not None and value is not None:
-            problem = check(value)
-            if problem:
-                raise ConfigError(f"Tally({name}={_short(value)}): {problem}")
-
-
-def _short(value: Any) -> str:
-    text = repr(value)
-    return text if len(text) <= 60 else text[:57] + "..."
-
-
-def _is_number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
-
-
-def _positive_int(example: str) -> Callable[[Any], str | None]:
-    def check(value: Any) -> str | None:
-        if isinstance(value, int) and not isinstance(value, bool) and value > 0:
-            return None
-        return f"must be a whole number > 0, e.g. {example}"
-    return check
-
-
-def _positive_seconds(example: str) -> Callable[[Any], str | None]:
-    def check(value: Any) -> str | None:
-        if _is_number(value) and math.isfinite(value) and value > 0:
-            return None
-        return f"must be a number of seconds > 0 (int or float), e.g. {example}"
-    return check
-
-
-def _text(example: str) -> Callable[[Any], str | None]:
-    def check(value: Any) -> str | None:
-        if isinstance(value, str) and value.strip():
-            return None
-        return f"must be a non-empty string, e.g. {example}"
-    return check
-
-
-def _text_or_path(example: str) -> Callable[[Any], str | None]:
-    def check(value: Any) -> str | None:
-        if isinstance(value, os.PathLike) or (isinstance(value, str) and value.strip()):
-            return None
-        return f"must be a path (str or pathlib.Path), e.g. {example}"
-    return check
-
-
-def _check_bool(value: Any) -> str | None:
-    if isinstance(value, bool):
-        return None
-    return f"must be True or False (a bool, not {type(value).__name__})"
-
-
-def _check_prices(value: Any) -> str | None:
-    if not isinstance(value, Mapping) or not all(isinstance(k, str) for k in value):
-        return "must be a dict of model name -> llmtally.Price or dict, e.g. " \
-               "{\"my-model\": {\"input\": 0.5, \"output\": 1.5}}"
-    for model, entry in value.items():
-        if not isinstance(entry, (Price, Mapping)):
-            return f"prices[{model!r}] must be a llmtally.Price or a dict of prices, not " \
-                   f"{type(entry).__name__}"
-        if isinstance(entry, Mapping):
-            for key, number in entry.items():
-                if key not in ("per", "currency") and not _is_number(number):
-                    return f"prices[{model!r}][{key!r}] = {number!r} must be a number"
-    return None
-
-
-def _check_rates(value: Any) -> str | None:
-    if not isinstance(value, Mapping):
-        return "must be a dict of currency code -> rate, e.g. {\"CNY\": 0.1389}"
-    for code, rate in value.items():
-        if not isinstance(code, str) or not _is_number(rate) or not math.isfinite(rate) or rate <= 0:
-            return f"rates[{code!r}] = {rate!r} must be a number > 0 (how many units of the " \
-                   "ledger currency one unit of it is worth)"
-    return None
-
-
-def _check_scope(value: Any) -> str | None:
-    if not isinstance(value, Mapping):
-        return "must be a dict such as {\"project\": \"search\", \"tags\": [\"prod\"]}"
-    unknown = sorted(str(key) for key in value if key not in _SCOPE_KEYS)
-    if unknown:
-        return f"scope has unknown keys {unknown}; allowed: {', '.join(_SCOPE_KEYS)}"
-    for key, item in value.items():
-        if item is None:
-            continue
-        if key == "tags":
-            if not isinstance(item, (str, list, tuple)) or not all(
-                    isinstance(t, str) for t in ([item] if isinstance(item, str) else item)):
-                return f"scope['tags'] = {_short(item)} must be a list of strings"
-        elif key == "metadata":
-            if not isinstance(item, Mapping):
-                return f"scope['metadata'] must be a dict, not {type(item).__name__}"
-        elif not isinstance(item, str):
-            return f"scope[{key!r}] = {_short(item)} must be a string"
-    return None
-
-
-def _check_budgets(value: Any) -> str | None:
-    if isinstance(value, (str, bytes, Mapping, Budget)) or not isinstance(value, (list, tuple)):
-        return "must be a list of llmtally.Budget, e.g. [Budget(usd=50, per=\"month\")]"
-    for budget in value:
-        if not isinstance(budget, Budget):
-            return f"{_short(budget)} is not a llmtally.Budget"
-    return None
-
-
-def _check_alerts(value: Any) -> str | None:
-    targets = [value] if isinstance(value, str) else value
-    if not isinstance(targets, (list, tuple)):
-        return "must be a list of \"log\", webhook URLs (https://...) and callables"
-    for target in targets:
-        if not (target == "log" or callable(target) or (
-                isinstance(target, str) and target.startswith(("http://", "https://")))):
-            return f"{_short(target)} is not allowed; use \"log\", a webhook URL (https://...) " \
-                   "or a callable taking the alert as a dict"
-    return None
-
-
-def _check_durability(value: Any) -> str | None:
-    if value in ("batched", "sync"):
-        return None
-    return "use \"batched\" (the default: background batches) or \"sync\" (record() waits " \
-           "for the commit)"
-
-
-def _check_clock(value: Any) -> str | None:
-    return None if callable(value) else "must be a callable returning an aware datetime"
-
-
-_ARGUMENT_CHECKS: dict[str, Callable[[Any], str | None]] = {
-    "database_url": _text("'llmtally.db' or 'postgresql+psycopg://user@host/db'"),
-    "prices": _check_prices,
-    "currency": _text("'USD'"),
-    "rates": _check_rates,
-    "price_map": _text_or_path("'auto', 'bundled', 'litellm' or 'prices.json'"),
-    "scope": _check_scope,
-    "spill_path": _text_or_path("'/var/lib/app/llmtally.spill.jsonl'"),
-    "batch_size": _positive_int("500"),
-    "flush_interval_s": _positive_seconds("0.2"),
-    "max_queue": _positive_int("100_000"),
-    "budgets": _check_budgets,
-    "timezone": _text("'Europe/Berlin'"),
-    "fail_closed": _check_bool,
-    "durability": _check_durability,
-    "alerts": _check_alerts,
-    "reservation_ttl_s": _positive_seconds("900"),
-    "max_output_estimate": _positive_int("4096"),
-    "unpriced": lambda value: None if value in ("allow", "block") else
-    "use \"allow\" (the default: calls to a model with no price pass usd budgets, with a "
-    "warning) or \"block\"",
-    "clock": _check_clock,
-}

@@ -16,9 +16,8 @@ from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
-from ._budgets.budget import Budget, zone
-from ._budgets.guard import BudgetGuard, check_alerts
-from ._errors import ConfigError
+from ._budgets.budget import DEFAULT_MAX_OUTPUT_ESTIMATE, DEFAULT_RESERVATION_TTL_S, Budget, zone
+from ._budgets.guard import BudgetGuard
 from ._events import scope as _scope
 from ._events.event import CallEvent, clean_id, event_row
 from ._events.ids import EVENT_IDS
@@ -44,11 +43,6 @@ __all__ = ["Tally"]
 F = TypeVar("F", bound=Callable[..., Any])
 
 DEFAULT_EXIT_FLUSH_TIMEOUT_S = 10.0
-DURABILITIES = ("batched", "sync")
-DEFAULT_RESERVATION_TTL_S = 900.0
-DEFAULT_MAX_OUTPUT_ESTIMATE = 4096
-UNPRICED_POLICIES = ("allow", "block")
-_SCOPE_KEYS = ("project", "user", "session", "tags", "request_id", "metadata")
 _ids = EVENT_IDS
 _new_tuple = tuple.__new__
 
@@ -119,38 +113,35 @@ class Tally:
         unpriced: str = "allow",
         clock: Callable[[], datetime] | None = None,
     ) -> None:
-        from ._config import check_tally_arguments
+        arguments = {name: value for name, value in locals().items() if name != "self"}
+        from ._settings import Settings
 
-        check_tally_arguments(locals())  # first thing: here locals() is the arguments (and self)
+        settings = Settings.of(arguments)  # before anything is made: a bad value creates no file
         from ._storage.store import DEFAULT_DATABASE_URL, Store
         from ._storage.writer import Writer
 
-        self.prices = PriceBook(_as_prices(prices), currency=currency, rates=rates, price_map=price_map)
+        self.prices = PriceBook(settings.prices or None, currency=settings.currency,
+                                rates=settings.rates or None, price_map=settings.price_map)
         self.prices.known_models()  # load the map now: a bad map file fails here, not at a call
         self.currency = self.prices.currency
-        self._default_scope = _scope_from_mapping(scope or {})
-        self._clock = clock or _utc_now
+        with _scope.attributed(**settings.scope) as self._default_scope:
+            pass
+        self._clock = settings.clock or _utc_now
         writer_options: dict[str, Any] = {
             name: value for name, value in (
-                ("batch_size", batch_size), ("flush_interval_s", flush_interval_s),
-                ("max_queue", max_queue),
+                ("batch_size", settings.batch_size), ("flush_interval_s", settings.flush_interval_s),
+                ("max_queue", settings.max_queue),
             ) if value is not None
         }
-        for name, value in writer_options.items():
-            if not isinstance(value, (int, float)) or isinstance(value, bool) or value <= 0:
-                raise ConfigError(f"{name}={value!r} is not allowed: give a positive number")
-        if durability not in DURABILITIES:
-            raise ConfigError(f"durability={durability!r} is not allowed; use \"batched\" (the "
-                              "default: background batches) or \"sync\" (record() waits for "
-                              "the commit)")
-        self.durability = durability
-        self._sync = durability == "sync"
-        url = database_url or os.environ.get("LLMTALLY_DATABASE_URL") or DEFAULT_DATABASE_URL
+        self.durability = settings.durability
+        self._sync = settings.durability == "sync"
+        url = settings.database_url or os.environ.get("LLMTALLY_DATABASE_URL") or DEFAULT_DATABASE_URL
         # last of the checks: it creates the SQLite file
         self.store: Store = Store(url, durable_commits=self._sync)
         from ._storage.spill import SpillFile
 
-        self.spill_path = Path(spill_path) if spill_path else _default_spill_path(self.store)
+        self.spill_path = (Path(settings.spill_path) if settings.spill_path
+                           else _default_spill_path(self.store))
         self._writer: Writer = Writer(self.store, SpillFile(self.spill_path), **writer_options)
         self._closed = False
         self._closing = False
@@ -161,29 +152,21 @@ class Tally:
         # Run before each flush (and so at exit): integrations drain their own buffers here,
         # e.g. LiteLLM's deferred async logging queue. Each gets the flush's timeout.
         self._before_flush: list[Callable[[float | None], None]] = []
-        self.tz = zone(timezone)  # calendar windows of budgets and reports
-        alerts = check_alerts(alerts)
-        if unpriced not in UNPRICED_POLICIES:
-            raise ConfigError(f"unpriced={unpriced!r} is not allowed; use \"allow\" (the default: "
-                              "calls to a model with no price pass usd budgets, with a warning) "
-                              "or \"block\"")
+        self.tz = zone(settings.timezone)  # calendar windows of budgets and reports
         self.budgets: BudgetLedger | None = None
-        if budgets:
+        if settings.budgets:
             from ._budgets.ledger import BudgetLedger
 
-            for budget in budgets:
-                if not isinstance(budget, Budget):
-                    raise ConfigError(f"budgets: {budget!r} is not a llmtally.Budget")
             self.budgets = BudgetLedger(
-                self.store, budgets, tz=self.tz, currency=self.currency,
-                reservation_ttl=timedelta(seconds=reservation_ttl_s), clock=self._clock,
-                timezone_name=timezone or "UTC")
+                self.store, settings.budgets, tz=self.tz, currency=self.currency,
+                reservation_ttl=timedelta(seconds=settings.reservation_ttl_s), clock=self._clock,
+                timezone_name=settings.timezone or "UTC")
         self._guard = BudgetGuard(
             self.budgets, prices=self.prices, writer=self._writer, clock=self._clock,
             attribution=self._attribution_here, record=self.record_event, flush=self.flush,
-            integration_holds=self._integration_holds, alerts=alerts,
-            fail_closed=bool(fail_closed), max_output_estimate=max_output_estimate,
-            unpriced=unpriced)
+            integration_holds=self._integration_holds, alerts=settings.alerts,
+            fail_closed=settings.fail_closed, max_output_estimate=settings.max_output_estimate,
+            unpriced=settings.unpriced)
         from ._budgets.charges import EventCharges
 
         # Every event this Tally writes is charged to every budget defined in the ledger (by any
@@ -353,10 +336,10 @@ class Tally:
         >>> @tally.track(model="deepseek/deepseek-chat")
         ... def ask(q): return client.chat.completions.create(model="deepseek-chat", messages=[...])
         """
-        unknown = set(attribution) - set(_SCOPE_KEYS)
+        unknown = set(attribution) - set(_scope.SCOPE_KEYS)
         if unknown:
             raise TypeError(f"track() got unexpected keyword arguments {sorted(unknown)}; "
-                            f"allowed: model, provider, call_type, {', '.join(_SCOPE_KEYS)}")
+                            f"allowed: model, provider, call_type, {', '.join(_scope.SCOPE_KEYS)}")
 
         def decorate(func: F) -> F:
             return tracked(self, func, model=model, provider=provider, call_type=call_type,
@@ -639,34 +622,6 @@ class Tally:
 def _utc_now() -> datetime:
     return datetime.now(timezone.utc)
 
-
-
-def _as_prices(prices: Mapping[str, Any] | None) -> dict[str, Price] | None:
-    if not prices:
-        return None
-    out: dict[str, Price] = {}
-    for name, value in prices.items():
-        if isinstance(value, Price):
-            out[name] = value
-        elif isinstance(value, Mapping):
-            try:
-                out[name] = Price(**value)
-            except TypeError as exc:
-                raise ConfigError(f"prices[{name!r}]: {exc}; allowed keys: input, output, "
-                                  "cache_read, cache_write, reasoning, per, currency") from exc
-        else:
-            raise ConfigError(f"prices[{name!r}] must be a llmtally.Price or a table of prices, "
-                              f"not {type(value).__name__}")
-    return out
-
-
-def _scope_from_mapping(values: Mapping[str, Any]) -> _scope.Attribution:
-    unknown = set(values) - set(_SCOPE_KEYS)
-    if unknown:
-        raise ConfigError(f"scope has unknown keys {sorted(unknown)}; allowed: {', '.join(_SCOPE_KEYS)}")
-    with _scope.attributed(**values) as attribution:
-        pass
-    return attribution
 
 
 def _default_spill_path(store: Store) -> Path:

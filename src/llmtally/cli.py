@@ -87,7 +87,7 @@ def open_ledger(database_url: str | None, config_path: str | None, *, create: bo
     from ._storage.store import DEFAULT_DATABASE_URL, normalize_url
     from ._tally import Tally
 
-    settings = load_settings(config_path)
+    settings = load_settings(config_path)  # validated; Tally(**settings) checks --db's value
     if database_url:
         settings["database_url"] = database_url
     url = normalize_url(settings.get("database_url") or DEFAULT_DATABASE_URL)
@@ -220,13 +220,12 @@ def prices(model: str, provider: str | None, price_map: str | None, config_path:
       llmtally prices gpt-4o-mini
       llmtally prices qwen-plus --provider dashscope
     """
-    from ._config import load_settings
+    from ._config import read_settings
     from ._pricing.book import PriceBook
 
-    settings = load_settings(config_path)
-    book = PriceBook(settings.get("prices"), currency=settings.get("currency", "USD"),
-                     rates=settings.get("rates"),
-                     price_map=price_map or settings.get("price_map", "auto"))
+    settings = read_settings(config_path)
+    book = PriceBook(settings.prices or None, currency=settings.currency,
+                     rates=settings.rates or None, price_map=price_map or settings.price_map)
     found = book.resolve(model, provider)
     stored = (f"stored as:    model {found.model}, provider {found.provider or '-'}"
               + (f" ({found.how})" if found.provider else ""))

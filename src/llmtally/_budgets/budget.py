@@ -19,7 +19,8 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 from .._errors import ConfigError
 from .._pricing.names import canonical_provider, split_route
 
-__all__ = ["Budget", "BudgetExceeded", "Window", "window_for", "instance_for", "zone",
+__all__ = ["DEFAULT_RESERVATION_TTL_S", "DEFAULT_MAX_OUTPUT_ESTIMATE",
+           "Budget", "BudgetExceeded", "Window", "window_for", "instance_for", "zone",
            "PERIODS", "SCOPE_KEYS", "EACH_KEYS"]
 
 PERIODS = ("minute", "hour", "day", "week", "month", "total")
@@ -28,6 +29,11 @@ EACH_KEYS = ("project", "user", "session", "provider", "model")
 ACTIONS = ("block", "warn")
 _EPOCH = datetime(1970, 1, 1)
 
+
+# what reserve() holds for a call: a hold never settled (its process died) is released after
+# this many seconds; a call that sets no max_tokens is assumed to write this many tokens
+DEFAULT_RESERVATION_TTL_S = 900.0
+DEFAULT_MAX_OUTPUT_ESTIMATE = 4096
 
 @dataclass(frozen=True, kw_only=True)
 class Budget:

@@ -10,7 +10,6 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from datetime import datetime, timezone
 from typing import TYPE_CHECKING, Any
 
-from .._errors import ConfigError
 from .._events import scope as _scope
 from .._events.event import CallEvent
 from .._events.ids import EVENT_IDS
@@ -25,7 +24,7 @@ if TYPE_CHECKING:
     from .._storage.writer import Writer
     from .ledger import BudgetLedger
 
-__all__ = ["BudgetGuard", "check_alerts"]
+__all__ = ["BudgetGuard"]
 
 _ids = EVENT_IDS
 _FLUSH_BEFORE_BLOCKING_S = 2.0
@@ -256,16 +255,6 @@ def _choices(value: Any) -> int:
 def _is_conflict(exc: BaseException) -> bool:
     """A PostgreSQL deadlock or serialization failure: worth one more try, not an outage."""
     return getattr(getattr(exc, "orig", None), "sqlstate", None) in ("40P01", "40001")
-
-
-def check_alerts(alerts: Sequence[Any]) -> tuple[Any, ...]:
-    if isinstance(alerts, str):
-        alerts = (alerts,)
-    for target in alerts:
-        if target != "log" and not callable(target) and not is_webhook(target):
-            raise ConfigError(f"alerts: {target!r} is not allowed; use \"log\", a webhook URL "
-                              "(https://...) or a callable taking the alert as a dict")
-    return tuple(alerts)
 
 
 def _state_scope(state: CounterState) -> dict[str, str]:

@@ -16,7 +16,10 @@ from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any
 
-__all__ = ["Attribution", "current", "attributed", "merge_tags", "EMPTY"]
+__all__ = ["Attribution", "current", "attributed", "merge_tags", "EMPTY", "SCOPE_KEYS"]
+
+# the keys of scope(), Tally(scope=...) and llmtally.toml's [scope]
+SCOPE_KEYS = ("project", "user", "session", "tags", "request_id", "metadata")
 
 
 @dataclass(frozen=True, slots=True)
