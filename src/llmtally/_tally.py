@@ -2,52 +2,41 @@
 
 from __future__ import annotations
 
-import atexit
-import functools
-import hashlib
-import logging
 import os
-import sys
-import threading
-import weakref
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
+from ._adapters import Adapters
 from ._budgets.budget import DEFAULT_MAX_OUTPUT_ESTIMATE, DEFAULT_RESERVATION_TTL_S, Budget, zone
 from ._budgets.guard import BudgetGuard
 from ._events import scope as _scope
-from ._events.event import CallEvent, clean_id, event_row
-from ._events.ids import EVENT_IDS
+from ._events.event import CallEvent
 from ._events.usage import (
     Usage,
 )
-from ._log import logger, warn_limited
 from ._pricing.book import PriceBook
 from ._pricing.price import Price
+from ._recording import DEFAULT_EXIT_FLUSH_TIMEOUT_S, Recording, default_spill_path, event_id
+from ._reporting.reading import Reading
 from ._tracking import tracked
 
 if TYPE_CHECKING:  # the database layer is imported when a Tally is made, not at `import llmtally`
     from ._budgets.ledger import BudgetLedger
     from ._budgets.states import CounterState, Reservation
-    from ._reporting.queries import SummaryRow, UnpricedRow
     from ._storage.store import Store
     from ._storage.writer import Writer
-    from .integrations.langchain import LangChainHandler
-    from .integrations.litellm import LiteLLMLogger
 
 __all__ = ["Tally"]
 
 F = TypeVar("F", bound=Callable[..., Any])
 
-DEFAULT_EXIT_FLUSH_TIMEOUT_S = 10.0
-_ids = EVENT_IDS
 _new_tuple = tuple.__new__
 
 
-class Tally:
+class Tally(Adapters, Reading):
     """A ledger of LLM calls.
 
     ``Tally()`` opens ``./llmtally.db`` (or ``$LLMTALLY_DATABASE_URL``);
@@ -141,17 +130,15 @@ class Tally:
         from ._storage.spill import SpillFile
 
         self.spill_path = (Path(settings.spill_path) if settings.spill_path
-                           else _default_spill_path(self.store))
+                           else default_spill_path(self.store))
         self._writer: Writer = Writer(self.store, SpillFile(self.spill_path), **writer_options)
-        self._closed = False
-        self._closing = False
+        self._recording = Recording(self.store, self._writer, prices=self.prices, sync=self._sync,
+                                    spill_path=self.spill_path, clock=self._clock,
+                                    attribution=self._attribution_here)
+        self._record = self._recording.record  # bound once: record() runs for every call
         # the integrations this Tally built (one each), made under the lock
-        self._litellm_logger: LiteLLMLogger | None = None
-        self._langchain_handler: LangChainHandler | None = None
-        self._integration_lock = threading.Lock()
-        # Run before each flush (and so at exit): integrations drain their own buffers here,
-        # e.g. LiteLLM's deferred async logging queue. Each gets the flush's timeout.
-        self._before_flush: list[Callable[[float | None], None]] = []
+        self._init_adapters()
+        self._before_flush = self._recording.before_flush  # integrations drain here first
         self.tz = zone(settings.timezone)  # calendar windows of budgets and reports
         self.budgets: BudgetLedger | None = None
         if settings.budgets:
@@ -172,8 +159,10 @@ class Tally:
         # Every event this Tally writes is charged to every budget defined in the ledger (by any
         # process), in the transaction that stores it; crossed thresholds alert from here.
         self._writer.charges = EventCharges(self._clock, on_crossings=self._guard.deliver)
+        self._recording.on_flush = self._guard.publish
+        self._recording.on_close = self._guard.drain_alerts
         self._guard.publish()
-        _register_exit_flush(self)
+        self._recording.close_at_exit()
 
     @classmethod
     def from_config(cls, path: str | os.PathLike[str] | None = None, **overrides: Any) -> Tally:
@@ -264,21 +253,12 @@ class Tally:
                                                 cache_write_tokens, reasoning_tokens)),
             status, error_type, call_type, streamed, resolved_model, estimated, cache_hit, ts,
             latency_ms, ttft_ms, id, source, project, user, session, tags, request_id, metadata))
-        return self._record(event, _event_id(id), reservation)
+        return self._record(event, event_id(id), reservation)
 
     def record_event(self, event: CallEvent, *, reservation: Reservation | None = None) -> str:
         """Record one :class:`CallEvent` (what :meth:`record` does with its arguments);
         returns its event id. Never raises."""
-        return self._record(event, _event_id(event.id), reservation)
-
-    def _record(self, event: CallEvent, event_id: str, reservation: Reservation | None) -> str:
-        try:
-            self._submit(event_row(event, event_id, self._clock(), self._attribution_here(),
-                                   self.prices), reservation)
-        except Exception as exc:  # never into the caller's code
-            warn_limited("record", "llmtally: could not record a call to %r (%s: %s)",
-                         event.model, type(exc).__name__, exc, exc_info=True)
-        return event_id
+        return self._record(event, event_id(event.id), reservation)
 
     def record_later(self, build: Callable[[], CallEvent]) -> bool:
         """Have the writer thread build and record an event (for adapters whose event is
@@ -286,37 +266,7 @@ class Tally:
         writer thread is the Tally's default scope only, so ``build()`` returns an event with
         its attribution, ``id`` and ``ts`` set. Returns False, and does nothing, when the event
         must be recorded on the caller's thread (``durability="sync"``, or after close)."""
-        if self._sync or self._closed:
-            return False
-        self._writer.submit(functools.partial(self._deferred_row, build))
-        return True
-
-    def _keep_after_close(self, row: dict[str, Any]) -> None:
-        """A call recorded after close() (say, by a LiteLLM logger still registered): its
-        writer has stopped, so the event goes to the spill file, which the next Tally on this
-        ledger replays."""
-        warn_limited("after-close", "llmtally: a call was recorded after this Tally was closed; "
-                     "it is kept in %s until a Tally on this ledger replays it", self.spill_path)
-        self._writer.spill_now([row], reason="the Tally is closed")
-
-    def _deferred_row(self, build: Callable[[], CallEvent]) -> dict[str, Any]:
-        event = build()
-        return event_row(event, _event_id(event.id), self._clock(), self._attribution_here(),
-                         self.prices)
-
-    def _submit(self, row: dict[str, Any], reservation: Reservation | None) -> None:
-        if reservation is not None and reservation.holds:
-            # released by the transaction that stores this event, which also charges it
-            row["_reservation"] = reservation.id
-        if self._closed:
-            self._keep_after_close(row)
-        elif not self._sync:
-            self._writer.submit(row)
-        elif not self._writer.submit_and_wait(row):
-            warn_limited("sync-timeout", "llmtally: durability=\"sync\" could not make an "
-                         "event durable in time (the ledger hangs and the spill file %s "
-                         "cannot be written); it stays queued", self.spill_path,
-                         level=logging.ERROR)
+        return self._recording.record_later(build)
 
     def track(
         self,
@@ -347,107 +297,14 @@ class Tally:
 
         return decorate(fn) if fn is not None else decorate
 
-    def litellm(self) -> Any:
-        """The LiteLLM callback that records every call: ``litellm.callbacks = [tally.litellm()]``.
-
-        Returns the same ``CustomLogger`` each time. SDK calls (``completion``,
-        ``acompletion``, streams, embeddings) and ``litellm.Router`` calls become events with
-        ``source="litellm"``; :meth:`flush` also runs the async logging LiteLLM defers.
-        """
-        if self._litellm_logger is not None:
-            return self._litellm_logger
-        try:
-            import litellm  # noqa: F401  (imported already, the integration module would not fail)
-
-            from .integrations.litellm import LiteLLMLogger
-            from .integrations.litellm_drain import drain_logging_worker
-        except ImportError as exc:
-            raise ImportError('tally.litellm() needs LiteLLM: pip install "llmtally[litellm]"') from exc
-        with self._integration_lock:
-            if self._litellm_logger is None:
-                self._litellm_logger = LiteLLMLogger(self)
-                self._before_flush.append(drain_logging_worker)
-        return self._litellm_logger
-
-    @property
-    def litellm_attached(self) -> bool:
-        """Whether :meth:`litellm` has made this Tally's LiteLLM logger."""
-        return self._litellm_logger is not None
-
     @property
     def closed(self) -> bool:
         """Whether :meth:`close` has run (calls recorded since wait in the spill file)."""
-        return self._closed
+        return self._recording.closed
 
     def now(self) -> datetime:
         """This Tally's clock (an aware datetime): what its events and budgets call "now"."""
         return self._clock()
-
-    def guard(self, fn: F) -> F:
-        """Budgets for a LiteLLM call that has no hook able to stop it: ``litellm.completion``
-        (streamed or not), ``litellm.embedding``, ``Router.completion`` (sync calls).
-
-        >>> litellm.callbacks = [tally.litellm()]
-        >>> completion = tally.guard(litellm.completion)
-        >>> completion(model="openai/gpt-4o-mini", messages=msgs, max_tokens=500)
-
-        Each call gets a ``litellm_call_id`` (a uuid, unless one was passed); its estimate is
-        reserved like :meth:`reserve` (``BudgetExceeded`` is raised before ``fn`` runs, and a
-        ``blocked`` event recorded); then ``fn(..., litellm_call_id=...)`` runs, and the
-        success or failure hook of ``tally.litellm()`` (which must be registered) settles the
-        hold to the call's real cost — for a stream, when it ends or is closed. If ``fn``
-        raises before LiteLLM logged the call, the hold is released. Works on sync and async
-        functions; without budgets it only passes the call through. Async SDK calls and
-        ``Router`` async calls need no guard: ``tally.litellm()`` blocks them itself.
-
-        With ``durability="sync"`` a guarded call that is not streamed also returns only once
-        its event is durable (LiteLLM records calls on its own logging thread or event-loop
-        task, just after the call returned to you, so an unguarded call killed in that instant
-        can be missing).
-        """
-        from .integrations.litellm import guard
-
-        return guard(self.litellm(), fn)  # type: ignore[no-any-return]
-
-    def langchain(self) -> Any:
-        """The LangChain callback handler that records every model call:
-        ``chain.invoke(x, config={"callbacks": [tally.langchain()]})``.
-
-        Returns the same handler each time. Each chat or text-completion model call of a
-        chain, agent or bare model (``invoke``, ``ainvoke``, ``batch``, ``stream``,
-        ``astream``, ``astream_events``) becomes one event with ``source="langchain"``; with
-        budgets, a call that would go over raises :class:`BudgetExceeded` before it is sent.
-        ``metadata={"llmtally_project": ..., "llmtally_user": ..., "llmtally_session": ...}``
-        and ``tags`` in the run config attribute the calls.
-        """
-        if self._langchain_handler is not None:
-            return self._langchain_handler
-        try:
-            from .integrations.langchain import LangChainHandler
-        except ImportError as exc:
-            raise ImportError('tally.langchain() needs LangChain: pip install "llmtally[langchain]"') from exc
-        with self._integration_lock:
-            if self._langchain_handler is None:
-                self._langchain_handler = LangChainHandler(self)
-        return self._langchain_handler
-
-    def wrap_embeddings(self, embeddings: Any, *, model: str | None = None,
-                        provider: str | None = None) -> Any:
-        """LangChain ``Embeddings`` that record each call (LangChain reports none for them).
-
-        >>> emb = tally.wrap_embeddings(OpenAIEmbeddings(model="text-embedding-3-small"))
-        >>> vectors = emb.embed_documents(texts)      # one event, call_type="embedding"
-
-        ``embed_documents``, ``embed_query``, ``aembed_documents`` and ``aembed_query`` are
-        recorded with their input tokens counted offline (``estimated``), checked against the
-        budgets first; ``model`` and ``provider`` default to what the object names.
-        """
-        try:
-            from .integrations.langchain_embeddings import wrap_embeddings
-        except ImportError as exc:
-            raise ImportError('tally.wrap_embeddings() needs LangChain: '
-                              'pip install "llmtally[langchain]"') from exc
-        return wrap_embeddings(self, embeddings, model=model, provider=provider)
 
     # -- budgets -------------------------------------------------------------------------
 
@@ -507,10 +364,6 @@ class Tally:
         self.flush(DEFAULT_EXIT_FLUSH_TIMEOUT_S)
         return self._guard.states()
 
-    def _integration_holds(self) -> bool:
-        """Whether the LiteLLM logger holds budgets for calls not recorded yet."""
-        return self._litellm_logger is not None and self._litellm_logger.holds_calls()
-
     def _attribution_here(self) -> _scope.Attribution:
         """The scope in force here, over the Tally's default scope."""
         scope = _scope.current()
@@ -523,19 +376,7 @@ class Tally:
     def flush(self, timeout: float | None = None) -> bool:
         """Wait until every event recorded so far is in the ledger (or, if the database is
         unreachable, safe in the spill file). Returns False if ``timeout`` ran out."""
-        self._drain_integrations(timeout)
-        self._guard.publish()
-        return self._writer.flush(timeout)
-
-    def _drain_integrations(self, timeout: float | None) -> None:
-        """Let each integration hand over what it still holds (e.g. LiteLLM's deferred async
-        logging) so that it is written with this flush or close."""
-        for drain in list(self._before_flush):
-            try:
-                drain(timeout)
-            except Exception as exc:
-                warn_limited("before-flush", "llmtally: could not drain %r before flushing (%s: %s)",
-                             drain, type(exc).__name__, exc)
+        return self._recording.flush(timeout)
 
     async def aflush(self, timeout: float | None = None) -> bool:
         """:meth:`flush` for async code, without blocking the event loop. Await it before your
@@ -552,19 +393,7 @@ class Tally:
 
     def close(self, timeout: float | None = DEFAULT_EXIT_FLUSH_TIMEOUT_S) -> None:
         """Flush, stop the writer and release the database. Idempotent."""
-        if self._closed or self._closing:
-            return
-        self._closing = True
-        # First let the integrations hand over what they hold (LiteLLM's deferred logging):
-        # those calls finished before close() and belong in this Tally's ledger.
-        self._drain_integrations(timeout)
-        self._closed = True
-        self._guard.drain_alerts()
-        if not self._writer.close(timeout):
-            logger.warning("llmtally: close() gave up after %ss with %d events not yet written "
-                           "(a slow or unreachable ledger); events already spilled are in %s",
-                           timeout, self._writer.queued, self.spill_path)
-        self.store.close()
+        self._recording.close(timeout)
 
     def __enter__(self) -> Tally:
         return self
@@ -572,101 +401,9 @@ class Tally:
     def __exit__(self, *exc_info: object) -> None:
         self.close()
 
-    # -- reading -------------------------------------------------------------------------
-
-    def summary(self, since: str | datetime | None = None, until: str | datetime | None = None,
-                by: str = "model", **filters: str) -> list[SummaryRow]:
-        """Calls, tokens and cost per ``by`` value (model, provider, project, user, session,
-        source, status, call_type or day) between ``since`` and ``until`` ("7d", "24h",
-        "2026-11-01", a datetime). Flushes first, so this Tally's own events are included."""
-        from ._reporting.queries import summarize
-
-        self.flush(DEFAULT_EXIT_FLUSH_TIMEOUT_S)
-        now = self._clock()
-        with self.store.connect() as conn:
-            return summarize(conn, since=since, until=until, by=by, now=now, filters=filters)
-
-    def unpriced(self, since: str | datetime | None = None) -> list[UnpricedRow]:
-        """Models seen with no known price: add them to ``prices`` to have them priced."""
-        from ._reporting.queries import unpriced_models
-
-        self.flush(DEFAULT_EXIT_FLUSH_TIMEOUT_S)
-        with self.store.connect() as conn:
-            return unpriced_models(conn, since=since, now=self._clock())
-
-    def report(self, path: str | os.PathLike[str] | None = None, *, week: str | None = None,
-               since: str | datetime | None = None, until: str | datetime | None = None,
-               project: str | None = None) -> Path:
-        """Write the HTML usage report and return its path.
-
-        ``week="last"`` (the default), ``"this"`` or an ISO week (``"2026-W47"``), in this
-        Tally's time zone; or ``since``/``until`` ("7d", "2026-11-01", a datetime). ``path`` is
-        a file, or a directory (existing, or ending with ``/``; default ``reports/``) to hold
-        ``llmtally-2026-W47.html``. The file is self-contained (inline CSS and SVG, no script,
-        no URL) and written atomically. Flushes first, so this Tally's own events are in it.
-
-        >>> tally.report("reports/", week="last")
-        PosixPath('reports/llmtally-2026-W47.html')
-        """
-        from ._reporting.render import write_report
-
-        return write_report(self, path, week=week, since=since, until=until,
-                            project=project).path
-
 
 # -- helpers -------------------------------------------------------------------------------
 
 
-
-
 def _utc_now() -> datetime:
     return datetime.now(timezone.utc)
-
-
-
-def _default_spill_path(store: Store) -> Path:
-    """Beside a SQLite file; for other databases, in the user's state directory."""
-    path: Path | None = getattr(store, "path", None)
-    if path is not None:
-        return path.with_name(path.name + ".spill.jsonl")
-    state = Path(os.environ.get("XDG_STATE_HOME") or Path.home() / ".local" / "state")
-    digest = hashlib.sha1(store.display_url.encode()).hexdigest()[:12]
-    return state / "llmtally" / f"spill-{digest}.jsonl"
-
-
-def _register_exit_flush(tally: Tally) -> None:
-    """Flush at interpreter exit and on SIGTERM (unless the application handles it), and keep
-    working in forked children (multiprocessing, gunicorn, Celery prefork), without keeping
-    the Tally alive."""
-    from ._signals import flush_on_sigterm
-
-    flush_on_sigterm(tally)
-    ref = weakref.ref(tally)
-
-    def flush_at_exit() -> None:
-        live = ref()
-        if live is not None and not live._closed:
-            live.close(DEFAULT_EXIT_FLUSH_TIMEOUT_S)
-
-    def restart_in_child() -> None:
-        live = ref()
-        if live is None or live._closed:
-            return
-        live._writer.restart_after_fork()
-        # multiprocessing children leave through os._exit(), which skips atexit, but run
-        # multiprocessing's finalizers; that registry is cleared when the child starts, so the
-        # finalizer is added from multiprocessing's own after-fork step, which runs later.
-        util = sys.modules.get("multiprocessing.util")
-        if util is not None:
-            util.register_after_fork(live, lambda _tally: util.Finalize(
-                None, flush_at_exit, exitpriority=100))
-
-    atexit.register(flush_at_exit)
-    if hasattr(os, "register_at_fork"):
-        os.register_at_fork(after_in_child=restart_in_child)
-
-
-def _event_id(given: str | None) -> str:
-    """The caller's id made safe for any database, or a new one: none given, or nothing left
-    of it once cleaned (``""``, NULs), which no database could store as a key."""
-    return (None if given is None else clean_id(given)) or _ids.next_id()
