@@ -269,3 +269,38 @@ def test_an_id_with_nothing_left_once_cleaned_gets_a_new_one_and_the_event_is_ke
     assert len(rows) == 4 and all(isinstance(event_id, str) and len(event_id) == 32
                                   for event_id in returned)
     assert set(returned) < {row["id"] for row in rows} and tally._writer.rejected == 0
+
+
+def test_a_tally_made_inside_another_tallys_scope_does_not_inherit_it(tmp_path):
+    """A Tally's default scope is its own ``scope=`` argument only: made inside a ``scope()``
+    block it must not keep that block's attribution after the block ends."""
+    outer = Tally(f"sqlite:///{tmp_path / 'outer.db'}", price_map="bundled")
+    with outer.scope(project="outer-block", user="ann"):
+        inner = Tally(f"sqlite:///{tmp_path / 'inner.db'}", price_map="bundled",
+                      scope={"tags": ["svc"]})
+        plain = Tally(f"sqlite:///{tmp_path / 'plain.db'}", price_map="bundled")
+    inner.record(model="gpt-4o-mini", input_tokens=1)
+    plain.record(model="gpt-4o-mini", input_tokens=1)
+    [row] = ledger_rows(inner)
+    assert (row["project"], row["user"], json.loads(row["tags"])) == (None, None, ["svc"])
+    [row] = ledger_rows(plain)
+    assert (row["project"], row["user"], json.loads(row["tags"])) == (None, None, [])
+    for tally in (outer, inner, plain):
+        tally.close()
+
+
+def test_the_price_book_prices_a_usage_as_it_prices_the_same_counts():
+    from datetime import datetime, timezone
+
+    from llmtally import Usage
+    from llmtally._pricing.book import PriceBook
+
+    book = PriceBook(price_map="bundled")
+    at = datetime(2026, 12, 1, 12, tzinfo=timezone.utc)
+    usage = Usage(input_tokens=1200, output_tokens=300, cache_read_tokens=1000, reasoning_tokens=100)
+    by_usage = book.cost("gpt-4o-mini", "openai", usage, at)
+    by_counts = book.cost(model="gpt-4o-mini", provider="openai", input_tokens=1200,
+                          output_tokens=300, cache_read_tokens=1000, reasoning_tokens=100, at=at)
+    assert by_usage == by_counts
+    # gpt-4o-mini: $0.15 / 1M input, $0.075 cached, $0.60 output
+    assert by_usage.cost == pytest.approx(200 * 0.15e-6 + 1000 * 0.075e-6 + 300 * 0.6e-6, abs=1e-12)

@@ -113,8 +113,8 @@ class Tally(Adapters, Reading):
                                 rates=settings.rates or None, price_map=settings.price_map)
         self.prices.known_models()  # load the map now: a bad map file fails here, not at a call
         self.currency = self.prices.currency
-        with _scope.attributed(**settings.scope) as self._default_scope:
-            pass
+        # on its own: a Tally made inside another's scope() block does not inherit that scope
+        self._default_scope = _scope.attribution(**settings.scope)
         self._clock = settings.clock or _utc_now
         writer_options: dict[str, Any] = {
             name: value for name, value in (

@@ -27,6 +27,7 @@ CALL_TYPES = frozenset({"chat", "completion", "embedding", "image", "audio", "re
                         "moderation", "responses", "other"})
 SOURCES = frozenset({"litellm", "langchain", "manual", "import"})
 NO_USAGE = Usage()
+_new_tuple = tuple.__new__  # a NamedTuple without its keyword binding (the hot path)
 
 
 class CallEvent(NamedTuple):
@@ -77,9 +78,11 @@ def event_row(event: CallEvent, event_id: str, now: datetime, scope: _scope.Attr
     (model, provider, tokens, status, error_type, call_type, streamed, resolved_model,
      estimated, cache_hit, ts, latency_ms, ttft_ms, _id, source, project, user, session, tags,
      request_id, metadata) = event
-    if all(type(value) is int and 0 <= value <= MAX_TOKEN_COUNT for value in tokens):
-        input_tokens, output_tokens, cache_read, cache_write, reasoning = tokens
-    else:
+    input_tokens, output_tokens, cache_read, cache_write, reasoning = tokens
+    # plain ints in range, unrolled (no generator): this runs on the caller's thread
+    if not (type(input_tokens) is int and type(output_tokens) is int and type(cache_read) is int
+            and type(cache_write) is int and type(reasoning) is int
+            and 0 <= min(tokens) and max(tokens) <= MAX_TOKEN_COUNT):
         input_tokens, output_tokens, cache_read, cache_write, reasoning = (
             _token_count(value, name, notes) for value, name in zip(tokens, TOKEN_FIELDS))
     # Parts never exceed their whole (input includes cache; output includes reasoning).
@@ -90,11 +93,8 @@ def event_row(event: CallEvent, event_id: str, now: datetime, scope: _scope.Attr
     if status not in STATUSES:
         status = _one_of(status, STATUSES, "status", "ok", notes)
     when = as_utc_naive(now if ts is None else ts)
-    priced = prices.cost(
-        model=model_name, provider=provider_name, input_tokens=input_tokens,
-        output_tokens=output_tokens, cache_read_tokens=cache_read,
-        cache_write_tokens=cache_write, reasoning_tokens=reasoning, at=when,
-    )
+    priced = prices.cost(model_name, provider_name, _new_tuple(
+        Usage, (input_tokens, output_tokens, cache_read, cache_write, reasoning)), when)
     if status == "blocked":
         cost, cost_status, price_source = 0.0, "priced", None
     elif cache_hit:  # served from a cache: nothing was paid for these tokens

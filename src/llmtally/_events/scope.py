@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any
 
-__all__ = ["Attribution", "current", "attributed", "merge_tags", "EMPTY", "SCOPE_KEYS"]
+__all__ = ["Attribution", "current", "attribution", "attributed", "merge_tags", "EMPTY", "SCOPE_KEYS"]
 
 # the keys of scope(), Tally(scope=...) and llmtally.toml's [scope]
 SCOPE_KEYS = ("project", "user", "session", "tags", "request_id", "metadata")
@@ -55,6 +55,28 @@ def current() -> Attribution:
     return _current.get()
 
 
+def attribution(
+    *,
+    project: str | None = None,
+    user: str | None = None,
+    session: str | None = None,
+    tags: Iterable[str] | str | None = None,
+    request_id: str | None = None,
+    metadata: Mapping[str, Any] | None = None,
+) -> Attribution:
+    """These values as an Attribution, on its own (no scope in force is merged in);
+    ``EMPTY`` itself when none is set, so callers can skip merging it."""
+    made = Attribution(
+        project=_text_or_none(project),
+        user=_text_or_none(user),
+        session=_text_or_none(session),
+        tags=_as_tags(tags),
+        request_id=_text_or_none(request_id),
+        metadata=MappingProxyType(dict(metadata)) if metadata else MappingProxyType({}),
+    )
+    return EMPTY if made == EMPTY else made
+
+
 @contextmanager
 def attributed(
     *,
@@ -66,14 +88,8 @@ def attributed(
     metadata: Mapping[str, Any] | None = None,
 ) -> Iterator[Attribution]:
     """Attribute every call inside the ``with`` block; yields the merged attribution."""
-    inner = Attribution(
-        project=_text_or_none(project),
-        user=_text_or_none(user),
-        session=_text_or_none(session),
-        tags=_as_tags(tags),
-        request_id=_text_or_none(request_id),
-        metadata=MappingProxyType(dict(metadata)) if metadata else MappingProxyType({}),
-    )
+    inner = attribution(project=project, user=user, session=session, tags=tags,
+                        request_id=request_id, metadata=metadata)
     merged = _current.get().merged(inner)
     token = _current.set(merged)
     try:

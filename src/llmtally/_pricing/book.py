@@ -24,6 +24,7 @@ from datetime import datetime
 
 from llmtally._errors import ConfigError
 
+from .._events.usage import Usage
 from .model_price import ModelPrice
 from .names import canonical_provider, ledger_names
 from .price import DEFAULT_CURRENCY, PER_DIVISOR, Price, PricedCost, check_currency
@@ -342,20 +343,23 @@ class PriceBook:
 
     def cost(
         self,
-        *,
         model: str,
         provider: str | None = None,
+        usage: Usage | None = None,
+        at: datetime | None = None,
+        *,
         input_tokens: int = 0,
         output_tokens: int = 0,
         cache_read_tokens: int = 0,
         cache_write_tokens: int = 0,
         reasoning_tokens: int = 0,
-        at: datetime | None = None,
     ) -> PricedCost:
         """What one call cost, in the book's currency; ``status="unpriced"`` and ``cost=None`` if unknown.
 
-        ``input_tokens`` is the whole prompt, cache read and write tokens included;
-        ``output_tokens`` includes ``reasoning_tokens``. The cost is
+        ``usage`` holds the call's tokens (the keyword counts are a shorthand for
+        ``Usage(input_tokens=..., ...)`` when no ``usage`` is given): ``input_tokens`` is the
+        whole prompt, cache read and write tokens included; ``output_tokens`` includes
+        ``reasoning_tokens``. The cost is
         ``uncached_input * input + cache_read * cache_read_price + cache_write * cache_write_price
         + (output - reasoning) * output + reasoning * reasoning_price``, with the prices of the
         tier or ``above_<N>k`` level the prompt size selects. Missing cache prices are the
@@ -364,13 +368,14 @@ class PriceBook:
 
         ``provider`` and ``model`` of the result are the names to store (see :meth:`resolve`).
         """
+        if usage is None:
+            usage = Usage(input_tokens, output_tokens, cache_read_tokens, cache_write_tokens,
+                          reasoning_tokens)
         found = self.resolve(model, provider)
         price = found.price
         if price is None:
             return PricedCost(None, self.currency, "unpriced", None, None, found.provider, found.model)
-        amount = price.cost(
-            input_tokens, output_tokens, cache_read_tokens, cache_write_tokens, reasoning_tokens, at
-        )
+        amount = price.cost(*usage, at)
         if amount is None:
             return PricedCost(None, self.currency, "unpriced", None, price.model_key, found.provider,
                               found.model)
