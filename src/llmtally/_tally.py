@@ -122,7 +122,8 @@ class Tally:
         from ._config import check_tally_arguments
 
         check_tally_arguments(locals())  # first thing: here locals() is the arguments (and self)
-        from ._storage.store import DEFAULT_DATABASE_URL, Store
+        from ._storage.store import Store
+        from ._storage.store_urls import DEFAULT_DATABASE_URL
         from ._storage.writer import Writer
 
         self.prices = PriceBook(_as_prices(prices), currency=currency, rates=rates, price_map=price_map)
