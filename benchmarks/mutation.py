@@ -40,7 +40,8 @@ BUDGET_TESTS = ["tests/test_budgets.py", "tests/test_budgets_exact.py",
 MODULES: dict[str, tuple[str, list[str]]] = {
     # what was _reservations.py: the ledger, counters, charges, states and tables of _budgets
     "reservations": ("src/llmtally/_budgets/*", BUDGET_TESTS),
-    "store": ("src/llmtally/_storage/store.py",
+    # store.py and store_urls.py, store_outage.py, store_connections.py
+    "store": ("src/llmtally/_storage/store*",
               ["tests/test_ledger.py", "tests/test_schema.py", "tests/test_record.py",
                "tests/test_spill.py", "tests/test_budget_recovery.py",
                "tests/test_mutation_kills.py"]),
@@ -51,7 +52,8 @@ MODULES: dict[str, tuple[str, list[str]]] = {
                # to record may not have spilled everything yet), so a false kill or a failed
                # clean run; the claim logic it covers has unit tests in test_mutation_kills.py
                "--deselect=tests/test_spill.py::test_two_processes_replaying_one_spill_file_add_each_event_once"]),
-    "writer": ("src/llmtally/_storage/writer.py",
+    # writer.py and writer_waits.py, writer_spill.py, writer_rows.py
+    "writer": ("src/llmtally/_storage/writer*",
                ["tests/test_ledger.py", "tests/test_record.py", "tests/test_spill.py",
                 "tests/test_hostile_writer.py", "tests/test_mutation_kills.py"]),
     "litellm": ("src/llmtally/integrations/litellm*",

@@ -106,7 +106,8 @@ class Tally(Adapters, Reading):
         from ._settings import Settings
 
         settings = Settings.of(arguments)  # before anything is made: a bad value creates no file
-        from ._storage.store import DEFAULT_DATABASE_URL, Store
+        from ._storage.store import Store
+        from ._storage.store_urls import DEFAULT_DATABASE_URL
         from ._storage.writer import Writer
 
         self.prices = PriceBook(settings.prices or None, currency=settings.currency,

@@ -84,7 +84,7 @@ def open_ledger(database_url: str | None, config_path: str | None, *, create: bo
     from sqlalchemy.engine import make_url
 
     from ._config import load_settings
-    from ._storage.store import DEFAULT_DATABASE_URL, normalize_url
+    from ._storage.store_urls import DEFAULT_DATABASE_URL, normalize_url
     from ._tally import Tally
 
     settings = load_settings(config_path)  # validated; Tally(**settings) checks --db's value

@@ -5,7 +5,8 @@ it cannot serialise: cycles and nesting deeper than ``MAX_DEPTH`` are cut, anyth
 not a JSON type becomes its ``str()`` (or a placeholder when even that raises), and a
 structure of more than ``MAX_NODES`` values is dropped. Each cut is noted. The common case, a
 small flat dict of strings and numbers, is checked in one pass and returned as it is.
-(Lengths, NUL characters and lone surrogates are the writer's business: ``_json_safe``.)
+(Lengths, NUL characters and lone surrogates are the writer's business: ``json_safe`` in
+``_storage/writer_rows.py``.)
 """
 
 from __future__ import annotations

@@ -2,7 +2,8 @@
 
 SQLite files are created with mode 0600 in a directory created on demand, run in WAL mode,
 and take the write lock up front (``BEGIN IMMEDIATE``) so concurrent writers queue instead
-of failing. PostgreSQL is reached through psycopg 3 (``pip install "llmtally[postgres]"``).
+of failing (store_connections.py sets that up). PostgreSQL is reached through psycopg 3
+(``pip install "llmtally[postgres]"``). What users type as a URL: store_urls.py.
 """
 
 from __future__ import annotations
@@ -12,26 +13,31 @@ import functools
 import json
 import operator
 import os
-import sqlite3
-import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from datetime import datetime
 from pathlib import Path
 from typing import Any, Protocol
 
-from sqlalchemy import Connection, Engine, create_engine, event
+from sqlalchemy import Connection, Engine, create_engine
 from sqlalchemy.engine import make_url
-from sqlalchemy.exc import ArgumentError, DatabaseError, NoSuchModuleError, OperationalError
+from sqlalchemy.exc import ArgumentError, DatabaseError, NoSuchModuleError
 from sqlalchemy.pool import StaticPool
 
 from .._errors import ConfigError, LedgerError
 from .._log import warn_limited
 from .migrations import MIGRATIONS, Migration, migrate
+from .store_connections import (
+    PG_CONNECT_TIMEOUT_S,
+    SQLITE_BUSY_TIMEOUT_S,
+    create_private_file,
+    listen_pg_autocommit,
+    listen_sqlite,
+    use_wal,
+)
+from .store_urls import normalize_url
 from .tables import EVENT_COLUMNS, EVENTS_TABLE
 
-__all__ = ["Store", "InsertHook", "normalize_url", "DEFAULT_DATABASE_URL", "is_outage"]
-
-DEFAULT_DATABASE_URL = "sqlite:///llmtally.db"
+__all__ = ["Store", "InsertHook", "normalize_url"]  # normalize_url: defined in store_urls
 
 
 class InsertHook(Protocol):
@@ -41,37 +47,6 @@ class InsertHook(Protocol):
 
     def after_insert(self, conn: Connection, batch: Any,
                      inserted: Sequence[Mapping[str, Any]]) -> Callable[[], None] | None: ...
-_PG_CONNECT_TIMEOUT_S = 5
-_SQLITE_BUSY_TIMEOUT_S = 30
-_WAL_ATTEMPTS = 100  # 50 ms apart
-
-
-def normalize_url(url: str) -> str:
-    """Accept what users type: a file path, ``sqlite:///...``, ``postgres://`` or ``postgresql://``."""
-    url = url.strip()
-    if not url:
-        raise ConfigError("database_url is empty: give a path such as 'llmtally.db' or a URL such "
-                          "as 'postgresql+psycopg://user@host/db'")
-    if "://" not in url:
-        return "sqlite:///" + str(Path(url).expanduser().absolute())
-    scheme, rest = url.split("://", 1)
-    if scheme in ("postgres", "postgresql"):
-        return "postgresql+psycopg://" + rest
-    if scheme == "sqlite" and rest.startswith("/") and rest[1:] not in ("", ":memory:"):
-        path, query = (rest[1:].split("?", 1) + [""])[:2]
-        # Absolute, so a later chdir cannot move the ledger (or its spill file).
-        absolute = str(Path(path).expanduser().absolute())
-        return f"sqlite:///{absolute}" + (f"?{query}" if query else "")
-    return url
-
-
-def is_outage(exc: BaseException) -> bool:
-    """True when ``exc`` means the database is unreachable or busy (worth retrying), not that a row is bad."""
-    if isinstance(exc, (OperationalError, LedgerError)):  # LedgerError: the file cannot be used now
-        return True
-    if isinstance(exc, DatabaseError):
-        return bool(getattr(exc, "connection_invalidated", False))
-    return isinstance(exc, (OSError, sqlite3.OperationalError))
 
 
 class Store:
@@ -105,7 +80,7 @@ class Store:
         elif self.dialect == "postgresql":
             self.engine = self._create_engine(
                 self.url, pool_pre_ping=True,
-                connect_args={"connect_timeout": _PG_CONNECT_TIMEOUT_S},
+                connect_args={"connect_timeout": PG_CONNECT_TIMEOUT_S},
             )
         else:
             raise ConfigError(
@@ -134,14 +109,11 @@ class Store:
         else:
             path = Path(database)
             self.path = path
-            self._file_id = _create_private_file(path)
+            self._file_id = create_private_file(path)
             engine = self._create_engine(
-                self.url, connect_args={"timeout": _SQLITE_BUSY_TIMEOUT_S, "check_same_thread": False},
+                self.url, connect_args={"timeout": SQLITE_BUSY_TIMEOUT_S, "check_same_thread": False},
             )
-        event.listen(engine, "connect", _sqlite_on_connect)
-        if self._durable_commits:
-            event.listen(engine, "connect", _sqlite_full_sync)
-        event.listen(engine, "begin", _sqlite_on_begin)
+        listen_sqlite(engine, durable_commits=self._durable_commits)
         return engine
 
     def ensure_schema(self) -> None:
@@ -153,7 +125,7 @@ class Store:
                 with conn.begin():
                     migrate(conn, self._migrations)
             if self.dialect == "sqlite":
-                _use_wal(self.engine)  # only now that the file is known to be ours
+                use_wal(self.engine)  # only now that the file is known to be ours
         except LedgerError:
             raise
         except DatabaseError as exc:
@@ -258,7 +230,7 @@ class Store:
                      self.path)
         self.engine.dispose()  # closes (and checkpoints) the connections to the old file
         self.generation += 1  # what was known of the old file (budget counters...) is not so
-        self._file_id = _create_private_file(self.path, error=OSError)
+        self._file_id = create_private_file(self.path, error=OSError)
         self._migrated = False
         return True
 
@@ -292,8 +264,8 @@ class Store:
     @functools.cached_property
     def _autocommit_engine(self) -> Engine:
         engine = self._create_engine(self.url, isolation_level="AUTOCOMMIT",
-                                     connect_args={"connect_timeout": _PG_CONNECT_TIMEOUT_S})
-        event.listen(engine, "connect", _pg_no_commit_wait)
+                                     connect_args={"connect_timeout": PG_CONNECT_TIMEOUT_S})
+        listen_pg_autocommit(engine)
         return engine
 
     @functools.cached_property
@@ -347,65 +319,3 @@ def driver_row(row: Mapping[str, Any], sqlite_ts: bool) -> tuple[Any, ...]:
 
 
 _json_text = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False).encode
-
-
-def _create_private_file(path: Path, error: type[Exception] = LedgerError) -> tuple[int, int]:
-    """Create the SQLite file (and its directory) readable by its owner only; return its
-    (device, inode), which identifies it while it is in use.
-
-    SQLite gives its -wal and -shm files the main file's permissions, so they stay private too.
-    """
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(path, os.O_CREAT | os.O_RDWR, 0o600)
-        try:
-            info = os.fstat(fd)
-        finally:
-            os.close(fd)
-        return info.st_dev, info.st_ino
-    except OSError as exc:
-        raise error(
-            f"cannot create the SQLite ledger {path} ({exc.strerror or exc}); choose a writable "
-            "location with LLMTALLY_DATABASE_URL or Tally('sqlite:///path/to/ledger.db')."
-        ) from exc
-
-
-def _sqlite_on_connect(dbapi_conn: sqlite3.Connection, _record: Any) -> None:
-    # Let SQLAlchemy's "begin" event emit BEGIN itself (pysqlite's own handling defers it).
-    dbapi_conn.isolation_level = None
-    dbapi_conn.execute("PRAGMA synchronous=NORMAL")
-
-
-def _pg_no_commit_wait(dbapi_conn: Any, _record: Any) -> None:
-    dbapi_conn.autocommit = True
-    dbapi_conn.execute("SET synchronous_commit TO OFF")
-
-
-def _sqlite_full_sync(dbapi_conn: sqlite3.Connection, _record: Any) -> None:
-    dbapi_conn.execute("PRAGMA synchronous=FULL")  # a commit is on disk when it returns
-
-
-def _use_wal(engine: Engine) -> None:
-    """Switch the file to WAL (persistent; readers then never block the writer).
-
-    The switch needs the file to itself, and SQLite answers "database is locked" at once,
-    without its busy wait, when another process is opening the same new ledger at that moment
-    (its migration holds the write lock): so it is tried again for up to ~5 s.
-    """
-    for attempt in range(_WAL_ATTEMPTS):
-        raw = engine.raw_connection()
-        try:
-            # a new pool connection always has its driver connection
-            raw.driver_connection.execute("PRAGMA journal_mode=WAL")  # type: ignore[union-attr]
-            return
-        except sqlite3.OperationalError as exc:
-            if "locked" not in str(exc) or attempt == _WAL_ATTEMPTS - 1:
-                raise
-        finally:
-            raw.close()
-        time.sleep(0.05)
-
-
-def _sqlite_on_begin(conn: Connection) -> None:
-    immediate = conn.get_execution_options().get("sqlite_immediate", False)
-    conn.exec_driver_sql("BEGIN IMMEDIATE" if immediate else "BEGIN")
