@@ -8,26 +8,22 @@ escapes); JSON output is ASCII-escaped. Errors: one line on stderr, exit code 2
 
 from __future__ import annotations
 
-import contextlib
 import csv
-import functools
 import io
-import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from datetime import datetime, timezone
-from pathlib import Path
-from typing import IO, Any, TypeVar, cast, overload
+from typing import Any, TypeVar
 
 import click
 
+from ._cli.ledger import ledger_options
+from ._cli.prices import prices
+from ._cli.transfer import export, import_, prune
 from ._terminal import (
-    CommandError,
     Group,
-    TerminalText,
     echo,
     iso,
     money,
-    one_line_errors,
     print_json,
     print_table,
     printable,
@@ -35,78 +31,6 @@ from ._terminal import (
 )
 
 F = TypeVar("F", bound=Callable[..., Any])
-
-
-# -- output: nothing a caller recorded can drive the operator's terminal -----------------------
-
-
-# -- errors: one line, exit code 2 --------------------------------------------------------------
-
-
-# -- the ledger ---------------------------------------------------------------------------------
-
-
-@overload
-def ledger_options(func: F) -> F: ...
-@overload
-def ledger_options(*, create: bool = False) -> Callable[[F], F]: ...
-
-
-def ledger_options(func: F | None = None, *, create: bool = False) -> Any:
-    """``--db`` and ``--config``, shared by every command that opens the ledger; the command
-    gets the open ``Tally`` as its first argument.
-
-    The ledger is reached before the command runs, so an unreachable, corrupted or newer
-    ledger is one line. Only a command with ``create=True`` (import) may create a missing
-    SQLite file; the others say it does not exist.
-    """
-    if func is None:
-        return functools.partial(ledger_options, create=create)
-
-    @click.option("--db", "database_url", metavar="URL",
-                  help="Ledger path or URL (default: $LLMTALLY_DATABASE_URL or ./llmtally.db).")
-    @click.option("--config", "config_path", metavar="FILE", type=click.Path(dir_okay=False),
-                  help="llmtally.toml to read (default: $LLMTALLY_CONFIG or ./llmtally.toml).")
-    @functools.wraps(func)
-    def wrapper(*args: Any, database_url: str | None, config_path: str | None, **kwargs: Any) -> Any:
-        tally = open_ledger(database_url, config_path, create=create)
-        try:
-            with one_line_errors(tally.database_url):
-                return func(tally, *args, **kwargs)
-        finally:
-            tally.close()
-
-    return wrapper
-
-
-def open_ledger(database_url: str | None, config_path: str | None, *, create: bool = False) -> Any:
-    """The configured ``Tally``, its ledger reached and its schema checked (or CommandError)."""
-    from sqlalchemy.engine import make_url
-
-    from ._config import load_settings
-    from ._storage.store_urls import DEFAULT_DATABASE_URL, normalize_url
-    from ._tally import Tally
-
-    settings = load_settings(config_path)  # validated; Tally(**settings) checks --db's value
-    if database_url:
-        settings["database_url"] = database_url
-    url = normalize_url(settings.get("database_url") or DEFAULT_DATABASE_URL)
-    parsed = make_url(url)
-    if (not create and parsed.get_backend_name() == "sqlite"
-            and parsed.database not in (None, "", ":memory:")
-            and not Path(parsed.database).exists()):
-        raise CommandError(
-            f"the ledger {parsed.database} does not exist (nothing was created); point --db or "
-            "LLMTALLY_DATABASE_URL at your ledger, or make one by running your application, "
-            "`llmtally import FILE` or `llmtally demo`")
-    tally = Tally(**settings)
-    try:
-        with one_line_errors(tally.database_url):
-            tally.store.ensure_schema()  # PostgreSQL is otherwise reached at the first query
-    except BaseException:
-        tally.close()
-        raise
-    return tally
 
 
 # -- the commands -------------------------------------------------------------------------------
@@ -204,48 +128,6 @@ def summary(tally: Any, since: str, until: str | None, group_by: str, project: s
                  table, left=1)
     if any(r.unpriced_calls for r in rows):
         echo("\nSome calls have no known price (not counted in cost): see `llmtally unpriced`.")
-
-
-@main.command()
-@click.argument("model")
-@click.option("--provider", default=None, help="Provider, if MODEL has no provider/ prefix.")
-@click.option("--price-map", default=None, help="auto | bundled | litellm | path to a price JSON.")
-@click.option("--config", "config_path", metavar="FILE", type=click.Path(dir_okay=False),
-              help="llmtally.toml with price overrides.")
-def prices(model: str, provider: str | None, price_map: str | None, config_path: str | None) -> None:
-    """Show the price llmtally uses for MODEL (per million tokens).
-
-    \b
-    Example:
-      llmtally prices gpt-4o-mini
-      llmtally prices qwen-plus --provider dashscope
-    """
-    from ._config import read_settings
-    from ._pricing.book import PriceBook
-
-    settings = read_settings(config_path)
-    book = PriceBook(settings.prices or None, currency=settings.currency,
-                     rates=settings.rates or None, price_map=price_map or settings.price_map)
-    found = book.resolve(model, provider)
-    stored = (f"stored as:    model {found.model}, provider {found.provider or '-'}"
-              + (f" ({found.how})" if found.provider else ""))
-    if found.price is None:
-        raise CommandError(
-            f"no price known for {model!r}" + (f" (provider {provider!r})" if provider else "")
-            + f" in {book.map_source}{_other_providers_entry(book, found)}. Add one to llmtally.toml: "
-            f"[prices.\"{model}\"] input = ..., output = ... (per 1M tokens)")
-    echo(_describe_price(model, found.price, stored))
-
-
-def _other_providers_entry(book: Any, found: Any) -> str:
-    """Why a name the map knows is unpriced: its entry belongs to another provider."""
-    if found.provider is None:
-        return ""
-    other = book.lookup(found.model)
-    if other is None or other.provider is None:
-        return ""
-    return (f"; its entry {other.model_key!r} is {other.provider}'s, and a name is never priced "
-            f"from another provider's entry (provider here: {found.provider})")
 
 
 @main.command()
@@ -382,151 +264,8 @@ def report(tally: Any, week: str | None, since: str | None, until: str | None,
         echo(f"  {line}")
 
 
-@main.command("export")
-@click.option("--format", "fmt", type=click.Choice(["jsonl", "csv"]), default=None,
-              help="jsonl or csv (default: from -o's extension, else jsonl).")
-@click.option("--since", default=None, help="Start: a duration (30d) or a date. Default: all.")
-@click.option("--until", default=None, help="End (exclusive): a duration ago or a date.")
-@click.option("--project", default=None, help="Only this project.")
-@click.option("-o", "--output", default=None, metavar="FILE", type=click.Path(dir_okay=False),
-              help="Write to FILE (complete or not at all; .gz compresses). Default: stdout.")
-@ledger_options
-def export(tally: Any, fmt: str | None, since: str | None, until: str | None,
-           project: str | None, output: str | None) -> None:
-    """Write events as JSONL or CSV: every column, ts in UTC (ISO 8601), oldest first.
-
-    \b
-    Example:
-      llmtally export --format csv --since 30d > usage.csv
-      llmtally export --project search -o search.jsonl.gz
-    """
-    from ._transfer.export import export_events
-
-    with _export_progress(tally, since=since, until=until, project=project) as progress:
-        to_file = output not in (None, "-")
-        stdout: IO[bytes] = sys.stdout.buffer
-        if not to_file and sys.stdout.isatty():
-            stdout = TerminalText(sys.stdout)  # type: ignore[assignment]
-        result = export_events(tally.store, cast(str, output) if to_file else stdout,
-                               format=fmt, since=since, until=until, project=project,
-                               progress=progress)
-    if to_file:
-        echo(f"exported {result.rows:,} events to {output} ({result.format})", err=True)
-
-
-@main.command("import")
-@click.argument("file", metavar="FILE")
-@click.option("--format", "fmt", type=click.Choice(["jsonl", "csv"]), default=None,
-              help="jsonl or csv (default: from FILE's extension, else its content).")
-@ledger_options(create=True)
-def import_(tally: Any, file: str, fmt: str | None) -> None:
-    """Add the events of FILE (JSONL or CSV from `export`, .gz too, - for stdin).
-
-    Idempotent: an event whose id is already in the ledger is skipped, so importing a file
-    twice adds nothing. Invalid lines are listed and left out; all valid lines are written in
-    one transaction. Exit code 0: every line imported or already there; 1: some lines were
-    invalid (the others were imported); 2: nothing imported (unreadable or wrong-format file,
-    ledger error).
-
-    \b
-    Example:
-      llmtally import usage.jsonl
-      llmtally export --db a.db | llmtally import - --db merged.db
-    """
-    from ._transfer.importing import import_events
-
-    source = sys.stdin.buffer if file == "-" else file
-    result = import_events(tally.store, source, format=fmt)
-    echo(f"imported {result.imported:,} events from {file} ({result.format}); "
-               f"skipped {result.skipped:,} already in the ledger; invalid lines: {result.invalid:,}")
-    for line, reason in result.invalid_lines:
-        echo(f"  line {line}: {reason}")
-    if result.invalid > len(result.invalid_lines):
-        echo(f"  ... and {result.invalid - len(result.invalid_lines):,} more")
-    if result.invalid:
-        raise SystemExit(1)
-
-
-def _require_older_than(_ctx: click.Context, _param: click.Parameter, value: str | None) -> str:
-    if not value:
-        raise CommandError("prune needs --older-than (e.g. 90d or 2026-01-01): it deletes "
-                           "events, so it never guesses a cutoff")
-    return value
-
-
-@main.command()
-@click.option("--older-than", callback=_require_older_than, metavar="AGE|DATE",
-              help="Required. Delete events older than this: 90d, 12w, or a date (2026-01-01).")
-@click.option("--archive", default=None, metavar="FILE.jsonl.gz", type=click.Path(dir_okay=False),
-              help="First write them to this new file (gzip JSONL; `llmtally import` reads it).")
-@click.option("--dry-run", is_flag=True, help="Print what would be deleted; delete nothing.")
-@ledger_options
-def prune(tally: Any, older_than: str, archive: str | None, dry_run: bool) -> None:
-    """Delete events older than a cutoff, in one transaction (budget counters are kept).
-
-    With --archive they are written to the archive first, and only those are deleted.
-
-    \b
-    Example:
-      llmtally prune --older-than 90d --dry-run
-      llmtally prune --older-than 90d --archive old-2026Q3.jsonl.gz
-    """
-    from ._transfer.prune import prune_events
-
-    result = prune_events(tally.store, older_than, archive=archive, dry_run=dry_run)
-    details = [f"cost {money(amount, currency)}" for currency, amount in result.cost.items()]
-    if result.unpriced:
-        details.append(f"{result.unpriced:,} unpriced")
-    what = f"{result.events:,} events older than {iso(result.cutoff)}" + (
-        f" ({'; '.join(details)})" if details else "")
-    if result.dry_run:
-        echo(f"would delete {what}" + (f", archiving them to {archive}" if archive else "")
-                   + "; nothing deleted (--dry-run)")
-    else:
-        echo(f"deleted {what}" + (f"; archived to {archive}" if archive else ""))
-
-
-@contextlib.contextmanager
-def _export_progress(tally: Any, **filters: Any) -> Iterator[Callable[[int], None] | None]:
-    """A progress bar on stderr when it is a terminal (it needs a count first), else nothing."""
-    if not sys.stderr.isatty():
-        yield None
-        return
-    from ._transfer.export import count_events
-
-    total = count_events(tally.store, **filters)
-    with click.progressbar(length=total, label="exporting", file=sys.stderr) as bar:
-        yield bar.update
-
-
-def _describe_price(model: str, price: Any, stored: str) -> str:
-    def per_million(value: float | None) -> str:
-        return "-" if value is None else f"{value * 1_000_000:.4f}"
-
-    lines = [
-        f"model:        {model}",
-        stored,
-        f"matched:      {price.model_key}  (provider {price.provider or '-'}, mode {price.mode or '-'})",
-        f"source:       {price.source}",
-        f"currency:     {price.currency} per 1M tokens",
-        f"input:        {per_million(price.input)}",
-        f"output:       {per_million(price.output)}",
-        f"cache read:   {per_million(price.cache_read)}",
-        f"cache write:  {per_million(price.cache_write)}",
-        f"reasoning:    {per_million(price.reasoning)}",
-    ]
-    if price.above or price.tiers:
-        sizes = [above for above, _ in price.above] or [low for low, _, _ in price.tiers[1:]]
-        lines.append("larger:       other rates above " + ", ".join(f"{int(size):,}" for size in sizes)
-                     + " prompt tokens")
-    if price.off_peak is not None:
-        peak = price.off_peak.rates
-        lines.append(f"off-peak:     input {per_million(peak[0])}, output {per_million(peak[1])}, "
-                     f"cache read {per_million(peak[2])} in the provider's discount hours "
-                     "(each call is priced at its own time)")
-    if getattr(price, "max_output_tokens", None):
-        lines.append(f"max output:   {price.max_output_tokens} tokens")
-    return "\n".join(lines)
+for _command in (prices, export, import_, prune):
+    main.add_command(_command)
 
 
 if __name__ == "__main__":  # pragma: no cover

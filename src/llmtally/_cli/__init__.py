@@ -1,0 +1,1 @@
+"""The commands of `llmtally` (``cli.py`` is the group), one module per concern."""
