@@ -188,3 +188,33 @@ def test_unknown_database_kinds_are_refused(tmp_path):
         Tally("::not a url::///")
     with pytest.raises(ConfigError, match="empty"):
         Tally("   ")
+
+
+def test_every_declared_table_matches_what_the_migrations_made(ledger_url):
+    """The live SQLModel declarations (events and budgets alike) and the migrations' frozen DDL
+    agree on each table: columns, their types as the database reports them, nullability,
+    primary keys and indexes."""
+    from llmtally._budgets.tables import BudgetAlertSent, BudgetCounter, BudgetDefinition, BudgetHold
+
+    Store(ledger_url).ensure_schema()
+    engine = create_engine(ledger_url)
+    seen = inspect(engine)
+    for model in (UsageEvent, BudgetCounter, BudgetHold, BudgetAlertSent, BudgetDefinition):
+        table = model.__table__
+        columns = {c["name"]: c for c in seen.get_columns(table.name)}
+        assert set(columns) == {c.name for c in table.columns}, table.name
+        for column in table.columns:
+            made = columns[column.name]
+            declared = column.type.compile(dialect=engine.dialect)
+            reported = made["type"].compile(dialect=engine.dialect).split("(")[0]
+            # PostgreSQL reports FLOAT as its storage type
+            assert {"DOUBLE PRECISION": "FLOAT"}.get(reported, reported) == declared.split("(")[0], \
+                (table.name, column.name)
+            assert getattr(made["type"], "length", None) == getattr(column.type, "length", None), \
+                (table.name, column.name)
+            if not column.primary_key:
+                assert made["nullable"] == column.nullable, (table.name, column.name)
+        assert seen.get_pk_constraint(table.name)["constrained_columns"] == \
+            [c.name for c in table.primary_key.columns], table.name
+        assert {i["name"] for i in seen.get_indexes(table.name)} == {i.name for i in table.indexes}
+    engine.dispose()

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import os
 import socket
-from typing import Any
+from datetime import datetime
+from typing import TYPE_CHECKING, Any, ClassVar
 
 from sqlalchemy import (
     JSON,
@@ -12,10 +13,7 @@ from sqlalchemy import (
     Column,
     Connection,
     DateTime,
-    Float,
-    MetaData,
-    String,
-    Table,
+    Index,
     Text,
     bindparam,
     cast,
@@ -23,54 +21,84 @@ from sqlalchemy import (
     text,
 )
 from sqlalchemy.dialects.postgresql import JSONB
+from sqlmodel import Field, SQLModel
 
 from .._storage.tables import UsageEvent
 
-__all__ = ["COUNTERS", "RESERVATIONS", "ALERTS", "DEFINITIONS"]
+if TYPE_CHECKING:
+    from sqlalchemy import Table
+
+__all__ = ["BudgetCounter", "BudgetHold", "BudgetAlertSent", "BudgetDefinition",
+           "COUNTERS", "RESERVATIONS", "ALERTS", "DEFINITIONS"]
+
+# Declared as the events table is (SQLModel; times are naive UTC, so DateTime without a time
+# zone, not SQLModel's default for datetime); the migrations in _storage/migrations.py keep
+# their own frozen copies of the DDL that created them.
 
 
-_meta = MetaData()
+class BudgetCounter(SQLModel, table=True):
+    """What a budget has spent and holds in one window, for one ``each=`` instance."""
+
+    if TYPE_CHECKING:
+        __table__: ClassVar[Table]
+
+    __tablename__ = "llmtally_budget_counters"
+    budget_key: str = Field(primary_key=True, max_length=512)
+    instance: str = Field(primary_key=True, max_length=256)
+    window_start: datetime = Field(primary_key=True, sa_type=DateTime)
+    window_end: datetime | None = Field(default=None, sa_type=DateTime)
+    spent: int = Field(sa_type=BigInteger)  # in units: nano-USD, tokens, requests
+    reserved: int = Field(sa_type=BigInteger)
+    updated_at: datetime = Field(sa_type=DateTime)
 
 
-COUNTERS = Table(
-    "llmtally_budget_counters", _meta,
-    Column("budget_key", String(512), primary_key=True),
-    Column("instance", String(256), primary_key=True),
-    Column("window_start", DateTime, primary_key=True),
-    Column("window_end", DateTime),
-    Column("spent", BigInteger, nullable=False),
-    Column("reserved", BigInteger, nullable=False),
-    Column("updated_at", DateTime, nullable=False),
-)
+class BudgetHold(SQLModel, table=True):
+    """An open reservation: what one call holds on each counter until its event lands."""
+
+    if TYPE_CHECKING:
+        __table__: ClassVar[Table]
+
+    __tablename__ = "llmtally_reservations"
+    __table_args__ = (Index("ix_llmtally_reservations_expires_at", "expires_at"),)
+    id: str = Field(primary_key=True, max_length=64)
+    created_at: datetime = Field(sa_type=DateTime)
+    expires_at: datetime = Field(sa_type=DateTime)
+    holds: list[list[object]] = Field(
+        sa_column=Column("holds", JSON().with_variant(JSONB(), "postgresql"), nullable=False))
 
 
-RESERVATIONS = Table(
-    "llmtally_reservations", _meta,
-    Column("id", String(64), primary_key=True),
-    Column("created_at", DateTime, nullable=False),
-    Column("expires_at", DateTime, nullable=False),
-    Column("holds", JSON().with_variant(JSONB(), "postgresql"), nullable=False),
-)
+class BudgetAlertSent(SQLModel, table=True):
+    """A threshold warning already sent, so that many processes send each once."""
+
+    if TYPE_CHECKING:
+        __table__: ClassVar[Table]
+
+    __tablename__ = "llmtally_budget_alerts"
+    budget_key: str = Field(primary_key=True, max_length=512)
+    instance: str = Field(primary_key=True, max_length=256)
+    window_start: datetime = Field(primary_key=True, sa_type=DateTime)
+    threshold: float = Field(primary_key=True)
+    fired_at: datetime = Field(sa_type=DateTime)
 
 
-ALERTS = Table(
-    "llmtally_budget_alerts", _meta,
-    Column("budget_key", String(512), primary_key=True),
-    Column("instance", String(256), primary_key=True),
-    Column("window_start", DateTime, primary_key=True),
-    Column("threshold", Float, primary_key=True),
-    Column("fired_at", DateTime, nullable=False),
-)
+class BudgetDefinition(SQLModel, table=True):
+    """A budget in force on the ledger, whichever process defined it."""
+
+    if TYPE_CHECKING:
+        __table__: ClassVar[Table]
+
+    __tablename__ = "llmtally_budgets"
+    budget_key: str = Field(primary_key=True, max_length=512)
+    definition: str = Field(sa_type=Text)  # Budget.to_dict() as JSON
+    timezone: str = Field(max_length=64)  # the zone its windows are counted in
+    updated_at: datetime = Field(sa_type=DateTime)
+    updated_by: str = Field(max_length=256)  # host:pid of the Tally that set it
 
 
-DEFINITIONS = Table(
-    "llmtally_budgets", _meta,
-    Column("budget_key", String(512), primary_key=True),
-    Column("definition", Text, nullable=False),
-    Column("timezone", String(64), nullable=False),
-    Column("updated_at", DateTime, nullable=False),
-    Column("updated_by", String(256), nullable=False),
-)
+COUNTERS = BudgetCounter.__table__
+RESERVATIONS = BudgetHold.__table__
+ALERTS = BudgetAlertSent.__table__
+DEFINITIONS = BudgetDefinition.__table__
 
 
 E = UsageEvent.__table__.c
