@@ -596,3 +596,24 @@ def test_fireworks_cache_reads_cost_half_and_embeddings_have_no_output(book: Pri
         (400 * 3 + 600 * 1.5) / 1e6, abs=1e-12)
     embedded = book.cost(model="mistral/mistral-embed", input_tokens=1000, output_tokens=50)
     assert (embedded.status, embedded.cost) == ("priced", pytest.approx(1000 * 0.1 / 1e6, abs=1e-12))
+
+
+def test_a_map_files_provider_in_any_case_prices_calls_naming_it_in_any_case(tmp_path):
+    """A user's map file may spell its provider "Acme"; calls naming it "acme" (or leading the
+    model with "acme/") are priced by its entries, and another provider's calls are not."""
+    import json
+
+    from llmtally._pricing.book import PriceBook
+
+    path = tmp_path / "map.json"
+    path.write_text(json.dumps({
+        "chat-1": {"litellm_provider": "Acme", "input_cost_per_token": 1e-6,
+                   "output_cost_per_token": 2e-6, "mode": "chat"},
+        "gpt-x": {"litellm_provider": "openai", "input_cost_per_token": 5e-6, "mode": "chat"},
+    }))
+    book = PriceBook(price_map=str(path))
+    for model, provider in (("chat-1", "acme"), ("chat-1", "Acme"), ("acme/chat-1", None),
+                            ("chat-1", None)):
+        priced = book.cost(model, provider, input_tokens=1000, output_tokens=10)
+        assert priced.cost == pytest.approx(1000 * 1e-6 + 10 * 2e-6, abs=1e-12), (model, provider)
+    assert book.cost("chat-1", "openai", input_tokens=1000).status == "unpriced"

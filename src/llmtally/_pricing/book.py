@@ -330,13 +330,16 @@ class PriceBook:
     def _resolve_map(self, model: str, provider: str | None) -> ModelPrice | None:
         canonical = canonical_provider(provider)
         price_map = self._loaded()
-        guard = canonical if canonical in price_map.families else None
+        # a provider the map knows prices only its own entries; names LiteLLM does not know keep
+        # their case when stored, so the map's "Acme" and a call's "acme" are compared folded
+        guard = canonical.lower() if canonical and canonical.lower() in price_map.families else None
         for key in _keys_to_try(model, provider):
             entry = price_map.entries.get(key)
             if entry is None:
                 continue
             provider_name = entry.get("litellm_provider")
-            if guard and (not isinstance(provider_name, str) or canonical_provider(provider_name) != guard):
+            if guard and (not isinstance(provider_name, str)
+                          or (canonical_provider(provider_name) or "").lower() != guard):
                 continue
             return entry_price(price_map.keys[key], entry, price_map.source, self.currency, self._usd_factor)
         return None
