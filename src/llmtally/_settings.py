@@ -27,10 +27,11 @@ from pydantic import BaseModel, BeforeValidator, ConfigDict, ValidationError
 from ._budgets.alerts import is_webhook
 from ._budgets.budget import DEFAULT_MAX_OUTPUT_ESTIMATE, DEFAULT_RESERVATION_TTL_S, Budget, zone
 from ._errors import ConfigError
+from ._events.event import short_repr as short
 from ._events.scope import SCOPE_KEYS
 from ._pricing.price import Price
 
-__all__ = ["Settings", "PRICE_KEYS", "unknown_key", "short"]
+__all__ = ["Settings", "PRICE_KEYS", "unknown_key"]
 
 PRICE_KEYS = ("input", "output", "cache_read", "cache_write", "reasoning", "per", "currency")
 
@@ -50,12 +51,6 @@ class Problem(ValueError):
         if named and self.where == key:
             return self.text
         return f"{self.where} = {short(self.value)} {self.text}"
-
-
-def short(value: Any) -> str:
-    """``repr(value)``, cut to 60 characters."""
-    text = repr(value)
-    return text if len(text) <= 60 else text[:57] + "..."
 
 
 def unknown_key(key: object, where: str, allowed: Sequence[str]) -> str:

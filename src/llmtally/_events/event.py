@@ -20,7 +20,7 @@ if TYPE_CHECKING:
     from .._pricing.book import PriceBook
 
 __all__ = ["CallEvent", "event_row", "STATUSES", "CALL_TYPES", "SOURCES", "TOKEN_FIELDS",
-           "NO_USAGE", "as_utc_naive", "clean_id"]
+           "NO_USAGE", "as_utc_naive", "clean_id", "short_repr"]
 
 STATUSES = frozenset({"ok", "error", "blocked"})
 CALL_TYPES = frozenset({"chat", "completion", "embedding", "image", "audio", "rerank",
@@ -148,7 +148,7 @@ def event_row(event: CallEvent, event_id: str, now: datetime, scope: _scope.Attr
             except Exception as exc:  # a Mapping that cannot be read costs its metadata only
                 notes.append(f"metadata could not be read ({type(exc).__name__}); ignored")
         else:
-            notes.append(f"metadata={_short_repr(metadata)} is not a mapping; ignored")
+            notes.append(f"metadata={short_repr(metadata)} is not a mapping; ignored")
     if meta:
         meta = clean_metadata(meta, notes)  # cycles, depth, odd types: never to the writer
     if cache_hit:
@@ -180,17 +180,18 @@ def _token_count(value: Any, name: str, notes: list[str]) -> int:
     count = coerce_count(value)
     if count is None:
         if value is not None:
-            notes.append(f"{name}={_short_repr(value)} is not a token count; recorded as 0")
+            notes.append(f"{name}={short_repr(value)} is not a token count; recorded as 0")
         return 0
     return count
 
 
-def _short_repr(value: Any) -> str:
+def short_repr(value: Any, limit: int = 60) -> str:
+    """``repr(value)`` cut to ``limit`` characters, for messages; never raises."""
     try:
         text = repr(value)
-    except Exception:  # a hostile __repr__ must not cost the event
+    except Exception:  # a hostile __repr__ must not cost the event (or the message)
         text = f"<unprintable {type(value).__name__}>"
-    return text if len(text) <= 60 else text[:57] + "..."
+    return text if len(text) <= limit else text[:limit - 3] + "..."
 
 
 def _clean_text(value: Any, notes: list[str], name: str, limit: int = 256) -> str | None:
@@ -213,7 +214,7 @@ def _clean_text(value: Any, notes: list[str], name: str, limit: int = 256) -> st
 def _one_of(value: Any, allowed: frozenset[str], name: str, fallback: str, notes: list[str]) -> str:
     if value in allowed:
         return value  # type: ignore[no-any-return]
-    notes.append(f"{name}={_short_repr(value)} is not one of {sorted(allowed)}; recorded as {fallback!r}")
+    notes.append(f"{name}={short_repr(value)} is not one of {sorted(allowed)}; recorded as {fallback!r}")
     return fallback
 
 
@@ -223,7 +224,7 @@ def _milliseconds(value: Any, name: str, notes: list[str]) -> float | None:
     except (TypeError, ValueError):
         number = -1.0
     if not (number >= 0 and number != float("inf")):
-        notes.append(f"{name}={_short_repr(value)} is not a duration; left empty")
+        notes.append(f"{name}={short_repr(value)} is not a duration; left empty")
         return None
     return number
 
@@ -234,6 +235,6 @@ def _tag_tuple(tags: Any, notes: list[str]) -> tuple[str, ...]:
     try:
         cleaned = [_clean_text(tag, notes, "tag") for tag in tags]
     except TypeError:
-        notes.append(f"tags={_short_repr(tags)} is not a list of strings; ignored")
+        notes.append(f"tags={short_repr(tags)} is not a list of strings; ignored")
         return ()
     return tuple(dict.fromkeys(tag for tag in cleaned if tag))

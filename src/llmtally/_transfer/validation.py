@@ -8,7 +8,7 @@ from collections.abc import Mapping
 from datetime import datetime, timezone
 from typing import Any
 
-from .._events.event import CALL_TYPES, SOURCES, STATUSES, TOKEN_FIELDS
+from .._events.event import CALL_TYPES, SOURCES, STATUSES, TOKEN_FIELDS, short_repr
 from .._events.usage import MAX_TOKEN_COUNT
 from .._storage.tables import EVENT_COLUMNS, MAX_ID, MAX_TEXT
 from .transfer import COST_STATUSES, MAX_METADATA_DEPTH
@@ -74,8 +74,8 @@ def _check_whole(row: Mapping[str, Any]) -> None:
 
 
 def short(value: Any) -> str:
-    text = repr(value)
-    return text if len(text) <= 40 else text[:37] + "..."
+    """A value as an import error shows it (40 characters at most)."""
+    return short_repr(value, 40)
 
 
 def _check_string(text: str, name: str) -> None:
