@@ -8,7 +8,7 @@ import hashlib
 import json
 import struct
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any
 
 from ._script import FakeToolCall, Script
@@ -74,23 +74,14 @@ def chat_completions(h: Handler, script: Script, body: dict[str, Any]) -> None:
         choice = {"index": 0, "message": message, "logprobs": None, "finish_reason": "stop"}
         return h.send_json(200, {"id": rid, "object": "chat.completion", "created": created, "model": model,
                                  "choices": [choice], "usage": usage, "system_fingerprint": "fp_fake"})
-    include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
     head = {"id": rid, "object": "chat.completion.chunk", "created": created, "model": model,
             "system_fingerprint": "fp_fake"}
-    extra = {"usage": None} if include_usage else {}
 
-    def events() -> Iterator[SseEvent]:
-        pieces = split_reply(reply)
-        for i, piece in enumerate(pieces):
-            delta = {"role": "assistant", "content": piece} if i == 0 else {"content": piece}
-            last = i == len(pieces) - 1
-            choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": "stop" if last else None}
-            yield "", {**head, "choices": [choice], **extra}, True
-        if include_usage:
-            yield "", {**head, "choices": [], "usage": usage}, False
-        yield "", "[DONE]", False
+    def chunk(i: int, piece: str, finish: str | None) -> dict[str, Any]:
+        delta = {"role": "assistant", "content": piece} if i == 0 else {"content": piece}
+        return {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}
 
-    h.send_sse(events(), script.cut_after)
+    _stream_text(h, script, body, head, reply, usage, chunk)
 
 
 def completions(h: Handler, script: Script, body: dict[str, Any]) -> None:
@@ -104,15 +95,26 @@ def completions(h: Handler, script: Script, body: dict[str, Any]) -> None:
         choices = [{"index": i, "text": reply, "logprobs": None, "finish_reason": "stop"}
                    for i in range(n_prompts)]
         return h.send_json(200, {**head, "choices": choices, "usage": usage})
+
+    def chunk(_i: int, piece: str, finish: str | None) -> dict[str, Any]:
+        return {"index": 0, "text": piece, "logprobs": None, "finish_reason": finish}
+
+    _stream_text(h, script, body, head, reply, usage, chunk)
+
+
+def _stream_text(h: Handler, script: Script, body: dict[str, Any], head: dict[str, Any],
+                 reply: str, usage: dict[str, Any],
+                 choice: Callable[[int, str, str | None], dict[str, Any]]) -> None:
+    """A text reply as OpenAI streams it: one chunk per piece (``choice`` shapes each: a chat
+    delta or a completion's text), the usage chunk if asked for, then ``[DONE]``."""
     include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
     extra = {"usage": None} if include_usage else {}
 
     def events() -> Iterator[SseEvent]:
         pieces = split_reply(reply)
         for i, piece in enumerate(pieces):
-            last = i == len(pieces) - 1
-            choice = {"index": 0, "text": piece, "logprobs": None, "finish_reason": "stop" if last else None}
-            yield "", {**head, "choices": [choice], **extra}, True
+            finish = "stop" if i == len(pieces) - 1 else None
+            yield "", {**head, "choices": [choice(i, piece, finish)], **extra}, True
         if include_usage:
             yield "", {**head, "choices": [], "usage": usage}, False
         yield "", "[DONE]", False
