@@ -1021,3 +1021,62 @@ def test_a_price_map_file_without_models_names_itself(tmp_path):
     listing.write_text("[1, 2]")
     with pytest.raises(ConfigError, match=r"^price_map: '.*list\.json' holds no JSON object of models"):
         PriceBook(price_map=str(listing)).known_models()
+
+
+# -- _storage: what users type as database_url, and what counts as an outage -----------------
+
+
+def test_database_urls_as_users_type_them(tmp_path, monkeypatch):
+    from llmtally._errors import ConfigError
+    from llmtally._storage.store_urls import normalize_url
+
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ConfigError, match=r"^database_url is empty: give a path such as "
+                                          r"'llmtally\.db' or a URL such as "
+                                          r"'postgresql\+psycopg://user@host/db'$"):
+        normalize_url("  ")
+    assert normalize_url("ledger.db") == f"sqlite:///{tmp_path / 'ledger.db'}"
+    assert normalize_url(" sqlite:///rel/l.db?timeout=5 ") == f"sqlite:///{tmp_path}/rel/l.db?timeout=5"
+    assert normalize_url("sqlite:///:memory:") == "sqlite:///:memory:"
+    assert normalize_url("postgres://u:p@db:5432/llm") == "postgresql+psycopg://u:p@db:5432/llm"
+    assert normalize_url("postgresql://u@db/llm") == "postgresql+psycopg://u@db/llm"
+    # only the first "://" is the scheme's: a second one (in a query value) is kept as it is
+    assert normalize_url("postgresql://u@db/llm?application_name=a://b") == \
+        "postgresql+psycopg://u@db/llm?application_name=a://b"
+    assert normalize_url("postgresql+psycopg://u@db/llm") == "postgresql+psycopg://u@db/llm"
+
+
+@pytest.mark.postgres
+def test_a_postgres_scheme_url_opens_the_real_server(tmp_path):
+    """``postgres://`` (what Heroku and many dashboards hand out) reaches the server."""
+    from conftest import PG_URL, require_postgres
+
+    from llmtally import Tally
+
+    require_postgres()
+    url = PG_URL.replace("postgresql+psycopg://", "postgres://")
+    assert url.startswith("postgres://")
+    with Tally(url, price_map="bundled", spill_path=tmp_path / "s.jsonl") as tally:
+        assert tally.store.dialect == "postgresql"
+        assert tally.store.url.startswith("postgresql+psycopg://")
+
+
+def test_what_counts_as_an_outage():
+    import sqlite3
+
+    from sqlalchemy.exc import DatabaseError, IntegrityError, OperationalError
+
+    from llmtally._errors import LedgerError
+    from llmtally._storage.store_outage import is_outage
+
+    assert is_outage(OperationalError("SELECT 1", {}, Exception("db down")))
+    assert is_outage(LedgerError("the file cannot be used now"))
+    dropped = DatabaseError("SELECT 1", {}, Exception("server closed the connection"),
+                            connection_invalidated=True)
+    assert is_outage(dropped)
+    assert not is_outage(DatabaseError("SELECT 1", {}, Exception("bad value")))
+    assert not is_outage(IntegrityError("INSERT", {}, Exception("duplicate key")))
+    assert is_outage(OSError(28, "No space left on device"))
+    assert is_outage(sqlite3.OperationalError("database is locked"))
+    assert not is_outage(sqlite3.IntegrityError("UNIQUE constraint failed"))
+    assert not is_outage(ValueError("a bad row"))
