@@ -15,6 +15,7 @@ import threading
 import time
 import tomllib
 import uuid
+import warnings
 from datetime import datetime
 from importlib.util import find_spec
 from pathlib import Path
@@ -309,10 +310,13 @@ def test_the_proxys_router_lists_a_groups_deployments(release):
     assert "\nllm_router: Router | None = None\n" in source.read_text()
     router = litellm.Router(model_list=[
         {"model_name": "mini", "litellm_params": {"model": "openai/gpt-4o-mini"}},
-        {"model_name": "mini", "litellm_params": {"model": "azure/mini-eu"}}])
-    deployments = router.get_model_list(model_name="mini")
-    assert [d["litellm_params"]["model"] for d in deployments] == ["openai/gpt-4o-mini",
-                                                                   "azure/mini-eu"]
+        {"model_name": "mini", "litellm_params": {"model": "azure/mini-eu"}},
+        {"model_name": "big", "litellm_params": {"model": "openai/gpt-4o"}}])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", DeprecationWarning)  # the listing is not deprecated
+        assert compat.deployment_models(router, "mini") == ["openai/gpt-4o-mini", "azure/mini-eu"]
+    assert compat.deployment_models(router, "none") == []
+    assert callable(getattr(router, "registry", None)) is (version_tuple(release) >= (1, 109))
     assert compat.proxy_deployment_models("mini") == []  # no proxy running here
 
 

@@ -32,7 +32,7 @@ __all__ = [
     "LOGGING_THREAD_PREFIX", "installed_version", "is_supported", "check_version",
     "check_attach", "warn_lost", "make_distinct", "is_registered", "call_details",
     "logging_obj_of", "logged_metadata", "sent_request_body", "provider_response_model",
-    "openai_compatible_providers", "llm_provider", "proxy_deployment_models",
+    "openai_compatible_providers", "llm_provider", "proxy_deployment_models", "deployment_models",
     "wrap_function_setup", "function_setup_wrapped", "restore_correlation_context",
     "stream_wrapper_class", "stream_call", "logging_threads_busy", "logging_worker",
     "worker_pending", "worker_loop",
@@ -208,15 +208,26 @@ PROXY_CALLER_FIELDS = (
 
 
 def proxy_deployment_models(model_group: str) -> list[str]:
-    """The ``litellm_params.model`` of each deployment of ``model_group`` in the running
-    proxy's router (``litellm.proxy.proxy_server.llm_router``); empty outside the proxy."""
+    """:func:`deployment_models` of the running proxy's router
+    (``litellm.proxy.proxy_server.llm_router``); empty outside the proxy."""
     try:
         from litellm.proxy.proxy_server import llm_router
-
-        deployments = (llm_router.get_model_list(model_name=model_group) or []) if llm_router else []
     except Exception:
         return []
-    params = (d.get("litellm_params") for d in deployments if isinstance(d, dict))
+    return deployment_models(llm_router, model_group) if llm_router is not None else []
+
+
+def deployment_models(router: Any, model_group: str) -> list[str]:
+    """The ``litellm_params.model`` of each deployment of ``model_group`` in a ``Router``:
+    ``router.registry().deployments(name)`` where it exists (1.109+), else
+    ``router.get_model_list(model_name=name)`` (deprecated since); each a dict."""
+    try:
+        registry = getattr(router, "registry", None)
+        deployments = registry().deployments(model_group) if callable(registry) \
+            else router.get_model_list(model_name=model_group)
+    except Exception:
+        return []
+    params = (d.get("litellm_params") for d in deployments or [] if isinstance(d, dict))
     models = (p.get("model") for p in params if isinstance(p, dict))
     return [model for model in models if isinstance(model, str) and model]
 
