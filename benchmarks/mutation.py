@@ -58,7 +58,7 @@ MODULES: dict[str, tuple[str, list[str]]] = {
                 "tests/test_hostile_writer.py", "tests/test_mutation_kills.py"]),
     "litellm": ("src/llmtally/integrations/litellm*",
                 ["tests/test_litellm.py", "tests/test_litellm_budgets.py",
-                 "tests/test_mutation_kills.py"]),
+                 "tests/test_litellm_compat.py", "tests/test_mutation_kills.py"]),
     "langchain": ("src/llmtally/integrations/langchain*",
                   ["tests/test_langchain.py", "tests/test_langchain_budgets.py",
                    "tests/test_mutation_kills.py"]),

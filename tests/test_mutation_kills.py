@@ -534,7 +534,7 @@ def test_a_price_needs_an_input_price_and_says_what_is_allowed():
 
 
 def test_litellm_versions_compare_by_their_leading_numbers():
-    from llmtally._pricing.price_map import _version_tuple
+    from llmtally._versions import version_tuple as _version_tuple
 
     assert _version_tuple("1.110.2") == (1, 110, 2)
     assert _version_tuple("1.81.0rc1") == (1, 81, 0)

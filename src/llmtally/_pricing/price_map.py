@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from llmtally._errors import ConfigError
+from llmtally._versions import version_tuple
 
 from .model_price import (
     ABOVE_KEY,
@@ -226,16 +227,6 @@ def installed_litellm() -> tuple[str, str] | None:
     return version, path
 
 
-def _version_tuple(version: str) -> tuple[int, ...]:
-    parts = []
-    for part in version.split(".")[:4]:
-        digits = re.match(r"\d*", part).group()  # type: ignore[union-attr]
-        if not digits:
-            break
-        parts.append(int(digits))
-    return tuple(parts)
-
-
 def _read_json(path: str, what: str) -> Any:
     import json
 
@@ -300,7 +291,7 @@ def load_map(choice: str) -> PriceMap:
         return _load_litellm(installed)
     if choice == "auto":
         installed = installed_litellm()
-        if installed and _version_tuple(installed[0]) > _version_tuple(_bundled_litellm_version()):
+        if installed and version_tuple(installed[0]) > version_tuple(_bundled_litellm_version()):
             try:
                 return _load_litellm(installed)
             except ConfigError:

@@ -4,12 +4,12 @@ run to the end, so that tally.flush() means every call made so far is recorded."
 from __future__ import annotations
 
 import asyncio
-import sys
 import threading
 import time
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from .._log import warn_limited
+from . import litellm_compat as compat
 from .litellm_streams import (
     collect_garbage,
     state_of,
@@ -17,9 +17,6 @@ from .litellm_streams import (
     wait_for_running_collection,
     watched,
 )
-
-if TYPE_CHECKING:
-    pass
 
 __all__ = ["drain_logging_worker", "adrain_logging_worker"]
 
@@ -47,17 +44,11 @@ def drain_logging_worker(timeout: float | None = None) -> None:
         # and the stream refer to each other): find such streams now, off the caller's thread
         collect_garbage(deadline)
     wait_for_abandoned_streams(deadline)
-    module = sys.modules.get("litellm.litellm_core_utils.logging_worker")
-    worker = getattr(module, "GLOBAL_LOGGING_WORKER", None)
-    if worker is None or getattr(worker, "_queue", None) is None:
-        return
-    pending = getattr(worker, "pending_count", None)
-    if pending is None:
-        pending = worker._queue.qsize()
-    if not pending:
+    worker = compat.logging_worker()
+    if worker is None or not compat.worker_pending(worker):
         return
     left = _DRAIN_WAIT_S if timeout is None else max(0.0, deadline - time.monotonic())
-    bound = getattr(worker, "_bound_loop", None)
+    bound = compat.worker_loop(worker)
     try:
         running = asyncio.get_running_loop()
     except RuntimeError:
@@ -82,8 +73,7 @@ async def adrain_logging_worker(timeout: float | None = None) -> None:
     and those calls are never logged; awaiting this before then keeps them (see
     :meth:`Tally.aflush`)."""
     deadline = time.monotonic() + (_DRAIN_WAIT_S if timeout is None else timeout)
-    module = sys.modules.get("litellm.litellm_core_utils.logging_worker")
-    worker = getattr(module, "GLOBAL_LOGGING_WORKER", None)
+    worker = compat.logging_worker()
     if worker is None:
         return
     # A call that returned may hand its logging to the worker a few loop turns later (more
@@ -91,11 +81,9 @@ async def adrain_logging_worker(timeout: float | None = None) -> None:
     quiet = 0
     while quiet < 3 and time.monotonic() < deadline:
         await asyncio.sleep(0)
-        if getattr(worker, "_queue", None) is None:
+        pending = compat.worker_pending(worker)
+        if pending is None:
             return
-        pending = getattr(worker, "pending_count", None)
-        if not isinstance(pending, int):
-            pending = worker._queue.qsize()
         quiet = 0 if pending else quiet + 1
         try:  # also waits for the logging already running (the queue's unfinished tasks)
             await asyncio.wait_for(worker.flush(), max(0.0, deadline - time.monotonic()))
@@ -106,15 +94,9 @@ async def adrain_logging_worker(timeout: float | None = None) -> None:
 
 
 def _wait_for_logging_threads(deadline: float) -> None:
-    module = sys.modules.get("litellm.litellm_core_utils.thread_pool_executor")
-    executor = getattr(module, "executor", None)
-    slots: Any = getattr(executor, "_pending_slots", None)  # released as each queued task ends
-    capacity = getattr(executor, "_max_pending_tasks", None)
-    if not isinstance(capacity, int) or not isinstance(getattr(slots, "_value", None), int):
-        return
-    if threading.current_thread().name.startswith("litellm-logging"):
+    if threading.current_thread().name.startswith(compat.LOGGING_THREAD_PREFIX):
         return  # flushing from one of LiteLLM's own logging threads: it would wait for itself
-    while slots._value < capacity and time.monotonic() < deadline:
+    while compat.logging_threads_busy() and time.monotonic() < deadline:
         time.sleep(0.001)
 
 

@@ -3,7 +3,6 @@ odd fields give None / 0, never an exception); see ``integrations.litellm`` for 
 
 from __future__ import annotations
 
-import sys
 from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import datetime
@@ -13,8 +12,10 @@ from .._errors import error_type
 from .._events import scope as _scope
 from .._events.event import CallEvent
 from .._events.usage import Usage, extract_usage, response_model, response_text
+from . import litellm_compat as compat
+from .litellm_compat import PROXY_ADMIN
 
-__all__ = ["CallStart", "litellm_event"]
+__all__ = ["CallStart", "litellm_event", "PROXY_ADMIN"]
 
 _CALL_TYPES = {
     "completion": "chat", "text_completion": "completion", "embedding": "embedding",
@@ -66,7 +67,8 @@ def litellm_event(kwargs: Any, response_obj: Any, start_time: Any, end_time: Any
         error = kw.get("exception")
         event["error_type"] = error_type(error) if isinstance(error, BaseException) else None
     else:
-        event["resolved_model"] = _provider_model(response_obj) or response_model(response_obj)
+        event["resolved_model"] = compat.provider_response_model(response_obj) or \
+            response_model(response_obj)
         if streamed:
             event["ttft_ms"] = _ms_between(start_time, kw.get("completion_start_time"))
         usage = None if abandoned else extract_usage(response_obj)
@@ -86,16 +88,6 @@ def litellm_event(kwargs: Any, response_obj: Any, start_time: Any, end_time: Any
     elif event.get("estimated"):
         event["metadata"]["llmtally_estimated"] = "the provider reported no usage; tokens counted offline"
     return CallEvent(**event)
-
-
-def _provider_model(response_obj: Any) -> str | None:
-    """The model the provider answered with, as LiteLLM kept it: the proxy renames the
-    response's ``model`` to the model group it was asked for (before deferred logging runs)."""
-    try:
-        hidden = getattr(response_obj, "_hidden_params", None)
-    except Exception:
-        return None
-    return text(hidden.get("provider_response_model")) if isinstance(hidden, dict) else None
 
 
 def attribution(kw: Mapping[str, Any], params: Mapping[str, Any], meta: Mapping[str, Any],
@@ -133,29 +125,15 @@ def attribution(kw: Mapping[str, Any], params: Mapping[str, Any], meta: Mapping[
     }
 
 
-# What the LiteLLM proxy puts as the user of requests made with its master key
-# (``litellm.constants.LITELLM_PROXY_ADMIN_NAME``).
-PROXY_ADMIN = "default_user_id"
-
-
-# The LiteLLM proxy's caller, as its auth step put it in the request metadata.
-_PROXY_FIELDS = (("key_alias", "user_api_key_alias"), ("user_id", "user_api_key_user_id"),
-                 ("team_id", "user_api_key_team_id"), ("team_alias", "user_api_key_team_alias"),
-                 ("end_user", "user_api_key_end_user_id"), ("org_id", "user_api_key_org_id"),
-                 ("project_id", "user_api_key_project_id"),
-                 ("project_alias", "user_api_key_project_alias"))
-
-
 def _proxy_caller(kw: Mapping[str, Any], params: Mapping[str, Any],
                   meta: Mapping[str, Any]) -> dict[str, str]:
     """The proxy's key alias, user, team, organisation and end user, when the call came through
     the LiteLLM proxy (``user_api_key_*`` metadata), as ``metadata`` entries plus ``project``
     (LiteLLM project, else the team) and ``team``. The key itself and its hash are never read.
     """
-    sources = [meta, mapping(params.get("litellm_metadata")),
-               mapping(mapping(kw.get("standard_logging_object")).get("metadata"))]
+    sources = [meta, mapping(params.get("litellm_metadata")), compat.logged_metadata(kw)]
     found: dict[str, str] = {}
-    for name, field in _PROXY_FIELDS:
+    for name, field, _ in compat.PROXY_CALLER_FIELDS:
         for source in sources:
             value = text(source.get(field))
             if value == PROXY_ADMIN and name == "user_id":
@@ -185,7 +163,7 @@ def _event_id(call_id: str, start_time: Any) -> str:
 def _usage_not_sent(kw: Mapping[str, Any], provider: str | None,
                     call_start: CallStart | None) -> bool:
     """True when an OpenAI-format stream was not asked for usage, so the provider sent none."""
-    if provider not in _OPENAI_FORMAT and provider not in _openai_compatible():
+    if provider not in _OPENAI_FORMAT and provider not in compat.openai_compatible_providers():
         return False
     if call_start is not None and call_start.stream_usage_asked is not None:
         return not call_start.stream_usage_asked
@@ -195,15 +173,9 @@ def _usage_not_sent(kw: Mapping[str, Any], provider: str | None,
 def asks_for_usage(kw: Mapping[str, Any]) -> bool:
     """Whether the request body LiteLLM sent (or, failing that, the caller's arguments) asked
     the stream for usage. LiteLLM adds the option itself for api.openai.com."""
-    body = mapping(mapping(kw.get("additional_args")).get("complete_input_dict"))
+    body = compat.sent_request_body(kw)
     options = body.get("stream_options") if "stream_options" in body else kw.get("stream_options")
     return isinstance(options, Mapping) and options.get("include_usage") is True
-
-
-def _openai_compatible() -> frozenset[str]:
-    litellm = sys.modules.get("litellm")
-    names = getattr(litellm, "openai_compatible_providers", ())
-    return frozenset(names) if isinstance(names, (list, tuple, set, frozenset)) else frozenset()
 
 
 def _count_offline(kw: Mapping[str, Any], response_obj: Any, model: str) -> Usage:
@@ -263,8 +235,8 @@ def call_key(kwargs: Any) -> str | None:
         return None
     # A call's own kwargs (the deployment hook's) may hold anything the caller passed: read the
     # stamp from its logging object. Hooks given the logging details themselves read it there.
-    details = getattr(kwargs.get("litellm_logging_obj"), "model_call_details", None)
-    key = details.get(EVENT_ID_KEY) if isinstance(details, dict) else kwargs.get(EVENT_ID_KEY)
+    details = compat.call_details(compat.logging_obj_of(kwargs))
+    key = details.get(EVENT_ID_KEY) if details is not None else kwargs.get(EVENT_ID_KEY)
     if isinstance(key, str):
         return key
     call_id = kwargs.get("litellm_call_id")

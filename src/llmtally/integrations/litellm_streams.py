@@ -15,10 +15,8 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 from .._events.usage import response_model, response_text
 from .._log import warn_limited
-from .litellm_events import (
-    call_key,
-    litellm_event,
-)
+from . import litellm_compat as compat
+from .litellm_events import EVENT_ID_KEY, call_key, litellm_event
 
 if TYPE_CHECKING:
     from .._budgets.states import Reservation
@@ -65,7 +63,7 @@ _recorder: threading.Thread | None = None
 _collection: threading.Event | None = None  # set when the latest collection started has ended
 
 
-_SNAPSHOT_KEYS = ("llmtally_event_id", "litellm_call_id", "model", "custom_llm_provider", "messages", "input",
+_SNAPSHOT_KEYS = (EVENT_ID_KEY, "litellm_call_id", "model", "custom_llm_provider", "messages", "input",
                   "call_type", "litellm_params", "litellm_trace_id", "user", "stream_options",
                   "model_id")
 
@@ -105,13 +103,10 @@ def install_stream_watch() -> bool:
     with install_lock:
         if _installed:
             return True
-        try:
-            from litellm.litellm_core_utils.streaming_handler import (
-                CustomStreamWrapper as cls,
-            )
-        except ImportError:
-            return False
-        if not all(callable(getattr(cls, name, None)) for name in ("__init__", "__next__", "__anext__")):
+        cls: Any = compat.stream_wrapper_class()
+        if cls is None:
+            compat.warn_lost("CustomStreamWrapper", "streams left unread are not recorded "
+                             "(streams read to the end still are)")
             return False
         original_init, original_next, original_anext = cls.__init__, cls.__next__, cls.__anext__
 
@@ -155,7 +150,7 @@ def install_stream_watch() -> bool:
             return chunk
 
         # patching LiteLLM's class in place is the point here
-        cls.__init__, cls.__next__, cls.__anext__ = (  # type: ignore[method-assign]
+        cls.__init__, cls.__next__, cls.__anext__ = (
             __init__, __next__, __anext__)
         atexit.register(_drain_at_exit)  # after the ledger's exit flush was registered: runs before it
         if callable(getattr(cls, "close", None)):
@@ -168,18 +163,18 @@ def install_stream_watch() -> bool:
                 finally:
                     _closed_by_caller(self)
 
-            cls.close = close  # type: ignore[method-assign]
+            cls.close = close
         if callable(getattr(cls, "aclose", None)):
             original_aclose = cls.aclose
 
             @functools.wraps(original_aclose)
             async def aclose(self):  # type: ignore[no-untyped-def]
-                try:  # LiteLLM's aclose is unannotated
-                    return await original_aclose(self)  # type: ignore[no-untyped-call]
+                try:
+                    return await original_aclose(self)
                 finally:
                     _closed_by_caller(self)
 
-            cls.aclose = aclose  # type: ignore[method-assign]
+            cls.aclose = aclose
         _installed = True
         return True
 
@@ -190,16 +185,15 @@ def _watch(stream: Any) -> None:
         loggers = list(LOGGERS)
         if not loggers:
             return
-        logging_obj = getattr(stream, "logging_obj", None)
-        details = getattr(logging_obj, "model_call_details", None)
-        chunks = getattr(stream, "chunks", None)
-        if not isinstance(details, dict) or not isinstance(chunks, list):
+        found = compat.stream_call(stream)
+        if found is None:
             return
+        details, chunks, start_time = found
         call_id = call_key(details)
         if call_id is None or not any(lg.saw_start(call_id) for lg in loggers):
             return
         state = _StreamState(call_id, {key: details[key] for key in _SNAPSHOT_KEYS if key in details},
-                             getattr(logging_obj, "start_time", None), chunks)
+                             start_time, chunks)
         state.finalizer = weakref.finalize(stream, _stream_released, state)
         state.finalizer.atexit = True
         stream.__dict__[_STATE_ATTR] = state
