@@ -86,7 +86,7 @@ class Adapters:
         task, just after the call returned to you, so an unguarded call killed in that instant
         can be missing).
         """
-        from .integrations.litellm import guard
+        from .integrations.litellm_guard import guard
 
         return guard(self.litellm(), fn)  # type: ignore[no-any-return]
 

@@ -37,7 +37,7 @@ the transaction storing the event releases the hold and charges the real cost:
   ``CustomLogger`` hook that knows the call can raise into the caller, so the logger wraps
   LiteLLM's ``function_setup`` (which every SDK entry point calls before anything is sent,
   and whose exceptions reach the caller) and holds there; ``litellm_setup`` checks
-  its shape and otherwise falls back to :func:`guard` (``tally.guard(litellm.completion)``).
+  its shape and otherwise falls back to ``tally.guard(litellm.completion)`` (``litellm_guard.py``).
 - The proxy: ``async_pre_call_hook`` holds with the caller's attribution and turns
   ``BudgetExceeded`` into ``fastapi.HTTPException(429)``.
 - Holds never settled (a stream never read nor released, a process killed mid-call) are
@@ -62,14 +62,13 @@ from ._handoff import claim as _claim_offered
 from ._handoff import take_hold as _take_offered_hold
 from .litellm_budgets import is_budget_refusal, reserve_call
 from .litellm_events import EVENT_ID_KEY, CallStart, asks_for_usage, call_key, litellm_event
-from .litellm_guard import guard
 from .litellm_proxy import is_auth_rejection, proxy_token, put_token, request_view
 
 if TYPE_CHECKING:
     from .._budgets.states import Reservation
     from .._recorder import Recorder
 
-__all__ = ["LiteLLMLogger", "guard"]
+__all__ = ["LiteLLMLogger"]
 
 _MAX_PENDING_STARTS = 10_000  # calls started but not finished (abandoned streams never finish)
 _MAX_PENDING_HOLDS = 10_000  # budget holds not settled yet; one dropped here expires by its TTL
