@@ -326,3 +326,96 @@ def test_a_flag_in_the_file_is_a_toml_boolean(tmp_path):
     with pytest.raises(ConfigError, match=r"fail_closed = 'false' must be true or false \(a bool, not str\)"):
         load_settings(config, environ={})
     assert load_settings(_write(tmp_path, "fail_closed = false\n"), environ={}) == {"fail_closed": False}
+
+
+# -- found by a hostile review ----------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("name", "value"), [
+    ("flush_interval_s", 10**400), ("flush_interval_s", 1e308), ("reservation_ttl_s", 1e308),
+    ("reservation_ttl_s", 10**400), ("rates", {"CNY": 10**400}), ("max_output_estimate", 10**13),
+    ("batch_size", 10**400), ("max_queue", 10**12),
+])
+def test_out_of_range_numbers_are_a_config_error_before_anything_is_made(tmp_path, name, value):
+    db = tmp_path / "never.db"
+    with pytest.raises(ConfigError, match=rf"^Tally\({name}="):
+        Tally(f"sqlite:///{db}", price_map="bundled", **{name: value})
+    assert not db.exists()
+    config = _write(tmp_path, f"{name} = {value}\n" if name != "rates" else f"[rates]\nCNY = {10**400}\n")
+    with pytest.raises(ConfigError, match=rf"^{config}: "):
+        load_settings(config, environ={})
+
+
+def test_currency_codes_are_checked_by_the_settings_model_and_named_where_they_came_from():
+    with pytest.raises(ConfigError, match=r"^LLMTALLY_CURRENCY: currency = 'xyz' is not an ISO 4217"):
+        load_settings(None, environ={"LLMTALLY_CURRENCY": "xyz"})
+    with pytest.raises(ConfigError, match=r"^Tally\(rates=\{'usdollar': 1.0\}\): rates\['usdollar'\] = "
+                                          r"1.0 is not under an ISO 4217 currency code"):
+        Tally("never.db", rates={"usdollar": 1.0})
+    assert load_settings(None, environ={"LLMTALLY_CURRENCY": " eur "}) == {"currency": "EUR"}
+
+
+def test_paths_are_kept_exactly_as_given(tmp_path):
+    spill = tmp_path / "spill.jsonl "
+    with Tally(f"sqlite:///{tmp_path / 'l.db'}", price_map="bundled", spill_path=spill) as tally:
+        assert tally.spill_path == spill
+
+
+def test_a_clock_cannot_come_from_a_file(tmp_path):
+    config = _write(tmp_path, 'clock = "now"\n')
+    with pytest.raises(ConfigError, match=r"clock cannot be set in a file"):
+        load_settings(config, environ={})
+
+
+def test_llmtallys_tables_stay_out_of_the_applications_sqlmodel_metadata(tmp_path):
+    """An application's own ``SQLModel.metadata.create_all()`` creates its tables only, and its
+    model names never clash with llmtally's."""
+    import subprocess
+    import sys
+    import textwrap
+
+    script = textwrap.dedent(f"""
+        from sqlmodel import Field, Relationship, Session, SQLModel, create_engine, select
+        import llmtally, llmtally._budgets.tables
+        from llmtally import UsageEvent
+
+        class BudgetCounter(SQLModel, table=True):          # the app's own model of that name
+            __tablename__ = "app_budget_counter"
+            id: int | None = Field(default=None, primary_key=True)
+            team_id: int | None = Field(default=None, foreign_key="team.id")
+            team: "Team" = Relationship(back_populates="counters")
+
+        class Team(SQLModel, table=True):
+            id: int | None = Field(default=None, primary_key=True)
+            counters: list["BudgetCounter"] = Relationship(back_populates="team")
+
+        engine = create_engine("sqlite:///{tmp_path / 'app.db'}")
+        SQLModel.metadata.create_all(engine)
+        with Session(engine) as session:
+            session.add(Team(id=1)); session.commit()
+            print(sorted(SQLModel.metadata.tables), session.exec(select(Team)).all())
+        print(UsageEvent.__tablename__ in UsageEvent.metadata.tables)
+    """)
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.splitlines() == ["['app_budget_counter', 'team'] [Team(id=1)]", "True"]
+
+
+def test_a_subclass_close_runs_at_exit(tmp_path):
+    import subprocess
+    import sys
+
+    script = (
+        "from llmtally import Tally\n"
+        "class Mine(Tally):\n"
+        "    def close(self, timeout=10.0):\n"
+        "        print('Mine.close ran', flush=True)\n"
+        "        super().close(timeout)\n"
+        f"t = Mine('sqlite:///{tmp_path / 'x.db'}', price_map='bundled')\n"
+        "t.record(model='gpt-4o-mini', input_tokens=1)\n")
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout == "Mine.close ran\n"
+    from conftest import fetch_events
+
+    assert len(fetch_events(f"sqlite:///{tmp_path / 'x.db'}")) == 1

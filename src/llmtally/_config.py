@@ -115,6 +115,9 @@ def _read_file(path: Path, origin: str) -> dict[str, Any]:
         raise ConfigError(f"config file {path} cannot be read: {exc.strerror or exc}") from None
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
         raise ConfigError(f"config file {path} is not valid TOML: {exc}") from None
+    if "clock" in values:
+        raise ConfigError(f"{origin}: clock cannot be set in a file: it is a Python callable, "
+                          "for Tally(clock=...) in tests")
     if "budgets" in values:
         values["budgets"] = _budget_tables(origin, values["budgets"])
     return values

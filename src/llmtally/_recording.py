@@ -14,7 +14,7 @@ import weakref
 from collections.abc import Callable
 from datetime import datetime
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 from ._events import scope as _scope
 from ._events.event import CallEvent, clean_id, event_row
@@ -27,7 +27,7 @@ if TYPE_CHECKING:
     from ._storage.store import Store
     from ._storage.writer import Writer
 
-__all__ = ["Recording", "event_id", "default_spill_path", "DEFAULT_EXIT_FLUSH_TIMEOUT_S"]
+__all__ = ["Recording", "Closable", "event_id", "default_spill_path", "DEFAULT_EXIT_FLUSH_TIMEOUT_S"]
 
 DEFAULT_EXIT_FLUSH_TIMEOUT_S = 10.0
 _ids = EVENT_IDS
@@ -148,36 +148,48 @@ class Recording:
                            timeout, self.writer.queued, self.spill_path)
         self.store.close()
 
-    def close_at_exit(self) -> None:
-        """Flush at interpreter exit and on SIGTERM (unless the application handles it), and
-        keep working in forked children (multiprocessing, gunicorn, Celery prefork), without
-        keeping this service alive."""
+    def close_at_exit(self, owner: Closable) -> None:
+        """Close ``owner`` (the Tally, so a subclass's ``close`` runs too) at interpreter exit,
+        flush it on SIGTERM (unless the application handles it), and keep the writer working
+        in forked children (multiprocessing, gunicorn, Celery prefork), without keeping
+        either alive."""
         from ._signals import flush_on_sigterm
 
-        flush_on_sigterm(self)
-        ref = weakref.ref(self)
+        flush_on_sigterm(owner)
+        owner_ref, writer_ref = weakref.ref(owner), weakref.ref(self.writer)
 
-        def flush_at_exit() -> None:
-            live = ref()
+        def close_at_exit() -> None:
+            live = owner_ref()
             if live is not None and not live.closed:
                 live.close(DEFAULT_EXIT_FLUSH_TIMEOUT_S)
 
         def restart_in_child() -> None:
-            live = ref()
-            if live is None or live.closed:
+            live, writer = owner_ref(), writer_ref()
+            if live is None or writer is None or live.closed:
                 return
-            live.writer.restart_after_fork()
+            writer.restart_after_fork()
             # multiprocessing children leave through os._exit(), which skips atexit, but run
             # multiprocessing's finalizers; that registry is cleared when the child starts, so
             # the finalizer is added from multiprocessing's own after-fork step, which runs later.
             util = sys.modules.get("multiprocessing.util")
             if util is not None:
                 util.register_after_fork(live, lambda _live: util.Finalize(
-                    None, flush_at_exit, exitpriority=100))
+                    None, close_at_exit, exitpriority=100))
 
-        atexit.register(flush_at_exit)
+        atexit.register(close_at_exit)
         if hasattr(os, "register_at_fork"):
             os.register_at_fork(after_in_child=restart_in_child)
+
+
+class Closable(Protocol):
+    """What is closed at exit and flushed on SIGTERM: a Tally."""
+
+    @property
+    def closed(self) -> bool: ...
+
+    def flush(self, timeout: float | None = None) -> bool: ...
+
+    def close(self, timeout: float | None = DEFAULT_EXIT_FLUSH_TIMEOUT_S) -> None: ...
 
 
 def _nothing() -> None:

@@ -29,7 +29,8 @@ from ._budgets.budget import DEFAULT_MAX_OUTPUT_ESTIMATE, DEFAULT_RESERVATION_TT
 from ._errors import ConfigError
 from ._events.event import short_repr as short
 from ._events.scope import SCOPE_KEYS
-from ._pricing.price import Price
+from ._events.usage import MAX_TOKEN_COUNT
+from ._pricing.price import CURRENCIES, Price, check_currency
 
 __all__ = ["Settings", "PRICE_KEYS", "unknown_key"]
 
@@ -68,29 +69,40 @@ def _is_number(value: Any) -> bool:
 # -- the rules, one per key -------------------------------------------------------------------
 
 def _text(key: str, example: str, *, paths: str = "") -> Callable[[Any], Any]:
-    """A non-empty string, stripped; with ``paths`` (what to call it), an ``os.PathLike`` too."""
+    """A non-empty string, stripped; with ``paths`` (what to call it) a path, kept exactly as
+    given (a file name may end in a space), as a str or an ``os.PathLike``."""
     def check(value: Any) -> Any:
         if paths and isinstance(value, os.PathLike):
             value = os.fspath(value)
         if isinstance(value, str) and value.strip():
-            return value.strip()
+            return value if paths else value.strip()
         raise Problem(key, value, f"must be {paths or 'a non-empty string'}, e.g. {example}")
     return check
 
 
-def _positive_int(key: str, example: str) -> Callable[[Any], Any]:
+def _positive_int(key: str, example: str, most: int) -> Callable[[Any], Any]:
     def check(value: Any) -> Any:
-        if value is None or (isinstance(value, int) and not isinstance(value, bool) and value > 0):
+        if value is None or (isinstance(value, int) and not isinstance(value, bool)
+                             and 0 < value <= most):
             return value
-        raise Problem(key, value, f"must be a whole number > 0, e.g. {example}")
+        raise Problem(key, value, f"must be a whole number > 0 and at most {most:,}, e.g. {example}")
     return check
 
 
-def _positive_seconds(key: str, example: str) -> Callable[[Any], Any]:
+def _finite(value: Any) -> bool:
+    """A number that is not NaN or infinite (and not an int too large for a float)."""
+    try:
+        return _is_number(value) and math.isfinite(value)
+    except OverflowError:
+        return False
+
+
+def _positive_seconds(key: str, example: str, most: float) -> Callable[[Any], Any]:
     def check(value: Any) -> Any:
-        if value is None or (_is_number(value) and math.isfinite(value) and value > 0):
+        if value is None or (_finite(value) and 0 < value <= most):
             return value
-        raise Problem(key, value, f"must be a number of seconds > 0 (int or float), e.g. {example}")
+        raise Problem(key, value, f"must be a number of seconds > 0 and at most {most:,.0f} "
+                      f"(int or float), e.g. {example}")
     return check
 
 
@@ -105,7 +117,12 @@ def _choice(key: str, choices: dict[str, str]) -> Callable[[Any], Any]:
 
 
 def _currency(value: Any) -> Any:
-    return _text("currency", "'USD'")(value).upper()
+    text = _text("currency", "'USD'")(value)
+    try:
+        return check_currency("currency", text)
+    except ConfigError:
+        raise Problem("currency", value, "is not an ISO 4217 currency code; use a code such as "
+                      "'USD', 'EUR' or 'CNY'") from None
 
 
 def _timezone(value: Any) -> Any:
@@ -123,7 +140,9 @@ def _timezone(value: Any) -> Any:
 def _boolean(value: Any) -> Any:
     if isinstance(value, bool):
         return value
-    raise Problem("fail_closed", value, f"must be true or false (a bool, not {type(value).__name__})")
+    hint = " (in llmtally.toml, write it without quotes)" if isinstance(value, str) else ""
+    raise Problem("fail_closed", value,
+                  f"must be true or false (a bool, not {type(value).__name__}){hint}")
 
 
 def _rates(value: Any) -> Any:
@@ -134,9 +153,12 @@ def _rates(value: Any) -> Any:
                       "{\"CNY\": 0.1389}")
     out: dict[str, float] = {}
     for code, rate in value.items():
-        if not isinstance(code, str) or not _is_number(rate) or not math.isfinite(rate) or rate <= 0:
+        if not isinstance(code, str) or code.strip().upper() not in CURRENCIES:
+            raise Problem(f"rates[{code!r}]", rate, "is not under an ISO 4217 currency code; use "
+                          "a code such as 'USD', 'EUR' or 'CNY'")
+        if not _finite(rate) or rate <= 0:
             raise Problem(f"rates[{code!r}]", rate, "must be a number > 0 (how many units of the "
-                          f"ledger currency one {code} is worth)")
+                          f"ledger currency one {code.strip().upper()} is worth)")
         out[code.strip().upper()] = float(rate)
     return out
 
@@ -254,19 +276,20 @@ class Settings(BaseModel):
         lambda v: v if v is None else _text(
             "spill_path", "'/var/lib/app/llmtally.spill.jsonl'",
             paths="a path (str or pathlib.Path)")(v))] = None
-    batch_size: Annotated[int | None, BeforeValidator(_positive_int("batch_size", "500"))] = None
+    batch_size: Annotated[int | None, BeforeValidator(_positive_int("batch_size", "500", 1_000_000))] = None
     flush_interval_s: Annotated[float | int | None, BeforeValidator(
-        _positive_seconds("flush_interval_s", "0.2"))] = None
-    max_queue: Annotated[int | None, BeforeValidator(_positive_int("max_queue", "100_000"))] = None
+        _positive_seconds("flush_interval_s", "0.2", 3600))] = None
+    max_queue: Annotated[int | None, BeforeValidator(
+        _positive_int("max_queue", "100_000", 100_000_000))] = None
     budgets: Annotated[tuple[Budget, ...], BeforeValidator(_budgets)] = ()
     timezone: Annotated[str | None, BeforeValidator(_timezone)] = None
     fail_closed: Annotated[bool, BeforeValidator(_boolean)] = False
     durability: Annotated[str, BeforeValidator(_choice("durability", _DURABILITY))] = "batched"
     alerts: Annotated[tuple[Any, ...], BeforeValidator(_alerts)] = ("log",)
     reservation_ttl_s: Annotated[float | int, BeforeValidator(
-        _positive_seconds("reservation_ttl_s", "900"))] = DEFAULT_RESERVATION_TTL_S
+        _positive_seconds("reservation_ttl_s", "900", 365 * 86400))] = DEFAULT_RESERVATION_TTL_S
     max_output_estimate: Annotated[int, BeforeValidator(
-        _positive_int("max_output_estimate", "4096"))] = DEFAULT_MAX_OUTPUT_ESTIMATE
+        _positive_int("max_output_estimate", "4096", MAX_TOKEN_COUNT))] = DEFAULT_MAX_OUTPUT_ESTIMATE
     unpriced: Annotated[str, BeforeValidator(_choice("unpriced", _UNPRICED))] = "allow"
     clock: Annotated[Callable[[], datetime] | None, BeforeValidator(_clock)] = None
 

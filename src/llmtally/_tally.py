@@ -26,6 +26,7 @@ from ._tracking import tracked
 if TYPE_CHECKING:  # the database layer is imported when a Tally is made, not at `import llmtally`
     from ._budgets.ledger import BudgetLedger
     from ._budgets.states import CounterState, Reservation
+    from ._settings import Settings
     from ._storage.store import Store
     from ._storage.writer import Writer
 
@@ -108,7 +109,6 @@ class Tally(Adapters, Reading):
         settings = Settings.of(arguments)  # before anything is made: a bad value creates no file
         from ._storage.store import Store
         from ._storage.store_urls import DEFAULT_DATABASE_URL
-        from ._storage.writer import Writer
 
         self.prices = PriceBook(settings.prices or None, currency=settings.currency,
                                 rates=settings.rates or None, price_map=settings.price_map)
@@ -128,7 +128,19 @@ class Tally(Adapters, Reading):
         url = settings.database_url or os.environ.get("LLMTALLY_DATABASE_URL") or DEFAULT_DATABASE_URL
         # last of the checks: it creates the SQLite file
         self.store: Store = Store(url, durable_commits=self._sync)
+        try:
+            self._build_parts(settings, writer_options)
+        except BaseException:  # a half-made Tally leaves no thread running and no file open
+            writer = self.__dict__.get("_writer")
+            if writer is not None:
+                writer.close(0)
+            self.store.close()
+            raise
+
+    def _build_parts(self, settings: Settings, writer_options: dict[str, Any]) -> None:
+        """The writer, the recording service, the budgets and their guard, over the store."""
         from ._storage.spill import SpillFile
+        from ._storage.writer import Writer
 
         self.spill_path = (Path(settings.spill_path) if settings.spill_path
                            else default_spill_path(self.store))
@@ -163,7 +175,7 @@ class Tally(Adapters, Reading):
         self._recording.on_flush = self._guard.publish
         self._recording.on_close = self._guard.drain_alerts
         self._guard.publish()
-        self._recording.close_at_exit()
+        self._recording.close_at_exit(self)
 
     @classmethod
     def from_config(cls, path: str | os.PathLike[str] | None = None, **overrides: Any) -> Tally:

@@ -21,9 +21,9 @@ from sqlalchemy import (
     text,
 )
 from sqlalchemy.dialects.postgresql import JSONB
-from sqlmodel import Field, SQLModel
+from sqlmodel import Field
 
-from .._storage.tables import UsageEvent
+from .._storage.tables import LedgerModel, UsageEvent
 
 if TYPE_CHECKING:
     from sqlalchemy import Table
@@ -36,7 +36,7 @@ __all__ = ["BudgetCounter", "BudgetHold", "BudgetAlertSent", "BudgetDefinition",
 # their own frozen copies of the DDL that created them.
 
 
-class BudgetCounter(SQLModel, table=True):
+class BudgetCounter(LedgerModel, table=True):
     """What a budget has spent and holds in one window, for one ``each=`` instance."""
 
     if TYPE_CHECKING:
@@ -52,7 +52,7 @@ class BudgetCounter(SQLModel, table=True):
     updated_at: datetime = Field(sa_type=DateTime)
 
 
-class BudgetHold(SQLModel, table=True):
+class BudgetHold(LedgerModel, table=True):
     """An open reservation: what one call holds on each counter until its event lands."""
 
     if TYPE_CHECKING:
@@ -67,7 +67,7 @@ class BudgetHold(SQLModel, table=True):
         sa_column=Column("holds", JSON().with_variant(JSONB(), "postgresql"), nullable=False))
 
 
-class BudgetAlertSent(SQLModel, table=True):
+class BudgetAlertSent(LedgerModel, table=True):
     """A threshold warning already sent, so that many processes send each once."""
 
     if TYPE_CHECKING:
@@ -81,7 +81,7 @@ class BudgetAlertSent(SQLModel, table=True):
     fired_at: datetime = Field(sa_type=DateTime)
 
 
-class BudgetDefinition(SQLModel, table=True):
+class BudgetDefinition(LedgerModel, table=True):
     """A budget in force on the ledger, whichever process defined it."""
 
     if TYPE_CHECKING:

@@ -16,12 +16,13 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 from sqlalchemy import JSON, BigInteger, Column, DateTime, Index
 from sqlalchemy.dialects.postgresql import JSONB
+from sqlalchemy.orm import registry
 from sqlmodel import Field, SQLModel
 
 if TYPE_CHECKING:
     from sqlalchemy import Table
 
-__all__ = ["UsageEvent", "EVENTS_TABLE", "EVENT_COLUMNS", "MAX_TEXT", "MAX_ID"]
+__all__ = ["LedgerModel", "UsageEvent", "EVENTS_TABLE", "EVENT_COLUMNS", "MAX_TEXT", "MAX_ID"]
 
 EVENTS_TABLE = "llmtally_events"
 MAX_ID = 128
@@ -32,7 +33,13 @@ MAX_TEXT = 256
 _JSON = JSON().with_variant(JSONB(), "postgresql")
 
 
-class UsageEvent(SQLModel, table=True):
+class LedgerModel(SQLModel, registry=registry()):
+    """The base of llmtally's tables: a registry (and metadata) of their own, so an
+    application's ``SQLModel.metadata.create_all()`` never creates llmtally's tables in its
+    database and its model names never clash with llmtally's."""
+
+
+class UsageEvent(LedgerModel, table=True):
     """One LLM call attempt, as stored in the ledger.
 
     ``id`` is the call's own id (LiteLLM call id, LangChain run id, or a fresh UUID), so a
