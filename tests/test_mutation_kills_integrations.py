@@ -14,8 +14,10 @@ from types import SimpleNamespace
 import pytest
 from conftest import MSGS, ledger_rows
 
+from llmtally import CallEvent
 from llmtally._events.scope import EMPTY as EMPTY_SCOPE
 from llmtally._events.tokens import count_messages, count_text
+from llmtally._events.usage import Usage
 from llmtally.testing import FakeUsage
 
 litellm = pytest.importorskip("litellm")
@@ -357,3 +359,90 @@ def test_a_calls_key_is_our_stamp_else_litellms_call_id():
     assert call_key({"llmtally_event_id": 5, "litellm_call_id": "call-1"}) == "call-1"
     assert call_key({"litellm_call_id": 7}) is None
     assert call_key(["llmtally_event_id"]) is None and call_key(None) is None
+
+
+def test_the_scope_at_call_time_fills_what_the_request_leaves_out(tally, provider):
+    with tally.scope(project="scoped-project", user="scoped-user", session="scoped-session",
+                     tags=["scoped"], request_id="scoped-req", metadata={"ticket": "T-1"}):
+        row = _one_call(tally, provider, litellm_trace_id="trace-1",
+                        metadata={"tags": ["beta"], "model_group": 7,
+                                  "user_api_key_team_id": "team-ads"})
+    meta = json.loads(row["metadata"])
+    assert (row["project"], row["user"], row["session"], row["request_id"], json.loads(row["tags"])) == \
+        ("team-ads", "scoped-user", "scoped-session", "scoped-req", ["scoped", "beta"])
+    assert (meta["ticket"], meta["litellm_trace_id"], meta["team_id"]) == ("T-1", "trace-1", "team-ads")
+    assert "model_group" not in meta  # a number where a name belongs is left out
+
+
+def test_a_call_without_a_start_or_a_scope_is_attributed_by_its_request_alone():
+    kwargs = {"model": "gpt-4o-mini", "custom_llm_provider": "openai", "user": "body-user",
+              "litellm_trace_id": "trace-1", "litellm_params": {
+                  "metadata": {"project": "p", "session_id": 5},
+                  "litellm_session_id": "sess-2", "litellm_trace_id": "params-trace"}}
+    event = litellm_event(kwargs, _response(), None, None, failed=False)
+    assert (event.project, event.user, event.session, event.request_id, event.tags) == \
+        ("p", "body-user", "sess-2", "trace-1", [])
+    assert dict(event.metadata) == {"litellm_trace_id": "trace-1"}
+    from_params = litellm_event({**kwargs, "litellm_trace_id": None}, _response(), None, None,
+                                failed=False)
+    assert from_params.request_id == from_params.metadata["litellm_trace_id"] == "params-trace"
+
+
+def test_the_proxy_caller_is_read_from_each_place_litellm_keeps_it_first_one_winning():
+    """``litellm_params.metadata``, then ``litellm_metadata`` (the proxy's newer routes),
+    then the standard logging object's metadata."""
+    kwargs = {"model": "gpt-4o-mini", "custom_llm_provider": "openai", "litellm_params": {
+        "metadata": {"user_api_key_alias": "from-metadata", "user_api_key_user_id": ""},
+        "litellm_metadata": {"user_api_key_alias": "from-litellm-metadata",
+                             "user_api_key_user_id": "alice", "user_api_key_team_id": 5}},
+        "standard_logging_object": {"metadata": {
+            "user_api_key_user_id": "bob", "user_api_key_team_id": "team-ads",
+            "user_api_key_org_id": "org-1"}}}
+    event = litellm_event(kwargs, _response(), None, None, failed=False)
+    assert (event.user, event.project, event.tags) == ("alice", "team-ads", ["key:from-metadata"])
+    assert dict(event.metadata) == {"key_alias": "from-metadata", "user_id": "alice",
+                                    "team_id": "team-ads", "org_id": "org-1"}
+    only_logging_object = {"standard_logging_object": {"metadata": {"user_api_key_user_id": "bob"}}}
+    event = litellm_event(only_logging_object, _response(), None, None, failed=False)
+    assert (event.user, event.project, dict(event.metadata)) == ("bob", None, {"user_id": "bob"})
+
+
+def test_the_master_keys_placeholder_in_one_place_does_not_hide_a_user_in_the_next():
+    kwargs = {"model": "gpt-4o-mini", "litellm_params": {
+        "metadata": {"user_api_key_user_id": "default_user_id"},
+        "litellm_metadata": {"user_api_key_user_id": "alice"}}}
+    event = litellm_event(kwargs, _response(), None, None, failed=False)
+    assert (event.user, dict(event.metadata)) == ("alice", {"user_id": "alice"})
+
+
+def test_a_plain_success_is_exactly_this_event():
+    start = datetime(2026, 12, 2, 10, 0, tzinfo=timezone.utc)
+    kwargs = {"model": "gpt-4o-mini", "custom_llm_provider": "openai", "call_type": "completion",
+              "stream": False, "messages": MSGS, "litellm_call_id": "call-1",
+              "llmtally_event_id": "ev-1", "cache_hit": True}
+    event = litellm_event(kwargs, _response(), start, start + timedelta(milliseconds=5), failed=False)
+    assert event == CallEvent(
+        model="gpt-4o-mini", provider="openai", usage=Usage(input_tokens=120, output_tokens=30),
+        status="ok", error_type=None, call_type="chat", streamed=False,
+        resolved_model="gpt-4o-mini-2024-07-18", estimated=False, cache_hit=True, latency_ms=5.0,
+        ttft_ms=None, id="ev-1", source="litellm", project=None, user=None, session=None, tags=[],
+        request_id=None, metadata={"litellm_call_id": "call-1"})
+    assert litellm_event({**kwargs, "cache_hit": "yes"}, _response(), None, None,
+                         failed=False).cache_hit is False
+    # what is not a mapping is no arguments at all
+    odd = litellm_event(["model", "gpt-4o-mini"], _response(), None, None, failed=False)
+    assert (odd.model, odd.provider, odd.status, odd.source, odd.id) == \
+        ("gpt-4o-mini-2024-07-18", None, "ok", "litellm", None)
+
+
+def test_the_routers_deployment_id_comes_before_the_calls_model_id():
+    kwargs = {"model": "gpt-4o-mini", "model_id": "dep-9",
+              "litellm_params": {"model_info": {"id": "dep-openai"}}}
+    event = litellm_event(kwargs, _response(), None, None, failed=False)
+    assert dict(event.metadata) == {"deployment_id": "dep-openai"}
+
+
+def test_the_request_metadatas_session_comes_before_litellms_session_id():
+    kwargs = {"model": "gpt-4o-mini", "litellm_params": {
+        "metadata": {"session_id": "meta-session"}, "litellm_session_id": "sess-2"}}
+    assert litellm_event(kwargs, _response(), None, None, failed=False).session == "meta-session"
