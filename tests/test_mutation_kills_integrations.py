@@ -131,10 +131,10 @@ def test_an_openai_compatible_stream_asked_for_usage_keeps_the_providers_count(t
         ("deepseek", 120, 30, "priced")
 
 
-def _response(usage: dict | None = None, **kw) -> ModelResponse:
+def _response(usage: dict | None = None, reply: str = REPLY, **kw) -> ModelResponse:
     """A real LiteLLM ModelResponse, as a success hook is given it."""
     return ModelResponse(model=kw.pop("model", "gpt-4o-mini-2024-07-18"), choices=[
-        {"index": 0, "finish_reason": "stop", "message": {"role": "assistant", "content": REPLY}}],
+        {"index": 0, "finish_reason": "stop", "message": {"role": "assistant", "content": reply}}],
         usage=usage or {"prompt_tokens": 120, "completion_tokens": 30, "total_tokens": 150}, **kw)
 
 
@@ -314,11 +314,14 @@ def test_an_abandoned_stream_says_so_and_counts_what_was_consumed():
                               "counted offline"}
 
 
-def test_a_prompt_counted_offline_uses_the_models_own_encoding():
-    messages = [{"role": "user", "content": "Пожалуйста, поздоровайся с журналом расходов. नमस्ते दुनिया"}]
-    event = litellm_event(_stream_kwargs(messages=messages), _response(), None, None, failed=False)
+def test_a_prompt_and_answer_counted_offline_use_the_models_own_encoding():
+    text = "Пожалуйста, поздоровайся с журналом расходов. नमस्ते दुनिया"
+    messages = [{"role": "user", "content": text}]
+    event = litellm_event(_stream_kwargs(messages=messages), _response(reply=text), None, None,
+                          failed=False)
     assert event.usage.input_tokens == count_messages(messages, "gpt-4o-mini") != \
         count_messages(messages, None)
+    assert event.usage.output_tokens == count_text(text, "gpt-4o-mini") != count_text(text, None)
     assert event.estimated
 
 
