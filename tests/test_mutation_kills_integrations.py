@@ -449,3 +449,93 @@ def test_the_request_metadatas_session_comes_before_litellms_session_id():
     kwargs = {"model": "gpt-4o-mini", "litellm_params": {
         "metadata": {"session_id": "meta-session"}, "litellm_session_id": "sess-2"}}
     assert litellm_event(kwargs, _response(), None, None, failed=False).session == "meta-session"
+
+
+# -- langchain_events.py ----------------------------------------------------------------------
+
+
+def _partner_error(base: type[BaseException], module: str, name: str) -> type[BaseException]:
+    """An exception class as a LangChain partner package defines it (its module's name)."""
+    return type(name, (base,), {"__module__": module})
+
+
+def test_langchain_error_classes_are_named_after_the_sdk_class_they_wrap():
+    import openai
+    from langchain_openai.chat_models.base import OpenAIAuthenticationError
+
+    from llmtally.integrations.langchain_events import sdk_error_type
+
+    def error(cls: type[BaseException]) -> BaseException:
+        return BaseException.__new__(cls)
+
+    assert sdk_error_type(error(OpenAIAuthenticationError)) == "openai.AuthenticationError"
+    # a partner's own base class between: skipped, the SDK's class named
+    middle = _partner_error(openai.RateLimitError, "langchain_partner.errors", "PartnerRateLimit")
+    leaf = _partner_error(middle, "langchain_partner.chat_models", "PartnerChatRateLimit")
+    assert sdk_error_type(error(leaf)) == "openai.RateLimitError"
+    # only builtins behind it: the class's own name
+    own = _partner_error(ValueError, "langchain_partner.errors", "PartnerValueError")
+    assert sdk_error_type(own("x")) == "langchain_partner.errors.PartnerValueError"
+    assert sdk_error_type(openai.APIConnectionError.__new__(openai.APIConnectionError)) == \
+        "openai.APIConnectionError"
+    # a mixin that is no exception first behind it: the class's own name too
+    mixin = type("Retryable", (), {"__module__": "partner_sdk.mixins"})
+    mixed = type("PartnerError", (mixin, ValueError), {"__module__": "langchain_partner.errors"})
+    assert sdk_error_type(mixed("x")) == "langchain_partner.errors.PartnerError"
+
+
+def test_the_output_limit_a_langchain_call_asks_for_is_read_from_each_providers_parameter():
+    from llmtally.integrations.langchain_events import max_tokens
+
+    for key in ("max_tokens", "max_completion_tokens", "max_output_tokens", "max_new_tokens",
+                "max_tokens_to_sample", "num_predict"):
+        assert max_tokens({"ls_max_tokens": 5}, {key: 300}) == 300
+    assert max_tokens({}, {"max_tokens": None, "max_completion_tokens": 200, "num_predict": 7}) == 200
+    assert max_tokens({"ls_max_tokens": 64}, {"temperature": 0}) == 64
+    assert max_tokens({"ls_max_tokens": "many"}, {"max_tokens": "x"}) is None
+    assert max_tokens({}, {}) is None
+
+
+def test_chat_litellm_hands_the_langchain_attribution_to_the_litellm_event(tally, provider):
+    """Both handlers: the LiteLLM event (the one recorded) carries LangChain's project,
+    session and request id from the run's metadata."""
+    import uuid
+
+    from langchain_litellm import ChatLiteLLM
+
+    handler = tally.langchain()
+    model = ChatLiteLLM(model="openai/gpt-4o-mini", api_base=provider.openai_base, api_key="sk-test")
+    run_id = uuid.uuid4()
+    model.invoke("Say hello.", config={"callbacks": [handler], "run_id": run_id, "metadata": {
+        "llmtally_project": "search", "llmtally_user": "alice", "llmtally_session": "s-1",
+        "llmtally_request_id": "req-7"}})
+    with tally.scope(request_id="scope-req"):
+        model.invoke("Say hello.", config={"callbacks": [handler]})
+    first, second = ledger_rows(tally)
+    assert (first["source"], first["project"], first["user"], first["session"], first["request_id"]) == \
+        ("litellm", "search", "alice", "s-1", "req-7")
+    assert json.loads(first["metadata"])["langchain_run_id"] == str(run_id)
+    assert (first["input_tokens"], first["output_tokens"]) == (120, 30)
+    assert first["cost"] == pytest.approx(MINI_COST, abs=1e-9)
+    assert (second["project"], second["session"], second["request_id"]) == (None, None, "scope-req")
+
+
+def test_a_run_never_seen_starting_takes_its_provider_from_the_answer():
+    from langchain_core.messages import AIMessage
+    from langchain_core.outputs import ChatGeneration, LLMResult
+
+    from llmtally.integrations.langchain_events import langchain_event
+
+    def ended(provider: str, model: str):
+        message = AIMessage(REPLY, usage_metadata={"input_tokens": 7, "output_tokens": 3,
+                                                   "total_tokens": 10},
+                            response_metadata={"model_name": model, "model_provider": provider})
+        result = LLMResult(generations=[[ChatGeneration(message=message)]])
+        return langchain_event(None, result, run_id="run-1")
+
+    event = ended("anthropic", "claude-house-1")
+    assert (event.provider, event.model, event.resolved_model, event.call_type, event.usage.input_tokens) == \
+        ("anthropic", "claude-house-1", "claude-house-1", "chat", 7)
+    routed = ended("litellm", "openai/gpt-4o-mini")
+    assert (routed.provider, routed.model, routed.resolved_model) == \
+        ("openai", "gpt-4o-mini", "openai/gpt-4o-mini")
