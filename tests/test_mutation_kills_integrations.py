@@ -539,3 +539,19 @@ def test_a_run_never_seen_starting_takes_its_provider_from_the_answer():
     routed = ended("litellm", "openai/gpt-4o-mini")
     assert (routed.provider, routed.model, routed.resolved_model) == \
         ("openai", "gpt-4o-mini", "openai/gpt-4o-mini")
+
+
+def test_a_legacy_run_never_seen_starting_is_an_unknown_completion_under_its_parent():
+    from langchain_core.outputs import Generation, LLMResult
+
+    from llmtally.integrations.langchain_events import langchain_event
+
+    result = LLMResult(generations=[[Generation(text=REPLY)]],
+                       llm_output={"token_usage": {"prompt_tokens": 9, "completion_tokens": 4}})
+    event = langchain_event(None, result, run_id="run-2", parent_run_id="parent-1",
+                            tags=["seq:step:1", "mine", "mine"])
+    assert (event.model, event.provider, event.call_type, event.source, event.id, event.status) == \
+        ("unknown", None, "completion", "langchain", "run-2", "ok")
+    assert (event.usage.input_tokens, event.usage.output_tokens, event.tags) == (9, 4, ("mine",))
+    assert event.metadata == {"langchain_parent_run_id": "parent-1"}
+    assert langchain_event(None, result, run_id="run-3").metadata == {}
