@@ -555,3 +555,63 @@ def test_a_legacy_run_never_seen_starting_is_an_unknown_completion_under_its_par
     assert (event.usage.input_tokens, event.usage.output_tokens, event.tags) == (9, 4, ("mine",))
     assert event.metadata == {"langchain_parent_run_id": "parent-1"}
     assert langchain_event(None, result, run_id="run-3").metadata == {}
+
+
+@pytest.mark.parametrize(("ident", "provider"), [
+    (["langchain", "chat_models", "openai", "ChatOpenAI"], "openai"),
+    (["langchain_anthropic", "chat_models", "ChatAnthropic"], "anthropic"),
+    (["langchain_partner", "chat_models", "ChatPartner"], None),
+    (["langchain_partner", "llms", "PartnerLLM"], None),
+    (["langchain_partner", "language_models", "PartnerLM"], None),
+    (["langchain_partner", "base", "PartnerBase"], None),
+    (["langchain_community", "chat_models", "house", "ChatHouse"], "house"),
+    (["my_company", "chat", "house", "ChatHouse"], None),
+    (["langchain", "openai"], None), (("langchain", "house", "Chat"), "house"), ("langchain.x.y", None),
+])
+def test_the_provider_a_langchain_class_path_names(ident, provider):
+    from llmtally.integrations.langchain_events import class_provider
+
+    assert class_provider({"id": ident}) == provider
+
+
+def test_a_langchain_models_class_name_from_its_serialized_form():
+    from llmtally.integrations.langchain_events import _class_name
+
+    assert _class_name({"id": ["langchain", "chat_models", "openai", "ChatOpenAI"]}) == "ChatOpenAI"
+    assert _class_name({"id": ["x", ""], "name": "Named"}) == "Named"
+    assert _class_name({"id": ["x", "", "ChatY"], "name": "Named"}) == "ChatY"
+    assert _class_name({"id": "ChatOpenAI", "name": "Named"}) == "Named"
+    assert _class_name({"id": ["ChatA", 5], "name": ""}) == "unknown"
+    assert _class_name(None) == "unknown"
+
+
+def test_an_answer_never_seen_starting_without_usage_is_counted_with_the_models_encoding():
+    from langchain_core.messages import AIMessage
+    from langchain_core.outputs import ChatGeneration, LLMResult
+
+    from llmtally.integrations.langchain_events import langchain_event
+
+    text = "Пожалуйста, поздоровайся с журналом расходов. नमस्ते दुनिया"
+    message = AIMessage(text, response_metadata={"model_name": "gpt-4o-mini", "model_provider": "openai"})
+    event = langchain_event(None, LLMResult(generations=[[ChatGeneration(message=message)]]), run_id="r")
+    assert (event.usage.input_tokens, event.usage.output_tokens, event.estimated) == \
+        (0, count_text(text, "gpt-4o-mini"), True)
+    assert count_text(text, "gpt-4o-mini") != count_text(text, None)
+
+
+def test_tool_calls_without_usage_are_counted_as_output():
+    from langchain_core.messages import AIMessage
+    from langchain_core.outputs import ChatGeneration, LLMResult
+
+    from llmtally.integrations.langchain_events import langchain_event
+
+    city = "Pneumonoultramicroscopicsilicovolcanoconiosis"  # o200k and cl100k count it apart
+    calls = [{"name": "lookup", "args": {"city": city}, "id": "c1"},
+             {"name": "weather", "args": {"day": datetime(2026, 12, 2).date()}, "id": "c2"}]
+    message = AIMessage("Looking.", tool_calls=calls, response_metadata={"model_name": "gpt-4o-mini"})
+    event = langchain_event(None, LLMResult(generations=[[ChatGeneration(message=message)]]), run_id="r")
+    as_json = json.dumps([{"name": "lookup", "args": {"city": city}},
+                          {"name": "weather", "args": {"day": "2026-12-02"}}])
+    expected = count_text("Looking.", "gpt-4o-mini") + count_text(as_json, "gpt-4o-mini")
+    assert (event.usage.input_tokens, event.usage.output_tokens, event.estimated) == (0, expected, True)
+    assert count_text(as_json, "gpt-4o-mini") != count_text(as_json, None)
