@@ -62,6 +62,18 @@ MODULES: dict[str, tuple[str, list[str]]] = {
     "langchain": ("src/llmtally/integrations/langchain*",
                   ["tests/test_langchain.py", "tests/test_langchain_budgets.py",
                    "tests/test_mutation_kills.py"]),
+    # the two integrations' event mapping (hook arguments / LLMResult -> CallEvent), each file
+    # alone; two slow tests that check flushing and clean-up, not the mapping, are left out
+    "litellm_events": ("src/llmtally/integrations/litellm_events.py",
+                       ["tests/test_mutation_kills_integrations.py", "tests/test_litellm.py",
+                        "tests/test_hostile.py", "tests/test_mutation_kills.py",
+                        "--deselect=tests/test_litellm.py::test_flush_on_a_thread_holding_httpcore_s_pool_lock_returns",
+                        "--deselect=tests/test_litellm.py::test_abandoned_streams_leave_nothing_behind"]),
+    "langchain_events": ("src/llmtally/integrations/langchain_events.py",
+                         ["tests/test_mutation_kills_integrations.py", "tests/test_langchain.py",
+                          "tests/test_mutation_kills.py",
+                          # runs examples/, which the scratch copy leaves out
+                          "--deselect=tests/test_langchain.py::test_the_example_runs_offline"]),
     # the price-parity sweep (tests/test_price_parity.py, ~30 s) is left out: too slow per mutant
     "pricing": ("src/llmtally/_pricing/*",
                 ["tests/test_pricing.py", "tests/test_names.py", "tests/test_common_names.py",
