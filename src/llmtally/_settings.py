@@ -59,7 +59,7 @@ def unknown_key(key: object, where: str, allowed: Sequence[str]) -> str:
     close = difflib.get_close_matches(str(key), allowed, n=1)
     hint = f" (did you mean {close[0]!r}?)" if close else ""
     place = f" in {where}" if where else ""
-    return f"unknown key {key!r}{place}{hint}; allowed: {', '.join(allowed)}"
+    return f"unknown key {short(key)}{place}{hint}; allowed: {', '.join(allowed)}"
 
 
 def _is_number(value: Any) -> bool:
