@@ -304,3 +304,18 @@ def test_the_price_book_prices_a_usage_as_it_prices_the_same_counts():
     assert by_usage == by_counts
     # gpt-4o-mini: $0.15 / 1M input, $0.075 cached, $0.60 output
     assert by_usage.cost == pytest.approx(200 * 0.15e-6 + 1000 * 0.075e-6 + 300 * 0.6e-6, abs=1e-12)
+
+
+def test_record_event_never_raises_and_records_an_odd_usage_as_zero_tokens(tally, caplog):
+    from llmtally import CallEvent
+
+    assert tally.record_event(None)  # not an event: logged, an id returned, nothing recorded
+    odd = [CallEvent(model="gpt-4o-mini", usage=usage, id=f"odd-{n}")  # type: ignore[arg-type]
+           for n, usage in enumerate(((1, 2, 3, 4), None, 7, {"input_tokens": 5}))]
+    assert [tally.record_event(event) for event in odd] == [f"odd-{n}" for n in range(4)]
+    rows = {row["id"]: row for row in ledger_rows(tally)}
+    assert set(rows) == {f"odd-{n}" for n in range(4)}
+    for row in rows.values():
+        assert (row["input_tokens"], row["output_tokens"], row["cost"]) == (0, 0, 0.0)
+        assert "is not a Usage; recorded as 0 tokens" in row["metadata"]
+    assert "could not record a call" in caplog.text

@@ -78,7 +78,7 @@ class Recording:
                                    self.prices), reservation)
         except Exception as exc:  # never into the caller's code
             warn_limited("record", "llmtally: could not record a call to %r (%s: %s)",
-                         event.model, type(exc).__name__, exc, exc_info=True)
+                         getattr(event, "model", None), type(exc).__name__, exc, exc_info=True)
         return event_id
 
     def record_later(self, build: Callable[[], CallEvent]) -> bool:

@@ -270,8 +270,10 @@ class Tally(Adapters, Reading):
 
     def record_event(self, event: CallEvent, *, reservation: Reservation | None = None) -> str:
         """Record one :class:`CallEvent` (what :meth:`record` does with its arguments);
-        returns its event id. Never raises."""
-        return self._record(event, event_id(event.id), reservation)
+        returns its event id. Never raises (not even for something that is no CallEvent:
+        that is logged, and nothing is recorded)."""
+        given = event.id if type(event) is CallEvent else getattr(event, "id", None)
+        return self._record(event, event_id(given if isinstance(given, str) else None), reservation)
 
     def record_later(self, build: Callable[[], CallEvent]) -> bool:
         """Have the writer thread build and record an event (for adapters whose event is

@@ -78,7 +78,12 @@ def event_row(event: CallEvent, event_id: str, now: datetime, scope: _scope.Attr
     (model, provider, tokens, status, error_type, call_type, streamed, resolved_model,
      estimated, cache_hit, ts, latency_ms, ttft_ms, _id, source, project, user, session, tags,
      request_id, metadata) = event
-    input_tokens, output_tokens, cache_read, cache_write, reasoning = tokens
+    try:
+        input_tokens, output_tokens, cache_read, cache_write, reasoning = tokens
+    except (TypeError, ValueError):  # not five counts: the call is still recorded, as 0 tokens
+        notes.append(f"usage={short_repr(tokens)} is not a Usage; recorded as 0 tokens")
+        tokens = NO_USAGE
+        input_tokens, output_tokens, cache_read, cache_write, reasoning = tokens
     # plain ints in range, unrolled (no generator): this runs on the caller's thread
     if not (type(input_tokens) is int and type(output_tokens) is int and type(cache_read) is int
             and type(cache_write) is int and type(reasoning) is int
