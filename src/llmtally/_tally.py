@@ -21,7 +21,7 @@ from ._pricing.book import PriceBook
 from ._pricing.price import Price
 from ._recording import DEFAULT_EXIT_FLUSH_TIMEOUT_S, Recording, default_spill_path, event_id
 from ._reporting.reading import Reading
-from ._tracking import tracked
+from ._tracking import Tracking
 
 if TYPE_CHECKING:  # the database layer is imported when a Tally is made, not at `import llmtally`
     from ._budgets.ledger import BudgetLedger
@@ -37,7 +37,7 @@ F = TypeVar("F", bound=Callable[..., Any])
 _new_tuple = tuple.__new__
 
 
-class Tally(Adapters, Reading):
+class Tally(Adapters, Reading, Tracking):
     """A ledger of LLM calls.
 
     ``Tally()`` opens ``./llmtally.db`` (or ``$LLMTALLY_DATABASE_URL``);
@@ -282,35 +282,6 @@ class Tally(Adapters, Reading):
         its attribution, ``id`` and ``ts`` set. Returns False, and does nothing, when the event
         must be recorded on the caller's thread (``durability="sync"``, or after close)."""
         return self._recording.record_later(build)
-
-    def track(
-        self,
-        fn: F | None = None,
-        *,
-        model: str | None = None,
-        provider: str | None = None,
-        call_type: str = "chat",
-        **attribution: Any,
-    ) -> Any:
-        """Decorate a function that calls an LLM SDK directly; each call becomes an event.
-
-        The return value's ``usage`` (OpenAI, Anthropic, LiteLLM or Gemini shape) gives the
-        tokens; the call is timed; an exception is recorded (``status="error"``, its type in
-        ``error_type``) and re-raised unchanged. Works on sync and async functions.
-
-        >>> @tally.track(model="deepseek/deepseek-chat")
-        ... def ask(q): return client.chat.completions.create(model="deepseek-chat", messages=[...])
-        """
-        unknown = set(attribution) - set(_scope.SCOPE_KEYS)
-        if unknown:
-            raise TypeError(f"track() got unexpected keyword arguments {sorted(unknown)}; "
-                            f"allowed: model, provider, call_type, {', '.join(_scope.SCOPE_KEYS)}")
-
-        def decorate(func: F) -> F:
-            return tracked(self, func, model=model, provider=provider, call_type=call_type,
-                           attribution=attribution)
-
-        return decorate(fn) if fn is not None else decorate
 
     @property
     def closed(self) -> bool:

@@ -7,10 +7,11 @@ import functools
 import inspect
 import time
 from collections.abc import Callable, Mapping
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar, cast
 
 from ._errors import error_type
 from ._events.event import NO_USAGE, CallEvent
+from ._events.scope import SCOPE_KEYS
 from ._events.usage import Usage, extract_usage, response_model, response_text
 from ._log import warn_limited
 
@@ -18,9 +19,42 @@ if TYPE_CHECKING:
     from ._budgets.states import Reservation
     from ._recorder import Recorder
 
-__all__ = ["tracked"]
+__all__ = ["Tracking", "tracked"]
 
 F = TypeVar("F", bound=Callable[..., Any])
+
+
+class Tracking:
+    """``tally.track``, mixed into :class:`~llmtally.Tally`."""
+
+    def track(
+        self,
+        fn: F | None = None,
+        *,
+        model: str | None = None,
+        provider: str | None = None,
+        call_type: str = "chat",
+        **attribution: Any,
+    ) -> Any:
+        """Decorate a function that calls an LLM SDK directly; each call becomes an event.
+
+        The return value's ``usage`` (OpenAI, Anthropic, LiteLLM or Gemini shape) gives the
+        tokens; the call is timed; an exception is recorded (``status="error"``, its type in
+        ``error_type``) and re-raised unchanged. Works on sync and async functions.
+
+        >>> @tally.track(model="deepseek/deepseek-chat")
+        ... def ask(q): return client.chat.completions.create(model="deepseek-chat", messages=[...])
+        """
+        unknown = set(attribution) - set(SCOPE_KEYS)
+        if unknown:
+            raise TypeError(f"track() got unexpected keyword arguments {sorted(unknown)}; "
+                            f"allowed: model, provider, call_type, {', '.join(SCOPE_KEYS)}")
+
+        def decorate(func: F) -> F:
+            return tracked(cast("Recorder", self), func, model=model, provider=provider, call_type=call_type,
+                           attribution=attribution)
+
+        return decorate(fn) if fn is not None else decorate
 
 
 def tracked(recorder: Recorder, func: F, *, model: str | None, provider: str | None,
