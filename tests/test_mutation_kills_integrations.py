@@ -755,3 +755,72 @@ def test_odd_usage_details_and_answer_text_are_read_without_raising():
     # an answer whose text is no string counts no output
     event = langchain_event(None, {"generations": [[{"text": 123456789}]]}, run_id="r")
     assert (event.usage.input_tokens, event.usage.output_tokens, event.estimated) == (0, 0, True)
+
+
+def test_responses_of_other_mapping_and_sequence_types_are_read_alike():
+    from types import MappingProxyType
+
+    from langchain_core.outputs import Generation
+
+    from llmtally.integrations.langchain_events import langchain_event
+
+    usage = {"input_tokens": 10, "output_tokens": 3, "total_tokens": 13}
+    generation = MappingProxyType({"message": {"usage_metadata": usage,
+                                               "response_metadata": {"model_name": "house-1"}},
+                                   "text": REPLY})
+    event = langchain_event(None, {"generations": [[generation]]}, run_id="r")
+    assert (event.resolved_model, event.usage.input_tokens, event.usage.output_tokens, event.estimated) == \
+        ("house-1", 10, 3, False)
+    llm_output = MappingProxyType({"token_usage": {"prompt_tokens": 9, "completion_tokens": 4},
+                                   "model_name": "house-2"})
+    for generations in ([[Generation(text=REPLY)]], [(Generation(text=REPLY),)]):
+        event = langchain_event(None, {"generations": generations, "llm_output": llm_output}, run_id="r")
+        assert (event.resolved_model, event.usage.input_tokens, event.usage.output_tokens, event.estimated) == \
+            ("house-2", 9, 4, False)
+
+
+def test_a_model_name_that_is_no_text_is_passed_over():
+    from langchain_core.outputs import ChatGeneration, LLMResult
+
+    from llmtally.integrations.langchain_events import langchain_event
+
+    for odd in (42, "", ["gpt-4o"]):
+        message = AIMessage_(REPLY, usage_metadata={"input_tokens": 7, "output_tokens": 3, "total_tokens": 10},
+                             response_metadata={"model_name": odd, "model": "gpt-4o-mini-2024-07-18"})
+        event = langchain_event(None, LLMResult(generations=[[ChatGeneration(message=message)]]), run_id="r")
+        assert (event.resolved_model, event.model) == ("gpt-4o-mini-2024-07-18", "gpt-4o-mini-2024-07-18")
+
+
+def test_usage_metadata_with_odd_counts_is_read_as_the_shared_reader_reads_it():
+    """The plain-dict shortcut: exact for plain counts, and no shortcut for negative, huge or
+    non-int counts (the shared reader clamps and converts them)."""
+    from langchain_core.outputs import ChatGeneration, LLMResult
+
+    from llmtally._events.usage import MAX_TOKEN_COUNT, extract_usage
+    from llmtally.integrations.langchain_events import langchain_event
+
+    def read(usage):
+        message = AIMessage_(REPLY, response_metadata={"model_name": "gpt-4o-mini"})
+        message.usage_metadata = usage  # as a provider package may leave it, unchecked
+        return langchain_event(None, LLMResult(generations=[[ChatGeneration(message=message)]]),
+                               run_id="r").usage
+
+    assert read({"input_tokens": 10, "output_tokens": 3, "total_tokens": 13}) == Usage(10, 3, 0, 0, 0)
+    assert read({"input_tokens": 100, "output_tokens": 30, "input_token_details": {
+        "cache_read": 60, "cache_creation": 20}, "output_token_details": {"reasoning": 10}}) == \
+        Usage(100, 30, 60, 20, 10)
+    fields = {"input_tokens": 100, "output_tokens": 30}
+    details = {"cache_read": 60, "cache_creation": 20, "reasoning": 10}
+    for odd in (-5, 2.0, MAX_TOKEN_COUNT + 1):
+        for key in (*fields, *details):
+            usage = dict(fields, input_token_details={k: v for k, v in details.items() if k != "reasoning"},
+                         output_token_details={"reasoning": details["reasoning"]})
+            if key in fields:
+                usage[key] = odd
+            elif key == "reasoning":
+                usage["output_token_details"] = {"reasoning": odd}
+            else:
+                usage["input_token_details"] = {**usage["input_token_details"], key: odd}
+            expected = extract_usage({"usage_metadata": usage})
+            assert read(usage) == expected, (key, odd)
+            assert all(type(n) is int and 0 <= n <= MAX_TOKEN_COUNT for n in expected)
