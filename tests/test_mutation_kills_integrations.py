@@ -615,3 +615,212 @@ def test_tool_calls_without_usage_are_counted_as_output():
     expected = count_text("Looking.", "gpt-4o-mini") + count_text(as_json, "gpt-4o-mini")
     assert (event.usage.input_tokens, event.usage.output_tokens, event.estimated) == (0, expected, True)
     assert count_text(as_json, "gpt-4o-mini") != count_text(as_json, None)
+
+
+# -- langchain_events.py: the rest of the module (second mutmut run) -------------------------
+
+RUSSIAN = "Пожалуйста, поздоровайся с журналом расходов. नमस्ते दुनिया"
+
+
+def _run_start(*, model="gpt-4o-mini", provider="openai", prompt=None, first_token=None):
+    """What the handler keeps when a chat model run starts (real LangChain messages as the
+    prompt)."""
+    import uuid
+
+    from llmtally.integrations.langchain_events import RunStart
+
+    run_id = uuid.uuid4()
+    start = RunStart(None, run_id, provider=provider, model=model,
+                     serialized={"id": ["langchain", "chat_models", "openai", "ChatOpenAI"]},
+                     call_type="chat", parent=None, root=run_id, tags=["mine"], metadata={},
+                     name=None, prompt=prompt)
+    if first_token is not None:
+        start.first_token = start.started + first_token
+    return start
+
+
+def test_a_prompt_counted_offline_uses_the_models_encoding_for_text_and_messages():
+    from langchain_core.messages import HumanMessage, SystemMessage
+    from langchain_core.outputs import ChatGeneration, LLMResult
+
+    from llmtally.integrations.langchain_events import langchain_event
+
+    messages = [SystemMessage("Ты помощник."), HumanMessage(RUSSIAN)]
+    for prompt, expected in ((RUSSIAN, count_text(RUSSIAN, "gpt-4o-mini")),
+                             (messages, count_messages(messages, "gpt-4o-mini"))):
+        assert expected != (count_text(RUSSIAN, None) if isinstance(prompt, str)
+                            else count_messages(messages, None))
+        start = _run_start(prompt=prompt)
+        answer = ChatGeneration(message=AIMessage_("Привет!"))
+        event = langchain_event(start, LLMResult(generations=[[answer]]), run_id=start.run_id)
+        assert (event.usage.input_tokens, event.usage.output_tokens, event.estimated) == \
+            (expected, count_text("Привет!", "gpt-4o-mini"), True)
+        assert start.count_prompt() == expected
+    # a prompt of no known shape counts nothing
+    start = _run_start(prompt=None)
+    event = langchain_event(start, LLMResult(generations=[[ChatGeneration(message=AIMessage_("Hi"))]]),
+                            run_id=start.run_id)
+    assert (event.usage.input_tokens, event.usage.output_tokens) == (0, count_text("Hi", "gpt-4o-mini"))
+
+
+def AIMessage_(content, **kw):  # noqa: N802 - a real AIMessage
+    from langchain_core.messages import AIMessage
+
+    return AIMessage(content, **kw)
+
+
+class _UnreadableMessage:
+    """A message whose content raises when read (a provider object of a shape nobody knows)."""
+
+    type = "human"
+
+    @property
+    def content(self):
+        raise RuntimeError("content is gone")
+
+
+def test_a_prompt_that_cannot_be_counted_counts_zero_and_says_why(caplog):
+    from llmtally import _log
+    from llmtally.integrations.langchain_events import _count_prompt
+
+    _log._last_said.pop("langchain-count", None)
+    with caplog.at_level("WARNING", logger=_log.logger.name):
+        assert _count_prompt([_UnreadableMessage()], "gpt-4o-mini") == 0
+    assert [r.getMessage() for r in caplog.records] == \
+        ["llmtally: could not count a LangChain prompt (RuntimeError: content is gone)"]
+
+
+def test_a_started_run_without_a_model_name_takes_the_one_the_provider_answered_with():
+    from langchain_core.outputs import ChatGeneration, LLMResult
+
+    from llmtally.integrations.langchain_events import langchain_event
+
+    start = _run_start(model=None)
+    message = AIMessage_(REPLY, usage_metadata={"input_tokens": 7, "output_tokens": 3, "total_tokens": 10},
+                         response_metadata={"model_name": "gpt-4o-mini-2024-07-18"})
+    event = langchain_event(start, LLMResult(generations=[[ChatGeneration(message=message)]]),
+                            run_id=start.run_id)
+    assert (event.model, event.resolved_model, event.provider, event.usage.input_tokens) == \
+        ("gpt-4o-mini-2024-07-18", "gpt-4o-mini-2024-07-18", "openai", 7)
+
+
+def test_a_legacy_answer_names_its_model_in_its_generation_info():
+    from langchain_core.outputs import Generation, LLMResult
+
+    from llmtally.integrations.langchain_events import langchain_event
+
+    result = LLMResult(generations=[[Generation(text=REPLY, generation_info={"model_name": "house-1"})]],
+                       llm_output={"token_usage": {"prompt_tokens": 9, "completion_tokens": 4}})
+    event = langchain_event(None, result, run_id="run-4")
+    assert (event.model, event.resolved_model, event.usage.input_tokens, event.usage.output_tokens) == \
+        ("house-1", "house-1", 9, 4)
+
+
+def test_a_cancelled_run_is_an_error_unless_its_answer_had_begun():
+    from langchain_core.outputs import ChatGeneration, LLMResult
+
+    from llmtally.integrations.langchain_events import langchain_event
+
+    cancelled = asyncio.CancelledError()
+    # started, nothing streamed, no partial answer: the call failed
+    start = _run_start(prompt=RUSSIAN)
+    event = langchain_event(start, None, run_id=start.run_id, error=cancelled)
+    assert (event.status, event.error_type, event.streamed, event.usage) == \
+        ("error", "asyncio.CancelledError", False, Usage())
+    # a first token came: the caller left the stream, what came is counted
+    start = _run_start(prompt=RUSSIAN, first_token=0.25)
+    event = langchain_event(start, None, run_id=start.run_id, error=cancelled)
+    assert (event.status, event.error_type, event.streamed, event.estimated) == ("ok", None, True, True)
+    assert (event.usage.input_tokens, event.usage.output_tokens) == (count_text(RUSSIAN, "gpt-4o-mini"), 0)
+    assert event.metadata["stream_abandoned"] is True
+    # a partial answer without a first token seen
+    start = _run_start(prompt=RUSSIAN)
+    partial = LLMResult(generations=[[ChatGeneration(message=AIMessage_("Прив"))]])
+    event = langchain_event(start, partial, run_id=start.run_id, error=cancelled)
+    assert (event.status, event.streamed, event.usage.output_tokens) == \
+        ("ok", True, count_text("Прив", "gpt-4o-mini"))
+    # a run never seen starting, left: abandoned too
+    event = langchain_event(None, None, run_id="r", error=GeneratorExit())
+    assert (event.status, event.streamed, event.usage) == ("ok", True, Usage())
+
+
+def test_odd_usage_details_and_answer_text_are_read_without_raising():
+    from llmtally.integrations.langchain_events import langchain_event
+
+    for details in ({"input_token_details": ["cache_read"]}, {"output_token_details": "reasoning"}):
+        usage = {"input_tokens": 10, "output_tokens": 3, "total_tokens": 13, **details}
+        response = {"generations": [[{"message": {"usage_metadata": usage}, "text": REPLY}]]}
+        event = langchain_event(None, response, run_id="r")
+        assert (event.usage.input_tokens, event.usage.output_tokens, event.estimated) == (10, 3, False)
+    # an answer whose text is no string counts no output
+    event = langchain_event(None, {"generations": [[{"text": 123456789}]]}, run_id="r")
+    assert (event.usage.input_tokens, event.usage.output_tokens, event.estimated) == (0, 0, True)
+
+
+def test_responses_of_other_mapping_and_sequence_types_are_read_alike():
+    from types import MappingProxyType
+
+    from langchain_core.outputs import Generation
+
+    from llmtally.integrations.langchain_events import langchain_event
+
+    usage = {"input_tokens": 10, "output_tokens": 3, "total_tokens": 13}
+    generation = MappingProxyType({"message": {"usage_metadata": usage,
+                                               "response_metadata": {"model_name": "house-1"}},
+                                   "text": REPLY})
+    event = langchain_event(None, {"generations": [[generation]]}, run_id="r")
+    assert (event.resolved_model, event.usage.input_tokens, event.usage.output_tokens, event.estimated) == \
+        ("house-1", 10, 3, False)
+    llm_output = MappingProxyType({"token_usage": {"prompt_tokens": 9, "completion_tokens": 4},
+                                   "model_name": "house-2"})
+    for generations in ([[Generation(text=REPLY)]], [(Generation(text=REPLY),)]):
+        event = langchain_event(None, {"generations": generations, "llm_output": llm_output}, run_id="r")
+        assert (event.resolved_model, event.usage.input_tokens, event.usage.output_tokens, event.estimated) == \
+            ("house-2", 9, 4, False)
+
+
+def test_a_model_name_that_is_no_text_is_passed_over():
+    from langchain_core.outputs import ChatGeneration, LLMResult
+
+    from llmtally.integrations.langchain_events import langchain_event
+
+    for odd in (42, "", ["gpt-4o"]):
+        message = AIMessage_(REPLY, usage_metadata={"input_tokens": 7, "output_tokens": 3, "total_tokens": 10},
+                             response_metadata={"model_name": odd, "model": "gpt-4o-mini-2024-07-18"})
+        event = langchain_event(None, LLMResult(generations=[[ChatGeneration(message=message)]]), run_id="r")
+        assert (event.resolved_model, event.model) == ("gpt-4o-mini-2024-07-18", "gpt-4o-mini-2024-07-18")
+
+
+def test_usage_metadata_with_odd_counts_is_read_as_the_shared_reader_reads_it():
+    """The plain-dict shortcut: exact for plain counts, and no shortcut for negative, huge or
+    non-int counts (the shared reader clamps and converts them)."""
+    from langchain_core.outputs import ChatGeneration, LLMResult
+
+    from llmtally._events.usage import MAX_TOKEN_COUNT, extract_usage
+    from llmtally.integrations.langchain_events import langchain_event
+
+    def read(usage):
+        message = AIMessage_(REPLY, response_metadata={"model_name": "gpt-4o-mini"})
+        message.usage_metadata = usage  # as a provider package may leave it, unchecked
+        return langchain_event(None, LLMResult(generations=[[ChatGeneration(message=message)]]),
+                               run_id="r").usage
+
+    assert read({"input_tokens": 10, "output_tokens": 3, "total_tokens": 13}) == Usage(10, 3, 0, 0, 0)
+    assert read({"input_tokens": 100, "output_tokens": 30, "input_token_details": {
+        "cache_read": 60, "cache_creation": 20}, "output_token_details": {"reasoning": 10}}) == \
+        Usage(100, 30, 60, 20, 10)
+    fields = {"input_tokens": 100, "output_tokens": 30}
+    details = {"cache_read": 60, "cache_creation": 20, "reasoning": 10}
+    for odd in (-5, 2.0, MAX_TOKEN_COUNT + 1):
+        for key in (*fields, *details):
+            usage = dict(fields, input_token_details={k: v for k, v in details.items() if k != "reasoning"},
+                         output_token_details={"reasoning": details["reasoning"]})
+            if key in fields:
+                usage[key] = odd
+            elif key == "reasoning":
+                usage["output_token_details"] = {"reasoning": odd}
+            else:
+                usage["input_token_details"] = {**usage["input_token_details"], key: odd}
+            expected = extract_usage({"usage_metadata": usage})
+            assert read(usage) == expected, (key, odd)
+            assert all(type(n) is int and 0 <= n <= MAX_TOKEN_COUNT for n in expected)

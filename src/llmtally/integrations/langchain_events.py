@@ -262,7 +262,7 @@ def _from_usage_metadata(value: Any) -> Usage | None:
             if type(input_tokens) is int and type(output_tokens) is int and type(read) is int \
                     and type(write) is int and type(reasoning) is int \
                     and min(input_tokens, output_tokens, read, write, reasoning) >= 0 \
-                    and max(input_tokens, output_tokens, read + write) <= MAX_TOKEN_COUNT:
+                    and max(input_tokens, output_tokens, read + write, reasoning) <= MAX_TOKEN_COUNT:
                 return Usage(max(input_tokens, read + write), max(output_tokens, reasoning),
                              read, write, reasoning)
     return extract_usage({"usage_metadata": value})
