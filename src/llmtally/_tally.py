@@ -1,4 +1,6 @@
-"""`Tally`: the one object users hold. It prices, attributes and queues events, and reads them back."""
+"""`Tally`: the one object users hold. A facade: it validates its settings once (`Settings`),
+builds the store, the writer and the services, and delegates recording (`Recording`), budgets
+(`BudgetGuard`), reading, `track` and the integrations (the mixins) to them."""
 
 from __future__ import annotations
 
@@ -14,9 +16,7 @@ from ._budgets.budget import DEFAULT_MAX_OUTPUT_ESTIMATE, DEFAULT_RESERVATION_TT
 from ._budgets.guard import BudgetGuard
 from ._events import scope as _scope
 from ._events.event import CallEvent
-from ._events.usage import (
-    Usage,
-)
+from ._events.usage import Usage
 from ._pricing.book import PriceBook
 from ._pricing.price import Price
 from ._recording import DEFAULT_EXIT_FLUSH_TIMEOUT_S, Recording, default_spill_path, event_id
