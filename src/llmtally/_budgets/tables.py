@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 import socket
 from datetime import datetime
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import (
     JSON,
@@ -39,9 +39,6 @@ __all__ = ["BudgetCounter", "BudgetHold", "BudgetAlertSent", "BudgetDefinition",
 class BudgetCounter(LedgerModel, table=True):
     """What a budget has spent and holds in one window, for one ``each=`` instance."""
 
-    if TYPE_CHECKING:
-        __table__: ClassVar[Table]
-
     __tablename__ = "llmtally_budget_counters"
     budget_key: str = Field(primary_key=True, max_length=512)
     instance: str = Field(primary_key=True, max_length=256)
@@ -55,9 +52,6 @@ class BudgetCounter(LedgerModel, table=True):
 class BudgetHold(LedgerModel, table=True):
     """An open reservation: what one call holds on each counter until its event lands."""
 
-    if TYPE_CHECKING:
-        __table__: ClassVar[Table]
-
     __tablename__ = "llmtally_reservations"
     __table_args__ = (Index("ix_llmtally_reservations_expires_at", "expires_at"),)
     id: str = Field(primary_key=True, max_length=64)
@@ -70,9 +64,6 @@ class BudgetHold(LedgerModel, table=True):
 class BudgetAlertSent(LedgerModel, table=True):
     """A threshold warning already sent, so that many processes send each once."""
 
-    if TYPE_CHECKING:
-        __table__: ClassVar[Table]
-
     __tablename__ = "llmtally_budget_alerts"
     budget_key: str = Field(primary_key=True, max_length=512)
     instance: str = Field(primary_key=True, max_length=256)
@@ -83,9 +74,6 @@ class BudgetAlertSent(LedgerModel, table=True):
 
 class BudgetDefinition(LedgerModel, table=True):
     """A budget in force on the ledger, whichever process defined it."""
-
-    if TYPE_CHECKING:
-        __table__: ClassVar[Table]
 
     __tablename__ = "llmtally_budgets"
     budget_key: str = Field(primary_key=True, max_length=512)

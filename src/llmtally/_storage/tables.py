@@ -38,6 +38,9 @@ class LedgerModel(SQLModel, registry=registry()):
     application's ``SQLModel.metadata.create_all()`` never creates llmtally's tables in its
     database and its model names never clash with llmtally's."""
 
+    if TYPE_CHECKING:  # set by SQLModel's metaclass on each table class; its stubs omit it
+        __table__: ClassVar[Table]
+
 
 class UsageEvent(LedgerModel, table=True):
     """One LLM call attempt, as stored in the ledger.
@@ -47,9 +50,6 @@ class UsageEvent(LedgerModel, table=True):
     ``cost`` is in ``currency``; it is ``None`` when the model has no known price
     (``cost_status="unpriced"``), never a silent 0.
     """
-
-    if TYPE_CHECKING:  # set by SQLModel's metaclass; its stubs do not declare it
-        __table__: ClassVar[Table]
 
     __tablename__ = EVENTS_TABLE
     __table_args__ = (
