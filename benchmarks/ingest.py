@@ -114,7 +114,8 @@ def reset(url: str) -> None:
     engine = create_engine(url)
     with engine.begin() as conn:
         conn.execute(text("DROP TABLE IF EXISTS llmtally_events, llmtally_schema, "
-                          "llmtally_budget_counters, llmtally_reservations, llmtally_budget_alerts"))
+                          "llmtally_budget_counters, llmtally_reservations, llmtally_budget_alerts, "
+                          "llmtally_budgets, llmtally_rollups, llmtally_rollup_sketches"))
     engine.dispose()
 
 

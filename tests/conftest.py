@@ -265,3 +265,88 @@ def call_id_of(row: dict) -> str:
     if isinstance(meta, str):
         meta = json.loads(meta) if meta else {}
     return (meta or {}).get("litellm_call_id") or row["id"]
+
+
+def rollups_mismatch(url: str) -> list[str]:
+    """How the hourly rollups differ from a GROUP BY over the events, written here in plain
+    SQL (not through llmtally's fold), and how the latency sketches' counts differ from the
+    events' (the bucket of each duration from sketch.bucket_of). Empty when they agree."""
+    import math
+    from datetime import datetime
+
+    from sqlalchemy import create_engine, text
+
+    from llmtally._storage.sketch import bucket_of
+    from llmtally._storage.store import normalize_url
+
+    dims = ('provider, model, project, "user", status, error_type, currency, cost_status, '
+            "source, call_type")
+    engine = create_engine(normalize_url(url))
+    sqlite = engine.dialect.name == "sqlite"
+    hour = "strftime('%Y-%m-%d %H:00:00', ts)" if sqlite else "date_trunc('hour', ts)"
+    true = "1" if sqlite else "true"
+    streamed = f"streamed = {true}"
+
+    def when(value):
+        return datetime.fromisoformat(value) if isinstance(value, str) else value
+
+    try:
+        with engine.connect() as conn:
+            events = conn.execute(text(f"""
+                SELECT {hour} AS hour, {dims}, COALESCE(price_source, '') = 'cache-hit',
+                       COUNT(*), SUM(CASE WHEN {streamed} THEN 1 ELSE 0 END),
+                       SUM(input_tokens), SUM(output_tokens), SUM(cache_read_tokens),
+                       SUM(cache_write_tokens), SUM(reasoning_tokens), COALESCE(SUM(cost), 0),
+                       SUM(CASE WHEN cache_read_tokens > 0 THEN 1 ELSE 0 END),
+                       SUM(CASE WHEN cache_read_tokens > 0 THEN input_tokens ELSE 0 END),
+                       COUNT(latency_ms), COALESCE(SUM(latency_ms), 0),
+                       SUM(CASE WHEN {streamed} AND ttft_ms IS NOT NULL THEN 1 ELSE 0 END),
+                       COALESCE(SUM(CASE WHEN {streamed} THEN ttft_ms END), 0),
+                       MAX(cost), MIN(ts), MAX(ts)
+                FROM llmtally_events GROUP BY {hour}, {dims},
+                         COALESCE(price_source, '') = 'cache-hit'""")).all()
+            rollups = conn.execute(text(f"""
+                SELECT hour, {dims}, cache_hit, calls, streamed_calls, input_tokens,
+                       output_tokens, cache_read_tokens, cache_write_tokens, reasoning_tokens,
+                       cost, cached_calls, cached_input_tokens, latency_calls, latency_ms_sum,
+                       ttft_calls, ttft_ms_sum, max_cost, first_ts, last_ts
+                FROM llmtally_rollups""")).all()
+            durations = conn.execute(text(f"""
+                SELECT {hour}, provider, model, project, latency_ms,
+                       CASE WHEN {streamed} THEN ttft_ms END
+                FROM llmtally_events WHERE status = 'ok'""")).all()
+            cells = conn.execute(text(
+                "SELECT hour, provider, model, project, metric, bucket, calls "
+                "FROM llmtally_rollup_sketches")).all()
+    finally:
+        engine.dispose()
+
+    def keyed(rows):
+        out = {}
+        for row in rows:
+            key = (when(row[0]), *row[1:11], bool(row[11]))
+            values = list(row[12:])
+            values[-2:] = [when(values[-2]), when(values[-1])]
+            out[key] = values
+        return out
+
+    want, have = keyed(events), keyed(rollups)
+    problems = [f"{key}: events only" for key in want.keys() - have.keys()]
+    problems += [f"{key}: rollups only" for key in have.keys() - want.keys()]
+    for key in want.keys() & have.keys():
+        for index, (a, b) in enumerate(zip(want[key], have[key])):
+            same = (a is None and b is None) if a is None or b is None else (
+                math.isclose(float(a), float(b), rel_tol=1e-9, abs_tol=1e-12)
+                if isinstance(a, float | int) and not isinstance(a, bool) else a == b)
+            if not same:
+                problems.append(f"{key}: value {index}: events {a!r}, rollups {b!r}")
+    sketch: dict = {}
+    for moment, provider, model, project, latency, ttft in durations:
+        for metric, value in ((0, latency), (1, ttft)):
+            if value is not None:
+                place = (when(moment), provider, model, project, metric, bucket_of(value))
+                sketch[place] = sketch.get(place, 0) + 1
+    stored = {(when(c[0]), *c[1:6]): int(c[6]) for c in cells}
+    if stored != sketch:
+        problems.append(f"sketch cells differ: {sorted(set(stored.items()) ^ set(sketch.items()), key=repr)[:5]}")
+    return problems

@@ -24,7 +24,7 @@ from types import SimpleNamespace
 from typing import Any
 
 import pytest
-from conftest import fetch_events, ledger_rows, reset_litellm_callbacks
+from conftest import fetch_events, ledger_rows, reset_litellm_callbacks, rollups_mismatch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -125,6 +125,7 @@ def test_invoke_is_one_exact_event(make_tally, ledger_url, provider):
     assert _meta(row) == {"langchain_root_run_id": str(run_id)}
     assert 0 < row["latency_ms"] < 10_000 and row["ttft_ms"] is None
     assert tally.langchain()._runs == {}
+    assert rollups_mismatch(ledger_url) == []
 
 
 def test_the_event_is_built_later_but_timed_when_the_call_ended(make_tally, provider):
@@ -234,6 +235,7 @@ def test_astream_and_astream_events(tally, handler, provider):
     assert len(rows) == 2 and provider.requests == 2
     for row in rows:
         _assert_mini(row, streamed=True)
+    assert rollups_mismatch(tally.database_url) == []
 
 
 @pytest.mark.filterwarnings("ignore:The model 'claude-sonnet-4-5' is deprecated")

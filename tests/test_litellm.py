@@ -17,7 +17,7 @@ import threading
 import time
 
 import pytest
-from conftest import MSGS, fetch_events, ledger_rows
+from conftest import MSGS, fetch_events, ledger_rows, rollups_mismatch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -148,6 +148,7 @@ def test_sync_stream_with_usage_is_one_exact_event(tally, provider):
     assert row["cost"] == pytest.approx(20 * IN + 100 * CACHED + 30 * OUT, abs=1e-12)
     # LiteLLM stamps a sync stream's end on its logging thread, just after the caller's loop ends.
     assert 0 < row["ttft_ms"] <= row["latency_ms"] <= wall_ms + 5
+    assert rollups_mismatch(tally.database_url) == []
 
 
 def test_stream_without_usage_is_counted_offline_and_marked_estimated(tally, provider):
@@ -593,6 +594,7 @@ def test_a_cache_hit_is_recorded_at_zero_cost(tally, provider):
     paid, hit = ledger_rows(tally)
     assert provider.requests == 1
     assert paid["cost"] > 0 and hit["cost"] == 0 and json.loads(hit["metadata"])["cache_hit"] is True
+    assert rollups_mismatch(tally.database_url) == []
 
 
 def test_cache_hit_kwarg_becomes_a_zero_cost_flagged_event(make_tally):

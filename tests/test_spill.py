@@ -10,7 +10,7 @@ import textwrap
 import time
 
 import pytest
-from conftest import CLOSED_PORT_URL, fetch_events, require_postgres
+from conftest import CLOSED_PORT_URL, fetch_events, require_postgres, rollups_mismatch
 
 from llmtally import Tally
 from llmtally._storage.spill import SpillFile
@@ -41,6 +41,7 @@ def test_events_spill_while_postgres_is_down_and_replay_when_it_returns(pg_url, 
     assert sorted(r["id"] for r in rows) == sorted(ids)
     assert sum(r["input_tokens"] for r in rows) == sum(range(300))
     assert not list(tmp_path.glob("spill.jsonl*"))
+    assert rollups_mismatch(pg_url) == []
 
 
 def test_replaying_twice_adds_nothing(sqlite_url, tmp_path, caplog):
@@ -57,6 +58,7 @@ def test_replaying_twice_adds_nothing(sqlite_url, tmp_path, caplog):
         rows = fetch_events(sqlite_url)
         assert sorted(r["id"] for r in rows) == sorted(ids)
         assert sum(r["input_tokens"] for r in rows) == sum(range(50))
+        assert rollups_mismatch(sqlite_url) == []
     assert [r.getMessage() for r in caplog.records if r.name.startswith("llmtally")] == []
 
 

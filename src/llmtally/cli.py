@@ -18,6 +18,7 @@ import click
 
 from ._cli.ledger import ledger_options
 from ._cli.prices import prices
+from ._cli.rollups import rollups
 from ._cli.transfer import export, import_, prune
 from ._terminal import (
     Group,
@@ -264,7 +265,7 @@ def report(tally: Any, week: str | None, since: str | None, until: str | None,
         echo(f"  {line}")
 
 
-for _command in (prices, export, import_, prune):
+for _command in (prices, export, import_, prune, rollups):
     main.add_command(_command)
 
 

@@ -16,7 +16,7 @@ import sys
 import time
 
 import pytest
-from conftest import call_id_of, fetch_events
+from conftest import call_id_of, fetch_events, rollups_mismatch
 
 from llmtally.testing import FakeProvider
 
@@ -92,6 +92,7 @@ def test_sigkill_with_batched_writes_loses_at_most_the_last_second(backend, requ
     lost_ages = [killed_at - when for call_id, when in completed if call_id not in stored]
     assert len(completed) >= CALLS_BEFORE_KILL
     assert all(age <= LOSS_BOUND_S for age in lost_ages), sorted(lost_ages)[-5:]
+    assert rollups_mismatch(url) == []  # a killed writer's transaction left both or neither
     print(f"\nbatched {backend}: {len(completed)} completed, {len(lost_ages)} lost to SIGKILL, "
           f"the oldest completed {max(lost_ages, default=0) * 1000:.0f} ms before the kill")
 

@@ -8,7 +8,7 @@ import logging
 import time
 
 import pytest
-from conftest import call_id_of, fetch_events
+from conftest import call_id_of, fetch_events, rollups_mismatch
 
 from llmtally import Tally
 from llmtally.testing import FakeProvider
@@ -54,6 +54,7 @@ def test_calls_succeed_through_a_10_s_outage_and_every_event_lands_once(pg_proxy
     assert sorted(call_id_of(r) for r in rows) == sorted(ids)  # every call, once
     assert sum(r["input_tokens"] for r in rows) == 12 * len(ids)
     assert not list(tmp_path.glob("spill.jsonl*"))  # the spill file was replayed and removed
+    assert rollups_mismatch(url) == []
     messages = [r.getMessage() for r in caplog.records]
     assert sum("cannot write to the ledger" in m for m in messages) == 1  # once, not per retry
     assert sum("is reachable again" in m for m in messages) >= 1

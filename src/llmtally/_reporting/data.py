@@ -1,9 +1,11 @@
-"""The report's figures, each one SQL aggregate over the ``ts`` range (and ``project``) indexes.
+"""The report's figures, each one SQL aggregate over the hourly rollups (``facts.py``).
 
-Nothing here loads events into Python: every query is a ``GROUP BY`` (or a window function
-for percentiles, or a ``LIMIT``) whose result has a bounded number of rows — one per model,
-provider, project, user, hour or error type seen in the period — however many events it
-covers. The queries run unchanged on SQLite and PostgreSQL.
+Nothing here loads events into Python: every query is a ``SUM ... GROUP BY`` over the
+rollups of the period's whole hours and the few events at its edges, whose result has a
+bounded number of rows — one per model, provider, project, user, hour or error type seen in
+the period — however many events it covers. Percentiles merge the latency sketches; only the
+costliest calls are read from the events (through the ``ts`` index). The queries run
+unchanged on SQLite and PostgreSQL.
 
 The current and previous periods are read together: a row counts towards the current period
 when ``ts >= start``, towards the previous one otherwise.
@@ -13,14 +15,17 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import Connection, String, and_, case, func, or_, select
+from sqlalchemy import Connection, String, and_, case, false, func, or_, select, true
 from sqlalchemy.sql import ColumnElement
 
 from .._events.usage import TOKEN_FIELDS
-from .._storage.tables import UsageEvent
+from .._storage.rollups import LATENCY, TTFT
+from .._storage.sketch import bucket_of, percentile
+from .._storage.tables import HourlyRollup, UsageEvent
+from .facts import Span, events_where, facts, hourly_where, sketch_cells, within
 
 __all__ = ["Range", "Totals", "GroupRow", "Percentiles", "ErrorRow", "CallRow", "UnpricedModel",
            "totals", "group_totals", "model_totals", "time_buckets", "percentiles", "errors",
@@ -40,6 +45,18 @@ class Range:
     previous_start: datetime
     previous_end: datetime
     project: str | None = None
+    splits: tuple[datetime, ...] = ()  # chart boundaries (naive UTC), see facts.py
+
+    def span(self) -> Span:
+        """Both periods, for :func:`facts.facts`."""
+        return Span(((self.previous_start, self.previous_end), (self.start, self.end)),
+                    self.splits, self._filters())
+
+    def current_span(self) -> Span:
+        return Span(((self.start, self.end),), (), self._filters())
+
+    def _filters(self) -> tuple[tuple[str, Any], ...]:
+        return () if self.project is None else (("project", self.project),)
 
     def where(self) -> ColumnElement[bool]:
         """Rows of either period (the previous one may end before ``start``: this week so far)."""
@@ -166,26 +183,26 @@ def _sum(expression: Any) -> Any:
     return func.coalesce(func.sum(expression), 0)
 
 
-def _count_if(condition: ColumnElement[bool]) -> Any:
-    return _sum(case((condition, 1), else_=0))
+def _sum_if(condition: ColumnElement[bool], value: Any) -> Any:
+    return _sum(case((condition, value), else_=0))
 
 
 def totals(conn: Connection, rows: Range) -> tuple[Totals, Totals]:
     """(current, previous) totals."""
-    current = rows.current()
-    is_current = case((current, 1), else_=0).label("is_current")
+    f = facts(rows.span()).c
+    is_current = case((f.ts >= rows.start, 1), else_=0).label("is_current")
     statement = select(
         is_current,
-        func.count().label("calls"),
-        _count_if(_E.status == "error").label("errors"),
-        _count_if(_E.status == "blocked").label("blocked"),
-        *(_sum(_E[name]).label(name) for name in TOKEN_FIELDS),
-        _sum(_E.cost).label("cost"),
-        _count_if(_E.cost_status == "unpriced").label("unpriced_calls"),
-        _count_if(_E.cost_status == "estimated").label("estimated_calls"),
-        _sum(case((_E.cost_status == "estimated", _E.cost), else_=0.0)).label("estimated_cost"),
-        _count_if(_E.streamed).label("streamed_calls"),
-    ).where(rows.where()).group_by(is_current)
+        _sum(f.calls).label("calls"),
+        _sum_if(f.status == "error", f.calls).label("errors"),
+        _sum_if(f.status == "blocked", f.calls).label("blocked"),
+        *(_sum(f[name]).label(name) for name in TOKEN_FIELDS),
+        _sum(f.cost).label("cost"),
+        _sum_if(f.cost_status == "unpriced", f.calls).label("unpriced_calls"),
+        _sum_if(f.cost_status == "estimated", f.calls).label("estimated_calls"),
+        _sum_if(f.cost_status == "estimated", f.cost).label("estimated_cost"),
+        _sum(f.streamed_calls).label("streamed_calls"),
+    ).group_by(is_current)
     found = {row.is_current: row for row in conn.execute(statement)}
 
     def one(row: Any) -> Totals:
@@ -201,18 +218,18 @@ def totals(conn: Connection, rows: Range) -> tuple[Totals, Totals]:
     return one(found.get(1)), one(found.get(0))
 
 
-def _both_periods(rows: Range, extra: Sequence[Any] = ()) -> list[Any]:
-    current = rows.current()
+def _both_periods(f: Any, rows: Range, extra: Sequence[Any] = ()) -> list[Any]:
+    current = f.ts >= rows.start
     return [
-        _count_if(current).label("calls"),
-        _count_if(and_(current, _E.status == "error")).label("errors"),
-        _sum(case((current, _E.input_tokens), else_=0)).label("input_tokens"),
-        _sum(case((current, _E.output_tokens), else_=0)).label("output_tokens"),
-        _sum(case((current, _E.cost), else_=0.0)).label("cost"),
-        _count_if(and_(current, _E.cost_status == "unpriced")).label("unpriced_calls"),
-        _count_if(and_(current, _E.cost_status == "estimated")).label("estimated_calls"),
-        _count_if(~current).label("previous_calls"),
-        _sum(case((~current, _E.cost), else_=0.0)).label("previous_cost"),
+        _sum_if(current, f.calls).label("calls"),
+        _sum_if(and_(current, f.status == "error"), f.calls).label("errors"),
+        _sum_if(current, f.input_tokens).label("input_tokens"),
+        _sum_if(current, f.output_tokens).label("output_tokens"),
+        _sum_if(current, f.cost).label("cost"),
+        _sum_if(and_(current, f.cost_status == "unpriced"), f.calls).label("unpriced_calls"),
+        _sum_if(and_(current, f.cost_status == "estimated"), f.calls).label("estimated_calls"),
+        _sum_if(~current, f.calls).label("previous_calls"),
+        _sum_if(~current, f.cost).label("previous_cost"),
         *extra,
     ]
 
@@ -230,9 +247,9 @@ def _group_row(row: Any, key: Any, provider: str | None = None,
 def group_totals(conn: Connection, rows: Range, by: str) -> list[GroupRow]:
     """Totals per ``provider``, ``project`` or ``user`` (both periods), most expensive first;
     groups seen only in the previous period are included (with 0 calls now)."""
-    column = _E[by]
-    statement = select(column.label("key"), *_both_periods(rows)).where(rows.where()) \
-        .group_by(column)
+    f = facts(rows.span()).c
+    column = f[by]
+    statement = select(column.label("key"), *_both_periods(f, rows)).group_by(column)
     found = [_group_row(row, row.key) for row in conn.execute(statement)]
     return sorted(found, key=_expensive_first)
 
@@ -250,22 +267,21 @@ _MODEL_EXTRA = (
 
 def model_totals(conn: Connection, rows: Range) -> list[GroupRow]:
     """Totals per (provider, model), with what cache savings need in ``extra``."""
-    current = rows.current()
-    paid = and_(current, _E.cost_status != "unpriced", _E.status == "ok",
-                or_(_E.price_source.is_(None), _E.price_source != "cache-hit"))
-    with_cache = and_(paid, _E.cache_read_tokens > 0)
-    hit = and_(current, _E.price_source == "cache-hit")
+    f = facts(rows.span()).c
+    current = f.ts >= rows.start
+    hit = and_(current, f.cache_hit == true())
+    paid = and_(current, f.cost_status != "unpriced", f.status == "ok", f.cache_hit == false())
     extra = [
-        _sum(case((with_cache, _E.cache_read_tokens), else_=0)).label("cache_read_tokens"),
-        _sum(case((with_cache, _E.input_tokens), else_=0)).label("cached_calls_input_tokens"),
-        _count_if(with_cache).label("cached_calls"),
-        _count_if(hit).label("hit_calls"),
-        *(_sum(case((hit, _E[name]), else_=0)).label(f"hit_{name}") for name in TOKEN_FIELDS),
-        _sum(case((and_(current, _E.cost_status == "estimated"), _E.cost), else_=0.0))
-        .label("estimated_cost"),
+        # rows of calls without cache reads add 0 to each of these
+        _sum_if(paid, f.cache_read_tokens).label("cache_read_tokens"),
+        _sum_if(paid, f.cached_input_tokens).label("cached_calls_input_tokens"),
+        _sum_if(paid, f.cached_calls).label("cached_calls"),
+        _sum_if(hit, f.calls).label("hit_calls"),
+        *(_sum_if(hit, f[name]).label(f"hit_{name}") for name in TOKEN_FIELDS),
+        _sum_if(and_(current, f.cost_status == "estimated"), f.cost).label("estimated_cost"),
     ]
-    statement = select(_E.provider, _E.model, *_both_periods(rows, extra)) \
-        .where(rows.where()).group_by(_E.provider, _E.model)
+    statement = select(f.provider, f.model, *_both_periods(f, rows, extra)) \
+        .group_by(f.provider, f.model)
     found = [
         _group_row(row, row.model, row.provider,
                    {name: float(getattr(row, name) or 0) for name in _MODEL_EXTRA})
@@ -281,15 +297,17 @@ def _expensive_first(row: GroupRow) -> tuple[float, int, float, str]:
 def time_buckets(conn: Connection, rows: Range, *, minutes: bool = False
                  ) -> list[tuple[datetime, float, int]]:
     """(UTC hour — or minute — , cost, calls) for both periods, for the daily chart. At most
-    24 rows a day (1,440 for a zone whose offset is not a whole number of hours)."""
+    24 rows a day; in a zone whose offset is not a whole number of hours, the hours holding a
+    local midnight (``rows.splits``) come from the events, by minute."""
+    f = facts(rows.span()).c
     if conn.dialect.name == "sqlite":
-        # ts is stored as 'YYYY-MM-DD HH:MM:SS.ffffff'
-        bucket: Any = func.substr(_E.ts, 1, 16 if minutes else 13, type_=String)
+        # ts is stored as 'YYYY-MM-DD HH:MM:SS.ffffff' (a rollup's hour as HH:00:00.000000)
+        bucket: Any = func.substr(f.ts, 1, 16 if minutes else 13, type_=String)
     else:
-        bucket = func.date_trunc("minute" if minutes else "hour", _E.ts)
+        bucket = func.date_trunc("minute" if minutes else "hour", f.ts)
     bucket = bucket.label("bucket")
-    statement = select(bucket, _sum(_E.cost).label("cost"), func.count().label("calls")) \
-        .where(rows.where()).group_by(bucket)
+    statement = select(bucket, _sum(f.cost).label("cost"), _sum(f.calls).label("calls")) \
+        .group_by(bucket)
     out = []
     for row in conn.execute(statement):
         moment = row.bucket
@@ -301,55 +319,74 @@ def time_buckets(conn: Connection, rows: Range, *, minutes: bool = False
 
 def percentiles(conn: Connection, rows: Range, column: str, *, streamed_only: bool = False
                 ) -> list[Percentiles]:
-    """Nearest-rank p50 and p95 of ``latency_ms`` or ``ttft_ms`` per (provider, model) in the
-    current period, from a window function (ROW_NUMBER over each model's values): the
-    database sorts, and only two rows per model come back."""
+    """p50 and p95 of ``latency_ms`` or ``ttft_ms`` (of streamed calls) per (provider, model)
+    of the successful calls of the current period, within ``sketch.RELATIVE_ERROR`` (1 %) of
+    the exact nearest-rank values: the sketches of its whole hours merged with the durations
+    of the events at its edges."""
+    metric = TTFT if column == "ttft_ms" else LATENCY
+    span = rows.current_span()
+    found: dict[tuple[str | None, str], dict[int, int]] = {}
+    for row in conn.execute(sketch_cells(span, metric)):
+        counts = found.setdefault((row.provider, row.model), {})
+        counts[row.bucket] = counts.get(row.bucket, 0) + int(row.calls)
     value = _E[column]
-    partition = (_E.provider, _E.model)
-    where = and_(rows.where_current(), value.isnot(None), _E.status == "ok")
-    if streamed_only:
-        where = and_(where, _E.streamed)
-    ranked = select(
-        _E.provider, _E.model, value.label("value"),
-        func.row_number().over(partition_by=partition, order_by=value).label("rank"),
-        func.count().over(partition_by=partition).label("samples"),
-    ).where(where).subquery()
-    # rank = ceil(p * n / 100), in integers: 100 * (rank - 1) < p * n <= 100 * rank
-    wanted = or_(*(and_(ranked.c.rank * 100 >= p * ranked.c.samples,
-                        (ranked.c.rank - 1) * 100 < p * ranked.c.samples) for p in PERCENTILES))
-    statement = select(ranked.c.provider, ranked.c.model, ranked.c.samples, ranked.c.rank,
-                       ranked.c.value).where(wanted)
-    found: dict[tuple[str | None, str], dict[str | int, Any]] = {}
-    for row in conn.execute(statement):
-        entry = found.setdefault((row.provider, row.model), {"samples": int(row.samples)})
-        for p in PERCENTILES:
-            if row.rank * 100 >= p * row.samples and (row.rank - 1) * 100 < p * row.samples:
-                entry[p] = float(row.value)
-    return sorted(
-        (Percentiles(provider, model, entry["samples"], entry[50], entry[95])
-         for (provider, model), entry in found.items()),
-        key=lambda item: (-item.samples, item.model))
+    edge = and_(events_where(span), _E.status == "ok", value.isnot(None))
+    if streamed_only or metric == TTFT:
+        edge = and_(edge, _E.streamed == true())
+    for provider, model, duration in conn.execute(select(_E.provider, _E.model, value).where(edge)):
+        counts = found.setdefault((provider, model), {})
+        place = bucket_of(duration)
+        counts[place] = counts.get(place, 0) + 1
+    out = []
+    for (provider, model), counts in found.items():
+        p50, p95 = (percentile(counts, p) for p in PERCENTILES)
+        if p50 is not None and p95 is not None:
+            out.append(Percentiles(provider, model, sum(counts.values()), p50, p95))
+    return sorted(out, key=lambda item: (-item.samples, item.model))
 
 
 def errors(conn: Connection, rows: Range) -> list[ErrorRow]:
     """Failed calls per (provider, error type) in the current period, most first."""
-    statement = select(_E.provider, _E.error_type, func.count().label("count")) \
-        .where(and_(rows.where_current(), _E.status == "error")) \
-        .group_by(_E.provider, _E.error_type)
+    f = facts(rows.current_span()).c
+    statement = select(f.provider, f.error_type, _sum(f.calls).label("count")) \
+        .where(f.status == "error").group_by(f.provider, f.error_type)
     # Row.count is the "count" column at run time; its stubs see the tuple method
     found = [ErrorRow(row.provider, row.error_type, int(row.count))  # type: ignore[call-overload]
              for row in conn.execute(statement)]
     return sorted(found, key=lambda row: (-row.count, row.provider or "", row.error_type or ""))
 
 
+MAX_CANDIDATE_HOURS = 48
+"""Past this many candidate hours, the costliest calls are found by scanning the period."""
+
+
 def costliest_calls(conn: Connection, rows: Range, limit: int) -> list[CallRow]:
-    """The ``limit`` most expensive calls of the current period."""
+    """The ``limit`` most expensive calls of the current period.
+
+    Read from the events, but only in a few hours: each rollup row keeps its costliest call's
+    cost, so the ``limit``-th largest of those, ``floor``, is at most the ``limit``-th largest
+    call cost, and every call in the answer lies in an hour whose rollups reach ``floor`` (or
+    in the period's edges, which facts.py reads from the events anyway)."""
+    span = rows.current_span()
+    r = HourlyRollup.__table__.c
+    floor = conn.execute(
+        select(r.max_cost).where(hourly_where(span, r.hour, r), r.max_cost > 0)
+        .order_by(r.max_cost.desc()).offset(limit - 1).limit(1)).scalar()
+    where = and_(rows.where_current(), _E.cost.isnot(None), _E.cost > 0)
+    if floor is not None:
+        hours = conn.execute(
+            select(r.hour).where(hourly_where(span, r.hour, r), r.max_cost >= floor)
+            .group_by(r.hour).limit(MAX_CANDIDATE_HOURS + 1)).scalars().all()
+        if len(hours) <= MAX_CANDIDATE_HOURS:
+            _, edges = span.pieces()
+            ranges = [(_as_datetime(hour), _as_datetime(hour) + timedelta(hours=1))
+                      for hour in hours]
+            where = and_(where, _E.cost >= floor, within(_E.ts, [*edges, *ranges]))
     statement = select(
         _E.id, _E.ts, _E.provider, _E.model, _E.resolved_model, _E.status, _E.input_tokens,
         _E.output_tokens, _E.cost, _E.cost_status, _E.project, _E.user, _E.session, _E.tags,
         _E.metadata,
-    ).where(and_(rows.where_current(), _E.cost.isnot(None), _E.cost > 0)) \
-        .order_by(_E.cost.desc(), _E.ts, _E.id).limit(limit)
+    ).where(where).order_by(_E.cost.desc(), _E.ts, _E.id).limit(limit)
     return [
         CallRow(id=row.id, ts=row.ts, provider=row.provider, model=row.model,
                 resolved_model=row.resolved_model, status=row.status,
@@ -361,13 +398,17 @@ def costliest_calls(conn: Connection, rows: Range, limit: int) -> list[CallRow]:
     ]
 
 
+def _as_datetime(value: Any) -> datetime:
+    return datetime.fromisoformat(value) if isinstance(value, str) else value
+
+
 def unpriced_models(conn: Connection, rows: Range) -> list[UnpricedModel]:
     """Each (provider, model) with unpriced calls in the current period, most calls first."""
+    f = facts(rows.current_span()).c
     statement = select(
-        _E.provider, _E.model, func.count().label("calls"),
-        _sum(_E.input_tokens).label("input_tokens"), _sum(_E.output_tokens).label("output_tokens"),
-    ).where(and_(rows.where_current(), _E.cost_status == "unpriced")) \
-        .group_by(_E.provider, _E.model)
+        f.provider, f.model, _sum(f.calls).label("calls"),
+        _sum(f.input_tokens).label("input_tokens"), _sum(f.output_tokens).label("output_tokens"),
+    ).where(f.cost_status == "unpriced").group_by(f.provider, f.model)
     found = [UnpricedModel(row.provider, row.model, int(row.calls), int(row.input_tokens),
                            int(row.output_tokens)) for row in conn.execute(statement)]
     return sorted(found, key=lambda row: (-row.calls, row.model))
@@ -375,6 +416,6 @@ def unpriced_models(conn: Connection, rows: Range) -> list[UnpricedModel]:
 
 def currencies(conn: Connection, rows: Range) -> dict[str, int]:
     """Calls per stored currency in the current period (normally just the ledger's one)."""
-    statement = select(_E.currency, func.count().label("calls")) \
-        .where(rows.where_current()).group_by(_E.currency)
+    f = facts(rows.current_span()).c
+    statement = select(f.currency, _sum(f.calls).label("calls")).group_by(f.currency)
     return {row.currency: int(row.calls) for row in conn.execute(statement)}

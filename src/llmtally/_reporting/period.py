@@ -56,6 +56,11 @@ class Period:
     def previous_utc_range(self) -> tuple[datetime, datetime]:
         return naive_utc(self.previous_start), naive_utc(self.previous_end)
 
+    def utc_boundaries(self) -> tuple[datetime, ...]:
+        """Where the chart's buckets of both periods start and end, as naive UTC."""
+        steps = self.buckets + self.previous_buckets
+        return tuple(sorted({naive_utc(moment) for step in steps for moment in step}))
+
     @property
     def whole_hour_offsets(self) -> bool:
         """True when the zone's UTC offset is a whole number of hours throughout (so hourly

@@ -1,4 +1,5 @@
-"""Reading the ledger: every figure is a SQL aggregate over indexed columns, never a Python loop."""
+"""Reading the ledger: every figure is a SQL aggregate over the hourly rollups and the events at
+the edges of the period (``facts.py``), never a Python loop over events."""
 
 from __future__ import annotations
 
@@ -12,12 +13,11 @@ from sqlalchemy.sql import ColumnElement
 
 from .._errors import ConfigError
 from .._events.usage import TOKEN_FIELDS
-from .._storage.tables import UsageEvent
 from .._timeparse import parse_instant
+from .facts import Span, facts
 
 __all__ = ["SummaryRow", "UnpricedRow", "summarize", "unpriced_models", "GROUP_BY"]
 
-_E = UsageEvent.__table__.c
 GROUP_BY = ("model", "provider", "project", "user", "session", "source", "status", "call_type",
             "currency", "day")
 FILTERS = ("model", "provider", "project", "user", "session", "source", "status", "call_type")
@@ -64,73 +64,82 @@ class UnpricedRow:
                 "last_seen": self.last_seen.isoformat()}
 
 
-def _group_column(conn: Connection, by: str) -> ColumnElement[Any]:
+def _group_column(conn: Connection, f: Any, by: str) -> ColumnElement[Any]:
     if by == "day":
         if conn.dialect.name == "sqlite":
-            return func.date(_E.ts)
-        return cast(_E.ts, Date)
-    if by not in GROUP_BY:
-        raise ConfigError(f"by={by!r} is not allowed; group by one of: {', '.join(GROUP_BY)}")
-    return _E[by]
+            return func.date(f.ts)
+        return cast(f.ts, Date)
+    column: ColumnElement[Any] = f[by]
+    return column
 
 
-def _time_range(statement: Any, since: Any, until: Any, now: datetime) -> Any:
-    start = parse_instant(since, now=now)
-    end = parse_instant(until, now=now)
-    if start is not None:
-        statement = statement.where(_E.ts >= start)
-    if end is not None:
-        statement = statement.where(_E.ts < end)
-    return statement
+def _span(since: Any, until: Any, now: datetime, filters: Mapping[str, str] | None = None,
+          events_only: bool = False) -> Span:
+    for name in filters or {}:
+        if name not in FILTERS:
+            raise ConfigError(f"cannot filter on {name!r}; filter on one of: {', '.join(FILTERS)}")
+    return Span(((parse_instant(since, now=now), parse_instant(until, now=now)),),
+                filters=tuple((filters or {}).items()), events_only=events_only)
 
 
 def summarize(conn: Connection, *, since: Any = None, until: Any = None, by: str = "model",
               now: datetime, filters: Mapping[str, str] | None = None) -> list[SummaryRow]:
-    """Totals per ``by`` value in [since, until), most expensive first."""
-    key = _group_column(conn, by).label("key")
+    """Totals per ``by`` value in [since, until), most expensive first: from the hourly
+    rollups and the events at the edges (sessions, which rollups do not keep, from the
+    events alone)."""
+    if by not in GROUP_BY:
+        raise ConfigError(f"by={by!r} is not allowed; group by one of: {', '.join(GROUP_BY)}")
+    events_only = by == "session" or "session" in (filters or {})
+    f = facts(_span(since, until, now, filters, events_only)).c
+    key = _group_column(conn, f, by).label("key")
+    cost = func.coalesce(func.sum(f.cost), 0.0)
     statement = select(
         key,
-        func.count().label("calls"),
-        func.sum(case((_E.status == "error", 1), else_=0)).label("errors"),
-        *(func.coalesce(func.sum(_E[name]), 0).label(name) for name in TOKEN_FIELDS),
-        func.coalesce(func.sum(_E.cost), 0.0).label("cost"),
-        func.sum(case((_E.cost_status == "unpriced", 1), else_=0)).label("unpriced_calls"),
-        func.sum(case((_E.cost_status == "estimated", 1), else_=0)).label("estimated_calls"),
-        func.min(_E.currency).label("currency"),
+        func.sum(f.calls).label("calls"),
+        _sum_if(f.status == "error", f.calls).label("errors"),
+        *(func.coalesce(func.sum(f[name]), 0).label(name) for name in TOKEN_FIELDS),
+        cost.label("cost"),
+        _sum_if(f.cost_status == "unpriced", f.calls).label("unpriced_calls"),
+        _sum_if(f.cost_status == "estimated", f.calls).label("estimated_calls"),
+        func.min(f.currency).label("currency"),
     ).group_by(key)
-    statement = _time_range(statement, since, until, now)
-    for name, value in (filters or {}).items():
-        if name not in FILTERS:
-            raise ConfigError(f"cannot filter on {name!r}; filter on one of: {', '.join(FILTERS)}")
-        statement = statement.where(_E[name] == value)
-    rows = conn.execute(statement.order_by(func.coalesce(func.sum(_E.cost), 0.0).desc(), key))
+    rows = conn.execute(statement.order_by(cost.desc(), key))
     return [
         SummaryRow(
-            key=None if row.key is None else str(row.key), calls=row.calls, errors=row.errors or 0,
-            input_tokens=int(row.input_tokens), output_tokens=int(row.output_tokens),
-            cache_read_tokens=int(row.cache_read_tokens),
+            key=None if row.key is None else str(row.key), calls=int(row.calls),
+            errors=int(row.errors), input_tokens=int(row.input_tokens),
+            output_tokens=int(row.output_tokens), cache_read_tokens=int(row.cache_read_tokens),
             cache_write_tokens=int(row.cache_write_tokens),
             reasoning_tokens=int(row.reasoning_tokens), cost=float(row.cost),
-            unpriced_calls=row.unpriced_calls or 0, estimated_calls=row.estimated_calls or 0,
+            unpriced_calls=int(row.unpriced_calls), estimated_calls=int(row.estimated_calls),
             currency=row.currency,
         )
         for row in rows
     ]
 
 
+def _sum_if(condition: ColumnElement[bool], value: Any) -> Any:
+    return func.coalesce(func.sum(case((condition, value), else_=0)), 0)
+
+
 def unpriced_models(conn: Connection, *, since: Any = None, now: datetime) -> list[UnpricedRow]:
     """Each (provider, model) recorded without a price, with its calls and tokens."""
+    f = facts(_span(since, None, now)).c
     statement = select(
-        _E.provider, _E.model, func.count().label("calls"),
-        func.sum(_E.input_tokens).label("input_tokens"),
-        func.sum(_E.output_tokens).label("output_tokens"),
-        func.min(_E.ts).label("first_seen"), func.max(_E.ts).label("last_seen"),
-    ).where(_E.cost_status == "unpriced").group_by(_E.provider, _E.model)
-    statement = _time_range(statement, since, None, now)
-    rows = conn.execute(statement.order_by(func.count().desc(), _E.model))
+        f.provider, f.model, func.sum(f.calls).label("calls"),
+        func.sum(f.input_tokens).label("input_tokens"),
+        func.sum(f.output_tokens).label("output_tokens"),
+        func.min(f.first_ts).label("first_seen"), func.max(f.last_ts).label("last_seen"),
+    ).where(f.cost_status == "unpriced").group_by(f.provider, f.model)
+    rows = conn.execute(statement.order_by(func.sum(f.calls).desc(), f.model))
     return [
-        UnpricedRow(provider=row.provider, model=row.model, calls=row.calls,
+        UnpricedRow(provider=row.provider, model=row.model, calls=int(row.calls),
                     input_tokens=int(row.input_tokens or 0), output_tokens=int(row.output_tokens or 0),
-                    first_seen=row.first_seen, last_seen=row.last_seen)
+                    first_seen=_moment(row.first_seen), last_seen=_moment(row.last_seen))
         for row in rows
     ]
+
+
+def _moment(value: Any) -> datetime:
+    # min()/max() over a UNION of SQLite text columns come back as text
+    return datetime.fromisoformat(value) if isinstance(value, str) else value

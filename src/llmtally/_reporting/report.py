@@ -77,7 +77,7 @@ def build_report(tally: ReportSource, *, week: str | None = None, since: Any = N
     period = resolve_period(week=week, since=since, until=until, now=now, tz=tally.tz)
     start, end = period.utc_range
     previous_start, previous_end = period.previous_utc_range
-    rows = data.Range(start, end, previous_start, previous_end, project)
+    rows = data.Range(start, end, previous_start, previous_end, project, period.utc_boundaries())
     with tally.store.connect() as conn:
         current, previous = data.totals(conn, rows)
         models = data.model_totals(conn, rows)

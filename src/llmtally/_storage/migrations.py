@@ -172,11 +172,56 @@ def m004_one_name_per_provider(conn: Connection) -> None:
     rename_budgets(conn, datetime.now(timezone.utc))
 
 
+def m005_hourly_rollups(conn: Connection) -> None:
+    """Hourly rollups and latency sketches (``rollups.py``), filled from the events already
+    stored (the live fold: the rules every later write follows)."""
+    from .rollups import rebuild
+
+    text_column = String(256)
+    meta = MetaData()
+    Table(
+        "llmtally_rollups", meta,
+        Column("hour", DateTime, primary_key=True),
+        Column("dims", String(32), primary_key=True),
+        Column("provider", text_column), Column("model", text_column, nullable=False),
+        Column("project", text_column), Column("user", text_column),
+        Column("status", String(16), nullable=False), Column("error_type", text_column),
+        Column("currency", String(3), nullable=False),
+        Column("cost_status", String(16), nullable=False),
+        Column("source", String(16), nullable=False), Column("call_type", String(32), nullable=False),
+        Column("cache_hit", Boolean, nullable=False),
+        Column("calls", BigInteger, nullable=False),
+        Column("streamed_calls", BigInteger, nullable=False),
+        *(Column(name, BigInteger, nullable=False) for name in TOKEN_FIELDS),
+        Column("cost", Float, nullable=False), Column("max_cost", Float),
+        Column("cached_calls", BigInteger, nullable=False),
+        Column("cached_input_tokens", BigInteger, nullable=False),
+        Column("latency_calls", BigInteger, nullable=False),
+        Column("latency_ms_sum", Float, nullable=False),
+        Column("ttft_calls", BigInteger, nullable=False),
+        Column("ttft_ms_sum", Float, nullable=False),
+        Column("first_ts", DateTime, nullable=False), Column("last_ts", DateTime, nullable=False),
+    )
+    Table(
+        "llmtally_rollup_sketches", meta,
+        Column("hour", DateTime, primary_key=True),
+        Column("dims", String(32), primary_key=True),
+        Column("metric", Integer, primary_key=True, autoincrement=False),
+        Column("bucket", Integer, primary_key=True, autoincrement=False),
+        Column("provider", text_column), Column("model", text_column, nullable=False),
+        Column("project", text_column),
+        Column("calls", BigInteger, nullable=False),
+    )
+    meta.create_all(conn)
+    rebuild(conn)
+
+
 MIGRATIONS: tuple[Migration, ...] = (
     Migration(1, "initial", m001_initial),
     Migration(2, "budgets", m002_budgets),
     Migration(3, "budget definitions", m003_budget_definitions),
     Migration(4, "one name per provider", m004_one_name_per_provider),
+    Migration(5, "hourly rollups", m005_hourly_rollups),
 )
 
 

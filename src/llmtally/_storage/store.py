@@ -25,6 +25,7 @@ from sqlalchemy.pool import StaticPool
 
 from .._errors import ConfigError, LedgerError
 from .._log import warn_limited
+from . import rollups
 from .migrations import MIGRATIONS, Migration, migrate
 from .store_connections import (
     PG_CONNECT_TIMEOUT_S,
@@ -171,21 +172,48 @@ class Store:
     def insert_rows(self, conn: Connection, rows: Sequence[Mapping[str, Any]],
                     charges: InsertHook | None = None) -> tuple[int, Callable[[], None] | None]:
         """:meth:`insert_many` inside the caller's write transaction: returns the number of
-        rows inserted and the action ``charges`` wants run after the commit (or None)."""
+        rows inserted and the action ``charges`` wants run after the commit (or None).
+
+        The rows really inserted (the first row of each id not stored before) are added to the
+        hourly rollups and charged to the budgets, in this transaction."""
         params = [driver_row(row, self._sqlite_ts) for row in rows]
         batch = charges.begin(conn, rows) if charges is not None else None
+        fresh = self._insert_new(conn, rows, params)
+        if fresh is None:  # every row
+            rollups.add(conn, rollups.Delta(self._sqlite_ts).add_all(params))
+            fresh_rows = rows
+        else:
+            rollups.add(conn, rollups.Delta(self._sqlite_ts).add_all(params[i] for i in fresh))
+            fresh_rows = [rows[i] for i in fresh]
         if batch is None:
-            return max(conn.exec_driver_sql(self._insert_sql, params).rowcount, 0), None
-        new_ids = self._insert_new(conn, rows, params)
-        fresh: list[Mapping[str, Any]] = []
-        for row in rows:  # the first row of an id is the one stored
-            if row["id"] in new_ids:
-                new_ids.discard(row["id"])
-                fresh.append(row)
-        return len(fresh), charges.after_insert(conn, batch, fresh)  # type: ignore[union-attr]
+            return len(fresh_rows), None
+        return len(fresh_rows), charges.after_insert(  # type: ignore[union-attr]
+            conn, batch, fresh_rows)
 
     def _insert_new(self, conn: Connection, rows: Sequence[Mapping[str, Any]],
-                    params: list[tuple[Any, ...]]) -> set[str]:
+                    params: list[tuple[Any, ...]]) -> list[int] | None:
+        """Insert, returning the positions of the rows stored (the first of each id not
+        stored before), or None when every row was.
+
+        Almost always every row is new: one ``executemany`` whose row count says so. When it
+        says otherwise (a replay, an import, an id twice in the batch), the insert is undone
+        to a savepoint and done again, telling new ids from stored ones."""
+        conn.exec_driver_sql("SAVEPOINT llmtally_insert")
+        if max(conn.exec_driver_sql(self._insert_sql, params).rowcount, 0) == len(params):
+            conn.exec_driver_sql("RELEASE SAVEPOINT llmtally_insert")
+            return None
+        conn.exec_driver_sql("ROLLBACK TO SAVEPOINT llmtally_insert")
+        conn.exec_driver_sql("RELEASE SAVEPOINT llmtally_insert")
+        new_ids = self._insert_telling_new(conn, rows, params)
+        fresh: list[int] = []
+        for position, row in enumerate(rows):  # the first row of an id is the one stored
+            if row["id"] in new_ids:
+                new_ids.discard(row["id"])
+                fresh.append(position)
+        return fresh
+
+    def _insert_telling_new(self, conn: Connection, rows: Sequence[Mapping[str, Any]],
+                            params: list[tuple[Any, ...]]) -> set[str]:
         """Insert, returning the ids that were not stored before."""
         if self.dialect == "postgresql":
             # executemany with RETURNING: concurrent inserts of one id are told apart exactly
@@ -310,7 +338,7 @@ def driver_row(row: Mapping[str, Any], sqlite_ts: bool) -> tuple[Any, ...]:
     except KeyError:
         values = [row.get(name) for name in EVENT_COLUMNS]
     tags, metadata = values[_TAGS], values[_METADATA]
-    values[_TAGS] = _json_text(tags) if tags else "[]"
+    values[_TAGS] = _tags_text(tags) if tags else "[]"
     values[_METADATA] = _json_text(metadata) if metadata else "{}"
     ts = values[_TS]
     if sqlite_ts and isinstance(ts, datetime):
@@ -319,3 +347,18 @@ def driver_row(row: Mapping[str, Any], sqlite_ts: bool) -> tuple[Any, ...]:
 
 
 _json_text = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False).encode
+_tag_texts: dict[tuple[Any, ...], str] = {}
+
+
+def _tags_text(tags: Any) -> str:
+    """Tags as JSON text. The same few tag lists come back on most events, and encoding one
+    costs more than the rest of the row, so the last 256 seen are kept."""
+    if type(tags) is not list or not all(type(tag) is str for tag in tags):
+        return _json_text(tags)  # not the cleaned list of strings events carry
+    key = tuple(tags)
+    text = _tag_texts.get(key)
+    if text is None:
+        if len(_tag_texts) >= 256:
+            _tag_texts.clear()
+        text = _tag_texts[key] = _json_text(tags)
+    return text

@@ -22,7 +22,8 @@ from sqlmodel import Field, SQLModel
 if TYPE_CHECKING:
     from sqlalchemy import Table
 
-__all__ = ["LedgerModel", "UsageEvent", "EVENTS_TABLE", "EVENT_COLUMNS", "MAX_TEXT", "MAX_ID"]
+__all__ = ["LedgerModel", "UsageEvent", "HourlyRollup", "RollupSketch", "EVENTS_TABLE",
+           "ROLLUPS_TABLE", "SKETCHES_TABLE", "EVENT_COLUMNS", "MAX_TEXT", "MAX_ID"]
 
 EVENTS_TABLE = "llmtally_events"
 MAX_ID = 128
@@ -101,3 +102,68 @@ class UsageEvent(LedgerModel, table=True):
 
 EVENT_COLUMNS: tuple[str, ...] = tuple(c.name for c in UsageEvent.__table__.columns)
 """Column names in table order; an event travels through the writer as a dict with these keys."""
+
+
+ROLLUPS_TABLE = "llmtally_rollups"
+SKETCHES_TABLE = "llmtally_rollup_sketches"
+
+
+class HourlyRollup(LedgerModel, table=True):
+    """The events of one UTC hour that share every grouping column, summed.
+
+    Written in the same transaction as the events it sums (``_storage/rollups.py``), so a
+    ``GROUP BY`` over the events and a sum over these rows always agree. ``dims`` is a digest
+    of the grouping columns (provider … cache_hit): one short key instead of a composite key
+    of long texts (PostgreSQL refuses index entries over ~2.7 kB). ``max_cost`` lets the
+    costliest calls of a period be found through a few hours of events.
+    """
+
+    __tablename__ = ROLLUPS_TABLE
+    hour: datetime = Field(primary_key=True, sa_type=DateTime)  # naive UTC, whole hour
+    dims: str = Field(primary_key=True, max_length=32)
+    # grouping columns, as in the events (NULL where the events have NULL)
+    provider: str | None = Field(default=None, max_length=MAX_TEXT)
+    model: str = Field(max_length=MAX_TEXT)
+    project: str | None = Field(default=None, max_length=MAX_TEXT)
+    user: str | None = Field(default=None, max_length=MAX_TEXT)
+    status: str = Field(max_length=16)
+    error_type: str | None = Field(default=None, max_length=MAX_TEXT)
+    currency: str = Field(max_length=3)
+    cost_status: str = Field(max_length=16)
+    source: str = Field(max_length=16)
+    call_type: str = Field(max_length=32)
+    cache_hit: bool  # price_source == "cache-hit": LiteLLM answered from its cache
+    # sums
+    calls: int = Field(sa_type=BigInteger)
+    streamed_calls: int = Field(sa_type=BigInteger)
+    input_tokens: int = Field(sa_type=BigInteger)
+    output_tokens: int = Field(sa_type=BigInteger)
+    cache_read_tokens: int = Field(sa_type=BigInteger)
+    cache_write_tokens: int = Field(sa_type=BigInteger)
+    reasoning_tokens: int = Field(sa_type=BigInteger)
+    cost: float  # of the calls with a cost (0.0 when none has one)
+    max_cost: float | None = None
+    cached_calls: int = Field(sa_type=BigInteger)  # calls with cache_read_tokens > 0
+    cached_input_tokens: int = Field(sa_type=BigInteger)  # their input_tokens
+    latency_calls: int = Field(sa_type=BigInteger)  # calls with a latency_ms
+    latency_ms_sum: float
+    ttft_calls: int = Field(sa_type=BigInteger)
+    ttft_ms_sum: float
+    first_ts: datetime = Field(sa_type=DateTime)
+    last_ts: datetime = Field(sa_type=DateTime)
+
+
+class RollupSketch(LedgerModel, table=True):
+    """How many successful calls of one hour, provider, model and project took a duration in
+    one bucket (``_storage/sketch.py``): percentiles of any period without reading events.
+    ``metric`` 0 is ``latency_ms``, 1 is ``ttft_ms`` (streamed calls)."""
+
+    __tablename__ = SKETCHES_TABLE
+    hour: datetime = Field(primary_key=True, sa_type=DateTime)
+    dims: str = Field(primary_key=True, max_length=32)
+    metric: int = Field(primary_key=True, sa_column_kwargs={"autoincrement": False})
+    bucket: int = Field(primary_key=True, sa_column_kwargs={"autoincrement": False})
+    provider: str | None = Field(default=None, max_length=MAX_TEXT)
+    model: str = Field(max_length=MAX_TEXT)
+    project: str | None = Field(default=None, max_length=MAX_TEXT)
+    calls: int = Field(sa_type=BigInteger)

@@ -13,6 +13,7 @@ from sqlalchemy import Connection, case, delete, func, select
 
 from .._budgets.counters import rebuild_counters_before
 from .._errors import ConfigError
+from .._storage import rollups
 from .._storage.store import Store
 from .._timeparse import parse_instant
 from .export import atomic_output, write_events
@@ -53,6 +54,8 @@ def prune_events(
             with _snapshot(store) as conn:
                 events, cost, unpriced = _old_totals(conn, old)
                 _delete_old(conn, old, events, archive_path)
+                # the rollups of the emptied hours go, the hour the cutoff cuts is summed again
+                rollups.rebuild(conn, end=cutoff)
             # Budget counters cache a GROUP BY over the events: drop those of pruned windows,
             # recompute those the cutoff splits (after the delete committed, under the lock).
             rebuild_counters_before(store, cutoff)
@@ -111,4 +114,5 @@ def _snapshot(store: Store) -> Iterator[Connection]:
     store.ensure_schema()
     with store.engine.connect().execution_options(isolation_level="REPEATABLE READ") as conn:
         with conn.begin():
+            rollups.lock(conn)  # before the snapshot: no writer changes them during the prune
             yield conn
