@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
-from conftest import fetch_events
+from conftest import fetch_events, rollups_mismatch
 from sqlalchemy import create_engine, text
 
 from llmtally import Budget, BudgetExceeded
@@ -120,13 +120,16 @@ def test_migration_rewrites_old_names_and_recounts_budgets(make_tally, ledger_ur
         conn.execute(text("UPDATE llmtally_budgets SET budget_key = :old, definition = :definition "
                           "WHERE budget_key = :new"),
                      {"old": old_key, "new": scoped.key, "definition": old_definition})
-        conn.execute(text("DELETE FROM llmtally_schema WHERE version = 4"))
+        conn.execute(text("DELETE FROM llmtally_schema WHERE version >= 4"))
+        conn.execute(text("DROP TABLE llmtally_rollups"))  # migration 5 makes them again
+        conn.execute(text("DROP TABLE llmtally_rollup_sketches"))
     engine.dispose()
     reopened = make_tally(ledger_url)  # defines nothing itself: reads the ledger's budgets
     assert sum(row.calls for row in reopened.summary(since="2000-01-01")) == 5  # opens: migrates
     assert _names(ledger_url) == [("bedrock", "anthropic.claude-3-5-sonnet-20240620-v1:0", "priced")] + [
         ("deepseek", "deepseek-chat", "priced")] * 3 + [("gemini", "gemini-2.5-flash", "priced")]
     assert check_counters(reopened.store) == []
+    assert rollups_mismatch(ledger_url) == []  # summed under the names migration 4 wrote
     engine = create_engine(normalize_url(ledger_url))
     with engine.connect() as conn:
         keys = [row[0] for row in conn.execute(text("SELECT budget_key FROM llmtally_budgets"))]

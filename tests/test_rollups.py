@@ -333,3 +333,40 @@ def test_the_costliest_calls_are_found_in_few_hours_and_through_ties(ledger_url,
             found = data.costliest_calls(conn, rows, limit)
             assert [call.id for call in found] == [row["id"] for row in expected[:limit]]
     assert [call.id for call in found[:3]] == ["big-30", "big-160", "big-100"]
+
+
+def test_what_the_driver_raises_while_telling_new_ids_apart_reaches_the_writer_as_sqlalchemy_s(
+        pg_url):
+    """A batch holding a stored id is inserted again through psycopg's own cursor (RETURNING
+    id); what the driver raises there must reach the writer as SQLAlchemy's error, so a
+    deadlock or a lost connection is retried as an outage and a bad row is set aside."""
+    from sqlalchemy.exc import DataError
+
+    from llmtally._storage.store import driver_row
+    from llmtally._storage.store_outage import is_outage
+
+    store = Store(pg_url)
+    row = dict(id="a", ts=START, source="manual", provider="openai", model="m",
+               resolved_model=None, call_type="chat", streamed=False, status="ok",
+               error_type=None, input_tokens=1, output_tokens=1, cache_read_tokens=0,
+               cache_write_tokens=0, reasoning_tokens=0, cost=0.1, currency="USD",
+               cost_status="priced", price_source=None, latency_ms=1.0, ttft_ms=None,
+               project=None, user=None, session=None, tags=[], request_id=None, metadata={})
+    bad = [row, dict(row, id="b", currency="TOOLONG")]
+    try:
+        with pytest.raises(DataError) as raised, store.write() as conn:
+            store._insert_telling_new(conn, bad, [driver_row(r, False) for r in bad])
+        assert not is_outage(raised.value)
+        assert store.insert_many([row, dict(row, id="b"), row]) == 2
+    finally:
+        store.close()
+    assert rollups_mismatch(pg_url) == [] and _total_calls(pg_url) == 2
+
+
+def test_periods_at_the_end_of_time_do_not_overflow(ledger_url, make_tally):
+    tally = make_tally(ledger_url)
+    tally.record(model="gpt-4o-mini", input_tokens=1, ts=datetime(9999, 12, 31, 23, 40))
+    assert [row.calls for row in tally.summary(since="9999-12-31T23:30:00")] == [1]
+    assert [row.calls for row in tally.summary(since="9999-12-31T22:30:00",
+                                               until="9999-12-31T23:50:00")] == [1]
+    assert rollups_mismatch(ledger_url) == []

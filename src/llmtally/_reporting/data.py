@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import Connection, String, and_, case, false, func, or_, select, true
+from sqlalchemy import Connection, String, and_, case, false, func, select, true
 from sqlalchemy.sql import ColumnElement
 
 from .._events.usage import TOKEN_FIELDS
@@ -48,7 +48,8 @@ class Range:
     splits: tuple[datetime, ...] = ()  # chart boundaries (naive UTC), see facts.py
 
     def span(self) -> Span:
-        """Both periods, for :func:`facts.facts`."""
+        """Both periods, for :func:`facts.facts` (the previous one may end before ``start``:
+        this week so far)."""
         return Span(((self.previous_start, self.previous_end), (self.start, self.end)),
                     self.splits, self._filters())
 
@@ -58,23 +59,12 @@ class Range:
     def _filters(self) -> tuple[tuple[str, Any], ...]:
         return () if self.project is None else (("project", self.project),)
 
-    def where(self) -> ColumnElement[bool]:
-        """Rows of either period (the previous one may end before ``start``: this week so far)."""
-        clause = and_(_E.ts >= self.previous_start, _E.ts < self.end,
-                      or_(_E.ts >= self.start, _E.ts < self.previous_end))
-        if self.project is not None:
-            clause = and_(clause, _E.project == self.project)
-        return clause
-
     def where_current(self) -> ColumnElement[bool]:
+        """The events of the current period (for the few queries that read events)."""
         clause = and_(_E.ts >= self.start, _E.ts < self.end)
         if self.project is not None:
             clause = and_(clause, _E.project == self.project)
         return clause
-
-    def current(self) -> ColumnElement[bool]:
-        """True for a row of the current period, among the rows :meth:`where` selects."""
-        return _E.ts >= self.start
 
 
 @dataclass(frozen=True, slots=True)

@@ -59,6 +59,7 @@ class Span:
 
     def pieces(self) -> tuple[list[tuple[datetime | None, datetime | None]], list[Interval]]:
         """(whole-hour ranges to read from the rollups, pieces to read from the events)."""
+        _disjoint(self.intervals)
         if self.events_only:
             return [], _merged(self.intervals)
         hourly: list[Interval] = []
@@ -83,6 +84,14 @@ class Span:
 
     def split_hours(self) -> list[datetime]:
         return sorted({hour_of(s) for s in self.splits if hour_of(s) != s})
+
+
+def _disjoint(intervals: Sequence[Interval]) -> None:
+    """Intervals that overlap would count the calls they share twice: refuse them."""
+    ordered = sorted(intervals, key=lambda p: (p[0] is not None, p[0]))
+    for (_, end), (start, _) in zip(ordered, ordered[1:]):
+        if end is None or start is None or start < end:
+            raise ValueError(f"the intervals of a Span overlap: {intervals!r}")
 
 
 def _merged(pieces: Iterable[Interval]) -> list[Interval]:

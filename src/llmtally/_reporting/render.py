@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Any
 
 from .._errors import ConfigError
 from .._storage.files import create_beside
+from .._storage.sketch import RELATIVE_ERROR
 from .figures import Report, rate
 from .numbers import cut, duration, number, percent
 from .report import DEFAULT_REPORT_DIR, DEFAULT_TOP, ReportSource, build_report
@@ -55,7 +56,7 @@ def render_html(report: Report) -> str:
         r=report, money=report.money, rate=rate, local=lambda m: f"{m:%Y-%m-%d %H:%M}",
         when=lambda naive: (
             f"{naive.replace(tzinfo=timezone.utc).astimezone(report.period.tz):%a %d %b %H:%M}"),
-        price_key=_price_key, toml_key=_toml_key)
+        price_key=_price_key, toml_key=_toml_key, percentile_error=RELATIVE_ERROR)
 
 
 def _price_key(provider: str | None, model: str) -> str:

@@ -7,6 +7,9 @@ of the same name that llmtally did not create, are refused — never altered.
 
 A migration, once shipped, is never edited: it spells out its own DDL instead of using
 the live model, so ``UsageEvent`` can grow through a later migration.
+
+A migration that changes events after migration 5 must rebuild the rollups of the hours it
+touched (``rollups.rebuild``) in its own transaction, as migration 5 built them.
 """
 
 from __future__ import annotations

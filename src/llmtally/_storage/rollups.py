@@ -40,6 +40,7 @@ SUMS = ("calls", "streamed_calls", "input_tokens", "output_tokens", "cache_read_
 _EXTREMES = ("max_cost", "first_ts", "last_ts")
 LATENCY, TTFT = 0, 1  # RollupSketch.metric
 _ONE_HOUR = timedelta(hours=1)
+_LAST_HOUR = datetime.max.replace(minute=0, second=0, microsecond=0)
 _READ_CHUNK = 20_000  # events folded per round when rebuilding
 
 
@@ -49,9 +50,11 @@ def hour_of(moment: datetime) -> datetime:
 
 
 def next_hour(moment: datetime) -> datetime:
-    """The first whole hour at or after ``moment``."""
+    """The first whole hour at or after ``moment`` (``datetime.max`` in the last hour of 9999)."""
     start = hour_of(moment)
-    return start if start == moment else start + _ONE_HOUR
+    if start == moment:
+        return start
+    return start + _ONE_HOUR if start < _LAST_HOUR else datetime.max
 
 
 def dims_key(dims: tuple[Any, ...]) -> str:

@@ -20,7 +20,7 @@ from typing import Any, Protocol
 
 from sqlalchemy import Connection, Engine, create_engine
 from sqlalchemy.engine import make_url
-from sqlalchemy.exc import ArgumentError, DatabaseError, NoSuchModuleError
+from sqlalchemy.exc import ArgumentError, DatabaseError, DBAPIError, NoSuchModuleError
 from sqlalchemy.pool import StaticPool
 
 from .._errors import ConfigError, LedgerError
@@ -176,6 +176,9 @@ class Store:
 
         The rows really inserted (the first row of each id not stored before) are added to the
         hourly rollups and charged to the budgets, in this transaction."""
+        if self.dialect == "postgresql":
+            # concurrent writers inserting one id in opposite orders would deadlock on its index
+            rows = sorted(rows, key=_ROW_ID)  # stable: the first row of an id stays first
         params = [driver_row(row, self._sqlite_ts) for row in rows]
         batch = charges.begin(conn, rows) if charges is not None else None
         fresh = self._insert_new(conn, rows, params)
@@ -218,15 +221,23 @@ class Store:
         if self.dialect == "postgresql":
             # executemany with RETURNING: concurrent inserts of one id are told apart exactly
             cursor = conn.connection.dbapi_connection.cursor()  # type: ignore[union-attr]
+            sql = self._insert_sql + " RETURNING id"
             try:
                 # psycopg's executemany takes returning=; SQLAlchemy's DBAPICursor protocol does not
-                cursor.executemany(self._insert_sql + " RETURNING id", params,
-                                   returning=True)  # type: ignore[call-arg]
+                cursor.executemany(sql, params, returning=True)  # type: ignore[call-arg]
                 new: set[str] = set()
                 while True:
                     new.update(row[0] for row in cursor.fetchall())
                     if not cursor.nextset():
                         return new
+            except Exception as exc:
+                # as SQLAlchemy would raise it, so the writer tells an outage (a deadlock, a
+                # lost connection: retried) from a bad row (set aside)
+                dbapi = conn.dialect.loaded_dbapi
+                if isinstance(exc, dbapi.Error):
+                    raise DBAPIError.instance(sql, None, exc, dbapi.Error, hide_parameters=True,
+                                              dialect=conn.dialect) from exc
+                raise
             finally:
                 cursor.close()
         # SQLite: this transaction holds the write lock, so what is stored cannot change meanwhile
@@ -328,6 +339,7 @@ class Store:
 
 
 _ROW_VALUES = operator.itemgetter(*EVENT_COLUMNS)
+_ROW_ID = operator.itemgetter("id")
 _TS, _TAGS, _METADATA = (EVENT_COLUMNS.index(name) for name in ("ts", "tags", "metadata"))
 
 
