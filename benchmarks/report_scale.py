@@ -43,7 +43,7 @@ WEEK_START, WEEK_END = datetime(2026, 11, 16, tzinfo=timezone.utc), datetime(202
 def load(url: str, count: int, span_days: int, week_share: float) -> tuple[float, int]:
     """Write ``count`` sample events, ``week_share`` of them in the reported week and the rest
     in the ``span_days`` before it; returns (seconds, events in the week)."""
-    from sqlalchemy import DateTime, bindparam, text
+    from sqlalchemy import DateTime, bindparam, inspect, text
 
     from llmtally._pricing.book import PriceBook
     from llmtally._sample import bulk_load
@@ -64,9 +64,9 @@ def load(url: str, count: int, span_days: int, week_share: float) -> tuple[float
             text("SELECT COUNT(*) FROM llmtally_events WHERE ts >= :a AND ts < :b").bindparams(
                 bindparam("a", type_=DateTime), bindparam("b", type_=DateTime)),
             {"a": datetime(2026, 11, 16), "b": datetime(2026, 11, 23)}).scalar()
-        if store.dialect == "postgresql":
-            conn.execute(text("ANALYZE llmtally_rollups"))
-            conn.execute(text("ANALYZE llmtally_rollup_sketches"))
+        if store.dialect == "postgresql" and inspect(conn).has_table("llmtally_rollups"):
+            conn.execute(text("ANALYZE llmtally_rollups"))  # (a ledger of an older llmtally
+            conn.execute(text("ANALYZE llmtally_rollup_sketches"))  # has none: a baseline)
     store.close()
     return elapsed, int(stored)
 
