@@ -74,6 +74,12 @@ MODULES: dict[str, tuple[str, list[str]]] = {
                           "tests/test_mutation_kills.py",
                           # runs examples/, which the scratch copy leaves out
                           "--deselect=tests/test_langchain.py::test_the_example_runs_offline"]),
+    # the hourly rollups: the fold, the upserts, the sketch, and the reads over them
+    "rollups": ("src/llmtally/_storage/rollups.py",
+                ["tests/test_rollups.py", "tests/test_report.py", "tests/test_transfer.py"]),
+    "sketch": ("src/llmtally/_storage/sketch.py", ["tests/test_rollups.py", "tests/test_report.py"]),
+    "facts": ("src/llmtally/_reporting/facts.py",
+              ["tests/test_rollups.py", "tests/test_report.py", "tests/test_record.py"]),
     # the price-parity sweep (tests/test_price_parity.py, ~30 s) is left out: too slow per mutant
     "pricing": ("src/llmtally/_pricing/*",
                 ["tests/test_pricing.py", "tests/test_names.py", "tests/test_common_names.py",

@@ -57,16 +57,16 @@ def load(url: str, count: int, span_days: int, week_share: float) -> tuple[float
               count=count - in_week, batch_size=5000)
     bulk_load(store, prices, WEEK_START, WEEK_END, count=in_week, batch_size=5000, seed=2)
     elapsed = time.perf_counter() - started
+    if store.dialect == "postgresql":  # what autovacuum does by itself on a ledger in use
+        with store.engine.connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
+            for table in ("llmtally_events", "llmtally_rollups", "llmtally_rollup_sketches"):
+                if inspect(conn).has_table(table):
+                    conn.execute(text(f"VACUUM ANALYZE {table}"))
     with store.engine.begin() as conn:
-        if store.dialect == "postgresql":
-            conn.execute(text("ANALYZE llmtally_events"))   # what autovacuum would do by itself
         stored = conn.execute(
             text("SELECT COUNT(*) FROM llmtally_events WHERE ts >= :a AND ts < :b").bindparams(
                 bindparam("a", type_=DateTime), bindparam("b", type_=DateTime)),
             {"a": datetime(2026, 11, 16), "b": datetime(2026, 11, 23)}).scalar()
-        if store.dialect == "postgresql" and inspect(conn).has_table("llmtally_rollups"):
-            conn.execute(text("ANALYZE llmtally_rollups"))  # (a ledger of an older llmtally
-            conn.execute(text("ANALYZE llmtally_rollup_sketches"))  # has none: a baseline)
     store.close()
     return elapsed, int(stored)
 
@@ -118,6 +118,7 @@ def main() -> None:
                         help="the share of the events in the reported week")
     parser.add_argument("--postgres", default=DEFAULT_URL,
                         help="PostgreSQL URL ('' to skip)")
+    parser.add_argument("--skip-sqlite", action="store_true", help="PostgreSQL only")
     parser.add_argument("--child", nargs=2, metavar=("URL", "DIR"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
@@ -134,13 +135,14 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as workdir:
         for count in sizes:
             url = f"sqlite:///{workdir}/ledger-{count}.db"
-            load_s, in_week = load(url, count, args.span_days, args.week_share)
-            figures = measure(url, f"{workdir}/out-{count}")
-            results.append((count, figures))
-            print(row("sqlite", count, load_s, in_week, figures), flush=True)
-            for suffix in ("", "-wal", "-shm"):
-                with contextlib.suppress(FileNotFoundError):
-                    os.remove(url[len("sqlite:///"):] + suffix)
+            if not args.skip_sqlite:
+                load_s, in_week = load(url, count, args.span_days, args.week_share)
+                figures = measure(url, f"{workdir}/out-{count}")
+                results.append((count, figures))
+                print(row("sqlite", count, load_s, in_week, figures), flush=True)
+                for suffix in ("", "-wal", "-shm"):
+                    with contextlib.suppress(FileNotFoundError):
+                        os.remove(url[len("sqlite:///"):] + suffix)
             if args.postgres:
                 with scratch_schema(args.postgres, "llmtally_report_bench") as pg:
                     load_s, in_week = load(pg, count, args.span_days, args.week_share)

@@ -321,7 +321,11 @@ def test_the_costliest_calls_are_found_in_few_hours_and_through_ties(ledger_url,
                          ts=base + timedelta(hours=hour, minutes=minute))
     for hour, tokens in ((30, 90_000), (100, 50_000), (160, 70_000)):
         tally.record(id=f"big-{hour}", model="gpt-4o-mini", provider="openai",
-                     input_tokens=tokens, ts=base + timedelta(hours=hour, minutes=50))
+                     input_tokens=tokens, ts=base + timedelta(hours=hour, minutes=50),
+                     project="p1" if hour == 100 else None)
+    for hour in range(0, 7 * 24, 5):  # a project's calls, cheaper than the costliest overall
+        tally.record(model="gpt-4o-mini", provider="openai", input_tokens=3000 + hour,
+                     ts=base + timedelta(hours=hour, minutes=40), project="p1")
     assert tally.flush(20)
     begin = base + timedelta(minutes=20)  # starts and ends inside an hour
     end = base + timedelta(days=7, minutes=-20)
@@ -333,6 +337,13 @@ def test_the_costliest_calls_are_found_in_few_hours_and_through_ties(ledger_url,
             found = data.costliest_calls(conn, rows, limit)
             assert [call.id for call in found] == [row["id"] for row in expected[:limit]]
     assert [call.id for call in found[:3]] == ["big-30", "big-160", "big-100"]
+    mine = [row for row in expected if row["project"] == "p1"]
+    with tally.store.connect() as conn:
+        for limit in (1, 5, 50):
+            found = data.costliest_calls(conn, data.Range(
+                begin, end, begin - timedelta(days=7), end - timedelta(days=7), "p1"), limit)
+            assert [call.id for call in found] == [row["id"] for row in mine[:limit]]
+    assert found[0].id == "big-100" and len(mine) > 30
 
 
 def test_what_the_driver_raises_while_telling_new_ids_apart_reaches_the_writer_as_sqlalchemy_s(

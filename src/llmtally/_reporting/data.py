@@ -371,7 +371,11 @@ def costliest_calls(conn: Connection, rows: Range, limit: int) -> list[CallRow]:
             _, edges = span.pieces()
             ranges = [(_as_datetime(hour), _as_datetime(hour) + timedelta(hours=1))
                       for hour in hours]
-            where = and_(where, _E.cost >= floor, within(_E.ts, [*edges, *ranges]))
+            # only these ranges (all inside the period), so the planner reads them through
+            # the ts index instead of the whole period's range
+            where = and_(within(_E.ts, [*edges, *ranges]), _E.cost >= floor)
+            if rows.project is not None:
+                where = and_(where, _E.project == rows.project)
     statement = select(
         _E.id, _E.ts, _E.provider, _E.model, _E.resolved_model, _E.status, _E.input_tokens,
         _E.output_tokens, _E.cost, _E.cost_status, _E.project, _E.user, _E.session, _E.tags,

@@ -18,6 +18,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import json
+import operator
 from collections.abc import Iterable, Sequence
 from datetime import datetime, timedelta
 from typing import Any
@@ -89,7 +90,9 @@ class Delta:
 
     def add(self, row: Sequence[Any]) -> None:
         """Fold one event in (a driver row: the values in ``EVENT_COLUMNS`` order)."""
-        ts = row[1]
+        (ts, source, provider, model, call_type, streamed, status, error_type, input_tokens,
+         output_tokens, cache_read, cache_write, reasoning, cost, currency, cost_status,
+         price_source, latency, ttft, project, user) = _FOLDED_VALUES(row)
         if self._text_ts:
             if not isinstance(ts, str) or len(ts) != 26 or ts[10] != " ":
                 ts = _sqlite_ts(ts if isinstance(ts, datetime) else datetime.fromisoformat(ts))
@@ -98,10 +101,9 @@ class Delta:
             if isinstance(ts, str):
                 ts = datetime.fromisoformat(ts)
             hour = ts.replace(minute=0, second=0, microsecond=0)
-        provider, model, project = row[3], row[4], row[21]
-        status, cost, streamed = row[8], row[15], row[7]
-        key = (hour, provider, model, project, row[22], status, row[9], row[16], row[17],
-               row[2], row[6], row[18] == "cache-hit")
+        key = (hour, provider, model, project, user, status, error_type, currency, cost_status,
+               source, call_type, price_source == "cache-hit")  # (hour, *DIMS)
+        # sums: the SUMS in order, then max_cost, first_ts, last_ts
         sums = self.sums.get(key)
         if sums is None:
             sums = self.sums[key] = [0, 0, 0, 0, 0, 0, 0, 0.0, 0, 0, 0, 0.0, 0, 0.0, None, ts, ts]
@@ -111,12 +113,12 @@ class Delta:
             if ts > sums[16]:
                 sums[16] = ts
         sums[0] += 1
-        input_tokens, cache_read = row[10] or 0, row[12] or 0
+        input_tokens, cache_read = input_tokens or 0, cache_read or 0
         sums[2] += input_tokens
-        sums[3] += row[11] or 0
+        sums[3] += output_tokens or 0
         sums[4] += cache_read
-        sums[5] += row[13] or 0
-        sums[6] += row[14] or 0
+        sums[5] += cache_write or 0
+        sums[6] += reasoning or 0
         if cost is not None:
             sums[7] += cost
             if sums[14] is None or cost > sums[14]:
@@ -124,7 +126,6 @@ class Delta:
         if cache_read > 0:
             sums[8] += 1
             sums[9] += input_tokens
-        latency, ttft = row[19], row[20]
         if latency is not None:
             sums[10] += 1
             sums[11] += latency
@@ -140,6 +141,13 @@ class Delta:
             if streamed and ttft is not None:
                 place = (hour, provider, model, project, TTFT, bucket_of(ttft))
                 self.sketch[place] = self.sketch.get(place, 0) + 1
+
+
+_FOLDED_VALUES = operator.itemgetter(*(EVENT_COLUMNS.index(name) for name in (
+    "ts", "source", "provider", "model", "call_type", "streamed", "status", "error_type",
+    "input_tokens", "output_tokens", "cache_read_tokens", "cache_write_tokens",
+    "reasoning_tokens", "cost", "currency", "cost_status", "price_source", "latency_ms",
+    "ttft_ms", "project", "user")))
 
 
 def add(conn: Connection, delta: Delta) -> None:
