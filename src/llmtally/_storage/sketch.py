@@ -15,7 +15,7 @@ import math
 from collections.abc import Iterable, Mapping
 
 __all__ = ["RELATIVE_ERROR", "MIN_VALUE_MS", "ZERO_BUCKET", "bucket_of", "value_of",
-           "percentile"]
+           "percentile", "merged"]
 
 RELATIVE_ERROR = 0.01
 GAMMA = (1 + RELATIVE_ERROR) / (1 - RELATIVE_ERROR)
