@@ -83,6 +83,7 @@ class Span:
         return hourly, _merged(edges)
 
     def split_hours(self) -> list[datetime]:
+        """The hours the splits cut (read from the events, never from the rollups)."""
         return sorted({hour_of(s) for s in self.splits if hour_of(s) != s})
 
 
@@ -106,6 +107,7 @@ def _merged(pieces: Iterable[Interval]) -> list[Interval]:
 
 
 def within(column: Any, intervals: Sequence[Interval]) -> ColumnElement[bool]:
+    """``column`` in any of the [start, end) intervals (False for none)."""
     clauses = []
     for start, end in intervals:
         parts = []

@@ -364,7 +364,7 @@ _tag_texts: dict[tuple[Any, ...], str] = {}
 
 def _tags_text(tags: Any) -> str:
     """Tags as JSON text. The same few tag lists come back on most events, and encoding one
-    costs more than the rest of the row, so the last 256 seen are kept."""
+    costs more than the rest of the row, so up to 256 are kept (all dropped when full)."""
     if type(tags) is not list or not all(type(tag) is str for tag in tags):
         return _json_text(tags)  # not the cleaned list of strings events carry
     key = tuple(tags)
