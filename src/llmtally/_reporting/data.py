@@ -22,7 +22,7 @@ from sqlalchemy import Connection, String, and_, case, false, func, select, true
 from sqlalchemy.sql import ColumnElement
 
 from .._events.usage import TOKEN_FIELDS
-from .._storage.rollups import LATENCY, TTFT
+from .._storage.rollups import LATENCY, TTFT, as_datetime
 from .._storage.sketch import bucket_of, percentile
 from .._storage.tables import HourlyRollup, UsageEvent
 from .facts import Span, events_where, facts, hourly_where, sketch_cells, within
@@ -369,7 +369,7 @@ def costliest_calls(conn: Connection, rows: Range, limit: int) -> list[CallRow]:
             .group_by(r.hour).limit(MAX_CANDIDATE_HOURS + 1)).scalars().all()
         if len(hours) <= MAX_CANDIDATE_HOURS:
             _, edges = span.pieces()
-            ranges = [(_as_datetime(hour), _as_datetime(hour) + timedelta(hours=1))
+            ranges = [(as_datetime(hour), as_datetime(hour) + timedelta(hours=1))
                       for hour in hours]
             # only these ranges (all inside the period), so the planner reads them through
             # the ts index instead of the whole period's range
@@ -390,10 +390,6 @@ def costliest_calls(conn: Connection, rows: Range, limit: int) -> list[CallRow]:
                 metadata=dict(row.metadata or {}))
         for row in conn.execute(statement)
     ]
-
-
-def _as_datetime(value: Any) -> datetime:
-    return datetime.fromisoformat(value) if isinstance(value, str) else value
 
 
 def unpriced_models(conn: Connection, rows: Range) -> list[UnpricedModel]:

@@ -13,6 +13,7 @@ from sqlalchemy.sql import ColumnElement
 
 from .._errors import ConfigError
 from .._events.usage import TOKEN_FIELDS
+from .._storage.rollups import as_datetime
 from .._timeparse import parse_instant
 from .facts import Span, facts
 
@@ -135,11 +136,6 @@ def unpriced_models(conn: Connection, *, since: Any = None, now: datetime) -> li
     return [
         UnpricedRow(provider=row.provider, model=row.model, calls=int(row.calls),
                     input_tokens=int(row.input_tokens or 0), output_tokens=int(row.output_tokens or 0),
-                    first_seen=_moment(row.first_seen), last_seen=_moment(row.last_seen))
+                    first_seen=as_datetime(row.first_seen), last_seen=as_datetime(row.last_seen))
         for row in rows
     ]
-
-
-def _moment(value: Any) -> datetime:
-    # min()/max() over a UNION of SQLite text columns come back as text
-    return datetime.fromisoformat(value) if isinstance(value, str) else value

@@ -29,7 +29,7 @@ from .sketch import bucket_of
 from .tables import EVENT_COLUMNS, ROLLUPS_TABLE, SKETCHES_TABLE, HourlyRollup, RollupSketch, UsageEvent
 
 __all__ = ["Delta", "DIMS", "SUMS", "LATENCY", "TTFT", "add", "rebuild", "differences",
-           "hour_of", "next_hour"]
+           "hour_of", "next_hour", "as_datetime", "lock"]
 
 DIMS = ("provider", "model", "project", "user", "status", "error_type", "currency",
         "cost_status", "source", "call_type", "cache_hit")
@@ -213,9 +213,9 @@ def _hours(start: datetime | None, end: datetime | None) -> tuple[datetime | Non
     return (None if start is None else hour_of(start), None if end is None else next_hour(end))
 
 
-def fold(conn: Connection, start: datetime | None = None, end: datetime | None = None,
-         *, each: int = _READ_CHUNK) -> Iterable[Delta]:
-    """The events with ``start <= ts < end`` folded, ``each`` events per Delta."""
+def _event_rows(conn: Connection, start: datetime | None = None, end: datetime | None = None,
+                *, each: int = _READ_CHUNK) -> Iterable[Sequence[Any]]:
+    """The events with ``start <= ts < end`` as driver rows, ``each`` at a time (streamed)."""
     statement = select(*_FOLDED).order_by(_E.ts)
     if start is not None:
         statement = statement.where(_E.ts >= start)
@@ -223,9 +223,7 @@ def fold(conn: Connection, start: datetime | None = None, end: datetime | None =
         statement = statement.where(_E.ts < end)
     # on the statement: a Connection's execution_options() would change the caller's connection
     result = conn.execute(statement.execution_options(stream_results=True, yield_per=each))
-    sqlite = conn.dialect.name == "sqlite"
-    for chunk in result.partitions(each):
-        yield Delta(sqlite).add_all(chunk)
+    yield from result.partitions(each)
 
 
 def lock(conn: Connection) -> None:
@@ -240,7 +238,7 @@ def lock(conn: Connection) -> None:
 
 def rebuild(conn: Connection, start: datetime | None = None, end: datetime | None = None) -> int:
     """Recompute the rollups of the hours that [start, end) touches (every hour by default)
-    from the events, inside the caller's write transaction (which has taken :func:`lock`).
+    from the events, inside the caller's write transaction (taking :func:`lock` first).
     Returns the events folded."""
     lock(conn)
     first, last = _hours(start, end)
@@ -252,9 +250,10 @@ def rebuild(conn: Connection, start: datetime | None = None, end: datetime | Non
             statement = statement.where(table.c.hour < last)
         conn.execute(statement)
     events = 0
-    for delta in fold(conn, first, last):
-        events += sum(values[0] for values in delta.sums.values())
-        add(conn, delta)
+    sqlite = conn.dialect.name == "sqlite"
+    for chunk in _event_rows(conn, first, last):  # one Delta a chunk: memory stays flat
+        events += len(chunk)
+        add(conn, Delta(sqlite).add_all(chunk))
     return events
 
 
@@ -262,16 +261,10 @@ def differences(conn: Connection, *, limit: int = 20) -> list[str]:
     """Where the stored rollups differ from the events folded again (at most ``limit``
     descriptions; an empty list when they agree)."""
     expected = Delta(conn.dialect.name == "sqlite")
-    for delta in fold(conn):
-        for key, values in delta.sums.items():
-            have = expected.sums.get(key)
-            if have is None:
-                expected.sums[key] = values
-            else:
-                _merge(have, values)
-        for place, calls in delta.sketch.items():
-            expected.sketch[place] = expected.sketch.get(place, 0) + calls
-    want = {(_moment(key[0]), *key[1:]): [*values[:15], _moment(values[15]), _moment(values[16])]
+    for chunk in _event_rows(conn):
+        expected.add_all(chunk)
+    want = {(as_datetime(key[0]), *key[1:]):
+            [*values[:15], as_datetime(values[15]), as_datetime(values[16])]
             for key, values in expected.sums.items()}
     stored = {(row.hour, *(getattr(row, name) for name in DIMS)): row
               for row in conn.execute(select(HourlyRollup.__table__))}
@@ -286,23 +279,18 @@ def differences(conn: Connection, *, limit: int = 20) -> list[str]:
             found.append(f"{key}: rollup {[getattr(row, n) for n in SUMS]} != events {wanted[:14]}")
     cells = {(row.hour, row.provider, row.model, row.project, row.metric, row.bucket): row.calls
              for row in conn.execute(select(RollupSketch.__table__))}
-    want_cells = {(_moment(key[0]), *key[1:]): calls for key, calls in expected.sketch.items()}
+    want_cells = {(as_datetime(key[0]), *key[1:]): calls
+                  for key, calls in expected.sketch.items()}
     if cells != want_cells:
         found.append(f"the latency sketches differ in "
                      f"{len(set(cells.items()) ^ set(want_cells.items()))} cells")
     return found[:limit]
 
 
-def _moment(value: Any) -> datetime:
+def as_datetime(value: Any) -> datetime:
+    """A time read back from the ledger: SQLite gives text where no column type converts it
+    (a rollup key, or ``min``/``max`` over a UNION); PostgreSQL a datetime."""
     return datetime.fromisoformat(value) if isinstance(value, str) else value
-
-
-def _merge(into: list[Any], values: list[Any]) -> None:
-    for index in range(14):
-        into[index] += values[index]
-    if values[14] is not None and (into[14] is None or values[14] > into[14]):
-        into[14] = values[14]
-    into[15], into[16] = min(into[15], values[15]), max(into[16], values[16])
 
 
 def _equal(want: list[Any], row: Any) -> bool:
