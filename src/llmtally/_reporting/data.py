@@ -25,7 +25,7 @@ from .._events.usage import TOKEN_FIELDS
 from .._storage.rollups import LATENCY, TTFT, as_datetime
 from .._storage.sketch import bucket_of, percentile
 from .._storage.tables import HourlyRollup, UsageEvent
-from .facts import Span, events_where, facts, hourly_where, sketch_cells, within
+from .facts import Span, events_where, facts, hourly_where, sketch_cells, sum_if, within
 
 __all__ = ["Range", "Totals", "GroupRow", "Percentiles", "ErrorRow", "CallRow", "UnpricedModel",
            "totals", "group_totals", "model_totals", "time_buckets", "percentiles", "errors",
@@ -173,10 +173,6 @@ def _sum(expression: Any) -> Any:
     return func.coalesce(func.sum(expression), 0)
 
 
-def _sum_if(condition: ColumnElement[bool], value: Any) -> Any:
-    return _sum(case((condition, value), else_=0))
-
-
 def totals(conn: Connection, rows: Range) -> tuple[Totals, Totals]:
     """(current, previous) totals."""
     f = facts(rows.span()).c
@@ -184,13 +180,13 @@ def totals(conn: Connection, rows: Range) -> tuple[Totals, Totals]:
     statement = select(
         is_current,
         _sum(f.calls).label("calls"),
-        _sum_if(f.status == "error", f.calls).label("errors"),
-        _sum_if(f.status == "blocked", f.calls).label("blocked"),
+        sum_if(f.status == "error", f.calls).label("errors"),
+        sum_if(f.status == "blocked", f.calls).label("blocked"),
         *(_sum(f[name]).label(name) for name in TOKEN_FIELDS),
         _sum(f.cost).label("cost"),
-        _sum_if(f.cost_status == "unpriced", f.calls).label("unpriced_calls"),
-        _sum_if(f.cost_status == "estimated", f.calls).label("estimated_calls"),
-        _sum_if(f.cost_status == "estimated", f.cost).label("estimated_cost"),
+        sum_if(f.cost_status == "unpriced", f.calls).label("unpriced_calls"),
+        sum_if(f.cost_status == "estimated", f.calls).label("estimated_calls"),
+        sum_if(f.cost_status == "estimated", f.cost).label("estimated_cost"),
         _sum(f.streamed_calls).label("streamed_calls"),
     ).group_by(is_current)
     found = {row.is_current: row for row in conn.execute(statement)}
@@ -211,15 +207,15 @@ def totals(conn: Connection, rows: Range) -> tuple[Totals, Totals]:
 def _both_periods(f: Any, rows: Range, extra: Sequence[Any] = ()) -> list[Any]:
     current = f.ts >= rows.start
     return [
-        _sum_if(current, f.calls).label("calls"),
-        _sum_if(and_(current, f.status == "error"), f.calls).label("errors"),
-        _sum_if(current, f.input_tokens).label("input_tokens"),
-        _sum_if(current, f.output_tokens).label("output_tokens"),
-        _sum_if(current, f.cost).label("cost"),
-        _sum_if(and_(current, f.cost_status == "unpriced"), f.calls).label("unpriced_calls"),
-        _sum_if(and_(current, f.cost_status == "estimated"), f.calls).label("estimated_calls"),
-        _sum_if(~current, f.calls).label("previous_calls"),
-        _sum_if(~current, f.cost).label("previous_cost"),
+        sum_if(current, f.calls).label("calls"),
+        sum_if(and_(current, f.status == "error"), f.calls).label("errors"),
+        sum_if(current, f.input_tokens).label("input_tokens"),
+        sum_if(current, f.output_tokens).label("output_tokens"),
+        sum_if(current, f.cost).label("cost"),
+        sum_if(and_(current, f.cost_status == "unpriced"), f.calls).label("unpriced_calls"),
+        sum_if(and_(current, f.cost_status == "estimated"), f.calls).label("estimated_calls"),
+        sum_if(~current, f.calls).label("previous_calls"),
+        sum_if(~current, f.cost).label("previous_cost"),
         *extra,
     ]
 
@@ -263,12 +259,12 @@ def model_totals(conn: Connection, rows: Range) -> list[GroupRow]:
     paid = and_(current, f.cost_status != "unpriced", f.status == "ok", f.cache_hit == false())
     extra = [
         # rows of calls without cache reads add 0 to each of these
-        _sum_if(paid, f.cache_read_tokens).label("cache_read_tokens"),
-        _sum_if(paid, f.cached_input_tokens).label("cached_calls_input_tokens"),
-        _sum_if(paid, f.cached_calls).label("cached_calls"),
-        _sum_if(hit, f.calls).label("hit_calls"),
-        *(_sum_if(hit, f[name]).label(f"hit_{name}") for name in TOKEN_FIELDS),
-        _sum_if(and_(current, f.cost_status == "estimated"), f.cost).label("estimated_cost"),
+        sum_if(paid, f.cache_read_tokens).label("cache_read_tokens"),
+        sum_if(paid, f.cached_input_tokens).label("cached_calls_input_tokens"),
+        sum_if(paid, f.cached_calls).label("cached_calls"),
+        sum_if(hit, f.calls).label("hit_calls"),
+        *(sum_if(hit, f[name]).label(f"hit_{name}") for name in TOKEN_FIELDS),
+        sum_if(and_(current, f.cost_status == "estimated"), f.cost).label("estimated_cost"),
     ]
     statement = select(f.provider, f.model, *_both_periods(f, rows, extra)) \
         .group_by(f.provider, f.model)
@@ -307,8 +303,7 @@ def time_buckets(conn: Connection, rows: Range, *, minutes: bool = False
     return out
 
 
-def percentiles(conn: Connection, rows: Range, column: str, *, streamed_only: bool = False
-                ) -> list[Percentiles]:
+def percentiles(conn: Connection, rows: Range, column: str) -> list[Percentiles]:
     """p50 and p95 of ``latency_ms`` or ``ttft_ms`` (of streamed calls) per (provider, model)
     of the successful calls of the current period, within ``sketch.RELATIVE_ERROR`` (1 %) of
     the exact nearest-rank values: the sketches of its whole hours merged with the durations
@@ -321,7 +316,7 @@ def percentiles(conn: Connection, rows: Range, column: str, *, streamed_only: bo
         counts[row.bucket] = counts.get(row.bucket, 0) + int(row.calls)
     value = _E[column]
     edge = and_(events_where(span), _E.status == "ok", value.isnot(None))
-    if streamed_only or metric == TTFT:
+    if metric == TTFT:  # as the sketches keep it: streams only
         edge = and_(edge, _E.streamed == true())
     for provider, model, duration in conn.execute(select(_E.provider, _E.model, value).where(edge)):
         counts = found.setdefault((provider, model), {})

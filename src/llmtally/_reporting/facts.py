@@ -37,7 +37,7 @@ from .._events.usage import TOKEN_FIELDS
 from .._storage.rollups import DIMS, hour_of, next_hour
 from .._storage.tables import HourlyRollup, RollupSketch, UsageEvent
 
-__all__ = ["Span", "facts", "hourly_where", "events_where", "sketch_cells", "within"]
+__all__ = ["Span", "facts", "hourly_where", "events_where", "sketch_cells", "within", "sum_if"]
 
 _E = UsageEvent.__table__.c
 _R = HourlyRollup.__table__.c
@@ -140,6 +140,11 @@ def events_where(span: Span) -> ColumnElement[bool]:
     for name, value in span.filters:
         clause = and_(clause, _E[name] == value)
     return clause
+
+
+def sum_if(condition: ColumnElement[bool], value: Any) -> Any:
+    """``SUM(value)`` over the facts where ``condition`` holds (0 when none does)."""
+    return func.coalesce(func.sum(case((condition, value), else_=0)), 0)
 
 
 def _when(condition: ColumnElement[bool], value: Any, otherwise: Any = 0) -> Any:

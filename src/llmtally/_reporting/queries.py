@@ -8,14 +8,14 @@ from dataclasses import asdict, dataclass
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import Connection, Date, case, cast, func, select
+from sqlalchemy import Connection, Date, cast, func, select
 from sqlalchemy.sql import ColumnElement
 
 from .._errors import ConfigError
 from .._events.usage import TOKEN_FIELDS
 from .._storage.rollups import as_datetime
 from .._timeparse import parse_instant
-from .facts import Span, facts
+from .facts import Span, facts, sum_if
 
 __all__ = ["SummaryRow", "UnpricedRow", "summarize", "unpriced_models", "GROUP_BY"]
 
@@ -97,11 +97,11 @@ def summarize(conn: Connection, *, since: Any = None, until: Any = None, by: str
     statement = select(
         key,
         func.sum(f.calls).label("calls"),
-        _sum_if(f.status == "error", f.calls).label("errors"),
+        sum_if(f.status == "error", f.calls).label("errors"),
         *(func.coalesce(func.sum(f[name]), 0).label(name) for name in TOKEN_FIELDS),
         cost.label("cost"),
-        _sum_if(f.cost_status == "unpriced", f.calls).label("unpriced_calls"),
-        _sum_if(f.cost_status == "estimated", f.calls).label("estimated_calls"),
+        sum_if(f.cost_status == "unpriced", f.calls).label("unpriced_calls"),
+        sum_if(f.cost_status == "estimated", f.calls).label("estimated_calls"),
         func.min(f.currency).label("currency"),
     ).group_by(key)
     rows = conn.execute(statement.order_by(cost.desc(), key))
@@ -117,10 +117,6 @@ def summarize(conn: Connection, *, since: Any = None, until: Any = None, by: str
         )
         for row in rows
     ]
-
-
-def _sum_if(condition: ColumnElement[bool], value: Any) -> Any:
-    return func.coalesce(func.sum(case((condition, value), else_=0)), 0)
 
 
 def unpriced_models(conn: Connection, *, since: Any = None, now: datetime) -> list[UnpricedRow]:

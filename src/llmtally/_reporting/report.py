@@ -84,7 +84,7 @@ def build_report(tally: ReportSource, *, week: str | None = None, since: Any = N
         by = {name: data.group_totals(conn, rows, name) for name in ("provider", "project", "user")}
         buckets = data.time_buckets(conn, rows, minutes=not period.whole_hour_offsets)
         latency = data.percentiles(conn, rows, "latency_ms")
-        ttft = data.percentiles(conn, rows, "ttft_ms", streamed_only=True)
+        ttft = data.percentiles(conn, rows, "ttft_ms")
         errors = data.errors(conn, rows)
         costly = data.costliest_calls(conn, rows, MAX_COSTLY_CALLS)
         unpriced = data.unpriced_models(conn, rows)
