@@ -140,14 +140,16 @@ def test_sync_stream_with_usage_is_one_exact_event(tally, provider):
     started = time.perf_counter()
     text = "".join(chunk.choices[0].delta.content or "" for chunk in litellm.completion(
         **_openai(provider, stream=True, stream_options={"include_usage": True})) if chunk.choices)
-    wall_ms = (time.perf_counter() - started) * 1000
     assert text == REPLY
     [row] = ledger_rows(tally)
+    # LiteLLM stamps a sync stream's end on its logging thread, after the caller's loop ends
+    # (how long after depends on the machine's load): the event is in the ledger, so the
+    # stamp is before now.
+    wall_ms = (time.perf_counter() - started) * 1000
     assert (row["streamed"], row["input_tokens"], row["cache_read_tokens"], row["output_tokens"],
             row["cost_status"]) == (True, 120, 100, 30, "priced")
     assert row["cost"] == pytest.approx(20 * IN + 100 * CACHED + 30 * OUT, abs=1e-12)
-    # LiteLLM stamps a sync stream's end on its logging thread, just after the caller's loop ends.
-    assert 0 < row["ttft_ms"] <= row["latency_ms"] <= wall_ms + 5
+    assert 0 < row["ttft_ms"] <= row["latency_ms"] <= wall_ms
     assert rollups_mismatch(tally.database_url) == []
 
 
