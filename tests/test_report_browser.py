@@ -108,3 +108,88 @@ def test_report_renders_offline_in_headless_chromium(report_file, tmp_path):
         finally:
             browser.close()
     assert requests == [path.resolve().as_uri()]
+
+
+# A realistic long project name: 60 characters, words joined by underscores (no hyphen or space
+# for the browser to break at), and a long-ish provider name.
+LONG_PROJECT = "customer_onboarding_document_summarisation_pipeline_eu_west2"
+LONG_PROVIDER = "vertex_ai-language-models-europe-west4"
+# the ids of the two breakdowns the template renders next to each other in a `.grid`
+SIDE_BY_SIDE = ("by-provider", "by-project")
+MEASURE_SIDE_BY_SIDE = """() => Array.from(document.querySelectorAll('.grid table.breakdown')).map(table => {
+  const wrapper = table.closest('.scroll');
+  const header = Array.from(table.querySelectorAll('thead th'))
+    .find(th => th.textContent.trim().toLowerCase() === 'vs previous');
+  const box = header ? header.getBoundingClientRect() : null;
+  const shown = wrapper.getBoundingClientRect();
+  return {section: table.closest('section').id, scrollWidth: wrapper.scrollWidth,
+          clientWidth: wrapper.clientWidth, wrapperLeft: shown.left, wrapperRight: shown.right,
+          header: box && {left: box.left, right: box.right, top: box.top, bottom: box.bottom},
+          names: Array.from(table.querySelectorAll('tbody td:first-child .name'))
+            .map(name => name.textContent)};
+})"""
+
+
+@pytest.fixture(params=["sample names", "long names"])
+def breakdown_report(request, tmp_path, make_tally):
+    """Last week's report on the sample history; with "long names", plus calls in that week from
+    a project with a 60-character name and from a provider with a long name."""
+    tally = make_tally(f"sqlite:///{tmp_path / 'ledger.db'}", clock=lambda: NOW)
+    record_history(tally, NOW - timedelta(days=17), NOW, count=1500)
+    if request.param == "long names":
+        assert len(LONG_PROJECT) == 60
+        tally.record(model="gpt-4o-mini", provider="openai", input_tokens=250_000,
+                     output_tokens=60_000, latency_ms=900, project=LONG_PROJECT,
+                     ts=datetime(2026, 11, 18, 12, tzinfo=timezone.utc))
+        tally.record(model="gemini-2.5-flash", provider=LONG_PROVIDER, input_tokens=90_000,
+                     output_tokens=20_000, latency_ms=700, project="research",
+                     ts=datetime(2026, 11, 19, 15, tzinfo=timezone.utc))
+        tally.flush()
+    return tally.report(f"{tmp_path / 'report'}/", week="last"), request.param
+
+
+def test_side_by_side_breakdowns_fit_a_laptop_and_a_phone(breakdown_report):
+    """Cost by provider and Cost by project, next to each other, scroll sideways at no laptop
+    width, their "vs previous" column in full view; on a phone nothing runs off the page."""
+    executable = chromium()
+    from playwright.sync_api import sync_playwright
+
+    path, names = breakdown_report
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=executable, args=CHROMIUM_ARGS)
+        try:
+            for width in (1280, 1366):
+                page = browser.new_page(viewport={"width": width, "height": 900})
+                page.goto(path.resolve().as_uri(), wait_until="load")
+                tables = page.evaluate(MEASURE_SIDE_BY_SIDE)
+                assert [table["section"] for table in tables] == list(SIDE_BY_SIDE)
+                first, second = (page.locator(f"#{section}").bounding_box() for section in SIDE_BY_SIDE)
+                assert first["y"] == second["y"] and first["x"] + first["width"] <= second["x"], \
+                    f"at {width}px the breakdowns are not side by side: {first}, {second}"
+                if names == "long names":
+                    shown = [name for table in tables for name in table["names"]]
+                    assert LONG_PROJECT in shown and LONG_PROVIDER in shown, shown
+                for table in tables:
+                    where = f"{table['section']} at {width}px"
+                    assert table["scrollWidth"] <= table["clientWidth"], \
+                        f"{where} scrolls sideways: {table['scrollWidth']}px in {table['clientWidth']}px"
+                    header = table["header"]
+                    assert header is not None, f"{where}: no 'vs previous' header"
+                    assert 0 <= header["left"] and header["right"] <= width, \
+                        f"{where}: 'vs previous' at {header}, off a {width}px window"
+                    assert table["wrapperLeft"] <= header["left"] and \
+                        header["right"] <= table["wrapperRight"] + 0.5, \
+                        f"{where}: 'vs previous' at {header}, hidden past its table's edge {table}"
+                page.close()
+
+            phone = browser.new_page(viewport={"width": 390, "height": 844}, is_mobile=True)
+            phone.goto(path.resolve().as_uri(), wait_until="load")
+            page_width = phone.evaluate("document.documentElement.scrollWidth")
+            assert page_width <= 390, f"the page is {page_width}px wide on a 390px phone"
+            for table in phone.evaluate(MEASURE_SIDE_BY_SIDE):
+                assert table["scrollWidth"] <= table["clientWidth"], \
+                    f"{table['section']} scrolls sideways on a phone: {table}"
+                header = table["header"]
+                assert header is not None and 0 <= header["left"] and header["right"] <= 390, table
+        finally:
+            browser.close()

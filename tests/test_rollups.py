@@ -340,7 +340,8 @@ def test_the_costliest_calls_are_found_in_few_hours_and_through_ties(ledger_url,
     with tally.store.connect() as conn:
         for limit in (1, 5, 50):
             found = data.costliest_calls(conn, data.Range(
-                begin, end, begin - timedelta(days=7), end - timedelta(days=7), "p1"), limit)
+                begin, end, begin - timedelta(days=7), end - timedelta(days=7), (("project", "p1"),)),
+                limit)
             assert [call.id for call in found] == [row["id"] for row in mine[:limit]]
     assert found[0].id == "big-100" and len(mine) > 30
 

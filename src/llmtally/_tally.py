@@ -342,6 +342,21 @@ class Tally(Adapters, Reading, Tracking):
         changes nothing: only events count. Never raises."""
         self._guard.release(reservation, sent=sent)
 
+    def asgi(self, *, token: str | None = None, refresh_seconds: int = 30) -> Any:
+        """The live dashboard, JSON API and Prometheus metrics over this ledger, as an ASGI
+        application (needs ``pip install "llmtally[serve]"``)::
+
+            app.mount("/llm", tally.asgi(token=os.environ["LLMTALLY_SERVE_TOKEN"]))
+
+        It only reads. Without ``token`` it answers anyone who reaches it: mount it only
+        where that is intended. See ``llmtally serve`` and docs/serve.md."""
+        try:
+            from ._serve.app import create_app
+        except ImportError as exc:
+            raise ImportError('tally.asgi() needs the serve extra: pip install "llmtally[serve]"') \
+                from exc
+        return create_app(self, token=token, refresh_seconds=refresh_seconds)
+
     def budget_states(self) -> list[CounterState]:
         """Each budget (and each ``each=`` instance with use) in its current window. Flushes
         first, so this Tally's own calls are charged."""

@@ -19,6 +19,7 @@ import click
 from ._cli.ledger import ledger_options
 from ._cli.prices import prices
 from ._cli.rollups import rollups
+from ._cli.serve import serve
 from ._cli.transfer import export, import_, prune
 from ._terminal import (
     Group,
@@ -265,7 +266,7 @@ def report(tally: Any, week: str | None, since: str | None, until: str | None,
         echo(f"  {line}")
 
 
-for _command in (prices, export, import_, prune, rollups):
+for _command in (prices, export, import_, prune, rollups, serve):
     main.add_command(_command)
 
 

@@ -48,6 +48,20 @@ class CounterState:
     def used(self) -> float:
         return self.spent + self.reserved
 
+    @property
+    def level(self) -> str:
+        """``exceeded`` at the limit, ``critical`` past the highest of two or more ``warn_at``
+        thresholds, ``warning`` past the lowest, else ``normal`` (held calls count as used)."""
+        limit = self.budget.limit
+        if limit > 0 and self.used >= limit:
+            return "exceeded"
+        thresholds = self.budget.warn_at
+        if len(thresholds) >= 2 and self.used >= thresholds[-1] * limit:
+            return "critical"
+        if thresholds and self.used >= thresholds[0] * limit:
+            return "warning"
+        return "normal"
+
     def run_out(self, now: datetime) -> datetime | None:
         """When the limit is reached at this window's burn rate so far (naive UTC), or None
         if not before the window resets (or nothing has been spent yet)."""

@@ -22,7 +22,7 @@ from sqlalchemy import Connection, String, and_, case, false, func, select, true
 from sqlalchemy.sql import ColumnElement
 
 from .._events.usage import TOKEN_FIELDS
-from .._storage.rollups import LATENCY, TTFT, as_datetime
+from .._storage.rollups import LATENCY, SKETCH_DIMS, TTFT, as_datetime
 from .._storage.sketch import bucket_of, percentile
 from .._storage.tables import HourlyRollup, UsageEvent
 from .facts import Span, events_where, facts, hourly_where, sketch_cells, sum_if, within
@@ -38,33 +38,31 @@ PERCENTILES = (50, 95)
 @dataclass(frozen=True, slots=True)
 class Range:
     """The rows a report reads: [start, end) and [previous_start, previous_end), naive UTC,
-    optionally one project."""
+    optionally only those whose columns equal ``filters`` (name, value) (a rollup column:
+    provider, model, project, user, status...)."""
 
     start: datetime
     end: datetime
     previous_start: datetime
     previous_end: datetime
-    project: str | None = None
+    filters: tuple[tuple[str, str], ...] = ()
     splits: tuple[datetime, ...] = ()  # chart boundaries (naive UTC), see facts.py
 
     def span(self) -> Span:
         """Both periods, for :func:`facts.facts` (the previous one may end before ``start``:
         this week so far)."""
         return Span(((self.previous_start, self.previous_end), (self.start, self.end)),
-                    self.splits, self._filters())
+                    self.splits, self.filters)
 
     def current_span(self) -> Span:
-        return Span(((self.start, self.end),), (), self._filters())
-
-    def _filters(self) -> tuple[tuple[str, Any], ...]:
-        return () if self.project is None else (("project", self.project),)
+        return Span(((self.start, self.end),), (), self.filters)
 
     def where_current(self) -> ColumnElement[bool]:
         """The events of the current period (for the few queries that read events)."""
-        clause = and_(_E.ts >= self.start, _E.ts < self.end)
-        if self.project is not None:
-            clause = and_(clause, _E.project == self.project)
-        return clause
+        return and_(_E.ts >= self.start, _E.ts < self.end, self.where_filters())
+
+    def where_filters(self) -> ColumnElement[bool]:
+        return and_(true(), *(_E[name] == value for name, value in self.filters))
 
 
 @dataclass(frozen=True, slots=True)
@@ -151,13 +149,15 @@ class CallRow:
     status: str
     input_tokens: int
     output_tokens: int
-    cost: float
+    cost: float | None  # None: unpriced
     cost_status: str
     project: str | None
     user: str | None
     session: str | None
     tags: list[str]
     metadata: dict[str, Any]
+    error_type: str | None = None
+    latency_ms: float | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -310,6 +310,9 @@ def percentiles(conn: Connection, rows: Range, column: str) -> list[Percentiles]
     of the events at its edges."""
     metric = TTFT if column == "ttft_ms" else LATENCY
     span = rows.current_span()
+    if any(name not in SKETCH_DIMS for name, _ in span.filters):
+        # the sketches do not keep this column (a user, a status): the period's events
+        span = Span(span.intervals, (), span.filters, events_only=True)
     found: dict[tuple[str | None, str], dict[int, int]] = {}
     for row in conn.execute(sketch_cells(span, metric)):
         counts = found.setdefault((row.provider, row.model), {})
@@ -368,9 +371,8 @@ def costliest_calls(conn: Connection, rows: Range, limit: int) -> list[CallRow]:
                       for hour in hours]
             # only these ranges (all inside the period), so the planner reads them through
             # the ts index instead of the whole period's range
-            where = and_(within(_E.ts, [*edges, *ranges]), _E.cost >= floor)
-            if rows.project is not None:
-                where = and_(where, _E.project == rows.project)
+            where = and_(within(_E.ts, [*edges, *ranges]), _E.cost >= floor,
+                         rows.where_filters())
     statement = select(
         _E.id, _E.ts, _E.provider, _E.model, _E.resolved_model, _E.status, _E.input_tokens,
         _E.output_tokens, _E.cost, _E.cost_status, _E.project, _E.user, _E.session, _E.tags,

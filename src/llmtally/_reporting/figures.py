@@ -113,6 +113,7 @@ class BudgetRow:
     runs_out: str
     action: str
     over: bool
+    level: str  # normal, warning, critical or exceeded (CounterState.level)
 
 
 @dataclass(frozen=True, slots=True)

@@ -21,7 +21,7 @@ from .report import DEFAULT_REPORT_DIR, DEFAULT_TOP, ReportSource, build_report
 if TYPE_CHECKING:
     from jinja2 import Environment
 
-__all__ = ["ReportFile", "render_html", "write_report", "report_path"]
+__all__ = ["ReportFile", "render_html", "write_report", "report_path", "price_key", "toml_key"]
 
 def _environment() -> Environment:
     from jinja2 import Environment, PackageLoader, StrictUndefined, select_autoescape
@@ -49,23 +49,24 @@ def _css_number(value: float) -> str:
     return f"{max(0.0, min(number, 100.0)):.2f}"
 
 
-def render_html(report: Report) -> str:
-    """The report as one self-contained HTML document."""
-    template = _environment().get_template("report.html.j2")
+def render_html(report: Report, template_name: str = "report.html.j2", **extra: Any) -> str:
+    """The report as one self-contained HTML document (or, with ``template_name``, a page
+    built on it, such as the dashboard, given ``extra`` values)."""
+    template = _environment().get_template(template_name)
     return template.render(
-        r=report, money=report.money, rate=rate, local=lambda m: f"{m:%Y-%m-%d %H:%M}",
+        **extra, r=report, money=report.money, rate=rate, local=lambda m: f"{m:%Y-%m-%d %H:%M}",
         when=lambda naive: (
             f"{naive.replace(tzinfo=timezone.utc).astimezone(report.period.tz):%a %d %b %H:%M}"),
-        price_key=_price_key, toml_key=_toml_key, percentile_error=RELATIVE_ERROR)
+        price_key=price_key, toml_key=toml_key, percentile_error=RELATIVE_ERROR)
 
 
-def _price_key(provider: str | None, model: str) -> str:
+def price_key(provider: str | None, model: str) -> str:
     if provider and not model.startswith(provider + "/"):
         return f"{provider}/{model}"
     return model
 
 
-def _toml_key(key: str) -> str:
+def toml_key(key: str) -> str:
     return json.dumps(key, ensure_ascii=False)
 
 

@@ -9,7 +9,7 @@ inline SVG, no JavaScript and no URL to fetch.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from datetime import datetime, timezone, tzinfo
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -25,7 +25,7 @@ if TYPE_CHECKING:
     from .._pricing.book import PriceBook
     from .._storage.store import Store
 
-__all__ = ["build_report", "DEFAULT_REPORT_DIR", "DEFAULT_TOP"]
+__all__ = ["build_report", "DEFAULT_REPORT_DIR", "DEFAULT_TOP", "REPORT_FILTERS"]
 
 DEFAULT_REPORT_DIR = "reports"
 DEFAULT_TOP = 10
@@ -35,6 +35,7 @@ MAX_PERCENTILE_ROWS = 15
 MAX_ERROR_ROWS = 15
 MAX_UNPRICED_ROWS = 20
 MAX_BUDGET_ROWS = 30
+REPORT_FILTERS = ("provider", "model", "project", "user", "status")
 _FLUSH_TIMEOUT_S = 10.0
 
 # -- money ---------------------------------------------------------------------------------
@@ -65,11 +66,18 @@ class ReportSource(Protocol):
 
 def build_report(tally: ReportSource, *, week: str | None = None, since: Any = None,
                  until: Any = None, project: str | None = None, top: int = DEFAULT_TOP,
-                 now: datetime | None = None) -> Report:
+                 now: datetime | None = None, filters: Mapping[str, str] | None = None) -> Report:
     """Read the report's figures from ``tally``'s ledger (a few aggregate queries). Flushes
-    first, so the Tally's own events are in it."""
+    first, so the Tally's own events are in it. ``filters`` keeps only the calls whose
+    provider, model, project, user or status equal the values given (the dashboard's)."""
     if project is not None and not str(project).strip():
         raise ConfigError("project must be a non-empty name")
+    wanted = dict(filters or {})
+    for name in wanted:
+        if name not in REPORT_FILTERS:
+            raise ConfigError(f"cannot filter on {name!r}; use one of: {', '.join(REPORT_FILTERS)}")
+    if project is not None:
+        wanted["project"] = project
     if top < 1:
         raise ConfigError(f"top={top!r}: show at least one row per table")
     tally.flush(_FLUSH_TIMEOUT_S)
@@ -77,7 +85,8 @@ def build_report(tally: ReportSource, *, week: str | None = None, since: Any = N
     period = resolve_period(week=week, since=since, until=until, now=now, tz=tally.tz)
     start, end = period.utc_range
     previous_start, previous_end = period.previous_utc_range
-    rows = data.Range(start, end, previous_start, previous_end, project, period.utc_boundaries())
+    rows = data.Range(start, end, previous_start, previous_end, tuple(sorted(wanted.items())),
+                      period.utc_boundaries())
     with tally.store.connect() as conn:
         current, previous = data.totals(conn, rows)
         models = data.model_totals(conn, rows)
@@ -100,9 +109,9 @@ def build_report(tally: ReportSource, *, week: str | None = None, since: Any = N
     )
     estimated = tuple(_table_row(row, total_cost, 0.0) for row in models if row.estimated_calls)
     zone_name = getattr(tally.tz, "key", None) or str(tally.tz)
-    title = f"LLM usage {period.label}" + (f" · {project}" if project else "")
+    title = f"LLM usage {period.label}" + "".join(f" · {value}" for value in wanted.values())
     return Report(
-        title=title, period=period, project=project, currency=tally.currency,
+        title=title, period=period, project=wanted.get("project"), currency=tally.currency,
         timezone=zone_name, generated_at=_as_aware(now).astimezone(tally.tz),
         database=tally.database_url, current=current, previous=previous,
         cache_savings=_cache_savings(models, tally.prices), chart=chart, daily=daily,
@@ -235,7 +244,7 @@ def _budget_rows(states: Sequence[CounterState], now: datetime, tz: tzinfo,
             kind=budget.kind, used=amount(state.used), limit=amount(budget.limit), percent=percent,
             bar=min(percent or 0.0, 100.0), resets="never" if end is None else _local(end, tz),
             runs_out=runs_out, action=budget.action,
-            over=budget.limit > 0 and state.used >= budget.limit))
+            over=budget.limit > 0 and state.used >= budget.limit, level=state.level))
     rows.sort(key=lambda row: (-(row.percent or 0.0), row.label, row.scope))
     return tuple(rows)
 

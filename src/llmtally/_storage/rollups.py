@@ -29,7 +29,7 @@ from .sketch import bucket_of
 from .tables import EVENT_COLUMNS, ROLLUPS_TABLE, SKETCHES_TABLE, HourlyRollup, RollupSketch, UsageEvent
 
 __all__ = ["Delta", "DIMS", "SUMS", "LATENCY", "TTFT", "add", "rebuild", "differences",
-           "hour_of", "next_hour", "as_datetime", "lock"]
+           "hour_of", "next_hour", "as_datetime", "lock", "SKETCH_DIMS"]
 
 DIMS = ("provider", "model", "project", "user", "status", "error_type", "currency",
         "cost_status", "source", "call_type", "cache_hit")
@@ -40,6 +40,8 @@ SUMS = ("calls", "streamed_calls", "input_tokens", "output_tokens", "cache_read_
         "latency_calls", "latency_ms_sum", "ttft_calls", "ttft_ms_sum")
 _EXTREMES = ("max_cost", "first_ts", "last_ts")
 LATENCY, TTFT = 0, 1  # RollupSketch.metric
+SKETCH_DIMS = ("provider", "model", "project")
+"""The grouping columns of a sketch row (of successful calls only)."""
 _ONE_HOUR = timedelta(hours=1)
 _LAST_HOUR = datetime.max.replace(minute=0, second=0, microsecond=0)
 _READ_CHUNK = 20_000  # events folded per round when rebuilding

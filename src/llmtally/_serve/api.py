@@ -1,0 +1,207 @@
+"""The JSON API under ``/api/v1/``: the figures of :meth:`~llmtally.Tally.summary` and of the
+report, for a period and filters given in the query string.
+
+Every endpoint reads; none writes. A value the ledger cannot answer for (an unknown ``by``, a
+date that is not one, a cursor that was not ours) is a 400 with one line saying why; a
+malformed parameter is FastAPI's 422.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict
+from datetime import datetime, timezone
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Depends, Query, Request
+from fastapi.responses import JSONResponse
+
+from .._reporting import data, live
+from .._reporting.queries import GROUP_BY
+from .._reporting.render import price_key
+from .._timeparse import parse_instant
+from .source import LedgerView
+
+__all__ = ["router", "Filters"]
+
+router = APIRouter(prefix="/api/v1")
+_NAME = 256  # the longest name a column holds
+_MOMENT = 40
+
+
+class Filters:
+    """The period (``since``, ``until``) and the column filters shared by the endpoints."""
+
+    def __init__(
+        self,
+        since: Annotated[str, Query(max_length=_MOMENT, description="7d, 24h, 2026-11-01…")] = "7d",
+        until: Annotated[str | None, Query(max_length=_MOMENT, description="exclusive; default now")] = None,
+        provider: Annotated[str | None, Query(max_length=_NAME)] = None,
+        model: Annotated[str | None, Query(max_length=_NAME)] = None,
+        project: Annotated[str | None, Query(max_length=_NAME)] = None,
+        user: Annotated[str | None, Query(max_length=_NAME)] = None,
+        status: Annotated[str | None, Query(pattern="^(ok|error|blocked)$")] = None,
+    ) -> None:
+        self.since, self.until = since, until
+        self.columns = {name: value for name, value in (
+            ("provider", provider), ("model", model), ("project", project), ("user", user),
+            ("status", status)) if value is not None}
+
+    def bounds(self, view: LedgerView) -> tuple[datetime, datetime]:
+        """[start, end) as naive UTC."""
+        now = view.now()
+        start = parse_instant(self.since, now=now)
+        end = parse_instant(self.until, now=now) or _naive(now)
+        assert start is not None
+        if end <= start:
+            from .._errors import ConfigError
+
+            raise ConfigError(f"until ({end.isoformat()}) must be after since ({start.isoformat()})")
+        return start, end
+
+    def period(self, view: LedgerView) -> dict[str, Any]:
+        start, end = self.bounds(view)
+        return {"since": _iso(start), "until": _iso(end), "filters": self.columns,
+                "currency": view.currency}
+
+
+def _naive(moment: datetime) -> datetime:
+    return moment.astimezone(timezone.utc).replace(tzinfo=None) if moment.tzinfo else moment
+
+
+def _iso(naive_utc: datetime | None) -> str | None:
+    return None if naive_utc is None else naive_utc.replace(tzinfo=timezone.utc).isoformat()
+
+
+def _view(request: Request) -> LedgerView:
+    view: LedgerView = request.app.state.view
+    return view
+
+
+View = Annotated[LedgerView, Depends(_view)]
+Period = Annotated[Filters, Depends()]
+
+
+@router.get("/health")
+def health(view: View) -> JSONResponse:
+    """The ledger answers: its kind, and the time of the newest event."""
+    from sqlalchemy import func, select
+
+    from .._storage.tables import UsageEvent
+
+    try:
+        with view.store.connect() as conn:
+            newest = conn.execute(select(func.max(UsageEvent.__table__.c.ts))).scalar()
+    except Exception as exc:  # the database is down: say so, as a status, not a traceback
+        return JSONResponse({"status": "down", "database": view.store.dialect,
+                             "error": type(exc).__name__}, status_code=503)
+    from .._storage.rollups import as_datetime
+
+    return JSONResponse({"status": "ok", "database": view.store.dialect,
+                         "newest_event_at": _iso(as_datetime(newest)) if newest else None})
+
+
+@router.get("/summary")
+def summary(view: View, period: Period,
+            by: Annotated[str, Query(pattern=f"^({'|'.join(GROUP_BY)})$")] = "model"
+            ) -> dict[str, Any]:
+    """Calls, tokens and cost per ``by`` value: the rows of ``tally.summary()``."""
+    start, end = period.bounds(view)
+    rows = view.tally.summary(since=start, until=end, by=by, **period.columns)
+    return {**period.period(view), "by": by, "rows": [row.as_dict() for row in rows],
+            "total": _total(rows)}
+
+
+@router.get("/top")
+def top(view: View, period: Period,
+        by: Annotated[str, Query(pattern=f"^({'|'.join(GROUP_BY)})$")] = "model",
+        n: Annotated[int, Query(ge=1, le=100)] = 10) -> dict[str, Any]:
+    """The ``n`` most expensive ``by`` values, and one ``other`` row summing the rest."""
+    start, end = period.bounds(view)
+    rows = view.tally.summary(since=start, until=end, by=by, **period.columns)
+    shown, rest = rows[:n], rows[n:]
+    out = [row.as_dict() for row in shown]
+    if rest:
+        out.append({**_total(rest), "key": None, "other": len(rest)})
+    return {**period.period(view), "by": by, "rows": out, "total": _total(rows)}
+
+
+def _total(rows: Any) -> dict[str, Any]:
+    fields = ("calls", "errors", "input_tokens", "output_tokens", "cache_read_tokens",
+              "cache_write_tokens", "reasoning_tokens", "cost", "unpriced_calls", "estimated_calls")
+    total = {name: sum(getattr(row, name) for row in rows) for name in fields}
+    total["total_tokens"] = total["input_tokens"] + total["output_tokens"]
+    return total
+
+
+@router.get("/timeseries")
+def timeseries(view: View, period: Period,
+               step: Annotated[str, Query(pattern="^(hour|day)$")] = "day") -> dict[str, Any]:
+    """Calls and cost per hour or per day (the ledger's time zone) of the period."""
+    start, end = period.bounds(view)
+    with view.store.connect() as conn:
+        points = live.series(conn, start=start, end=end, filters=period.columns, step=step,
+                             tz=view.tz)
+    return {**period.period(view), "step": step,
+            "points": [{"start": p.start.isoformat(), "calls": p.calls, "cost": p.cost}
+                       for p in points]}
+
+
+@router.get("/calls")
+def calls(view: View, period: Period,
+          limit: Annotated[int, Query(ge=1, le=live.MAX_PAGE)] = 50,
+          cursor: Annotated[str | None, Query(max_length=600)] = None) -> dict[str, Any]:
+    """Calls, newest first, a page at a time (``next_cursor`` reads the next page). Never a
+    prompt or a response: the ledger has none."""
+    start, end = period.bounds(view)
+    with view.store.connect() as conn:
+        page = live.recent_calls(conn, start=start, end=end, filters=period.columns,
+                                 limit=limit, cursor=cursor)
+    return {**period.period(view), "calls": [_call(call) for call in page.calls],
+            "next_cursor": page.next_cursor}
+
+
+def _call(call: data.CallRow) -> dict[str, Any]:
+    return {**asdict(call), "ts": _iso(call.ts)}
+
+
+@router.get("/errors")
+def errors(view: View, period: Period) -> dict[str, Any]:
+    """Failed calls per provider and error type."""
+    start, end = period.bounds(view)
+    rows = data.Range(start, end, start, start, tuple(sorted(period.columns.items())))
+    with view.store.connect() as conn:
+        found = data.errors(conn, rows)
+    return {**period.period(view),
+            "rows": [{"provider": r.provider, "error_type": r.error_type, "count": r.count}
+                     for r in found]}
+
+
+@router.get("/unpriced")
+def unpriced(view: View, period: Period) -> dict[str, Any]:
+    """Models recorded without a price, with the ``llmtally.toml`` key that prices them."""
+    start, end = period.bounds(view)
+    rows = data.Range(start, end, start, start, tuple(sorted(period.columns.items())))
+    with view.store.connect() as conn:
+        found = data.unpriced_models(conn, rows)
+    return {**period.period(view), "rows": [
+        {**asdict(row), "price_key": price_key(row.provider, row.model)} for row in found]}
+
+
+@router.get("/budgets")
+def budgets(view: View) -> dict[str, Any]:
+    """Every budget in the ledger (each ``each=`` instance with use): used, limit, percent,
+    status (normal, warning, critical, exceeded), reset time and run-out forecast."""
+    now = view.now()
+    out = []
+    for state in view.budget_states():
+        budget = state.budget
+        scope = dict(budget.scope) | ({budget.each: state.instance} if budget.each else {})
+        out.append({
+            "budget": budget.label, "kind": budget.kind, "per": budget.per, "scope": scope,
+            "spent": state.spent, "reserved": state.reserved, "used": state.used,
+            "limit": budget.limit,
+            "percent": 100 * state.used / budget.limit if budget.limit else None,
+            "status": state.level, "warn_at": list(budget.warn_at), "action": budget.action,
+            "resets_at": _iso(state.window.end), "runs_out_at": _iso(state.run_out(now)),
+        })
+    return {"currency": view.currency, "budgets": out}
