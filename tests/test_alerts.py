@@ -9,7 +9,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
-from llmtally._budgets.alerts import WebhookSender
+from llmtally._notify.courier import Courier
 
 
 class _Server:
@@ -62,7 +62,7 @@ def test_a_redirect_is_a_failed_delivery_retried_and_logged(servers, caplog, sta
     target = servers(204)
     redirector = servers(status, location=target.url)
     caplog.set_level(logging.WARNING, logger="llmtally")
-    sender = WebhookSender(timeout_s=5, attempts=3, backoff_s=0.01)
+    sender = Courier(timeout_s=5, attempts=3, backoff_s=0.01)
     sender.send(redirector.url, {"event": "blocked", "budget": "usd 1/day"})
     assert sender.drain(20)
     assert (sender.delivered, sender.failed) == (0, 1)
@@ -77,7 +77,7 @@ def test_a_redirect_is_a_failed_delivery_retried_and_logged(servers, caplog, sta
 def test_a_2xx_answer_is_delivered_once(servers, caplog):
     target = servers(204)
     caplog.set_level(logging.WARNING, logger="llmtally")
-    sender = WebhookSender(timeout_s=5, attempts=3, backoff_s=0.01)
+    sender = Courier(timeout_s=5, attempts=3, backoff_s=0.01)
     sender.send(target.url, {"event": "threshold", "threshold": 0.8})
     assert sender.drain(20)
     assert (sender.delivered, sender.failed) == (1, 0)

@@ -361,3 +361,26 @@ def test_mounted_inside_an_existing_app(sqlite_url, make_tally):
         first = client.get("/llm/", params={"token": TOKEN}, follow_redirects=False)
         assert first.headers["location"] == "/llm/"
         assert "Path=/llm" in first.headers["set-cookie"]
+
+
+def test_status_and_alerts_in_the_api_and_on_the_dashboard(ledger_url, make_tally):
+    from llmtally import AlertRule
+
+    now = NOW - timedelta(minutes=2)
+    tally = make_tally(ledger_url, clock=lambda: NOW, alert_rules=[AlertRule("auth_failure")])
+    tally.record(provider="openai", model="gpt-4o-mini", status="error",
+                 error_type="litellm.AuthenticationError", ts=now)
+    for _ in range(4):
+        tally.record(provider="anthropic", model="claude-haiku-4-5", input_tokens=5,
+                     output_tokens=5, ts=now)
+    fired = tally.check_alerts()
+    with served(tally.asgi()) as base, httpx.Client(base_url=base) as client:
+        providers = client.get("/api/v1/status").json()["providers"]
+        assert [(p["provider"], p["state"], p["sent"]) for p in providers] == \
+            [("openai", "down", 1), ("anthropic", "ok", 4)]
+        assert client.get("/api/v1/status", params={"window": "1y"}).status_code == 422
+        listed = client.get("/api/v1/alerts", params={"open": "true"}).json()["alerts"]
+        assert [a["id"] for a in listed] == [fired[0].id]
+        assert listed[0]["kind"] == "auth_failure" and listed[0]["severity"] == "critical"
+        page = client.get("/", params={"period": "today"}).text
+        assert 'id="channels"' in page and "state-down" in page and fired[0].id[:8] in page

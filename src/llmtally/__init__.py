@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
+from ._alerts.rules import AlertRule
 from ._budgets.budget import Budget, BudgetExceeded
 from ._errors import ConfigError, LedgerError
 from ._events.event import CallEvent
@@ -23,8 +24,8 @@ from ._tally import Tally
 if TYPE_CHECKING:
     from ._storage.tables import UsageEvent
 
-__all__ = ["Tally", "CallEvent", "Usage", "Budget", "BudgetExceeded", "Price", "UsageEvent", "ConfigError",
-           "LedgerError", "__version__"]
+__all__ = ["Tally", "CallEvent", "Usage", "Budget", "BudgetExceeded", "AlertRule", "Price",
+           "UsageEvent", "ConfigError", "LedgerError", "__version__"]
 
 __version__ = "0.1.0"
 

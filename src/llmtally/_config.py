@@ -120,6 +120,13 @@ def _read_file(path: Path, origin: str) -> dict[str, Any]:
                           "for Tally(clock=...) in tests")
     if "budgets" in values:
         values["budgets"] = _budget_tables(origin, values["budgets"])
+    if "alert_rules" in values:
+        from ._alerts.rules import rules_from_config
+
+        try:
+            values["alert_rules"] = rules_from_config(values["alert_rules"])
+        except ConfigError as exc:
+            raise ConfigError(f"{origin}: {exc}") from None
     return values
 
 

@@ -24,12 +24,12 @@ from typing import Annotated, Any
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, ValidationError
 
-from ._budgets.alerts import is_webhook
 from ._budgets.budget import DEFAULT_MAX_OUTPUT_ESTIMATE, DEFAULT_RESERVATION_TTL_S, Budget, zone
 from ._errors import ConfigError
 from ._events.event import short_repr as short
 from ._events.scope import SCOPE_KEYS
 from ._events.usage import MAX_TOKEN_COUNT
+from ._notify.courier import is_webhook
 from ._pricing.price import CURRENCIES, Price, check_currency
 
 __all__ = ["Settings", "PRICE_KEYS", "unknown_key"]
@@ -227,15 +227,43 @@ def _budgets(value: Any) -> Any:
 
 
 def _alerts(value: Any) -> Any:
-    targets = (value,) if isinstance(value, str) else value
+    from ._notify.sinks import Sink, sink_of
+
+    targets = (value,) if isinstance(value, (str, Sink)) else value
     if not isinstance(targets, (list, tuple)):
-        raise Problem("alerts", value, "must be a list of \"log\", webhook URLs (https://...) "
-                      "and callables")
+        raise Problem("alerts", None, "must be a list of \"log\", webhook URLs (https://...), "
+                      "sink tables ({type = \"slack\", url = ...}) and callables", show_value=False)
+    checked: list[Any] = []
     for number, target in enumerate(targets):
-        if not (target == "log" or callable(target) or is_webhook(target)):
-            raise Problem(f"alerts[{number}]", target, "is not allowed; use \"log\", a webhook "
-                          "URL (https://...) or a callable taking the alert as a dict")
-    return tuple(targets)
+        if target == "log" or callable(target) or is_webhook(target):
+            checked.append(target)
+            continue
+        if not isinstance(target, (Mapping, Sink)):
+            # a mistyped URL may hold a secret (a webhook's token): not shown
+            secret = isinstance(target, str) and (len(target) > 24 or any(c in target for c in "/:@?"))
+            raise Problem(f"alerts[{number}]", target if not secret else None,
+                          ("(a URL-like value, not shown) " if secret else "")
+                          + "is not allowed; use \"log\", a webhook URL (https://...), a sink "
+                          "table or a callable taking the alert as a dict", show_value=not secret)
+        try:
+            checked.append(sink_of(target, f"alerts[{number}]"))
+        except ConfigError as exc:
+            # the sink's own message (never its values: a sink table may hold a secret)
+            raise Problem(f"alerts[{number}]", None, "sink " + str(exc).partition(": ")[2],
+                          show_value=False) from None
+    return tuple(checked)
+
+
+def _alert_rules(value: Any) -> Any:
+    from ._alerts.rules import AlertRule
+
+    if isinstance(value, (str, bytes, Mapping, AlertRule)) or not isinstance(value, (list, tuple)):
+        raise Problem("alert_rules", value, "must be a list of llmtally.AlertRule, e.g. "
+                      "[AlertRule(\"error_rate\", threshold=0.2, window=\"15m\")]")
+    for number, rule in enumerate(value):
+        if not isinstance(rule, AlertRule):
+            raise Problem(f"alert_rules[{number}]", rule, "is not a llmtally.AlertRule")
+    return tuple(value)
 
 
 def _clock(value: Any) -> Any:
@@ -286,6 +314,12 @@ class Settings(BaseModel):
     fail_closed: Annotated[bool, BeforeValidator(_boolean)] = False
     durability: Annotated[str, BeforeValidator(_choice("durability", _DURABILITY))] = "batched"
     alerts: Annotated[tuple[Any, ...], BeforeValidator(_alerts)] = ("log",)
+    alert_rules: Annotated[tuple[Any, ...], BeforeValidator(_alert_rules)] = ()
+    alert_interval_s: Annotated[float | int, BeforeValidator(
+        _positive_seconds("alert_interval_s", "60", 86400))] = 60
+    dashboard_url: Annotated[str | None, BeforeValidator(
+        lambda v: v if v is None else _text("dashboard_url", "'https://llm.example.com/'")(v)
+    )] = None
     reservation_ttl_s: Annotated[float | int, BeforeValidator(
         _positive_seconds("reservation_ttl_s", "900", 365 * 86400))] = DEFAULT_RESERVATION_TTL_S
     max_output_estimate: Annotated[int, BeforeValidator(
@@ -297,7 +331,12 @@ class Settings(BaseModel):
     def of(cls, arguments: Mapping[str, Any]) -> Settings:
         """``Tally(...)``'s keyword arguments, validated; None means "the default"."""
         given = {key: value for key, value in arguments.items() if value is not None}
-        return cls.validated(given, lambda key: f"Tally({key}={short(arguments[key])}): ")
+        def prefix(key: str) -> str:
+            # an alert target may hold a secret (a sink's URL or signing key): never echoed
+            shown = "…" if key == "alerts" else short(arguments[key])
+            return f"Tally({key}={shown}): "
+
+        return cls.validated(given, prefix)
 
     @classmethod
     def validated(cls, values: Mapping[str, Any], prefix: Callable[[str], str]) -> Settings:

@@ -24,6 +24,9 @@ from ._reporting.reading import Reading
 from ._tracking import Tracking
 
 if TYPE_CHECKING:  # the database layer is imported when a Tally is made, not at `import llmtally`
+    from ._alerts.history import Fired
+    from ._alerts.monitor import AlertMonitor
+    from ._alerts.rules import AlertRule
     from ._budgets.ledger import BudgetLedger
     from ._budgets.states import CounterState, Reservation
     from ._settings import Settings
@@ -97,7 +100,10 @@ class Tally(Adapters, Reading, Tracking):
         timezone: str | None = None,
         fail_closed: bool = False,
         durability: str = "batched",
-        alerts: Sequence[str | Callable[[dict[str, Any]], Any]] = ("log",),
+        alerts: Sequence[str | Mapping[str, Any] | Callable[[dict[str, Any]], Any]] = ("log",),
+        alert_rules: Sequence[AlertRule] = (),
+        alert_interval_s: float = 60,
+        dashboard_url: str | None = None,
         reservation_ttl_s: float = DEFAULT_RESERVATION_TTL_S,
         max_output_estimate: int = DEFAULT_MAX_OUTPUT_ESTIMATE,
         unpriced: str = "allow",
@@ -153,6 +159,12 @@ class Tally(Adapters, Reading, Tracking):
         self._init_adapters()
         self._before_flush = self._recording.before_flush  # integrations drain here first
         self.tz = zone(settings.timezone)  # calendar windows of budgets and reports
+        from ._notify.notifier import Notifier
+
+        self.notifier = Notifier(settings.alerts)  # budget warnings and rule alerts
+        self.alert_monitor: AlertMonitor | None = None
+        if settings.alert_rules:
+            self.alert_monitor = self._alert_monitor(settings)
         self.budgets: BudgetLedger | None = None
         if settings.budgets:
             from ._budgets.ledger import BudgetLedger
@@ -164,7 +176,7 @@ class Tally(Adapters, Reading, Tracking):
         self._guard = BudgetGuard(
             self.budgets, prices=self.prices, writer=self._writer, clock=self._clock,
             attribution=self._attribution_here, record=self.record_event, flush=self.flush,
-            integration_holds=self._integration_holds, alerts=settings.alerts,
+            integration_holds=self._integration_holds, notifier=self.notifier,
             fail_closed=settings.fail_closed, max_output_estimate=settings.max_output_estimate,
             unpriced=settings.unpriced)
         from ._budgets.charges import EventCharges
@@ -176,6 +188,39 @@ class Tally(Adapters, Reading, Tracking):
         self._recording.on_close = self._guard.drain_alerts
         self._guard.publish()
         self._recording.close_at_exit(self)
+
+    def _alert_monitor(self, settings: Settings) -> AlertMonitor:
+        from sqlalchemy import select
+
+        from ._alerts.monitor import AlertMonitor, check_rules
+        from ._pricing.names import litellm_routes
+        from ._storage.tables import HourlyRollup
+
+        def seen_providers() -> set[str]:
+            try:
+                with self.store.connect() as conn:
+                    column = HourlyRollup.__table__.c.provider
+                    return {p for p in conn.execute(select(column).distinct()).scalars() if p}
+            except Exception:  # the ledger cannot be asked now: do not refuse for that
+                return {provider for rule in settings.alert_rules
+                        for provider in [rule.scope.get("provider")] if provider}
+
+        check_rules(settings.alert_rules, settings.alert_interval_s, litellm_routes(),
+                    seen_providers)
+        monitor = AlertMonitor(self.store, settings.alert_rules, self.notifier,
+                               interval_s=settings.alert_interval_s, clock=self._clock,
+                               currency=self.currency, link=settings.dashboard_url)
+        monitor.start()
+        return monitor
+
+    def check_alerts(self) -> list[Fired]:
+        """Evaluate the alert rules now (after a flush, so this Tally's own calls count) and
+        send what fires; returns the alerts sent. The rules also run every ``alert_interval_s``
+        seconds on a background thread."""
+        if self.alert_monitor is None:
+            return []
+        self.flush(DEFAULT_EXIT_FLUSH_TIMEOUT_S)
+        return self.alert_monitor.check()
 
     @classmethod
     def from_config(cls, path: str | os.PathLike[str] | None = None, **overrides: Any) -> Tally:
@@ -342,20 +387,23 @@ class Tally(Adapters, Reading, Tracking):
         changes nothing: only events count. Never raises."""
         self._guard.release(reservation, sent=sent)
 
-    def asgi(self, *, token: str | None = None, refresh_seconds: int = 30) -> Any:
+    def asgi(self, *, token: str | None = None, refresh_seconds: int = 30,
+             cache_seconds: float = 5.0) -> Any:
         """The live dashboard, JSON API and Prometheus metrics over this ledger, as an ASGI
         application (needs ``pip install "llmtally[serve]"``)::
 
             app.mount("/llm", tally.asgi(token=os.environ["LLMTALLY_SERVE_TOKEN"]))
 
         It only reads. Without ``token`` it answers anyone who reaches it: mount it only
-        where that is intended. See ``llmtally serve`` and docs/serve.md."""
+        where that is intended. The same GET asked again within ``cache_seconds`` gets the
+        answer already made (0: always fresh). See ``llmtally serve`` and docs/serve.md."""
         try:
             from ._serve.app import create_app
         except ImportError as exc:
             raise ImportError('tally.asgi() needs the serve extra: pip install "llmtally[serve]"') \
                 from exc
-        return create_app(self, token=token, refresh_seconds=refresh_seconds)
+        return create_app(self, token=token, refresh_seconds=refresh_seconds,
+                          cache_seconds=cache_seconds)
 
     def budget_states(self) -> list[CounterState]:
         """Each budget (and each ``each=`` instance with use) in its current window. Flushes
@@ -394,6 +442,8 @@ class Tally(Adapters, Reading, Tracking):
 
     def close(self, timeout: float | None = DEFAULT_EXIT_FLUSH_TIMEOUT_S) -> None:
         """Flush, stop the writer and release the database. Idempotent."""
+        if self.alert_monitor is not None:
+            self.alert_monitor.stop()
         self._recording.close(timeout)
 
     def __enter__(self) -> Tally:

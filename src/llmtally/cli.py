@@ -16,6 +16,7 @@ from typing import Any, TypeVar
 
 import click
 
+from ._cli.alerts import alerts, status
 from ._cli.ledger import ledger_options
 from ._cli.prices import prices
 from ._cli.rollups import rollups
@@ -266,7 +267,7 @@ def report(tally: Any, week: str | None, since: str | None, until: str | None,
         echo(f"  {line}")
 
 
-for _command in (prices, export, import_, prune, rollups, serve):
+for _command in (prices, export, import_, prune, rollups, serve, status, alerts):
     main.add_command(_command)
 
 

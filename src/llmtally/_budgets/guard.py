@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import functools
 import json
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping
 from datetime import datetime, timezone
 from typing import TYPE_CHECKING, Any
 
@@ -15,7 +15,9 @@ from .._events.event import CallEvent
 from .._events.ids import EVENT_IDS
 from .._events.usage import coerce_count
 from .._log import logger, warn_limited
-from .alerts import DEFAULT_WEBHOOK_TIMEOUT_S, WebhookSender, is_webhook
+from .._notify.courier import DEFAULT_WEBHOOK_TIMEOUT_S
+from .._notify.message import AlertMessage
+from .._notify.notifier import Notifier
 from .budget import Budget, BudgetExceeded
 from .states import CounterState, Crossing, Reservation
 
@@ -38,7 +40,7 @@ class BudgetGuard:
     def __init__(self, ledger: BudgetLedger | None, *, prices: PriceBook, writer: Writer,
                  clock: Callable[[], datetime], attribution: Callable[[], _scope.Attribution],
                  record: Callable[[CallEvent], str], flush: Callable[[float], bool],
-                 integration_holds: Callable[[], bool], alerts: Sequence[Any],
+                 integration_holds: Callable[[], bool], notifier: Notifier,
                  fail_closed: bool, max_output_estimate: int, unpriced: str) -> None:
         self.ledger = ledger
         self._prices = prices
@@ -48,8 +50,7 @@ class BudgetGuard:
         self._record = record
         self._flush = flush
         self._integration_holds = integration_holds
-        self._alerts = tuple(alerts)
-        self._webhooks = WebhookSender() if any(is_webhook(t) for t in self._alerts) else None
+        self._notifier = notifier
         self._fail_closed = fail_closed
         self._max_output_estimate = max_output_estimate
         self._unpriced_policy = unpriced
@@ -153,7 +154,7 @@ class BudgetGuard:
     def drain_alerts(self, timeout: float = DEFAULT_WEBHOOK_TIMEOUT_S) -> bool:
         """Wait until the webhooks queued so far are delivered (or given up); False if
         ``timeout`` ran out."""
-        return True if self._webhooks is None else self._webhooks.drain(timeout)
+        return self._notifier.drain(timeout)
 
     def _holds_in_flight(self) -> bool:
         """Whether calls of this process that have finished, or are finishing, may still hold
@@ -226,17 +227,8 @@ class BudgetGuard:
                    "limit": budget.limit, "scope": dict(scope), **details}
         if isinstance(payload.get("resets_at"), datetime):
             payload["resets_at"] = payload["resets_at"].isoformat()
-        for target in self._alerts:
-            try:
-                if target == "log":
-                    logger.warning("llmtally budget %s: %s", kind, json.dumps(payload))
-                elif is_webhook(target):
-                    self._webhooks.send(target, payload)  # type: ignore[union-attr]
-                else:
-                    target(payload)
-            except Exception as exc:
-                warn_limited("alert", "llmtally: a budget alert target failed (%s: %s)",
-                             type(exc).__name__, exc)
+        self._notifier.notify(budget_message(kind, budget, scope, payload),
+                              log_line=f"llmtally budget {kind}: {json.dumps(payload)}")
 
 
 
@@ -268,3 +260,17 @@ def _aware_end(state: CounterState) -> datetime | None:
     end = state.window.end
     return None if end is None else end.replace(tzinfo=timezone.utc)
 
+
+def budget_message(kind: str, budget: Budget, scope: Mapping[str, str],
+                   payload: dict[str, Any]) -> AlertMessage:
+    """A budget's warning (``threshold``) or a blocked call (``blocked``) as a message."""
+    who = ", ".join(f"{key}={value}" for key, value in scope.items()) or "all calls"
+    unit = "" if budget.kind == "usd" else f" {budget.kind}"
+    used = payload.get("used", 0.0)
+    if kind == "threshold":
+        title = f"[WARNING] budget {budget.label}: {payload.get('threshold', 0):.0%} reached ({who})"
+    else:
+        title = f"[CRITICAL] budget {budget.label}: a call was blocked ({who})"
+    lines = (f"used {used:,.4g}{unit} of {budget.limit:,.4g}{unit}",
+             f"resets {payload.get('resets_at') or 'never'}")
+    return AlertMessage("warning" if kind == "threshold" else "critical", title, lines, payload)

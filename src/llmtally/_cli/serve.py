@@ -33,8 +33,12 @@ def _is_loopback(host: str) -> bool:
               help="Environment variable holding the access token (at least 16 characters).")
 @click.option("--refresh", default=30, show_default=True, type=click.IntRange(1, 86400),
               help="Seconds between the dashboard's refreshes.")
+@click.option("--cache", "cache_seconds", default=5.0, show_default=True,
+              type=click.FloatRange(0, 3600),
+              help="Seconds the same answer is shared between requests (0: always fresh).")
 @ledger_options
-def serve(tally: Any, host: str, port: int, token_env: str | None, refresh: int) -> None:
+def serve(tally: Any, host: str, port: int, token_env: str | None, refresh: int,
+          cache_seconds: float) -> None:
     """A live dashboard, a JSON API (/api/v1/) and Prometheus metrics (/metrics) over the
     ledger. Read-only. Needs the serve extra: pip install "llmtally[serve]".
 
@@ -59,7 +63,7 @@ def serve(tally: Any, host: str, port: int, token_env: str | None, refresh: int)
     except ImportError:
         raise CommandError('llmtally serve needs the serve extra: pip install "llmtally[serve]"') \
             from None
-    app = create_app(tally, token=token, refresh_seconds=refresh)
+    app = create_app(tally, token=token, refresh_seconds=refresh, cache_seconds=cache_seconds)
     shown = f"[{host}]" if ":" in host else host
     echo(f"llmtally serve: http://{shown}:{port}/ over {tally.database_url}"
          + (" (token required)" if token else "") + "  (Ctrl-C to stop)")

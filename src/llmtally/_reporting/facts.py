@@ -33,6 +33,7 @@ from sqlalchemy import (
 )
 from sqlalchemy.sql import Subquery
 
+from .._errors import ConfigError
 from .._events.usage import TOKEN_FIELDS
 from .._storage.rollups import DIMS, hour_of, next_hour
 from .._storage.tables import HourlyRollup, RollupSketch, UsageEvent
@@ -43,6 +44,9 @@ _E = UsageEvent.__table__.c
 _R = HourlyRollup.__table__.c
 _S = RollupSketch.__table__.c
 _HOUR = timedelta(hours=1)
+MAX_SPLIT_HOURS = 500
+"""Each split hour is one more OR'd interval in the queries, and SQLite refuses an expression
+deeper than 1,000: a daily chart in a +05:30 zone can span 500 days."""
 Interval = tuple[datetime | None, datetime | None]
 
 
@@ -75,16 +79,19 @@ class Span:
             if end is not None and last < end:  # type: ignore[operator]
                 edges.append((last, end))
             hourly.append((first, last))
-            for split in self.splits:
-                hour = hour_of(split)
-                if hour != split and (first is None or hour >= first) \
-                        and (last is None or hour < last):
+            for hour in self.split_hours():
+                if (first is None or hour >= first) and (last is None or hour < last):
                     edges.append((hour, hour + _HOUR))
         return hourly, _merged(edges)
 
     def split_hours(self) -> list[datetime]:
         """The hours the splits cut (read from the events, never from the rollups)."""
-        return sorted({hour_of(s) for s in self.splits if hour_of(s) != s})
+        hours = sorted({hour_of(s) for s in self.splits if hour_of(s) != s})
+        if len(hours) > MAX_SPLIT_HOURS:
+            raise ConfigError(f"this period has {len(hours):,} day or chart boundaries inside an "
+                              f"hour (the time zone's offset is not whole hours); at most "
+                              f"{MAX_SPLIT_HOURS} can be read: choose a shorter period")
+        return hours
 
 
 def _disjoint(intervals: Sequence[Interval]) -> None:

@@ -98,6 +98,7 @@ class ProviderHealth:
     error_rate: float | None
     previous_calls: int
     top_errors: tuple[tuple[str, int], ...]
+    state: str = "ok"  # over the period: ok, degraded or down (_reporting/health.py)
 
 
 @dataclass(frozen=True, slots=True)

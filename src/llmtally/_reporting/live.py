@@ -52,6 +52,8 @@ def _decode(cursor: str) -> tuple[datetime, str]:
             raise ValueError("too long")
         text = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)).decode()
         moment, _, event_id = text.partition("|")
+        if "\x00" in event_id:
+            raise ValueError("NUL")
         return datetime.fromisoformat(moment).replace(tzinfo=None), event_id
     except (ValueError, UnicodeDecodeError, binascii.Error):
         raise ConfigError("cursor is not one this server gave out; start again without it") from None

@@ -14,7 +14,7 @@ from datetime import datetime, timezone, tzinfo
 from typing import TYPE_CHECKING, Any, Protocol
 
 from .._errors import ConfigError
-from . import data
+from . import data, health
 from .chart import cost_chart
 from .figures import Breakdown, BudgetRow, Change, ProviderHealth, Report, TableRow
 from .numbers import format_money
@@ -213,11 +213,15 @@ def _provider_health(providers: Sequence[data.GroupRow],
         if not group.calls:
             continue
         types = by_provider.get(group.key, [])
+        kinds = [(health.kind_of(name), count) for name, count in types]
         out.append(ProviderHealth(
             provider=group.key if group.key is not None else "(none)", calls=group.calls,
             errors=group.errors,
             error_rate=100.0 * group.errors / group.calls if group.calls else None,
-            previous_calls=group.previous_calls, top_errors=tuple(types[:3])))
+            previous_calls=group.previous_calls, top_errors=tuple(types[:3]),
+            state=health.state(group.calls, group.errors,
+                               sum(n for kind, n in kinds if kind == "rate_limit"),
+                               sum(n for kind, n in kinds if kind == "auth"))))
     out.sort(key=lambda item: (-(item.error_rate or 0.0), -item.calls, item.provider))
     return tuple(out[:MAX_ERROR_ROWS])
 

@@ -9,7 +9,7 @@ malformed parameter is FastAPI's 422.
 from __future__ import annotations
 
 from dataclasses import asdict
-from datetime import datetime, timezone
+from datetime import datetime, timedelta, timezone
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, Query, Request
@@ -17,6 +17,7 @@ from fastapi.responses import JSONResponse
 
 from .._reporting import data, live
 from .._reporting.queries import GROUP_BY
+from .._reporting.reading import FLUSH_BEFORE_READING_S
 from .._reporting.render import price_key
 from .._timeparse import parse_instant
 from .source import LedgerView
@@ -47,7 +48,9 @@ class Filters:
             ("status", status)) if value is not None}
 
     def bounds(self, view: LedgerView) -> tuple[datetime, datetime]:
-        """[start, end) as naive UTC."""
+        """[start, end) as naive UTC. Flushes the serving Tally first (when it is mounted in
+        an application that records, its own calls are in every answer)."""
+        view.flush(FLUSH_BEFORE_READING_S)
         now = view.now()
         start = parse_instant(self.since, now=now)
         end = parse_instant(self.until, now=now) or _naive(now)
@@ -191,6 +194,7 @@ def unpriced(view: View, period: Period) -> dict[str, Any]:
 def budgets(view: View) -> dict[str, Any]:
     """Every budget in the ledger (each ``each=`` instance with use): used, limit, percent,
     status (normal, warning, critical, exceeded), reset time and run-out forecast."""
+    view.flush(FLUSH_BEFORE_READING_S)
     now = view.now()
     out = []
     for state in view.budget_states():
@@ -205,3 +209,42 @@ def budgets(view: View) -> dict[str, Any]:
             "resets_at": _iso(state.window.end), "runs_out_at": _iso(state.run_out(now)),
         })
     return {"currency": view.currency, "budgets": out}
+
+
+@router.get("/status")
+def status(view: View, window: Annotated[str, Query(pattern="^[0-9]{1,4}(m|h)$")] = "15m",
+           by_model: bool = False) -> dict[str, Any]:
+    """Each provider (``by_model``: and model) with calls in the last ``window``: ok,
+    degraded, down (see docs/alerts.md), with its counts."""
+    from .._alerts.status import channel_status
+    from .._timeparse import parse_duration
+
+    view.flush(FLUSH_BEFORE_READING_S)
+    span = parse_duration(window)
+    if not timedelta(minutes=1) <= span <= timedelta(days=7):
+        from .._errors import ConfigError
+
+        raise ConfigError(f"window={window}: use 1m to 168h")
+    now = _naive(view.now())
+    with view.store.connect() as conn:
+        found = channel_status(conn, now, window=span, by_model=by_model)
+    return {"window": window, "at": _iso(now), "providers": [
+        {"provider": s.provider, "model": s.model, "state": s.state, "sent": s.sent,
+         "errors": s.errors, "error_rate": s.error_rate, "rate_limited": s.rate_limited,
+         "auth_failures": s.auth_failures, "last_call_at": _iso(s.last_call_at)} for s in found]}
+
+
+@router.get("/alerts")
+def alerts(view: View,
+           since: Annotated[str, Query(max_length=_MOMENT)] = "7d",
+           open_only: Annotated[bool, Query(alias="open")] = False,
+           limit: Annotated[int, Query(ge=1, le=500)] = 100) -> dict[str, Any]:
+    """The alerts the rules sent, newest first (``open=true``: not acknowledged)."""
+    from .._alerts.history import recent
+
+    now = _naive(view.now())
+    with view.store.connect() as conn:
+        found = recent(conn, since=parse_instant(since, now=now), open_only=open_only, limit=limit)
+    return {"alerts": [{**asdict(a), "window_start": _iso(a.window_start),
+                        "fired_at": _iso(a.fired_at), "acknowledged_at": _iso(a.acknowledged_at)}
+                       for a in found]}

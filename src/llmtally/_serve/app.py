@@ -17,6 +17,7 @@ from fastapi.responses import HTMLResponse, JSONResponse, Response
 
 from .._errors import ConfigError
 from . import api, security
+from .cache import DEFAULT_CACHE_S, ResponseCache
 from .dashboard import render_dashboard
 from .metrics import DEFAULT_TOP, registry_for
 from .source import LedgerView
@@ -33,20 +34,25 @@ _MAX_PARAM = 600  # characters of a dashboard query parameter (a cursor is the l
 
 
 def create_app(tally: Tally, *, token: str | None = None, refresh_seconds: int = DEFAULT_REFRESH_S,
-               metrics_top: int = DEFAULT_TOP) -> FastAPI:
+               metrics_top: int = DEFAULT_TOP, cache_seconds: float = DEFAULT_CACHE_S) -> FastAPI:
     """The application over ``tally``'s ledger. With ``token``, every request must carry it
-    (see :mod:`.security`)."""
+    (see :mod:`.security`); the same answer is shared for ``cache_seconds`` (see
+    :mod:`.cache`; 0 turns that off)."""
     if token is not None and len(token) < 16:
         raise ConfigError("the serve token must be at least 16 characters (e.g. from "
                           "`python -c 'import secrets; print(secrets.token_urlsafe())'`)")
     if not 1 <= refresh_seconds <= 86400:
         raise ConfigError(f"refresh_seconds={refresh_seconds}: use 1 to 86400")
+    if not 0 <= cache_seconds <= 3600:
+        raise ConfigError(f"cache_seconds={cache_seconds}: use 0 (off) to 3600")
     app = FastAPI(title="llmtally", version=_version(), docs_url=None, redoc_url=None,
                   openapi_url="/api/v1/openapi.json")
     view = LedgerView(tally)
     app.state.view = view
     registry = registry_for(view, metrics_top)
     stylesheet = files("llmtally").joinpath("templates/report.css").read_text(encoding="utf-8")
+    # the last added runs first: the token check, then the shared answers
+    app.middleware("http")(ResponseCache(cache_seconds))
     app.middleware("http")(security.guard(token))
     app.include_router(api.router)
 

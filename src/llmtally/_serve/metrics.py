@@ -18,6 +18,7 @@ from prometheus_client.registry import Collector, CollectorRegistry
 from sqlalchemy import func, select
 
 from .._events.usage import TOKEN_FIELDS
+from .._reporting.reading import FLUSH_BEFORE_READING_S
 from .._storage.tables import HourlyRollup
 
 if TYPE_CHECKING:
@@ -45,6 +46,7 @@ class LedgerCollector(Collector):
         self.top = top
 
     def collect(self) -> Iterator[Metric]:
+        self.view.flush(FLUSH_BEFORE_READING_S)
         with self.view.store.connect() as conn:
             rows = conn.execute(
                 select(*(_R[name] for name in _LABELS), _R.cost_status,

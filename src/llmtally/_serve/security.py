@@ -49,12 +49,17 @@ def guard(token: str | None) -> Callable[[Request, Handler], Awaitable[Response]
         if request.method not in ("GET", "HEAD"):
             response: Response = JSONResponse({"error": "read-only: only GET is served"},
                                               status_code=405, headers={"Allow": "GET, HEAD"})
+        elif any("\x00" in k or "\x00" in v  # PostgreSQL text cannot hold it: was a 500
+                 for k, v in request.query_params.multi_items()):
+            response = JSONResponse({"error": "a query parameter holds a NUL character"},
+                                    status_code=400)
         elif token is None or _matches(_bearer(request), token) \
                 or _matches(request.cookies.get(COOKIE), token):
             response = await call_next(request)
         elif _matches(request.query_params.get("token"), token):
             rest = [(k, v) for k, v in request.query_params.multi_items() if k != "token"]
-            target = request.url.path + (f"?{urlencode(rest)}" if rest else "")
+            # one leading slash: "//host/x" (or "/\\host") would send the browser to that host
+            target = "/" + request.url.path.lstrip("/\\") + (f"?{urlencode(rest)}" if rest else "")
             response = RedirectResponse(target, status_code=303)
             response.set_cookie(COOKIE, token, httponly=True, samesite="strict",
                                 secure=request.url.scheme == "https",

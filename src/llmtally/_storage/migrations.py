@@ -219,12 +219,38 @@ def m005_hourly_rollups(conn: Connection) -> None:
     rebuild(conn)
 
 
+def m006_alert_history(conn: Connection) -> None:
+    """The history of rule alerts (``_alerts/history.py``): one row per alert sent, whose key
+    (rule, subject, cool-down slot) lets many processes send each once."""
+    meta = MetaData()
+    alerts = Table(
+        "llmtally_alerts", meta,
+        Column("id", String(32), primary_key=True),
+        Column("rule_key", String(32), nullable=False),
+        Column("rule", String(256), nullable=False),
+        Column("kind", String(32), nullable=False),
+        Column("subject", String(600), nullable=False),
+        Column("severity", String(16), nullable=False),
+        Column("value", Float, nullable=False),
+        Column("threshold", Float, nullable=False),
+        Column("calls", BigInteger, nullable=False),
+        Column("window_start", DateTime, nullable=False),
+        Column("fired_at", DateTime, nullable=False),
+        Column("details", Text, nullable=False),
+        Column("acknowledged_at", DateTime),
+        Column("acknowledged_by", String(256)),
+    )
+    Index("ix_llmtally_alerts_fired_at", alerts.c.fired_at)
+    meta.create_all(conn)
+
+
 MIGRATIONS: tuple[Migration, ...] = (
     Migration(1, "initial", m001_initial),
     Migration(2, "budgets", m002_budgets),
     Migration(3, "budget definitions", m003_budget_definitions),
     Migration(4, "one name per provider", m004_one_name_per_provider),
     Migration(5, "hourly rollups", m005_hourly_rollups),
+    Migration(6, "alert history", m006_alert_history),
 )
 
 
