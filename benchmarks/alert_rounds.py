@@ -21,30 +21,15 @@ import time
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
+from _ledger import fill
 from _postgres import DEFAULT_URL, scratch_schema
 
 NOW = datetime(2026, 11, 25, 10, 7, tzinfo=timezone.utc)
 
 
 def load(url: str, count: int) -> float:
-    from sqlalchemy import inspect, text
-
-    from llmtally._pricing.book import PriceBook
-    from llmtally._sample import bulk_load
-    from llmtally._storage.store import Store
-
-    store = Store(url)
-    started = time.perf_counter()
-    bulk_load(store, PriceBook(None, price_map="bundled"), NOW - timedelta(days=30), NOW,
-              count=count, batch_size=5000)
-    elapsed = time.perf_counter() - started
-    if store.dialect == "postgresql":
-        with store.engine.connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
-            for table in ("llmtally_events", "llmtally_rollups", "llmtally_rollup_sketches"):
-                if inspect(conn).has_table(table):
-                    conn.execute(text(f"VACUUM ANALYZE {table}"))
-    store.close()
-    return elapsed
+    """``count`` sample events over the 30 days before NOW; returns the seconds it took."""
+    return fill(url, count, NOW - timedelta(days=30), NOW, recent_share=1.0, span_days=0)[0]
 
 
 def measure(url: str, rounds: int) -> dict[str, float]:

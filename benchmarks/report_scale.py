@@ -29,9 +29,10 @@ import subprocess
 import sys
 import tempfile
 import time
-from datetime import datetime, timedelta, timezone
+from datetime import datetime, timezone
 from pathlib import Path
 
+from _ledger import fill
 from _postgres import DEFAULT_URL, scratch_schema
 
 NOW = datetime(2026, 11, 25, 10, 0, tzinfo=timezone.utc)
@@ -43,32 +44,7 @@ WEEK_START, WEEK_END = datetime(2026, 11, 16, tzinfo=timezone.utc), datetime(202
 def load(url: str, count: int, span_days: int, week_share: float) -> tuple[float, int]:
     """Write ``count`` sample events, ``week_share`` of them in the reported week and the rest
     in the ``span_days`` before it; returns (seconds, events in the week)."""
-    from sqlalchemy import DateTime, bindparam, inspect, text
-
-    from llmtally._pricing.book import PriceBook
-    from llmtally._sample import bulk_load
-    from llmtally._storage.store import Store
-
-    store = Store(url)
-    prices = PriceBook(None, price_map="bundled")
-    in_week = round(count * week_share)
-    started = time.perf_counter()
-    bulk_load(store, prices, WEEK_START - timedelta(days=span_days), WEEK_START,
-              count=count - in_week, batch_size=5000)
-    bulk_load(store, prices, WEEK_START, WEEK_END, count=in_week, batch_size=5000, seed=2)
-    elapsed = time.perf_counter() - started
-    if store.dialect == "postgresql":  # what autovacuum does by itself on a ledger in use
-        with store.engine.connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
-            for table in ("llmtally_events", "llmtally_rollups", "llmtally_rollup_sketches"):
-                if inspect(conn).has_table(table):
-                    conn.execute(text(f"VACUUM ANALYZE {table}"))
-    with store.engine.begin() as conn:
-        stored = conn.execute(
-            text("SELECT COUNT(*) FROM llmtally_events WHERE ts >= :a AND ts < :b").bindparams(
-                bindparam("a", type_=DateTime), bindparam("b", type_=DateTime)),
-            {"a": datetime(2026, 11, 16), "b": datetime(2026, 11, 23)}).scalar()
-    store.close()
-    return elapsed, int(stored)
+    return fill(url, count, WEEK_START, WEEK_END, recent_share=week_share, span_days=span_days)
 
 
 def child(url: str, out_dir: str) -> None:

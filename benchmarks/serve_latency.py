@@ -40,6 +40,7 @@ import threading
 import time
 from datetime import datetime, timedelta, timezone
 
+from _ledger import fill
 from _postgres import DEFAULT_URL, scratch_schema
 
 NOW = datetime(2026, 11, 25, 10, 0, tzinfo=timezone.utc)
@@ -56,36 +57,11 @@ ENDPOINTS = (  # (label, path, target p95 in ms)
 def load(url: str, count: int, span_days: int, week_share: float) -> tuple[float, int]:
     """Write ``count`` sample events, ``week_share`` of them in the 7 days before NOW and the
     rest in the ``span_days`` before that; returns (seconds, events in the 7 days)."""
-    from sqlalchemy import DateTime, bindparam, inspect, text
-
-    from llmtally._pricing.book import PriceBook
-    from llmtally._sample import bulk_load
-    from llmtally._storage.store import Store
-
-    store = Store(url)
-    prices = PriceBook(None, price_map="bundled")
-    week_start = NOW - timedelta(days=7)
-    in_week = round(count * week_share)
-    started = time.perf_counter()
-    bulk_load(store, prices, week_start - timedelta(days=span_days), week_start,
-              count=count - in_week, batch_size=5000)
-    bulk_load(store, prices, week_start, NOW, count=in_week, batch_size=5000, seed=2)
-    elapsed = time.perf_counter() - started
-    if store.dialect == "postgresql":  # what autovacuum does by itself on a ledger in use
-        with store.engine.connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
-            for table in ("llmtally_events", "llmtally_rollups", "llmtally_rollup_sketches"):
-                if inspect(conn).has_table(table):
-                    conn.execute(text(f"VACUUM ANALYZE {table}"))
-    with store.engine.begin() as conn:
-        stored = conn.execute(
-            text("SELECT COUNT(*) FROM llmtally_events WHERE ts >= :a AND ts < :b").bindparams(
-                bindparam("a", type_=DateTime), bindparam("b", type_=DateTime)),
-            {"a": week_start.replace(tzinfo=None), "b": NOW.replace(tzinfo=None)}).scalar()
-    store.close()
-    return elapsed, int(stored)
+    return fill(url, count, NOW - timedelta(days=7), NOW, recent_share=week_share,
+                span_days=span_days)
 
 
-def server(url: str, port: int) -> None:
+def server(url: str, port: int, cache_seconds: float) -> None:
     """Run in a process of its own: uvicorn as ``llmtally serve`` runs it, the clock at NOW."""
     import uvicorn
 
@@ -93,19 +69,19 @@ def server(url: str, port: int) -> None:
     from llmtally._serve.app import create_app
 
     tally = Tally(url, price_map="bundled", clock=lambda: NOW)
-    uvicorn.run(create_app(tally), host="127.0.0.1", port=port, log_level="warning",
+    uvicorn.run(create_app(tally, cache_seconds=cache_seconds), host="127.0.0.1", port=port, log_level="warning",
                 server_header=False, proxy_headers=False)
 
 
 @contextlib.contextmanager
-def serving(url: str):
+def serving(url: str, cache_seconds: float):
     """Start the server on a free port; yield its base URL once it answers; stop it."""
     import httpx
 
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
-    proc = subprocess.Popen([sys.executable, __file__, "--server", url, str(port)],
+    proc = subprocess.Popen([sys.executable, __file__, "--server", url, str(port), str(cache_seconds)],
                             env={**os.environ, "LITELLM_LOCAL_MODEL_COST_MAP": "True"})
     base = f"http://127.0.0.1:{port}"
     try:
@@ -183,9 +159,9 @@ def percentile(ordered: list[float], pct: float) -> float:
     return ordered[int(rank) - 1]
 
 
-def run(database: str, url: str, clients: list[int], requests: int) -> list[str]:
+def run(database: str, url: str, clients: list[int], requests: int, cache_seconds: float) -> list[str]:
     rows = []
-    with serving(url) as base:
+    with serving(url, cache_seconds) as base:
         for label, path, target in ENDPOINTS:
             for count in clients:
                 figures = measure(base, path, count, requests)
@@ -212,10 +188,12 @@ def main() -> None:
     parser.add_argument("--keep", metavar="DIR",
                         help="write the SQLite ledger to DIR/ledger.db and keep it (to profile); "
                              "if it is there already, measure it without loading")
-    parser.add_argument("--server", nargs=2, metavar=("URL", "PORT"), help=argparse.SUPPRESS)
+    parser.add_argument("--cache", type=float, default=5.0,
+                        help="seconds the server shares an answer (llmtally serve's --cache; 0: off)")
+    parser.add_argument("--server", nargs=3, metavar=("URL", "PORT", "CACHE"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.server:
-        server(args.server[0], int(args.server[1]))
+        server(args.server[0], int(args.server[1]), float(args.server[2]))
         return
     clients = [int(n) for n in args.clients.split(",") if n]
     print(f"serve_latency: {args.events:,} events, {args.week_share:.0%} in the 7 days before "
@@ -235,14 +213,14 @@ def main() -> None:
                 loads.append(f"sqlite: loaded in {load_s:.0f} s, {in_week:,} events in the 7 days")
             print(loads[-1], flush=True)
             print("\n".join(header), flush=True)
-            rows += run("sqlite", url, clients, args.requests)
+            rows += run("sqlite", url, clients, args.requests, args.cache)
         if args.postgres:
             with scratch_schema(args.postgres, "llmtally_serve_bench") as pg:
                 load_s, in_week = load(pg, args.events, args.span_days, args.week_share)
                 loads.append(f"postgresql: loaded in {load_s:.0f} s, {in_week:,} events in the 7 days")
                 print(loads[-1], flush=True)
                 print("\n".join(header), flush=True)
-                rows += run("postgresql", pg, clients, args.requests)
+                rows += run("postgresql", pg, clients, args.requests, args.cache)
     print("\n" + "\n".join(loads))
     print("\n".join(header + rows))
     print("targets (issue 19), assuming the rollups: p95 <= 100 ms per API call, <= 300 ms per page")

@@ -303,7 +303,7 @@ def test_status_and_alerts_commands(sqlite_url, make_tally):
     listed = _cli("alerts", "--db", sqlite_url, "--open", "--json")
     assert [a["id"] for a in json.loads(listed.stdout)] == [fired[0].id]
     acked = _cli("alerts", "--db", sqlite_url, "--ack", fired[0].id[:8])
-    assert acked.returncode == 0 and "acknowledged 1 alert" in acked.stdout
+    assert acked.returncode == 0 and "acknowledged: 1" in acked.stdout
     assert json.loads(_cli("alerts", "--db", sqlite_url, "--open", "--json").stdout) == []
     again = _cli("alerts", "--db", sqlite_url, "--ack", "ffffffff")  # no such alert
     assert again.returncode == 1

@@ -384,3 +384,28 @@ def test_status_and_alerts_in_the_api_and_on_the_dashboard(ledger_url, make_tall
         assert listed[0]["kind"] == "auth_failure" and listed[0]["severity"] == "critical"
         page = client.get("/", params={"period": "today"}).text
         assert 'id="channels"' in page and "state-down" in page and fired[0].id[:8] in page
+
+
+def test_metrics_are_a_snapshot_made_again_every_refresh(sqlite_url, make_tally):
+    from llmtally._serve.app import create_app
+
+    tally = make_tally(sqlite_url, clock=lambda: NOW)
+    tally.record(provider="openai", model="gpt-4o-mini", input_tokens=10, output_tokens=5)
+    assert tally.flush(20)
+
+    def calls(base: str) -> float:
+        families = _families(httpx.get(f"{base}/metrics").text)
+        return sum(s.value for s in families["llmtally_calls"].samples
+                   if s.name == "llmtally_calls_total")
+
+    app = create_app(tally, cache_seconds=0, metrics_refresh_seconds=0.3)
+    with served(app) as base:
+        assert calls(base) == 1
+        for _ in range(4):
+            tally.record(provider="openai", model="gpt-4o-mini", input_tokens=10, output_tokens=5)
+        assert tally.flush(20)
+        assert calls(base) == 1  # the snapshot, answered at once
+        deadline = time.monotonic() + 10
+        while calls(base) != 5:  # made again on its thread
+            assert time.monotonic() < deadline
+            time.sleep(0.1)

@@ -68,6 +68,7 @@ ENV_VARIABLES = {
     "LLMTALLY_DURABILITY": "durability",
     "LLMTALLY_UNPRICED": "unpriced",
     "LLMTALLY_RATES": "rates",
+    "LLMTALLY_LANGUAGE": "language",
     "LLMTALLY_PROJECT": "scope.project",
     "LLMTALLY_USER": "scope.user",
     "LLMTALLY_TAGS": "scope.tags",

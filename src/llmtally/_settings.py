@@ -266,6 +266,17 @@ def _alert_rules(value: Any) -> Any:
     return tuple(value)
 
 
+def _language(value: Any) -> Any:
+    from ._i18n import LANGUAGES, check_language
+
+    if isinstance(value, str):
+        try:
+            return check_language(value)
+        except ConfigError:
+            pass
+    raise Problem("language", value, f"is not one llmtally speaks; use {', '.join(LANGUAGES)}")
+
+
 def _clock(value: Any) -> Any:
     if value is None or callable(value):
         return value
@@ -317,6 +328,7 @@ class Settings(BaseModel):
     alert_rules: Annotated[tuple[Any, ...], BeforeValidator(_alert_rules)] = ()
     alert_interval_s: Annotated[float | int, BeforeValidator(
         _positive_seconds("alert_interval_s", "60", 86400))] = 60
+    language: Annotated[str, BeforeValidator(_language)] = "en"
     dashboard_url: Annotated[str | None, BeforeValidator(
         lambda v: v if v is None else _text("dashboard_url", "'https://llm.example.com/'")(v)
     )] = None

@@ -104,6 +104,7 @@ class Tally(Adapters, Reading, Tracking):
         alert_rules: Sequence[AlertRule] = (),
         alert_interval_s: float = 60,
         dashboard_url: str | None = None,
+        language: str = "en",
         reservation_ttl_s: float = DEFAULT_RESERVATION_TTL_S,
         max_output_estimate: int = DEFAULT_MAX_OUTPUT_ESTIMATE,
         unpriced: str = "allow",
@@ -159,6 +160,7 @@ class Tally(Adapters, Reading, Tracking):
         self._init_adapters()
         self._before_flush = self._recording.before_flush  # integrations drain here first
         self.tz = zone(settings.timezone)  # calendar windows of budgets and reports
+        self.language = settings.language  # alerts' and the CLI's text (_i18n.py)
         from ._notify.notifier import Notifier
 
         self.notifier = Notifier(settings.alerts)  # budget warnings and rule alerts
@@ -177,6 +179,7 @@ class Tally(Adapters, Reading, Tracking):
             self.budgets, prices=self.prices, writer=self._writer, clock=self._clock,
             attribution=self._attribution_here, record=self.record_event, flush=self.flush,
             integration_holds=self._integration_holds, notifier=self.notifier,
+            language=settings.language,
             fail_closed=settings.fail_closed, max_output_estimate=settings.max_output_estimate,
             unpriced=settings.unpriced)
         from ._budgets.charges import EventCharges
@@ -209,7 +212,8 @@ class Tally(Adapters, Reading, Tracking):
                     seen_providers)
         monitor = AlertMonitor(self.store, settings.alert_rules, self.notifier,
                                interval_s=settings.alert_interval_s, clock=self._clock,
-                               currency=self.currency, link=settings.dashboard_url)
+                               currency=self.currency, link=settings.dashboard_url,
+                               language=settings.language)
         monitor.start()
         return monitor
 

@@ -47,7 +47,7 @@ class AlertMonitor:
 
     def __init__(self, store: Store, rules: Sequence[AlertRule], notifier: Notifier, *,
                  interval_s: float, clock: Callable[[], datetime], currency: str,
-                 link: str | None = None) -> None:
+                 link: str | None = None, language: str = "en") -> None:
         self.store = store
         self.rules = tuple(rules)
         self.notifier = notifier
@@ -55,6 +55,7 @@ class AlertMonitor:
         self.clock = clock
         self.currency = currency
         self.link = link
+        self.language = language
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._round = threading.Lock()
@@ -71,7 +72,8 @@ class AlertMonitor:
             with self.store.write() as conn:  # SQLite: BEGIN IMMEDIATE (it reads, then writes)
                 fired = record(conn, findings, now)
         for alert in fired:
-            self.notifier.notify(from_fired(alert, link=self.link, currency=self.currency))
+            self.notifier.notify(from_fired(alert, link=self.link, currency=self.currency,
+                                            language=self.language))
         return fired
 
     def start(self) -> None:

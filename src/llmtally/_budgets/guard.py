@@ -17,6 +17,7 @@ from .._events.usage import coerce_count
 from .._log import logger, warn_limited
 from .._notify.courier import DEFAULT_WEBHOOK_TIMEOUT_S
 from .._notify.message import AlertMessage
+from .._i18n import translator
 from .._notify.notifier import Notifier
 from .budget import Budget, BudgetExceeded
 from .states import CounterState, Crossing, Reservation
@@ -40,7 +41,7 @@ class BudgetGuard:
     def __init__(self, ledger: BudgetLedger | None, *, prices: PriceBook, writer: Writer,
                  clock: Callable[[], datetime], attribution: Callable[[], _scope.Attribution],
                  record: Callable[[CallEvent], str], flush: Callable[[float], bool],
-                 integration_holds: Callable[[], bool], notifier: Notifier,
+                 integration_holds: Callable[[], bool], notifier: Notifier, language: str,
                  fail_closed: bool, max_output_estimate: int, unpriced: str) -> None:
         self.ledger = ledger
         self._prices = prices
@@ -51,6 +52,7 @@ class BudgetGuard:
         self._flush = flush
         self._integration_holds = integration_holds
         self._notifier = notifier
+        self._language = language
         self._fail_closed = fail_closed
         self._max_output_estimate = max_output_estimate
         self._unpriced_policy = unpriced
@@ -227,7 +229,7 @@ class BudgetGuard:
                    "limit": budget.limit, "scope": dict(scope), **details}
         if isinstance(payload.get("resets_at"), datetime):
             payload["resets_at"] = payload["resets_at"].isoformat()
-        self._notifier.notify(budget_message(kind, budget, scope, payload),
+        self._notifier.notify(budget_message(kind, budget, scope, payload, self._language),
                               log_line=f"llmtally budget {kind}: {json.dumps(payload)}")
 
 
@@ -262,15 +264,19 @@ def _aware_end(state: CounterState) -> datetime | None:
 
 
 def budget_message(kind: str, budget: Budget, scope: Mapping[str, str],
-                   payload: dict[str, Any]) -> AlertMessage:
+                   payload: dict[str, Any], language: str = "en") -> AlertMessage:
     """A budget's warning (``threshold``) or a blocked call (``blocked``) as a message."""
-    who = ", ".join(f"{key}={value}" for key, value in scope.items()) or "all calls"
+    _ = translator(language)
+    who = ", ".join(f"{key}={value}" for key, value in scope.items()) or _("all calls")
     unit = "" if budget.kind == "usd" else f" {budget.kind}"
     used = payload.get("used", 0.0)
     if kind == "threshold":
-        title = f"[WARNING] budget {budget.label}: {payload.get('threshold', 0):.0%} reached ({who})"
+        title = _("[WARNING] budget {budget}: {share:.0%} reached ({who})").format(
+            budget=budget.label, share=payload.get("threshold", 0), who=who)
     else:
-        title = f"[CRITICAL] budget {budget.label}: a call was blocked ({who})"
-    lines = (f"used {used:,.4g}{unit} of {budget.limit:,.4g}{unit}",
-             f"resets {payload.get('resets_at') or 'never'}")
+        title = _("[CRITICAL] budget {budget}: a call was blocked ({who})").format(
+            budget=budget.label, who=who)
+    lines = (_("used {used} of {limit}").format(used=f"{used:,.4g}{unit}",
+                                                limit=f"{budget.limit:,.4g}{unit}"),
+             _("resets {when}").format(when=payload.get("resets_at") or _("never")))
     return AlertMessage("warning" if kind == "threshold" else "critical", title, lines, payload)

@@ -9,10 +9,14 @@ from typing import Any
 
 import click
 
+from .._i18n import N_, translator
 from .._terminal import CommandError, echo, iso, print_json, print_table
 from .ledger import ledger_options
 
 __all__ = ["status", "alerts"]
+
+# shown translated: the states (_reporting/health.py) and severities
+_WORDS = (N_("ok"), N_("degraded"), N_("down"), N_("idle"), N_("warning"), N_("critical"))
 
 
 @click.command("status")
@@ -48,12 +52,13 @@ def status(tally: Any, window: str, by_model: bool, as_json: bool) -> None:
                      "rate_limited": s.rate_limited, "auth_failures": s.auth_failures,
                      "last_call_at": iso(s.last_call_at)} for s in found])
         return
+    _ = translator(tally.language)
     if not found:
-        echo(f"No calls in the last {window}.")
+        echo(_("No calls in the last {window}.").format(window=window))
         return
-    header = ["provider", *(["model"] if by_model else []), "state", "sent", "errors", "rate",
-              "429s", "auth", "last call"]
-    print_table(header, [[s.provider or "-", *([s.model or "-"] if by_model else []), s.state,
+    header = [_("provider"), *([_("model")] if by_model else []), _("state"), _("sent"),
+              _("errors"), _("rate"), _("429s"), _("auth"), _("last call")]
+    print_table(header, [[s.provider or "-", *([s.model or "-"] if by_model else []), _(s.state),
                           s.sent, s.errors,
                           "-" if s.error_rate is None else f"{s.error_rate:.0%}",
                           s.rate_limited, s.auth_failures, iso(s.last_call_at) or "-"]
@@ -82,6 +87,7 @@ def alerts(tally: Any, since: str, open_only: bool, ack: tuple[str, ...], as_jso
     from .._timeparse import parse_instant
 
     now = tally.now().astimezone(timezone.utc).replace(tzinfo=None)
+    _ = translator(tally.language)
     if ack:
         bad = [given for given in ack if len(given) < 8]
         if bad:
@@ -89,7 +95,7 @@ def alerts(tally: Any, since: str, open_only: bool, ack: tuple[str, ...], as_jso
         who = f"{getpass.getuser()}@{socket.gethostname()}"
         with tally.store.write() as conn:
             done = acknowledge(conn, ack, by=who, now=now)
-        echo(f"acknowledged {done} alert{'s' if done != 1 else ''}")
+        echo(_("acknowledged: {count}").format(count=done))
         if not done:
             raise SystemExit(1)
         return
@@ -103,8 +109,10 @@ def alerts(tally: Any, since: str, open_only: bool, ack: tuple[str, ...], as_jso
                      "acknowledged_at": iso(a.acknowledged_at)} for a in found])
         return
     if not found:
-        echo(f"No alerts since {since}.")
+        echo(_("No alerts since {since}.").format(since=since))
         return
-    print_table(["id", "sent", "severity", "kind", "subject", "value", "acknowledged"],
-                [[a.id[:8], iso(a.fired_at), a.severity, a.kind, a.subject[:60], f"{a.value:,.4g}",
-                  "yes" if a.acknowledged_at else "-"] for a in found], left=5)
+    print_table([_("id"), _("sent"), _("severity"), _("kind"), _("subject"), _("value"),
+                 _("acknowledged")],
+                [[a.id[:8], iso(a.fired_at), _(a.severity), a.kind, a.subject[:60],
+                  f"{a.value:,.4g}", _("yes") if a.acknowledged_at else "-"] for a in found],
+                left=5)

@@ -14,12 +14,18 @@ from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, Query, Request
 from fastapi.responses import JSONResponse
+from sqlalchemy import func, select
 
+from .._alerts.history import recent
+from .._alerts.status import channel_status
+from .._errors import ConfigError
 from .._reporting import data, live
 from .._reporting.queries import GROUP_BY
 from .._reporting.reading import FLUSH_BEFORE_READING_S
 from .._reporting.render import price_key
-from .._timeparse import parse_instant
+from .._storage.rollups import as_datetime
+from .._storage.tables import UsageEvent
+from .._timeparse import parse_duration, parse_instant
 from .source import LedgerView
 
 __all__ = ["router", "Filters"]
@@ -43,23 +49,25 @@ class Filters:
         status: Annotated[str | None, Query(pattern="^(ok|error|blocked)$")] = None,
     ) -> None:
         self.since, self.until = since, until
+        self._bounds: tuple[datetime, datetime] | None = None
         self.columns = {name: value for name, value in (
             ("provider", provider), ("model", model), ("project", project), ("user", user),
             ("status", status)) if value is not None}
 
     def bounds(self, view: LedgerView) -> tuple[datetime, datetime]:
-        """[start, end) as naive UTC. Flushes the serving Tally first (when it is mounted in
-        an application that records, its own calls are in every answer)."""
-        view.flush(FLUSH_BEFORE_READING_S)
-        now = view.now()
-        start = parse_instant(self.since, now=now)
-        end = parse_instant(self.until, now=now) or _naive(now)
-        assert start is not None
-        if end <= start:
-            from .._errors import ConfigError
-
-            raise ConfigError(f"until ({end.isoformat()}) must be after since ({start.isoformat()})")
-        return start, end
+        """[start, end) as naive UTC, worked out once per request. Flushes the serving Tally
+        first (mounted in an application that records, its own calls are in every answer)."""
+        if self._bounds is None:
+            view.flush(FLUSH_BEFORE_READING_S)
+            now = view.now()
+            start = parse_instant(self.since, now=now)
+            end = parse_instant(self.until, now=now) or _naive(now)
+            assert start is not None
+            if end <= start:
+                raise ConfigError(f"until ({end.isoformat()}) must be after since "
+                                  f"({start.isoformat()})")
+            self._bounds = (start, end)
+        return self._bounds
 
     def period(self, view: LedgerView) -> dict[str, Any]:
         start, end = self.bounds(view)
@@ -87,18 +95,12 @@ Period = Annotated[Filters, Depends()]
 @router.get("/health")
 def health(view: View) -> JSONResponse:
     """The ledger answers: its kind, and the time of the newest event."""
-    from sqlalchemy import func, select
-
-    from .._storage.tables import UsageEvent
-
     try:
         with view.store.connect() as conn:
             newest = conn.execute(select(func.max(UsageEvent.__table__.c.ts))).scalar()
     except Exception as exc:  # the database is down: say so, as a status, not a traceback
         return JSONResponse({"status": "down", "database": view.store.dialect,
                              "error": type(exc).__name__}, status_code=503)
-    from .._storage.rollups import as_datetime
-
     return JSONResponse({"status": "ok", "database": view.store.dialect,
                          "newest_event_at": _iso(as_datetime(newest)) if newest else None})
 
@@ -216,14 +218,9 @@ def status(view: View, window: Annotated[str, Query(pattern="^[0-9]{1,4}(m|h)$")
            by_model: bool = False) -> dict[str, Any]:
     """Each provider (``by_model``: and model) with calls in the last ``window``: ok,
     degraded, down (see docs/alerts.md), with its counts."""
-    from .._alerts.status import channel_status
-    from .._timeparse import parse_duration
-
     view.flush(FLUSH_BEFORE_READING_S)
     span = parse_duration(window)
     if not timedelta(minutes=1) <= span <= timedelta(days=7):
-        from .._errors import ConfigError
-
         raise ConfigError(f"window={window}: use 1m to 168h")
     now = _naive(view.now())
     with view.store.connect() as conn:
@@ -240,8 +237,6 @@ def alerts(view: View,
            open_only: Annotated[bool, Query(alias="open")] = False,
            limit: Annotated[int, Query(ge=1, le=500)] = 100) -> dict[str, Any]:
     """The alerts the rules sent, newest first (``open=true``: not acknowledged)."""
-    from .._alerts.history import recent
-
     now = _naive(view.now())
     with view.store.connect() as conn:
         found = recent(conn, since=parse_instant(since, now=now), open_only=open_only, limit=limit)

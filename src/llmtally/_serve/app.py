@@ -19,7 +19,8 @@ from .._errors import ConfigError
 from . import api, security
 from .cache import DEFAULT_CACHE_S, ResponseCache
 from .dashboard import render_dashboard
-from .metrics import DEFAULT_TOP, registry_for
+from .metrics import DEFAULT_REFRESH_S as DEFAULT_METRICS_REFRESH_S
+from .metrics import DEFAULT_TOP, MetricsSnapshot, registry_for
 from .source import LedgerView
 
 if TYPE_CHECKING:
@@ -34,22 +35,28 @@ _MAX_PARAM = 600  # characters of a dashboard query parameter (a cursor is the l
 
 
 def create_app(tally: Tally, *, token: str | None = None, refresh_seconds: int = DEFAULT_REFRESH_S,
-               metrics_top: int = DEFAULT_TOP, cache_seconds: float = DEFAULT_CACHE_S) -> FastAPI:
+               metrics_top: int = DEFAULT_TOP, cache_seconds: float = DEFAULT_CACHE_S,
+               metrics_refresh_seconds: float = DEFAULT_METRICS_REFRESH_S) -> FastAPI:
     """The application over ``tally``'s ledger. With ``token``, every request must carry it
     (see :mod:`.security`); the same answer is shared for ``cache_seconds`` (see
-    :mod:`.cache`; 0 turns that off)."""
+    :mod:`.cache`; 0 turns that off); ``/metrics`` is made again every
+    ``metrics_refresh_seconds`` (see :class:`.metrics.MetricsSnapshot`; 0: at each scrape)."""
     if token is not None and len(token) < 16:
         raise ConfigError("the serve token must be at least 16 characters (e.g. from "
                           "`python -c 'import secrets; print(secrets.token_urlsafe())'`)")
     if not 1 <= refresh_seconds <= 86400:
         raise ConfigError(f"refresh_seconds={refresh_seconds}: use 1 to 86400")
+    if not 0 <= metrics_refresh_seconds <= 3600:
+        raise ConfigError(f"metrics_refresh_seconds={metrics_refresh_seconds}: use 0 (each "
+                          "scrape reads the ledger) to 3600")
     if not 0 <= cache_seconds <= 3600:
         raise ConfigError(f"cache_seconds={cache_seconds}: use 0 (off) to 3600")
     app = FastAPI(title="llmtally", version=_version(), docs_url=None, redoc_url=None,
                   openapi_url="/api/v1/openapi.json")
     view = LedgerView(tally)
     app.state.view = view
-    registry = registry_for(view, metrics_top)
+    metrics_text = MetricsSnapshot(registry_for(view, metrics_top), metrics_refresh_seconds,
+                                   alive=lambda: not tally.closed)
     stylesheet = files("llmtally").joinpath("templates/report.css").read_text(encoding="utf-8")
     # the last added runs first: the token check, then the shared answers
     app.middleware("http")(ResponseCache(cache_seconds))
@@ -85,9 +92,9 @@ def create_app(tally: Tally, *, token: str | None = None, refresh_seconds: int =
 
     @app.get("/metrics", include_in_schema=False)
     def metrics() -> Response:
-        from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+        from prometheus_client import CONTENT_TYPE_LATEST
 
-        return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
+        return Response(metrics_text.text(), media_type=CONTENT_TYPE_LATEST)
 
     return app
 

@@ -9,25 +9,31 @@ by cost keep their name and the rest are summed under ``other``; budget instance
 
 from __future__ import annotations
 
+import threading
+import time
 from collections import defaultdict
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import TYPE_CHECKING, Any
 
+from prometheus_client import generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector, CollectorRegistry
 from sqlalchemy import func, select
 
 from .._events.usage import TOKEN_FIELDS
+from .._log import warn_limited
 from .._reporting.reading import FLUSH_BEFORE_READING_S
 from .._storage.tables import HourlyRollup
 
 if TYPE_CHECKING:
     from .source import LedgerView
 
-__all__ = ["LedgerCollector", "registry_for", "OTHER", "DEFAULT_TOP"]
+__all__ = ["LedgerCollector", "MetricsSnapshot", "registry_for", "OTHER", "DEFAULT_TOP",
+           "DEFAULT_REFRESH_S"]
 
 OTHER = "other"
 DEFAULT_TOP = 20
+DEFAULT_REFRESH_S = 15.0  # a common Prometheus scrape interval
 _LABELS = ("provider", "model", "project", "status")
 _BOUNDED = ("provider", "model", "project")  # status has three values
 _R = HourlyRollup.__table__.c
@@ -131,3 +137,53 @@ def registry_for(view: LedgerView, top: int = DEFAULT_TOP) -> CollectorRegistry:
     registry = CollectorRegistry(auto_describe=False)
     registry.register(LedgerCollector(view, top))
     return registry
+
+
+class MetricsSnapshot:
+    """The exposition text, made again every ``refresh_s`` seconds on a thread of its own, so a
+    scrape answers at once with figures at most ``refresh_s`` old.
+
+    Summing every rollup row costs about 0.35 s on SQLite at 1 M events (0.1 s on
+    PostgreSQL); a scrape that waited for it would miss any latency target. The first scrape
+    makes the first snapshot itself; if refreshing stops (the ledger is down), a scrape whose
+    snapshot is older than three intervals makes one again, or fails as the ledger does."""
+
+    def __init__(self, registry: CollectorRegistry, refresh_s: float,
+                 alive: Callable[[], bool] = lambda: True) -> None:
+        self.registry = registry
+        self.refresh_s = refresh_s
+        self.alive = alive  # the thread ends when this says False (the Tally was closed)
+        self._text: bytes | None = None
+        self._made = 0.0
+        self._lock = threading.Lock()
+        self._thread: threading.Thread | None = None
+
+    def text(self) -> bytes:
+        with self._lock:
+            stale = self._text is None or time.monotonic() - self._made > 3 * self.refresh_s
+            if self._thread is None and self.refresh_s > 0:
+                self._thread = threading.Thread(target=self._run, name="llmtally-metrics",
+                                                daemon=True)
+                self._thread.start()
+        if stale or self.refresh_s <= 0:
+            self._make()
+        assert self._text is not None
+        return self._text
+
+    def _make(self) -> None:
+        made = generate_latest(self.registry)
+        with self._lock:
+            self._text, self._made = made, time.monotonic()
+
+    def _run(self) -> None:
+        while True:
+            time.sleep(self.refresh_s)
+            if not self.alive():
+                with self._lock:
+                    self._thread = None
+                return
+            try:
+                self._make()
+            except Exception as exc:  # the ledger is down: the next scrape says so
+                warn_limited("metrics", "llmtally serve: the metrics could not be read (%s); "
+                             "will try again", type(exc).__name__)
