@@ -19,7 +19,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 BENCHMARKS = ["ingest.py", "import_time.py", "pricing_tokens.py", "budget_check.py",
               "litellm_overhead.py", "report_scale.py", "langchain_overhead.py",
-              "soak.py"]
+              "soak.py", "serve_latency.py", "alert_rounds.py"]
 
 
 def machine() -> str:

@@ -71,8 +71,15 @@ class Tally(Adapters, Reading, Tracking):
             event is committed (SQLite ``synchronous=FULL``) or, while the database is
             unreachable, fsync'd in the spill file, so a killed process loses no recorded call;
             concurrent records share a commit. Costs a commit wait per call (see the README).
-        alerts: where budget warnings go: ``"log"``, webhook URLs (a JSON POST each, off the
-            caller's thread, 5 s timeout, 3 attempts) and/or callables taking a dict.
+        alerts: where budget warnings and rule alerts go: ``"log"``, callables taking a dict,
+            webhook URLs (Slack, Discord, Teams, Feishu/Lark, DingTalk and WeCom ones are
+            recognised by their host; any other gets the dict as JSON) and sink tables
+            (``{"type": "dingtalk", "url": ..., "secret": ...}``, ``{"type": "email", ...}``);
+            delivered off the caller's thread, 5 s timeout, 3 attempts.
+        alert_rules: :class:`AlertRule` values, evaluated from the ledger every
+            ``alert_interval_s`` seconds (60) on a background thread (docs/alerts.md).
+        dashboard_url: linked from each alert.
+        language: ``"en"``, ``"zh"`` or ``"ko"``: the language of alert texts.
         reservation_ttl_s: a reservation never settled (its process died) is released after this.
         max_output_estimate: output tokens assumed for a call that sets no ``max_tokens`` (or
             the model's own output limit, if lower).

@@ -14,10 +14,10 @@ from .._events import scope as _scope
 from .._events.event import CallEvent
 from .._events.ids import EVENT_IDS
 from .._events.usage import coerce_count
+from .._i18n import translator
 from .._log import logger, warn_limited
 from .._notify.courier import DEFAULT_WEBHOOK_TIMEOUT_S
 from .._notify.message import AlertMessage
-from .._i18n import translator
 from .._notify.notifier import Notifier
 from .budget import Budget, BudgetExceeded
 from .states import CounterState, Crossing, Reservation
