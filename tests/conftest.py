@@ -350,3 +350,13 @@ def rollups_mismatch(url: str) -> list[str]:
     if stored != sketch:
         problems.append(f"sketch cells differ: {sorted(set(stored.items()) ^ set(sketch.items()), key=repr)[:5]}")
     return problems
+
+
+class Clock:
+    """A settable clock for ``Tally(clock=...)``: ``clock.now = ...`` moves it."""
+
+    def __init__(self, now) -> None:
+        self.now = now
+
+    def __call__(self):
+        return self.now

@@ -13,6 +13,7 @@ import threading
 from datetime import datetime, timedelta, timezone
 
 import pytest
+from conftest import Clock
 
 from llmtally import AlertRule, ConfigError, Tally
 from llmtally._alerts.status import channel_status
@@ -20,14 +21,6 @@ from llmtally._alerts.status import channel_status
 NOW = datetime(2026, 11, 25, 10, 7, tzinfo=timezone.utc)
 AUTH = "litellm.AuthenticationError"
 LIMITED = "litellm.RateLimitError"
-
-
-class Clock:
-    def __init__(self, now: datetime = NOW) -> None:
-        self.now = now
-
-    def __call__(self) -> datetime:
-        return self.now
 
 
 def _calls(tally, count, *, errors=0, error_type="litellm.InternalServerError", minutes_ago=5,
@@ -44,7 +37,7 @@ def _calls(tally, count, *, errors=0, error_type="litellm.InternalServerError", 
 
 def _tally(make_tally, url, rules, received=None, **kwargs):
     sink = received.append if received is not None else (lambda alert: None)
-    return make_tally(url, clock=kwargs.pop("clock", Clock()), alert_rules=rules,
+    return make_tally(url, clock=kwargs.pop("clock", Clock(NOW)), alert_rules=rules,
                       alerts=[sink], **kwargs)
 
 
@@ -143,7 +136,7 @@ def test_a_spike_is_alerted_once_for_the_hour_it_measured(ledger_url, make_tally
 
 
 def test_a_model_without_a_price_alerts_once_ever(ledger_url, make_tally):
-    clock = Clock()
+    clock = Clock(NOW)
     tally = _tally(make_tally, ledger_url, [AlertRule("unpriced_model", cooldown="1m")],
                    clock=clock)
     tally.record(provider="internal", model="acme-llm-7b", input_tokens=10, output_tokens=5,
@@ -158,7 +151,7 @@ def test_a_model_without_a_price_alerts_once_ever(ledger_url, make_tally):
 
 
 def test_the_cooldown_lets_the_same_alert_out_again_later(ledger_url, make_tally):
-    clock = Clock()
+    clock = Clock(NOW)
     tally = _tally(make_tally, ledger_url, [AlertRule("auth_failure", cooldown="30m")],
                    clock=clock)
     _calls(tally, 1, errors=1, error_type=AUTH, minutes_ago=1)
@@ -207,7 +200,7 @@ def test_the_background_round_runs_off_the_callers_thread(sqlite_url, make_tally
         threads.append(threading.current_thread().name)
         done.set()
 
-    make_tally(sqlite_url, clock=Clock(), alert_rules=[AlertRule("auth_failure", window="1m")],
+    make_tally(sqlite_url, clock=Clock(NOW), alert_rules=[AlertRule("auth_failure", window="1m")],
                alert_interval_s=0.2, alerts=[sink]).record(
         provider="openai", model="gpt-4o-mini", status="error", error_type=AUTH,
         ts=NOW - timedelta(seconds=5))
@@ -268,7 +261,7 @@ def test_rules_from_llmtally_toml(tmp_path, sqlite_url):
 
 
 def test_channel_status_from_recent_calls(ledger_url, make_tally):
-    tally = make_tally(ledger_url, clock=Clock())
+    tally = make_tally(ledger_url, clock=Clock(NOW))
     _calls(tally, 20)                                                            # ok
     _calls(tally, 20, errors=3, provider="anthropic", model="claude-haiku-4-5")  # 15 %: degraded
     _calls(tally, 20, errors=1, error_type=LIMITED, provider="gemini", model="gemini-2.5-flash")

@@ -11,6 +11,7 @@ from datetime import datetime, timedelta, timezone
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
+from conftest import Clock
 
 from llmtally import AlertRule, ConfigError, Tally
 from llmtally._alerts.evaluate import Finding
@@ -21,14 +22,6 @@ from llmtally._notify.sinks import Sink, deliver_once, request_for, sink_of
 
 NOW = datetime(2026, 11, 25, 10, 59, 50, tzinfo=timezone.utc)
 AUTH = "litellm.AuthenticationError"
-
-
-class Clock:
-    def __init__(self, now: datetime = NOW) -> None:
-        self.now = now
-
-    def __call__(self) -> datetime:
-        return self.now
 
 
 def _message(subject: str) -> AlertMessage:
@@ -60,7 +53,7 @@ def test_the_dedup_slot_does_not_depend_on_the_process_time_zone(monkeypatch):
 
 def test_the_cooldown_holds_across_a_slot_edge(sqlite_url, make_tally):
     """cooldown=1h: an alert at 10:59:50 must not be sent again 30 s later at 11:00:20."""
-    clock = Clock()
+    clock = Clock(NOW)
     tally = make_tally(sqlite_url, clock=clock, alerts=[lambda alert: None],
                        alert_rules=[AlertRule("auth_failure", cooldown="1h")])
     tally.record(provider="openai", model="gpt-4o-mini", status="error", error_type=AUTH,

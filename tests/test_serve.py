@@ -409,3 +409,24 @@ def test_metrics_are_a_snapshot_made_again_every_refresh(sqlite_url, make_tally)
         while calls(base) != 5:  # made again on its thread
             assert time.monotonic() < deadline
             time.sleep(0.1)
+
+
+def test_answers_are_shared_for_the_cache_seconds_then_made_again(sqlite_url, make_tally):
+    tally = make_tally(sqlite_url, clock=lambda: NOW)
+    tally.record(provider="openai", model="gpt-4o-mini", input_tokens=10, output_tokens=5,
+                 ts=NOW - timedelta(hours=1))
+    assert tally.flush(20)
+    query = {"since": SINCE, "until": UNTIL}
+    with served(tally.asgi(cache_seconds=1.0)) as base, httpx.Client(base_url=base) as client:
+        assert client.get("/api/v1/summary", params=query).json()["total"]["calls"] == 1
+        tally.record(provider="openai", model="gpt-4o-mini", input_tokens=10, output_tokens=5,
+                     ts=NOW - timedelta(hours=1))
+        assert tally.flush(20)
+        shared = client.get("/api/v1/summary", params=query)
+        assert shared.json()["total"]["calls"] == 1  # the answer of a moment ago
+        assert shared.headers["content-security-policy"].startswith("default-src 'none'")
+        assert client.get("/api/v1/summary", params={**query, "by": "provider"}) \
+            .json()["total"]["calls"] == 2  # another question: answered now
+        time.sleep(1.2)
+        assert client.get("/api/v1/summary", params=query).json()["total"]["calls"] == 2
+        assert client.get("/nope").status_code == 404  # not kept

@@ -69,6 +69,11 @@ class Filters:
             self._bounds = (start, end)
         return self._bounds
 
+    def rows(self, view: LedgerView) -> data.Range:
+        """The period's calls as the report's queries read them (no previous period)."""
+        start, end = self.bounds(view)
+        return data.Range(start, end, start, start, tuple(sorted(self.columns.items())))
+
     def period(self, view: LedgerView) -> dict[str, Any]:
         start, end = self.bounds(view)
         return {"since": _iso(start), "until": _iso(end), "filters": self.columns,
@@ -172,10 +177,8 @@ def _call(call: data.CallRow) -> dict[str, Any]:
 @router.get("/errors")
 def errors(view: View, period: Period) -> dict[str, Any]:
     """Failed calls per provider and error type."""
-    start, end = period.bounds(view)
-    rows = data.Range(start, end, start, start, tuple(sorted(period.columns.items())))
     with view.store.connect() as conn:
-        found = data.errors(conn, rows)
+        found = data.errors(conn, period.rows(view))
     return {**period.period(view),
             "rows": [{"provider": r.provider, "error_type": r.error_type, "count": r.count}
                      for r in found]}
@@ -184,10 +187,8 @@ def errors(view: View, period: Period) -> dict[str, Any]:
 @router.get("/unpriced")
 def unpriced(view: View, period: Period) -> dict[str, Any]:
     """Models recorded without a price, with the ``llmtally.toml`` key that prices them."""
-    start, end = period.bounds(view)
-    rows = data.Range(start, end, start, start, tuple(sorted(period.columns.items())))
     with view.store.connect() as conn:
-        found = data.unpriced_models(conn, rows)
+        found = data.unpriced_models(conn, period.rows(view))
     return {**period.period(view), "rows": [
         {**asdict(row), "price_key": price_key(row.provider, row.model)} for row in found]}
 

@@ -19,7 +19,7 @@ from starlette.responses import Response
 __all__ = ["ResponseCache", "DEFAULT_CACHE_S"]
 
 DEFAULT_CACHE_S = 5.0
-_MAX_ENTRIES = 256
+_MAX_ENTRIES = 64  # a dashboard page is 100-300 kB
 Handler = Callable[[Request], Awaitable[Response]]
 
 
@@ -58,7 +58,10 @@ class ResponseCache:
             found = self._fresh(key)
             if found is not None:
                 return found
-            response = await call_next(request)
+            try:
+                response = await call_next(request)
+            finally:  # those waiting hold the lock already; later askers find the entry
+                self._making.pop(key, None)
             body = b"".join([chunk if isinstance(chunk, bytes) else chunk.encode()
                              async for chunk in response.body_iterator])  # type: ignore[attr-defined]
             headers = tuple((name, value) for name, value in response.headers.items()
@@ -68,6 +71,5 @@ class ResponseCache:
                                             response.status_code, body, headers)
                 self._entries.move_to_end(key)
                 while len(self._entries) > self.max_entries:
-                    old, _ = self._entries.popitem(last=False)
-                    self._making.pop(old, None)
+                    self._entries.popitem(last=False)
             return Response(body, status_code=response.status_code, headers=dict(headers))
