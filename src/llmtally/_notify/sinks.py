@@ -63,7 +63,10 @@ class Sink:
 
     @property
     def where(self) -> str:
-        return repr(self)
+        """For the log: the URL cut to scheme and host (a generic webhook's), or the kind and
+        that (``slack https://hooks.slack.com/…``)."""
+        shown = redact_url(self.url) if self.url else f"smtp://{self.host}:{self.port}"
+        return shown if self.type == "webhook" else f"{self.type} {shown}"
 
 
 def _detect(url: str) -> str:
