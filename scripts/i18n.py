@@ -1,5 +1,6 @@
 """Keep the message catalogs in step with the code: ``python scripts/i18n.py`` extracts every
-marked message (``_()``, ``gettext()``, ``N_()``) from ``src/llmtally`` into each language's
+marked message (``_()``, ``gettext()``, ``N_()``, and ``{% trans %}`` / ``_()`` in the Jinja2
+templates) from ``src/llmtally`` into each language's
 ``.po`` (new messages untranslated, removed ones dropped) and compiles each ``.po`` to its ``.mo``.
 Babel's own ``pybabel extract`` skips packages whose names start with ``_``; this does not.
 Translators edit ``src/llmtally/locale/<language>/LC_MESSAGES/llmtally.po``, then run this."""
@@ -26,8 +27,13 @@ def template() -> Catalog:
     """Every marked message of the code, as a catalog."""
     keywords = {**DEFAULT_KEYWORDS, "N_": None}
     catalog = Catalog(project="llmtally", charset="utf-8")
+    # the templates as the report renders them (_reporting/render.py): trimmed {% trans %}
+    method_map = [("**.py", "python"), ("templates/**.j2", "jinja2.ext:babel_extract")]
+    options_map = {"templates/**.j2": {"extensions": "jinja2.ext.i18n", "trimmed": "true",
+                                       "trim_blocks": "true", "lstrip_blocks": "true"}}
     for filename, lineno, message, comments, context in extract_from_dir(
-            str(SOURCE), keywords=keywords, directory_filter=lambda path: "__pycache__" not in path):
+            str(SOURCE), method_map=method_map, options_map=options_map, keywords=keywords,
+            directory_filter=lambda path: "__pycache__" not in path):
         catalog.add(message, None, [(f"{filename}", lineno)], auto_comments=comments,
                     context=context)
     return catalog

@@ -20,6 +20,7 @@ import pytest
 from conftest import IN_CI
 from test_report import W47, sql_totals
 
+from llmtally._i18n import translator
 from llmtally._reporting.numbers import format_money
 from llmtally._sample import record_history
 
@@ -116,10 +117,10 @@ LONG_PROJECT = "customer_onboarding_document_summarisation_pipeline_eu_west2"
 LONG_PROVIDER = "vertex_ai-language-models-europe-west4"
 # the ids of the two breakdowns the template renders next to each other in a `.grid`
 SIDE_BY_SIDE = ("by-provider", "by-project")
-MEASURE_SIDE_BY_SIDE = """() => Array.from(document.querySelectorAll('.grid table.breakdown')).map(table => {
+MEASURE_SIDE_BY_SIDE = """(wanted) => Array.from(document.querySelectorAll('.grid table.breakdown')).map(table => {
   const wrapper = table.closest('.scroll');
   const header = Array.from(table.querySelectorAll('thead th'))
-    .find(th => th.textContent.trim().toLowerCase() === 'vs previous');
+    .find(th => th.textContent.trim().toLowerCase() === wanted);
   const box = header ? header.getBoundingClientRect() : null;
   const shown = wrapper.getBoundingClientRect();
   return {section: table.closest('section').id, scrollWidth: wrapper.scrollWidth,
@@ -130,11 +131,13 @@ MEASURE_SIDE_BY_SIDE = """() => Array.from(document.querySelectorAll('.grid tabl
 })"""
 
 
-@pytest.fixture(params=["sample names", "long names"])
+@pytest.fixture(params=["sample names", "long names", "zh", "ko"])
 def breakdown_report(request, tmp_path, make_tally):
     """Last week's report on the sample history; with "long names", plus calls in that week from
-    a project with a 60-character name and from a provider with a long name."""
-    tally = make_tally(f"sqlite:///{tmp_path / 'ledger.db'}", clock=lambda: NOW)
+    a project with a 60-character name and from a provider with a long name; "zh" and "ko" in
+    Chinese and Korean (their headers have other widths)."""
+    language = request.param if request.param in ("zh", "ko") else "en"
+    tally = make_tally(f"sqlite:///{tmp_path / 'ledger.db'}", clock=lambda: NOW, language=language)
     record_history(tally, NOW - timedelta(days=17), NOW, count=1500)
     if request.param == "long names":
         assert len(LONG_PROJECT) == 60
@@ -155,13 +158,14 @@ def test_side_by_side_breakdowns_fit_a_laptop_and_a_phone(breakdown_report):
     from playwright.sync_api import sync_playwright
 
     path, names = breakdown_report
+    vs_previous = translator(names if names in ("zh", "ko") else "en")("vs previous").lower()
     with sync_playwright() as playwright:
         browser = playwright.chromium.launch(executable_path=executable, args=CHROMIUM_ARGS)
         try:
             for width in (1280, 1366):
                 page = browser.new_page(viewport={"width": width, "height": 900})
                 page.goto(path.resolve().as_uri(), wait_until="load")
-                tables = page.evaluate(MEASURE_SIDE_BY_SIDE)
+                tables = page.evaluate(MEASURE_SIDE_BY_SIDE, vs_previous)
                 assert [table["section"] for table in tables] == list(SIDE_BY_SIDE)
                 first, second = (page.locator(f"#{section}").bounding_box() for section in SIDE_BY_SIDE)
                 assert first["y"] == second["y"] and first["x"] + first["width"] <= second["x"], \
@@ -186,7 +190,7 @@ def test_side_by_side_breakdowns_fit_a_laptop_and_a_phone(breakdown_report):
             phone.goto(path.resolve().as_uri(), wait_until="load")
             page_width = phone.evaluate("document.documentElement.scrollWidth")
             assert page_width <= 390, f"the page is {page_width}px wide on a 390px phone"
-            for table in phone.evaluate(MEASURE_SIDE_BY_SIDE):
+            for table in phone.evaluate(MEASURE_SIDE_BY_SIDE, vs_previous):
                 assert table["scrollWidth"] <= table["clientWidth"], \
                     f"{table['section']} scrolls sideways on a phone: {table}"
                 header = table["header"]

@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Any
 
 from ._budgets.budget import Budget, BudgetExceeded
 from ._errors import ConfigError
+from ._i18n import translator
 
 if TYPE_CHECKING:
     from langchain_core.runnables import RunnableConfig
@@ -51,11 +52,14 @@ class DemoResult:
     skipped: list[str] = field(default_factory=list)
     headline: list[str] = field(default_factory=list)
     seconds: float = 0.0
+    language: str = "en"  # of what it printed (LLMTALLY_LANGUAGE)
 
 
 def run_demo(database: str | os.PathLike[str], reports: str | os.PathLike[str],
-             say: Callable[[str], None] = print, *, now: datetime | None = None) -> DemoResult:
-    """Run the demo into ``database`` (a fresh SQLite file) and write the report into ``reports``."""
+             say: Callable[[str], None] = print, *, now: datetime | None = None,
+             language: str = "en") -> DemoResult:
+    """Run the demo into ``database`` (a fresh SQLite file) and write the report into
+    ``reports``, saying what it does in ``language``."""
     started = time.perf_counter()
     path = Path(database).expanduser().absolute()
     _start_fresh(path)
@@ -69,10 +73,13 @@ def run_demo(database: str | os.PathLike[str], reports: str | os.PathLike[str],
                Budget(usd=5, per="day", each="user"),
                Budget(usd=0.0005, per="day", scope={"project": BUDGET_PROJECT})]
     with Tally(f"sqlite:///{path}", price_map="bundled", budgets=budgets, alerts=(),
-               scope={"tags": [DEMO_TAG]}) as tally:
+               scope={"tags": [DEMO_TAG]}, language=language) as tally:
         from ._sample import record_history
 
-        say(f"Back-filling {HISTORY_DAYS} days of traffic into {path} ...")
+        result.language = tally.language
+        _ = translator(tally.language)
+        say(_("Back-filling {days} days of traffic into {path} ...").format(
+            days=HISTORY_DAYS, path=path))
         result.history_calls = record_history(
             tally, now - timedelta(days=HISTORY_DAYS), now - timedelta(minutes=5),
             count=HISTORY_CALLS)
@@ -81,10 +88,11 @@ def run_demo(database: str | os.PathLike[str], reports: str | os.PathLike[str],
                 made = step(tally)
             except ImportError as exc:
                 result.skipped.append(f"{name}: {exc}")
-                say(f"Skipped the {name} calls ({exc}).")
+                say(_("Skipped the {name} calls ({reason}).").format(name=name, reason=exc))
                 continue
             result.live_calls += made
-            say(f"Made {made} {name} calls through tally.{name.lower()}() (mock responses).")
+            say(_("Made {count} {name} calls through tally.{method}() (mock responses).").format(
+                count=made, name=name, method=name.lower()))
         result.blocked = _blocked_call(tally, say)
         tally.flush()
         # The last seven whole days, today included: the live and blocked calls are in it.
@@ -180,6 +188,7 @@ def _langchain_calls(tally: Any) -> int:
 
 def _blocked_call(tally: Any, say: Callable[[str], None]) -> str | None:
     """A call over the demo budget: refused before anything is sent, recorded as blocked."""
+    _ = translator(tally.language)
     try:
         import litellm
     except ImportError:
@@ -188,7 +197,7 @@ def _blocked_call(tally: Any, say: Callable[[str], None]) -> str | None:
             with tally.scope(project=BUDGET_PROJECT):
                 held = tally.reserve(model="gpt-4o", input_tokens=1_000, max_tokens=1_000)
         except BudgetExceeded as exc:
-            say(f"Blocked before sending: {exc}")
+            say(_("Blocked before sending: {reason}").format(reason=exc))
             return str(exc)
         tally.release(held)
         return None
@@ -198,6 +207,6 @@ def _blocked_call(tally: Any, say: Callable[[str], None]) -> str | None:
             completion(model="openai/gpt-4o", messages=QUESTION, max_tokens=1_000,
                        mock_response="(never sent)")
     except BudgetExceeded as exc:
-        say(f"Blocked before sending: {exc}")
+        say(_("Blocked before sending: {reason}").format(reason=exc))
         return str(exc)
     return None

@@ -19,6 +19,7 @@ from typing import IO, Any
 import click
 
 from ._errors import ConfigError, LedgerError
+from ._i18n import display_width, pad
 
 DEBUG_VARIABLE = "LLMTALLY_DEBUG"  # set to 1: an unexpected error shows its traceback
 
@@ -171,9 +172,10 @@ def money(amount: float, currency: str | None) -> str:
 def print_table(header: Sequence[str], rows: Sequence[Sequence[Any]], *, left: int) -> None:
     """Aligned columns: the first ``left`` columns (names) flush left, figures flush right."""
     cells = [[printable(c) for c in header]] + [[printable(c) for c in row] for row in rows]
-    widths = [max(len(row[i]) for row in cells) for i in range(len(header))]
+    # columns, not characters: a Chinese or Korean header or name is two columns a character
+    widths = [max(display_width(row[i]) for row in cells) for i in range(len(header))]
     for index, row in enumerate(cells):
-        line = "  ".join(cell.ljust(w) if i < left else cell.rjust(w)
+        line = "  ".join(pad(cell, w, right=i >= left)
                          for i, (cell, w) in enumerate(zip(row, widths)))
         echo(line.rstrip())
         if index == 0:

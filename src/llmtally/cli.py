@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import csv
 import io
+import os
 from collections.abc import Callable
 from datetime import datetime, timezone
 from typing import Any, TypeVar
@@ -22,6 +23,7 @@ from ._cli.prices import prices
 from ._cli.rollups import rollups
 from ._cli.serve import serve
 from ._cli.transfer import export, import_, prune
+from ._i18n import N_, translator
 from ._terminal import (
     Group,
     echo,
@@ -34,6 +36,10 @@ from ._terminal import (
 )
 
 F = TypeVar("F", bound=Callable[..., Any])
+
+# summary's --by columns, shown translated as its first header
+_GROUP_NAMES = (N_("model"), N_("provider"), N_("project"), N_("user"), N_("session"),
+                N_("source"), N_("status"), N_("call_type"), N_("day"))
 
 
 # -- the commands -------------------------------------------------------------------------------
@@ -70,15 +76,19 @@ def demo(database: str, output: str) -> None:
       llmtally demo && open reports/llmtally-*.html
     """
     from ._demo import run_demo
+    from ._i18n import check_language
 
-    result = run_demo(database, output, say=echo)
+    language = check_language(os.environ.get("LLMTALLY_LANGUAGE") or "en")
+    result = run_demo(database, output, say=echo, language=language)
+    _ = translator(result.language)
     echo("")
     for line in result.headline:
         echo("  " + line)
     echo("")
-    echo(f"Report: {result.report}")
-    echo(f"Ledger: {result.database}  (next: llmtally summary --db {database} --by project)")
-    echo(f"Done in {result.seconds:.1f} s.")
+    echo(_("Report: {path}").format(path=result.report))
+    echo(_("Ledger: {path}  (next: llmtally summary --db {db} --by project)").format(
+        path=result.database, db=database))
+    echo(_("Done in {seconds:.1f} s.").format(seconds=result.seconds))
 
 
 @main.command()
@@ -101,6 +111,7 @@ def summary(tally: Any, since: str, until: str | None, group_by: str, project: s
       llmtally summary --since 7d --by project
       llmtally summary --since 2026-11-01 --until 2026-11-15 --by user --json
     """
+    _ = translator(tally.language)
     filters = {name: value for name, value in (("project", project), ("user", user)) if value}
     rows = tally.summary(since=since, until=until, by=group_by, **filters)
     if as_json:
@@ -116,21 +127,23 @@ def summary(tally: Any, since: str, until: str | None, group_by: str, project: s
         click.echo(buffer.getvalue(), nl=False)
         return
     if not rows:
-        echo(f"No calls recorded since {since} in {tally.database_url}.")
+        echo(_("No calls recorded since {since} in {ledger}.").format(
+            since=since, ledger=tally.database_url))
         return
     table = [[row.key or "-", row.calls, row.errors, row.input_tokens, row.output_tokens,
               row.cache_read_tokens,
-              "unpriced" if row.unpriced_calls == row.calls else money(row.cost, row.currency),
+              _("unpriced") if row.unpriced_calls == row.calls else money(row.cost, row.currency),
               row.unpriced_calls or ""] for row in rows]
-    table.append(["TOTAL", sum(r.calls for r in rows), sum(r.errors for r in rows),
+    table.append([_("TOTAL"), sum(r.calls for r in rows), sum(r.errors for r in rows),
                   sum(r.input_tokens for r in rows), sum(r.output_tokens for r in rows),
                   sum(r.cache_read_tokens for r in rows),
                   money(sum(r.cost for r in rows), rows[0].currency),
                   sum(r.unpriced_calls for r in rows) or ""])
-    print_table([group_by, "calls", "errors", "input", "output", "cached", "cost", "unpriced"],
-                 table, left=1)
+    print_table([_(group_by), _("calls"), _("errors"), _("input"), _("output"), _("cached"),
+                 _("cost"), _("unpriced")], table, left=1)
     if any(r.unpriced_calls for r in rows):
-        echo("\nSome calls have no known price (not counted in cost): see `llmtally unpriced`.")
+        echo("\n" + _("Some calls have no known price (not counted in cost): see "
+                      "`llmtally unpriced`."))
 
 
 @main.command()
@@ -144,18 +157,20 @@ def unpriced(tally: Any, since: str | None, as_json: bool) -> None:
     Example:
       llmtally unpriced --since 30d
     """
+    _ = translator(tally.language)
     rows = tally.unpriced(since=since)
     if as_json:
         print_json([row.as_dict() for row in rows])
         return
     if not rows:
-        echo("Every recorded model has a price.")
+        echo(_("Every recorded model has a price."))
         return
-    print_table(["provider", "model", "calls", "input", "output", "last seen"],
+    print_table([_("provider"), _("model"), _("calls"), _("input"), _("output"), _("last seen")],
                  [[r.provider or "-", r.model, r.calls, r.input_tokens, r.output_tokens,
                    r.last_seen.isoformat(timespec="seconds")] for r in rows], left=2)
-    echo('\nAdd a price to llmtally.toml, e.g.\n  [prices."MODEL"]\n  input = 0.5    # per 1M '
-               'input tokens\n  output = 1.5   # per 1M output tokens\n  currency = "USD"')
+    echo("\n" + _("Add a price to llmtally.toml, e.g.") + '\n  [prices."MODEL"]\n  input = 0.5    # '
+         + _("per 1M input tokens") + "\n  output = 1.5   # " + _("per 1M output tokens")
+         + '\n  currency = "USD"')
 
 
 @main.command()
@@ -181,22 +196,25 @@ def budgets(tally: Any, as_json: bool, check: bool, repair: bool) -> None:
     """
     from ._budgets.counters import check_counters, ledger_states, unpriced_calls
 
+    _ = translator(tally.language)
     if check or repair:
         drifts = check_counters(tally.store, repair=repair)
         unit = {"usd": tally.currency, "tokens": "tokens", "requests": "requests"}
         for drift in drifts:
             kind = unit[drift.budget.kind]
-            echo(f"{drift.budget.label} [{drift.instance or 'all calls'}] window "
-                 f"{drift.window_start.isoformat()}: spent {quantity(drift.spent, kind)}, the "
-                 f"ledger says {quantity(drift.expected_spent, kind)}; reserved "
-                 f"{quantity(drift.reserved, kind)}, open holds "
-                 f"{quantity(drift.expected_reserved, kind)}"
-                 + (" (repaired)" if repair else ""))
+            echo(_("{budget} [{instance}] window {window}: spent {spent}, the ledger says "
+                   "{expected}; reserved {reserved}, open holds {holds}").format(
+                budget=drift.budget.label, instance=drift.instance or _("all calls"),
+                window=drift.window_start.isoformat(), spent=quantity(drift.spent, kind),
+                expected=quantity(drift.expected_spent, kind),
+                reserved=quantity(drift.reserved, kind),
+                holds=quantity(drift.expected_reserved, kind))
+                 + (" " + _("(repaired)") if repair else ""))
         if not drifts:
-            echo("Every budget counter equals the ledger.")
+            echo(_("Every budget counter equals the ledger."))
         elif not repair:
-            echo(f"{len(drifts)} counters differ from the ledger: llmtally budgets --repair "
-                 "rewrites them.")
+            echo(_("{count} counters differ from the ledger: llmtally budgets --repair rewrites "
+                   "them.").format(count=len(drifts)))
             raise SystemExit(1)
         return
     now = datetime.now(timezone.utc)
@@ -221,24 +239,26 @@ def budgets(tally: Any, as_json: bool, check: bool, repair: bool) -> None:
         print_json(rows)
         return
     if not rows and tally.budgets is not None:
-        echo("No budget has been charged yet (an each= budget shows each user, project... "
-             "once a call of theirs was checked against it).")
+        echo(_("No budget has been charged yet (an each= budget shows each user, project... "
+               "once a call of theirs was checked against it)."))
         return
     if not rows:
-        echo("No budgets configured: add [[budgets]] to llmtally.toml (see the README).")
+        echo(_("No budgets configured: add [[budgets]] to llmtally.toml (see the README)."))
         return
     unit = {"usd": tally.currency, "tokens": "tokens", "requests": "requests"}
     print_table(
-        ["budget", "scope", "used", "reserved", "limit", "%", "resets", "runs out", "unpriced"],
-        [[r["budget"], ", ".join(f"{k}={v}" for k, v in r["scope"].items()) or "all calls",
+        [_("budget"), _("scope"), _("used"), _("reserved"), _("limit"), "%", _("resets"),
+         _("runs out"), _("unpriced")],
+        [[r["budget"], ", ".join(f"{k}={v}" for k, v in r["scope"].items()) or _("all calls"),
           quantity(r["used"], unit[r["kind"]]), quantity(r["reserved"], unit[r["kind"]]),
           quantity(r["limit"], unit[r["kind"]]),
           "-" if r["percent"] is None else f"{r['percent']:.1f}",
-          r["resets_at"] or "never", r["runs_out_at"] or "-",
+          r["resets_at"] or _("never"), r["runs_out_at"] or "-",
           str(r["unpriced_calls"]) if r["unpriced_calls"] else "-"] for r in rows], left=2)
     if any(r["unpriced_calls"] for r in rows):
-        echo("unpriced: calls in the window to models with no price, which usd budgets cannot "
-             "count (llmtally unpriced lists them; a price override counts them from then on).")
+        echo(_("unpriced: calls in the window to models with no price, which usd budgets "
+               "cannot count (llmtally unpriced lists them; a price override counts them from "
+               "then on)."))
 
 
 @main.command()

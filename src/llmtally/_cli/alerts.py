@@ -9,15 +9,11 @@ from typing import Any
 
 import click
 
-from .._i18n import N_, translator
+from .._i18n import translator
 from .._terminal import CommandError, echo, iso, print_json, print_table
 from .ledger import ledger_options
 
 __all__ = ["status", "alerts"]
-
-# shown translated: the states (_reporting/health.py) and severities
-_WORDS = (N_("ok"), N_("degraded"), N_("down"), N_("idle"), N_("warning"), N_("critical"))
-
 
 @click.command("status")
 @click.option("--window", default="15m", show_default=True,

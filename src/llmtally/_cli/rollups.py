@@ -6,6 +6,7 @@ from typing import Any
 
 import click
 
+from .._i18n import translator
 from .._terminal import echo
 from .ledger import ledger_options
 
@@ -35,19 +36,21 @@ def rollups(tally: Any, check: bool, rebuild: bool) -> None:
     from .._storage.tables import HourlyRollup
 
     store = tally.store
+    _ = translator(tally.language)
     if rebuild:
         with store.write() as conn:
             events = stored.rebuild(conn)
-        echo(f"rebuilt the rollups from {events:,} events")
+        echo(_("rebuilt the rollups from {count:,} events").format(count=events))
     if check:
         with store.connect() as conn:
             differences = stored.differences(conn)
         for line in differences:
             echo(line)
         if differences:
-            echo("the rollups differ from the events: llmtally rollups --rebuild recomputes them")
+            echo(_("the rollups differ from the events: llmtally rollups --rebuild recomputes "
+                   "them"))
             raise SystemExit(1)
-        echo("every rollup equals the events")
+        echo(_("every rollup equals the events"))
     if rebuild or check:
         return
     table = HourlyRollup.__table__.c
@@ -55,5 +58,7 @@ def rollups(tally: Any, check: bool, rebuild: bool) -> None:
         rows, events, first, last = conn.execute(select(
             func.count(), func.coalesce(func.sum(table.calls), 0), func.min(table.hour),
             func.max(table.hour))).one()
-    span = f", {first:%Y-%m-%d %H:00} to {last:%Y-%m-%d %H:00} UTC" if rows else ""
-    echo(f"{rows:,} rollup rows summing {int(events):,} events{span}")
+    span = _(", {first} to {last} UTC").format(
+        first=f"{first:%Y-%m-%d %H:00}", last=f"{last:%Y-%m-%d %H:00}") if rows else ""
+    echo(_("{rows:,} rollup rows summing {events:,} events").format(rows=rows, events=int(events))
+         + span)

@@ -8,6 +8,7 @@ from typing import Any
 
 import click
 
+from .._i18n import translator
 from .._terminal import CommandError, echo
 from .ledger import ledger_options
 
@@ -65,7 +66,9 @@ def serve(tally: Any, host: str, port: int, token_env: str | None, refresh: int,
             from None
     app = create_app(tally, token=token, refresh_seconds=refresh, cache_seconds=cache_seconds)
     shown = f"[{host}]" if ":" in host else host
-    echo(f"llmtally serve: http://{shown}:{port}/ over {tally.database_url}"
-         + (" (token required)" if token else "") + "  (Ctrl-C to stop)")
+    _ = translator(tally.language)
+    pattern = (_("llmtally serve: {url} over {ledger} (token required)  (Ctrl-C to stop)")
+               if token else _("llmtally serve: {url} over {ledger}  (Ctrl-C to stop)"))
+    echo(pattern.format(url=f"http://{shown}:{port}/", ledger=tally.database_url))
     uvicorn.run(app, host=host, port=port, log_level="warning", server_header=False,
                 proxy_headers=False)

@@ -9,6 +9,7 @@ from typing import IO, Any, cast
 
 import click
 
+from .._i18n import translator
 from .._terminal import CommandError, TerminalText, echo, iso, money
 from .ledger import ledger_options
 
@@ -44,7 +45,9 @@ def export(tally: Any, fmt: str | None, since: str | None, until: str | None,
                                format=fmt, since=since, until=until, project=project,
                                progress=progress)
     if to_file:
-        echo(f"exported {result.rows:,} events to {output} ({result.format})", err=True)
+        _ = translator(tally.language)
+        echo(_("exported {rows:,} events to {path} ({format})").format(
+            rows=result.rows, path=output, format=result.format), err=True)
 
 
 @click.command("import")
@@ -70,12 +73,16 @@ def import_(tally: Any, file: str, fmt: str | None) -> None:
 
     source = sys.stdin.buffer if file == "-" else file
     result = import_events(tally.store, source, format=fmt)
-    echo(f"imported {result.imported:,} events from {file} ({result.format}); "
-               f"skipped {result.skipped:,} already in the ledger; invalid lines: {result.invalid:,}")
+    _ = translator(tally.language)
+    echo(_("imported {imported:,} events from {path} ({format}); skipped {skipped:,} already "
+           "in the ledger; invalid lines: {invalid:,}").format(
+        imported=result.imported, path=file, format=result.format, skipped=result.skipped,
+        invalid=result.invalid))
     for line, reason in result.invalid_lines:
-        echo(f"  line {line}: {reason}")
+        echo("  " + _("line {line}: {reason}").format(line=line, reason=reason))
     if result.invalid > len(result.invalid_lines):
-        echo(f"  ... and {result.invalid - len(result.invalid_lines):,} more")
+        echo("  " + _("... and {count:,} more").format(
+            count=result.invalid - len(result.invalid_lines)))
     if result.invalid:
         raise SystemExit(1)
 
@@ -107,16 +114,21 @@ def prune(tally: Any, older_than: str, archive: str | None, dry_run: bool) -> No
     from .._transfer.prune import prune_events
 
     result = prune_events(tally.store, older_than, archive=archive, dry_run=dry_run)
-    details = [f"cost {money(amount, currency)}" for currency, amount in result.cost.items()]
+    _ = translator(tally.language)
+    details = [_("cost {amount}").format(amount=money(amount, currency))
+               for currency, amount in result.cost.items()]
     if result.unpriced:
-        details.append(f"{result.unpriced:,} unpriced")
-    what = f"{result.events:,} events older than {iso(result.cutoff)}" + (
+        details.append(_("{count:,} unpriced").format(count=result.unpriced))
+    what = _("{count:,} events older than {cutoff}").format(
+        count=result.events, cutoff=iso(result.cutoff)) + (
         f" ({'; '.join(details)})" if details else "")
     if result.dry_run:
-        echo(f"would delete {what}" + (f", archiving them to {archive}" if archive else "")
-                   + "; nothing deleted (--dry-run)")
+        echo(_("would delete {what}").format(what=what)
+             + (_(", archiving them to {path}").format(path=archive) if archive else "")
+             + _("; nothing deleted (--dry-run)"))
     else:
-        echo(f"deleted {what}" + (f"; archived to {archive}" if archive else ""))
+        echo(_("deleted {what}").format(what=what)
+             + (_("; archived to {path}").format(path=archive) if archive else ""))
 
 
 @contextlib.contextmanager

@@ -6,14 +6,11 @@ import bisect
 import math
 from collections.abc import Sequence
 from datetime import datetime
-from typing import TYPE_CHECKING
 
+from .._i18n import N_, strftime, translator
 from .figures import Chart, ChartBar
 from .numbers import format_money
 from .period import Period, naive_utc
-
-if TYPE_CHECKING:
-    pass
 
 _CHART_WIDTH, _CHART_HEIGHT = 720, 260
 
@@ -21,9 +18,12 @@ _CHART_WIDTH, _CHART_HEIGHT = 720, 260
 _CHART_LEFT, _CHART_RIGHT, _CHART_TOP, _CHART_BOTTOM = 64, 12, 14, 30
 
 
-def cost_chart(period: Period, buckets: Sequence[tuple[datetime, float, int]], currency: str
-           ) -> tuple[Chart, tuple[tuple[str, float, float | None, int], ...]]:
-    """Cost per day (or week, month) as bars, the previous period as a dashed line."""
+def cost_chart(period: Period, buckets: Sequence[tuple[datetime, float, int]], currency: str,
+               language: str = "en",
+               ) -> tuple[Chart, tuple[tuple[str, float, float | None, int], ...]]:
+    """Cost per day (or week, month) as bars, the previous period as a dashed line; labels in
+    ``language``."""
+    _ = translator(language)
     edges = [naive_utc(start) for start, _end in period.buckets]
     previous_edges = [naive_utc(start) for start, _end in period.previous_buckets]
     start, end = period.utc_range
@@ -54,10 +54,11 @@ def cost_chart(period: Period, buckets: Sequence[tuple[datetime, float, int]], c
 
     bars, points, dots, daily = [], [], [], []
     for index, (bucket_start, _bucket_end) in enumerate(period.buckets):
-        label = _bucket_label(bucket_start, period.granularity)
+        label = _bucket_label(bucket_start, period.granularity, language)
         previous = before[index] if has_before[index] else None
-        long_label = _bucket_label(bucket_start, period.granularity, long=True)
-        title = f"{long_label}: {format_money(cost[index], currency)}, {calls[index]:,} calls"
+        long_label = _bucket_label(bucket_start, period.granularity, language, long=True)
+        title = _("{when}: {cost}, {calls:,} calls").format(
+            when=long_label, cost=format_money(cost[index], currency), calls=calls[index])
         x = _CHART_LEFT + index * step
         height = bottom - y_of(cost[index])
         bars.append(ChartBar(label=label, title=title, x=round(x + step * 0.18, 2),
@@ -94,10 +95,14 @@ def _nice_scale(value: float) -> tuple[float, int]:
     return 10 * power, 5
 
 
-def _bucket_label(moment: datetime, granularity: str, *, long: bool = False) -> str:
+def _bucket_label(moment: datetime, granularity: str, language: str, *,
+                  long: bool = False) -> str:
     if granularity == "day":
-        return f"{moment:%a %d %b}" if long else f"{moment:%a %d}"
+        return strftime(moment, N_("%a %d %b") if long else N_("%a %d"), language)
     if granularity == "week":
-        year, week, _ = moment.date().isocalendar()
-        return f"{year}-W{week:02d} ({moment:%d %b})" if long else f"W{week:02d}"
-    return f"{moment:%B %Y}" if long else f"{moment:%b}"
+        year, week, _weekday = moment.date().isocalendar()
+        if long:
+            monday = strftime(moment, N_("%d %b"), language)
+            return f"{year}-W{week:02d} ({monday})"
+        return f"W{week:02d}"
+    return strftime(moment, N_("%B %Y") if long else N_("%b"), language)

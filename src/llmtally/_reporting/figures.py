@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import TYPE_CHECKING
 
+from .._i18n import display_width, pad, translator
 from . import data
 from .numbers import format_money, number, percent
 from .period import Period
@@ -146,6 +147,7 @@ class Report:
     unpriced_total: int
     estimated_models: tuple[TableRow, ...]
     other_currencies: dict[str, int] = field(default_factory=dict)
+    language: str = "en"  # of the labels and the template's text (_i18n.py)
 
     @property
     def cost(self) -> Change:
@@ -163,30 +165,43 @@ class Report:
         return format_money(amount, self.currency, signed=signed)
 
     def headline_lines(self) -> list[str]:
-        """The headline as a few lines of plain text (what ``llmtally report`` prints)."""
+        """The headline as a few lines of plain text (what ``llmtally report`` prints), in the
+        report's language."""
+        _ = translator(self.language)
         cost, calls, tokens = self.cost, self.calls, self.tokens
 
         def versus(change: Change) -> str:
-            return "new" if change.percent is None else percent(change.percent, signed=True)
+            return _("new") if change.percent is None else percent(change.percent, signed=True)
 
+        period = f"{self.period.label}, {self.timezone}"
+        if self.project:
+            period += ", " + _("project {name}").format(name=self.project)
+        calls_text = _("{calls}  ({change})  error rate {rate}").format(
+            calls=number(calls.now), change=versus(calls),
+            rate=percent(rate(self.current.error_rate)))
+        if self.current.blocked:
+            calls_text += "  " + _("blocked {count}").format(count=number(self.current.blocked))
         lines = [
-            f"period      {self.period.label}, {self.timezone}"
-            + (f", project {self.project}" if self.project else ""),
-            f"cost        {self.money(cost.now)}  ({self.money(cost.delta, signed=True)}, "
-            f"{versus(cost)} vs {self.period.previous_label})",
-            f"calls       {number(calls.now)}  ({versus(calls)})"
-            f"  error rate {percent(rate(self.current.error_rate))}"
-            + (f"  blocked {self.current.blocked:,}" if self.current.blocked else ""),
-            f"tokens      {number(tokens.now)}  ({versus(tokens)})",
-            f"cache saved {self.money(self.cache_savings)}",
+            (_("period"), period),
+            (_("cost"), _("{cost}  ({delta}, {change} vs {previous})").format(
+                cost=self.money(cost.now), delta=self.money(cost.delta, signed=True),
+                change=versus(cost), previous=self.period.previous_label)),
+            (_("calls"), calls_text),
+            (_("tokens"), _("{tokens}  ({change})").format(tokens=number(tokens.now),
+                                                           change=versus(tokens))),
+            (_("cache saved"), self.money(self.cache_savings)),
         ]
         if self.current.unpriced_calls:
-            lines.append(f"unpriced    {self.current.unpriced_calls:,} calls have no price "
-                         "(not in the cost; see the report)")
+            lines.append((_("unpriced"), _("{count} calls have no price (not in the cost; see "
+                                           "the report)").format(
+                count=number(self.current.unpriced_calls))))
         if self.current.estimated_calls:
-            lines.append(f"estimated   {self.money(self.current.estimated_cost)} of the cost "
-                         f"({self.current.estimated_calls:,} calls) is from tokens counted offline")
-        return lines
+            lines.append((_("estimated"), _("{cost} of the cost ({count} calls) is from tokens "
+                                            "counted offline").format(
+                cost=self.money(self.current.estimated_cost),
+                count=number(self.current.estimated_calls))))
+        width = max(display_width(label) for label, _value in lines) + 1
+        return [pad(label, width) + value for label, value in lines]
 
 
 def rate(value: float | None) -> float | None:

@@ -15,6 +15,7 @@ from datetime import date, datetime, timedelta, timezone, tzinfo
 from typing import Literal
 
 from .._errors import ConfigError
+from .._i18n import N_, strftime, translator
 from .._timeparse import DURATION, parse_duration
 
 __all__ = ["Period", "resolve_period", "MAX_DAY_BUCKETS", "MAX_WEEK_BUCKETS"]
@@ -70,12 +71,13 @@ class Period:
 
 
 def resolve_period(*, week: str | None, since: str | datetime | date | None,
-                   until: str | datetime | date | None, now: datetime, tz: tzinfo) -> Period:
+                   until: str | datetime | date | None, now: datetime, tz: tzinfo,
+                   language: str = "en") -> Period:
     """The report's period from ``week`` or ``since``/``until`` (default: last week).
 
     ``since``/``until`` take a duration back from now ("7d"), a date or an ISO datetime
     (strings and dates without a zone are in ``tz``; naive datetimes are UTC, as everywhere in
-    llmtally). ``until`` is exclusive and defaults to now.
+    llmtally). ``until`` is exclusive and defaults to now. Labels are in ``language``.
     """
     now = _aware(now, timezone.utc).astimezone(tz)
     if week is not None and (since is not None or until is not None):
@@ -85,7 +87,7 @@ def resolve_period(*, week: str | None, since: str | datetime | date | None,
             raise ConfigError("until= needs since=: e.g. since='2026-11-01', until='2026-11-15'")
         week = "last"
     if week is not None:
-        return _week_period(str(week), now, tz)
+        return _week_period(str(week), now, tz, language)
     assert since is not None  # week=None and since=None became week="last" above
     start = _instant(since, now, tz, "since")
     end = now if until is None else _instant(until, now, tz, "until")
@@ -105,7 +107,7 @@ def resolve_period(*, week: str | None, since: str | datetime | date | None,
                   previous_buckets=previous_buckets)
 
 
-def _week_period(text: str, now: datetime, tz: tzinfo) -> Period:
+def _week_period(text: str, now: datetime, tz: tzinfo, language: str) -> Period:
     value = text.strip().lower()
     today = now.date()
     this_monday = today - timedelta(days=today.weekday())
@@ -138,12 +140,17 @@ def _week_period(text: str, now: datetime, tz: tzinfo) -> Period:
     previous_days = tuple((_shift_days(a, -7, tz), _shift_days(b, -7, tz)) for a, b in days)
     slug = f"{year}-W{number:02d}"
     sunday = monday + timedelta(days=6)
-    label = f"{slug} ({monday:%a %d %b} – {sunday:%a %d %b %Y})"
+    _ = translator(language)
+    first_day = strftime(monday, N_("%a %d %b"), language)
+    last_day = strftime(sunday, N_("%a %d %b %Y"), language)
+    label = f"{slug} ({first_day} – {last_day})"
     if partial:
-        label = f"{slug} so far (since {monday:%a %d %b}, up to {end:%a %d %b %H:%M})"
+        label = _("{week} so far (since {start}, up to {end})").format(
+            week=slug, start=first_day, end=strftime(end, N_("%a %d %b %H:%M"), language))
     previous_label = f"{previous_year}-W{previous_number:02d}"
     if partial:
-        previous_label += f" up to {previous_end:%a %H:%M}"
+        previous_label = _("{week} up to {end}").format(
+            week=previous_label, end=strftime(previous_end, N_("%a %H:%M"), language))
     return Period(label=label, slug=slug, previous_label=previous_label, start=start, end=end,
                   previous_start=previous_start, previous_end=previous_end, tz=tz,
                   granularity="day", buckets=days, previous_buckets=previous_days,

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from .._errors import ConfigError
+from .._i18n import N_, catalog, strftime
 from .._storage.files import create_beside
 from .._storage.sketch import RELATIVE_ERROR
 from .figures import Report, rate
@@ -24,17 +25,22 @@ if TYPE_CHECKING:
 
 __all__ = ["ReportFile", "render_html", "write_report", "report_path", "price_key", "toml_key"]
 
-@functools.lru_cache(maxsize=1)
-def _environment() -> Environment:
-    """One environment per process: it caches the compiled templates (a page then costs the
-    rendering, not the parsing: ~100 ms less a dashboard page)."""
+@functools.lru_cache(maxsize=None)
+def _environment(language: str = "en") -> Environment:
+    """One environment per process and language: it caches the compiled templates (a page
+    then costs the rendering, not the parsing: ~100 ms less a dashboard page), and its
+    ``{% trans %}`` / ``_()`` text comes from that language's catalog (_i18n.py)."""
     from jinja2 import Environment, PackageLoader, StrictUndefined, select_autoescape
 
     env = Environment(
         loader=PackageLoader("llmtally", "templates"),
         autoescape=select_autoescape(("html", "j2"), default=True, default_for_string=True),
         undefined=StrictUndefined, trim_blocks=True, lstrip_blocks=True,
+        extensions=["jinja2.ext.i18n"],
     )
+    # newstyle: Jinja2 fills a translation's %(name)s fields itself and escapes their values
+    env.install_gettext_translations(catalog(language), newstyle=True)  # type: ignore[attr-defined]
+    env.policies["ext.i18n.trimmed"] = True
     env.filters.update(number=number, percent=percent, duration=duration, cut=cut,
                        json_text=_json_text, css_number=_css_number)
     return env
@@ -56,11 +62,12 @@ def _css_number(value: float) -> str:
 def render_html(report: Report, template_name: str = "report.html.j2", **extra: Any) -> str:
     """The report as one self-contained HTML document (or, with ``template_name``, a page
     built on it, such as the dashboard, given ``extra`` values)."""
-    template = _environment().get_template(template_name)
+    language = report.language
+    template = _environment(language).get_template(template_name)
     return template.render(
         **extra, r=report, money=report.money, rate=rate, local=lambda m: f"{m:%Y-%m-%d %H:%M}",
-        when=lambda naive: (
-            f"{naive.replace(tzinfo=timezone.utc).astimezone(report.period.tz):%a %d %b %H:%M}"),
+        when=lambda naive: strftime(naive.replace(tzinfo=timezone.utc).astimezone(report.period.tz),
+                                    N_("%a %d %b %H:%M"), language),
         price_key=price_key, toml_key=toml_key, percentile_error=RELATIVE_ERROR)
 
 

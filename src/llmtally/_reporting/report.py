@@ -9,11 +9,12 @@ inline SVG, no JavaScript and no URL to fetch.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from datetime import datetime, timezone, tzinfo
 from typing import TYPE_CHECKING, Any, Protocol
 
 from .._errors import ConfigError
+from .._i18n import N_, strftime, translator
 from . import data, health
 from .chart import cost_chart
 from .figures import Breakdown, BudgetRow, Change, ProviderHealth, Report, TableRow
@@ -50,6 +51,7 @@ class ReportSource(Protocol):
     store: Store
     prices: PriceBook
     currency: str
+    language: str
 
     @property
     def tz(self) -> tzinfo: ...
@@ -69,7 +71,8 @@ def build_report(tally: ReportSource, *, week: str | None = None, since: Any = N
                  now: datetime | None = None, filters: Mapping[str, str] | None = None) -> Report:
     """Read the report's figures from ``tally``'s ledger (a few aggregate queries). Flushes
     first, so the Tally's own events are in it. ``filters`` keeps only the calls whose
-    provider, model, project, user or status equal the values given (the dashboard's)."""
+    provider, model, project, user or status equal the values given (the dashboard's). Its
+    text is in the Tally's ``language``."""
     if project is not None and not str(project).strip():
         raise ConfigError("project must be a non-empty name")
     wanted = dict(filters or {})
@@ -82,7 +85,10 @@ def build_report(tally: ReportSource, *, week: str | None = None, since: Any = N
         raise ConfigError(f"top={top!r}: show at least one row per table")
     tally.flush(_FLUSH_TIMEOUT_S)
     now = now or tally.now()
-    period = resolve_period(week=week, since=since, until=until, now=now, tz=tally.tz)
+    language = tally.language
+    _ = translator(language)
+    period = resolve_period(week=week, since=since, until=until, now=now, tz=tally.tz,
+                            language=language)
     start, end = period.utc_range
     previous_start, previous_end = period.previous_utc_range
     rows = data.Range(start, end, previous_start, previous_end, tuple(sorted(wanted.items())),
@@ -100,26 +106,27 @@ def build_report(tally: ReportSource, *, week: str | None = None, since: Any = N
         stored_currencies = data.currencies(conn, rows)
     states = tally.budget_states()
     total_cost = current.cost
-    chart, daily = cost_chart(period, buckets, tally.currency)
+    chart, daily = cost_chart(period, buckets, tally.currency, language)
     breakdowns = (  # in page order: provider and project side by side, then model, user
-        _breakdown("Cost by provider", "provider", by["provider"], top, total_cost),
-        _breakdown("Cost by project", "project", by["project"], top, total_cost),
-        _breakdown("Cost by model", "model", models, top, total_cost),
-        _breakdown("Cost by user", "user", by["user"], top, total_cost),
+        _breakdown(_("Cost by provider"), "provider", by["provider"], top, total_cost, _),
+        _breakdown(_("Cost by project"), "project", by["project"], top, total_cost, _),
+        _breakdown(_("Cost by model"), "model", models, top, total_cost, _),
+        _breakdown(_("Cost by user"), "user", by["user"], top, total_cost, _),
     )
     estimated = tuple(_table_row(row, total_cost, 0.0) for row in models if row.estimated_calls)
     zone_name = getattr(tally.tz, "key", None) or str(tally.tz)
-    title = f"LLM usage {period.label}" + "".join(f" · {value}" for value in wanted.values())
+    title = (_("LLM usage {period}").format(period=period.label)
+             + "".join(f" · {value}" for value in wanted.values()))
     return Report(
-        title=title, period=period, project=wanted.get("project"), currency=tally.currency,
+        language=language, title=title, period=period, project=wanted.get("project"), currency=tally.currency,
         timezone=zone_name, generated_at=_as_aware(now).astimezone(tally.tz),
         database=tally.database_url, current=current, previous=previous,
         cache_savings=_cache_savings(models, tally.prices), chart=chart, daily=daily,
         breakdowns=breakdowns,
         latency=tuple(latency[:MAX_PERCENTILE_ROWS]), ttft=tuple(ttft[:MAX_PERCENTILE_ROWS]),
-        providers=_provider_health(by["provider"], errors),
+        providers=_provider_health(by["provider"], errors, _),
         errors=tuple(errors[:MAX_ERROR_ROWS]), errors_total=len(errors),
-        budgets=_budget_rows(states, now, tally.tz, tally.currency)[:MAX_BUDGET_ROWS],
+        budgets=_budget_rows(states, now, tally.tz, tally.currency, language)[:MAX_BUDGET_ROWS],
         budgets_total=len(states), costly=tuple(costly),
         unpriced=tuple(unpriced[:MAX_UNPRICED_ROWS]), unpriced_total=len(unpriced),
         estimated_models=estimated[:MAX_UNPRICED_ROWS],
@@ -181,14 +188,14 @@ def _table_row(row: data.GroupRow, total_cost: float, largest: float, *,
 
 
 def _breakdown(title: str, column: str, found: Sequence[data.GroupRow], top: int,
-               total_cost: float) -> Breakdown:
+               total_cost: float, _: Callable[[str], str]) -> Breakdown:
     """The top ``top`` groups of this period by cost, and one row summing the rest."""
     active = [row for row in found if row.calls]
     shown, rest = active[:top], active[top:]
     other = None
     if rest:
         other = data.GroupRow(
-            key=f"other ({len(rest)} more)", calls=sum(r.calls for r in rest),
+            key=_("other ({count} more)").format(count=len(rest)), calls=sum(r.calls for r in rest),
             errors=sum(r.errors for r in rest),
             input_tokens=sum(r.input_tokens for r in rest),
             output_tokens=sum(r.output_tokens for r in rest), cost=sum(r.cost for r in rest),
@@ -203,11 +210,12 @@ def _breakdown(title: str, column: str, found: Sequence[data.GroupRow], top: int
     return Breakdown(title=title, column=column, rows=tuple(rows), groups=len(active))
 
 
-def _provider_health(providers: Sequence[data.GroupRow],
-                     errors: Sequence[data.ErrorRow]) -> tuple[ProviderHealth, ...]:
+def _provider_health(providers: Sequence[data.GroupRow], errors: Sequence[data.ErrorRow],
+                     _: Callable[[str], str]) -> tuple[ProviderHealth, ...]:
     by_provider: dict[str | None, list[tuple[str, int]]] = {}
     for row in errors:
-        by_provider.setdefault(row.provider, []).append((row.error_type or "(unknown)", row.count))
+        by_provider.setdefault(row.provider, []).append((row.error_type or _("(unknown)"),
+                                                         row.count))
     out = []
     for group in providers:
         if not group.calls:
@@ -215,7 +223,7 @@ def _provider_health(providers: Sequence[data.GroupRow],
         types = by_provider.get(group.key, [])
         kinds = [(health.kind_of(name), count) for name, count in types]
         out.append(ProviderHealth(
-            provider=group.key if group.key is not None else "(none)", calls=group.calls,
+            provider=group.key if group.key is not None else _("(none)"), calls=group.calls,
             errors=group.errors,
             error_rate=100.0 * group.errors / group.calls if group.calls else None,
             previous_calls=group.previous_calls, top_errors=tuple(types[:3]),
@@ -227,34 +235,40 @@ def _provider_health(providers: Sequence[data.GroupRow],
 
 
 def _budget_rows(states: Sequence[CounterState], now: datetime, tz: tzinfo,
-                 currency: str) -> tuple[BudgetRow, ...]:
+                 currency: str, language: str) -> tuple[BudgetRow, ...]:
+    _ = translator(language)
+    units = {"tokens": _("tokens"), "requests": _("requests")}
     rows = []
     for state in states:
         budget = state.budget
         scope = dict(budget.scope) | ({budget.each: state.instance} if budget.each else {})
 
         def amount(value: float, kind: str = budget.kind) -> str:
-            return format_money(value, currency) if kind == "usd" else f"{value:,.0f} {kind}"
+            return (format_money(value, currency) if kind == "usd"
+                    else f"{value:,.0f} {units.get(kind, kind)}")
 
         percent = 100.0 * state.used / budget.limit if budget.limit else None
         end = state.window.end
         run_out = state.run_out(now)
         if run_out is None:
-            runs_out = "not before it resets" if end is not None and state.spent > 0 else "–"
+            runs_out = _("not before it resets") if end is not None and state.spent > 0 else "–"
         else:
-            runs_out = _local(run_out, tz)
+            runs_out = _local(run_out, tz, language)
         rows.append(BudgetRow(
-            label=budget.label, scope=", ".join(f"{k}={v}" for k, v in scope.items()) or "all calls",
+            label=budget.label,
+            scope=", ".join(f"{k}={v}" for k, v in scope.items()) or _("all calls"),
             kind=budget.kind, used=amount(state.used), limit=amount(budget.limit), percent=percent,
-            bar=min(percent or 0.0, 100.0), resets="never" if end is None else _local(end, tz),
+            bar=min(percent or 0.0, 100.0),
+            resets=_("never") if end is None else _local(end, tz, language),
             runs_out=runs_out, action=budget.action,
             over=budget.limit > 0 and state.used >= budget.limit, level=state.level))
     rows.sort(key=lambda row: (-(row.percent or 0.0), row.label, row.scope))
     return tuple(rows)
 
 
-def _local(naive_utc: datetime, tz: tzinfo) -> str:
-    return f"{naive_utc.replace(tzinfo=timezone.utc).astimezone(tz):%a %d %b %Y %H:%M}"
+def _local(naive_utc: datetime, tz: tzinfo, language: str) -> str:
+    return strftime(naive_utc.replace(tzinfo=timezone.utc).astimezone(tz),
+                    N_("%a %d %b %Y %H:%M"), language)
 
 
 # -- the chart -----------------------------------------------------------------------------

@@ -10,6 +10,7 @@ from urllib.parse import urlencode
 from .._alerts.history import recent
 from .._alerts.status import DEFAULT_WINDOW, channel_status
 from .._errors import ConfigError
+from .._i18n import N_
 from .._reporting import live
 from .._reporting.render import render_html
 from .._reporting.report import REPORT_FILTERS, build_report
@@ -18,8 +19,8 @@ from .source import LedgerView
 __all__ = ["render_dashboard", "PERIODS", "CALLS_PER_PAGE"]
 
 PERIODS = ("today", "week", "month", "24h", "7d", "30d")
-PERIOD_LABELS = {"today": "Today", "week": "This week", "month": "This month", "24h": "24 h",
-                 "7d": "7 days", "30d": "30 days"}
+PERIOD_LABELS = {"today": N_("Today"), "week": N_("This week"), "month": N_("This month"),
+                 "24h": N_("24 h"), "7d": N_("7 days"), "30d": N_("30 days")}
 CALLS_PER_PAGE = 50
 ALERTS_SHOWN_FOR = timedelta(days=7)
 MAX_ALERTS_SHOWN = 20

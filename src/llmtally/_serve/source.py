@@ -24,6 +24,7 @@ class LedgerView:
         self.store: Store = tally.store
         self.prices: PriceBook = tally.prices
         self.currency: str = tally.currency
+        self.language: str = tally.language
 
     @property
     def tz(self) -> tzinfo:
