@@ -224,3 +224,11 @@ def test_record_turns_any_metadata_into_plain_json_quickly(sqlite_url, tmp_path)
         assert by_id[event]["llmtally_metadata_dropped"] == f"more than {MAX_NODES} values"
         assert by_id[event]["llmtally_warnings"] == [
             f"metadata held more than {MAX_NODES} values; dropped"]
+
+
+def test_a_rejected_row_without_metadata_gets_its_note_in_metadata():
+    from llmtally._storage.writer_rows import salvaged
+
+    kept = salvaged({"id": "x", "tags": (), "metadata": None}, ValueError("refused\nsecond"))
+    assert kept["metadata"] == {"llmtally_warnings": ["rejected: ValueError: refused"]}
+    assert "llmtally_rejected" not in kept

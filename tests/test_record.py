@@ -319,3 +319,28 @@ def test_record_event_never_raises_and_records_an_odd_usage_as_zero_tokens(tally
         assert (row["input_tokens"], row["output_tokens"], row["cost"]) == (0, 0, 0.0)
         assert "is not a Usage; recorded as 0 tokens" in row["metadata"]
     assert "could not record a call" in caplog.text
+
+
+def test_a_queued_call_without_tags_or_metadata_is_not_followed_by_the_garbage_collector(
+        make_tally):
+    """Thousands of rows wait in the writer's queue when calls outrun the ledger: rows that
+    hold a list or dict keep the collector walking them all (it cost record() a third more in
+    benchmarks/ingest.py). With tags or metadata the row holds them, as it must."""
+    import gc
+
+    from llmtally._events.event import CallEvent, event_row
+    from llmtally._events.scope import EMPTY
+
+    tally = make_tally()
+    plain = event_row(CallEvent(model="gpt-4o-mini", usage=(10, 5, 0, 0, 0)), event_id="a",
+                      now=tally.now(), scope=EMPTY, prices=tally.prices)
+    tagged = event_row(CallEvent(model="gpt-4o-mini", usage=(10, 5, 0, 0, 0), tags=["x"],
+                                 metadata={"k": "v"}), event_id="b", now=tally.now(),
+                       scope=EMPTY, prices=tally.prices)
+    gc.collect()
+    assert not gc.is_tracked(plain)
+    assert (plain["tags"], plain["metadata"]) == ((), None)
+    assert (tagged["tags"], tagged["metadata"]) == (["x"], {"k": "v"})
+    tally.record(model="gpt-4o-mini", input_tokens=10, output_tokens=5)
+    [stored] = ledger_rows(tally)
+    assert (stored["tags"], stored["metadata"]) == ("[]", "{}")  # stored as before

@@ -140,8 +140,8 @@ def event_row(event: CallEvent, event_id: str, now: datetime, scope: _scope.Attr
         or scope.project,
         "user": (None if user is None else _clean_text(user, notes, "user")) or scope.user,
         "session": (None if session is None else clean_id(session)) or scope.session,
-        "tags": list(_scope.merge_tags(scope.tags, _tag_tuple(tags, notes)) if tags
-                     else scope.tags),
+        "tags": (list(_scope.merge_tags(scope.tags, _tag_tuple(tags, notes)) if tags
+                      else scope.tags) if tags or scope.tags else ()),
         "request_id": (None if request_id is None else clean_id(request_id)) or scope.request_id,
         "metadata": None,
     }
@@ -160,7 +160,9 @@ def event_row(event: CallEvent, event_id: str, now: datetime, scope: _scope.Attr
         meta["cache_hit"] = True
     if notes:
         meta["llmtally_warnings"] = notes
-    row["metadata"] = meta
+    # Empty tags and metadata as () and None: a row holding no list or dict is one the
+    # garbage collector stops visiting, which counts while thousands wait in the writer's queue
+    row["metadata"] = meta or None
     return row
 
 

@@ -77,6 +77,8 @@ def salvaged(row: Any, error: BaseException) -> dict[str, Any]:
                 value = safe_str(value)
             out[key] = value
     meta = out.get("metadata")
+    if meta is None:  # a row with none
+        meta = out["metadata"] = {}
     if isinstance(meta, dict):
         warnings = meta.get("llmtally_warnings")
         meta["llmtally_warnings"] = [*(warnings if isinstance(warnings, list) else []), note]
