@@ -78,6 +78,9 @@ MODULES: dict[str, tuple[str, list[str]]] = {
     "rollups": ("src/llmtally/_storage/rollups.py",
                 ["tests/test_rollups.py", "tests/test_report.py", "tests/test_transfer.py"]),
     "sketch": ("src/llmtally/_storage/sketch.py", ["tests/test_rollups.py", "tests/test_report.py"]),
+    # a batch as few INSERT statements (SQLite)
+    "many_rows": ("src/llmtally/_storage/many_rows.py",
+                  ["tests/test_many_rows.py", "tests/test_ledger.py", "tests/test_rollups.py"]),
     "facts": ("src/llmtally/_reporting/facts.py",
               ["tests/test_rollups.py", "tests/test_report.py", "tests/test_record.py"]),
     # the price-parity sweep (tests/test_price_parity.py, ~30 s) is left out: too slow per mutant

@@ -15,7 +15,6 @@ lock them in the same order and never deadlock.
 
 from __future__ import annotations
 
-import functools
 import hashlib
 import json
 import operator
@@ -25,6 +24,7 @@ from typing import Any
 
 from sqlalchemy import Connection, delete, literal_column, select
 
+from .many_rows import execute_rows
 from .sketch import bucket_of
 from .tables import EVENT_COLUMNS, ROLLUPS_TABLE, SKETCHES_TABLE, HourlyRollup, RollupSketch, UsageEvent
 
@@ -158,11 +158,11 @@ def add(conn: Connection, delta: Delta) -> None:
         return
     sums = sorted((key[0], dims_key(key[1:]), *key[1:], *values)
                   for key, values in delta.sums.items())
-    conn.exec_driver_sql(_upsert_sql(conn.dialect.name), sums)
+    execute_rows(conn, *_UPSERT, sums)
     if delta.sketch:
         cells = sorted((key[0], dims_key(key[1:4]), key[4], key[5], *key[1:4], calls)
                        for key, calls in delta.sketch.items())
-        conn.exec_driver_sql(_sketch_sql(conn.dialect.name), cells)
+        execute_rows(conn, *_SKETCH_UPSERT, cells)
 
 
 def _sqlite_ts(moment: datetime) -> str:
@@ -173,34 +173,29 @@ def _quoted(names: Iterable[str]) -> str:
     return ", ".join(f'"{name}"' for name in names)
 
 
-@functools.cache
-def _upsert_sql(dialect: str) -> str:
-    columns = ("hour", "dims", *DIMS, *SUMS, *_EXTREMES)
-    mark = "?" if dialect == "sqlite" else "%s"
+def _upsert() -> tuple[str, str]:
     table = ROLLUPS_TABLE
     sums = ", ".join(f'"{name}" = {table}."{name}" + excluded."{name}"' for name in SUMS)
     return (
-        f"INSERT INTO {table} ({_quoted(columns)}) VALUES ({', '.join([mark] * len(columns))}) "
+        f"INSERT INTO {table} ({_quoted(('hour', 'dims', *DIMS, *SUMS, *_EXTREMES))})",
         f"ON CONFLICT (hour, dims) DO UPDATE SET {sums}, "
         f"max_cost = CASE WHEN {table}.max_cost IS NULL OR excluded.max_cost > {table}.max_cost "
         f"THEN excluded.max_cost ELSE {table}.max_cost END, "
         f"first_ts = CASE WHEN excluded.first_ts < {table}.first_ts THEN excluded.first_ts "
         f"ELSE {table}.first_ts END, "
         f"last_ts = CASE WHEN excluded.last_ts > {table}.last_ts THEN excluded.last_ts "
-        f"ELSE {table}.last_ts END"
+        f"ELSE {table}.last_ts END",
     )
 
 
-@functools.cache
-def _sketch_sql(dialect: str) -> str:
-    columns = ("hour", "dims", "metric", "bucket", "provider", "model", "project", "calls")
-    mark = "?" if dialect == "sqlite" else "%s"
-    return (
-        f"INSERT INTO {SKETCHES_TABLE} ({_quoted(columns)}) "
-        f"VALUES ({', '.join([mark] * len(columns))}) "
-        f"ON CONFLICT (hour, dims, metric, bucket) DO UPDATE SET "
-        f"calls = {SKETCHES_TABLE}.calls + excluded.calls"
-    )
+# an INSERT's head and its ON CONFLICT tail, around the VALUES that many_rows writes
+_UPSERT = _upsert()
+_SKETCH_UPSERT = (
+    f"INSERT INTO {SKETCHES_TABLE} "
+    f"({_quoted(('hour', 'dims', 'metric', 'bucket', 'provider', 'model', 'project', 'calls'))})",
+    f"ON CONFLICT (hour, dims, metric, bucket) DO UPDATE SET "
+    f"calls = {SKETCHES_TABLE}.calls + excluded.calls",
+)
 
 
 _E = UsageEvent.__table__.c

@@ -26,6 +26,7 @@ from sqlalchemy.pool import StaticPool
 from .._errors import ConfigError, LedgerError
 from .._log import warn_limited
 from . import rollups
+from .many_rows import execute_rows
 from .migrations import MIGRATIONS, Migration, migrate
 from .store_connections import (
     PG_CONNECT_TIMEOUT_S,
@@ -150,8 +151,8 @@ class Store:
                     charges: InsertHook | None = None) -> int:
         """Insert events in one transaction; ids already stored are skipped. Returns rows inserted.
 
-        Rows go to the driver's ``executemany`` as tuples, converted here once (timestamps in
-        SQLAlchemy's SQLite format, JSON as text), which is what makes batches fast.
+        Rows go to the driver as tuples, converted here once (timestamps in SQLAlchemy's SQLite
+        format, JSON as text), in as few statements as it takes (many_rows.py).
         ``charges`` (budgets) sees the rows really inserted, in the same transaction; what it
         asks to run after the commit runs then.
         """
@@ -198,11 +199,11 @@ class Store:
         """Insert, returning the positions of the rows stored (the first of each id not
         stored before), or None when every row was.
 
-        Almost always every row is new: one ``executemany`` whose row count says so. When it
+        Almost always every row is new: one insert whose row count says so. When it
         says otherwise (a replay, an import, an id twice in the batch), the insert is undone
         to a savepoint and done again, telling new ids from stored ones."""
         conn.exec_driver_sql("SAVEPOINT llmtally_insert")
-        if max(conn.exec_driver_sql(self._insert_sql, params).rowcount, 0) == len(params):
+        if execute_rows(conn, _INSERT_HEAD, _INSERT_TAIL, params) == len(params):
             conn.exec_driver_sql("RELEASE SAVEPOINT llmtally_insert")
             return None
         conn.exec_driver_sql("ROLLBACK TO SAVEPOINT llmtally_insert")
@@ -248,7 +249,7 @@ class Store:
             stored.update(found for (found,) in conn.exec_driver_sql(
                 f"SELECT id FROM {EVENTS_TABLE} WHERE id IN ({', '.join('?' * len(chunk))})",
                 tuple(chunk)))
-        conn.exec_driver_sql(self._insert_sql, params)
+        execute_rows(conn, _INSERT_HEAD, _INSERT_TAIL, params)
         return set(ids) - stored
 
     def _follow_moved_file(self) -> bool:
@@ -309,11 +310,9 @@ class Store:
 
     @functools.cached_property
     def _insert_sql(self) -> str:
+        """One row's ``INSERT`` (``executemany``'s form)."""
         mark = "?" if self.dialect == "sqlite" else "%s"
-        columns = ", ".join(f'"{name}"' for name in EVENT_COLUMNS)
-        marks = ", ".join([mark] * len(EVENT_COLUMNS))
-        return (f"INSERT INTO {EVENTS_TABLE} ({columns}) VALUES ({marks}) "
-                "ON CONFLICT (id) DO NOTHING")
+        return f"{_INSERT_HEAD} VALUES ({', '.join([mark] * len(EVENT_COLUMNS))}) {_INSERT_TAIL}"
 
     @property
     def _sqlite_ts(self) -> bool:
@@ -338,6 +337,9 @@ class Store:
         return [self.engine] + ([extra] if extra is not None else [])
 
 
+_INSERT_HEAD = "INSERT INTO {} ({})".format(EVENTS_TABLE,
+                                           ", ".join(f'"{name}"' for name in EVENT_COLUMNS))
+_INSERT_TAIL = "ON CONFLICT (id) DO NOTHING"
 _ROW_VALUES = operator.itemgetter(*EVENT_COLUMNS)
 _ROW_ID = operator.itemgetter("id")
 _TS, _TAGS, _METADATA = (EVENT_COLUMNS.index(name) for name in ("ts", "tags", "metadata"))

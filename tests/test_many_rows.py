@@ -1,0 +1,59 @@
+"""Batches written as few statements (``_storage/many_rows.py``): every row of every size of
+batch is stored once, the padding never is, and the counts returned are the rows inserted."""
+
+from __future__ import annotations
+
+import pytest
+from sqlalchemy import create_engine
+
+from llmtally._storage.many_rows import MAX_PARAMETERS, execute_rows
+from llmtally._storage.store import normalize_url
+
+
+@pytest.fixture
+def table(ledger_url):
+    engine = create_engine(normalize_url(ledger_url))
+    with engine.begin() as conn:
+        conn.exec_driver_sql("DROP TABLE IF EXISTS many_rows_test")
+        columns = ", ".join(f"c{i} TEXT" for i in range(1, 40))
+        conn.exec_driver_sql(f"CREATE TABLE many_rows_test (id TEXT PRIMARY KEY, {columns})")
+    yield engine
+    with engine.begin() as conn:
+        conn.exec_driver_sql("DROP TABLE many_rows_test")
+    engine.dispose()
+
+
+@pytest.mark.parametrize("count", [0, 1, 2, 3, 511, 1024, 1025, 2100])
+def test_every_row_once_and_no_padding(table, count):
+    head = "INSERT INTO many_rows_test (id, c1, c2)"
+    tail = "ON CONFLICT (id) DO NOTHING"
+    rows = [(f"r{n}", str(n), None) for n in range(count)]
+    with table.begin() as conn:
+        execute_rows(conn, head, tail, rows[:1])  # stored before: not counted again
+        inserted = execute_rows(conn, head, tail, rows + rows[:2])  # two ids twice
+        stored = conn.exec_driver_sql("SELECT id, c1, c2 FROM many_rows_test").all()
+    assert inserted == max(count - 1, 0)
+    assert sorted(stored) == sorted(rows)  # nothing else: no row of padding NULLs
+
+
+def test_a_wide_row_stays_within_the_parameter_limit(table):
+    width = 40
+    assert MAX_PARAMETERS // width < 1024  # so chunks are cut by the limit, not by 1,024 rows
+    columns = ", ".join(["id"] + [f"c{i}" for i in range(1, width)])
+    rows = [(f"w{n}", *(f"{n}-{i}" for i in range(1, width))) for n in range(2000)]
+    with table.begin() as conn:
+        inserted = execute_rows(conn, f"INSERT INTO many_rows_test ({columns})",
+                                "ON CONFLICT (id) DO NOTHING", rows)
+        assert conn.exec_driver_sql("SELECT count(*), max(c39) FROM many_rows_test").one() \
+            == (2000, "999-39")
+    assert inserted == 2000
+
+
+def test_an_upsert_adds_to_the_row_it_meets(table):
+    head = "INSERT INTO many_rows_test (id, c1)"
+    tail = "ON CONFLICT (id) DO UPDATE SET c1 = many_rows_test.c1 || excluded.c1"
+    with table.begin() as conn:
+        execute_rows(conn, head, tail, [("a", "x"), ("b", "y")])
+        execute_rows(conn, head, tail, [("b", "z"), ("c", "w")])
+        assert conn.exec_driver_sql("SELECT id, c1 FROM many_rows_test ORDER BY id").all() \
+            == [("a", "x"), ("b", "yz"), ("c", "w")]
