@@ -57,3 +57,34 @@ def test_an_upsert_adds_to_the_row_it_meets(table):
         execute_rows(conn, head, tail, [("b", "z"), ("c", "w")])
         assert conn.exec_driver_sql("SELECT id, c1 FROM many_rows_test ORDER BY id").all() \
             == [("a", "x"), ("b", "yz"), ("c", "w")]
+
+
+def test_a_batch_is_a_few_statements_padded_to_a_power_of_two(tmp_path):
+    """The point of the module: one statement per chunk of up to 1,024 rows (fewer GIL
+    handovers), in a few cacheable forms, never past SQLite's parameter limit."""
+    import sqlite3
+
+    from sqlalchemy import event
+
+    engine = create_engine(f"sqlite:///{tmp_path / 'rows.db'}")
+    columns = ["id"] + [f"c{i}" for i in range(1, 40)]
+    seen: list[tuple[int, int]] = []  # (rows in the statement's VALUES, parameters bound)
+    event.listen(engine, "before_cursor_execute", lambda _conn, _cursor, statement, params,
+                 *_: seen.append((statement.count("(?"), len(params))))
+    with engine.begin() as conn:
+        conn.connection.dbapi_connection.setlimit(  # the limit we plan for, not this build's
+            sqlite3.SQLITE_LIMIT_VARIABLE_NUMBER, MAX_PARAMETERS)
+        conn.exec_driver_sql(f"CREATE TABLE t ({', '.join(columns)})")
+        seen.clear()
+
+        def insert(rows, width):
+            seen.clear()
+            execute_rows(conn, f"INSERT INTO t ({', '.join(columns[:width])})", "", rows)
+            return list(seen)
+
+        assert insert([(f"a{n}", "x", "y") for n in range(1000)], 3) == [(1024, 1024 * 3)]
+        assert insert([(f"b{n}", "x", "y") for n in range(3)], 3) == [(4, 12)]
+        assert insert([(f"c{n}", "x", "y") for n in range(1025)], 3) == [(1024, 3072), (1, 3)]
+        wide = [(f"d{n}", *("v",) * 39) for n in range(2000)]
+        assert insert(wide, 40) == [(512, 512 * 40)] * 4  # the last 464 rows padded to 512
+        assert conn.exec_driver_sql("SELECT count(*) FROM t").scalar() == 1000 + 3 + 1025 + 2000
