@@ -101,3 +101,11 @@ def test_the_weekly_report_example_runs_on_the_demo_ledger(demo_run):
     assert done.returncode == 0, done.stderr
     written = list((where / "weekly").glob("llmtally-*-W*.html"))
     assert len(written) == 1 and f"wrote {Path('weekly') / written[0].name}" in done.stdout
+
+
+def test_the_demo_speaks_the_configured_language_and_keeps_its_own_ledger(tmp_path):
+    (tmp_path / "llmtally.toml").write_text('language = "ko"\ndatabase_url = "sqlite:///other.db"\n')
+    result = _run("demo", "--db", "demo.db", "-o", "reports/", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert "보고서:" in result.stdout and "Report:" not in result.stdout
+    assert (tmp_path / "demo.db").exists() and not (tmp_path / "other.db").exists()

@@ -269,3 +269,33 @@ def test_the_report_command_prints_its_headline_in_the_language(sqlite_url, make
     assert [line.split()[0] for line in lines[1:6]] == ["周期", "费用", "调用", "token", "缓存节省"]
     assert "1（新增）" in lines[3]  # one call, none before
     assert '<html lang="zh">' in (tmp_path / "r.html").read_text()
+
+
+@pytest.mark.parametrize("language", ["en", "zh"])
+def test_a_stored_status_that_is_not_one_of_ours_is_shown_escaped_as_it_is(
+        sqlite_url, make_tally, language):
+    """record() and import keep status to ok/error/blocked, but another writer of a shared
+    ledger may not: such a value is data, never a message (``_()`` would mark it safe HTML
+    and %-format it)."""
+    from sqlalchemy import create_engine
+
+    from llmtally._serve.dashboard import render_dashboard
+    from llmtally._serve.source import LedgerView
+    from llmtally._storage.store import normalize_url
+
+    tally = make_tally(sqlite_url, clock=lambda: NOV_25, language=language)
+    for minutes in (5, 4, 3):
+        tally.record(provider="openai", model="gpt-4o-mini", input_tokens=10,
+                     output_tokens=3, ts=NOV_25 - timedelta(minutes=minutes))
+    tally.flush()
+    engine = create_engine(normalize_url(sqlite_url))
+    with engine.begin() as conn:
+        ids = [row[0] for row in conn.exec_driver_sql("SELECT id FROM llmtally_events ORDER BY ts")]
+        for status, event_id in zip(("<b id=pwn>x</b>", "100%", "%d"), ids):
+            conn.exec_driver_sql("UPDATE llmtally_events SET status = ? WHERE id = ?",
+                                 (status, event_id))
+    engine.dispose()
+    document = render_dashboard(LedgerView(tally), {"period": "today"}, root="",
+                                refresh_seconds=30)
+    assert "<b id=pwn>" not in document and "&lt;b id=pwn&gt;x&lt;/b&gt;" in document
+    assert ">100%<" in document and ">%d<" in document

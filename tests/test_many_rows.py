@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 from sqlalchemy import create_engine
 
-from llmtally._storage.many_rows import MAX_PARAMETERS, execute_rows
+from llmtally._storage.many_rows import execute_rows
 from llmtally._storage.store import normalize_url
 
 
@@ -16,7 +16,8 @@ def table(ledger_url):
     with engine.begin() as conn:
         conn.exec_driver_sql("DROP TABLE IF EXISTS many_rows_test")
         columns = ", ".join(f"c{i} TEXT" for i in range(1, 40))
-        conn.exec_driver_sql(f"CREATE TABLE many_rows_test (id TEXT PRIMARY KEY, {columns})")
+        conn.exec_driver_sql(f"CREATE TABLE many_rows_test (id TEXT NOT NULL PRIMARY KEY, "
+                             f"{columns})")
     yield engine
     with engine.begin() as conn:
         conn.exec_driver_sql("DROP TABLE many_rows_test")
@@ -36,17 +37,25 @@ def test_every_row_once_and_no_padding(table, count):
     assert sorted(stored) == sorted(rows)  # nothing else: no row of padding NULLs
 
 
-def test_a_wide_row_stays_within_the_parameter_limit(table):
-    width = 40
-    assert MAX_PARAMETERS // width < 1024  # so chunks are cut by the limit, not by 1,024 rows
-    columns = ", ".join(["id"] + [f"c{i}" for i in range(1, width)])
-    rows = [(f"w{n}", *(f"{n}-{i}" for i in range(1, width))) for n in range(2000)]
+def test_a_wide_batch_is_cut_into_chunks(table):
+    columns = ", ".join(["id"] + [f"c{i}" for i in range(1, 40)])
+    rows = [(f"w{n}", *(f"{n}-{i}" for i in range(1, 40))) for n in range(2000)]
     with table.begin() as conn:
         inserted = execute_rows(conn, f"INSERT INTO many_rows_test ({columns})",
                                 "ON CONFLICT (id) DO NOTHING", rows)
         assert conn.exec_driver_sql("SELECT count(*), max(c39) FROM many_rows_test").one() \
             == (2000, "999-39")
     assert inserted == 2000
+
+
+def test_a_row_without_its_key_is_refused_not_dropped(table):
+    """The padding is cut by count: a real row with a NULL key still meets the constraint
+    (the writer then sets that row aside) instead of vanishing while counted."""
+    from sqlalchemy.exc import IntegrityError
+
+    with pytest.raises(IntegrityError), table.begin() as conn:
+        execute_rows(conn, "INSERT INTO many_rows_test (id, c1)", "ON CONFLICT (id) DO NOTHING",
+                     [("a", "x"), (None, "y"), ("c", "z")])
 
 
 def test_an_upsert_adds_to_the_row_it_meets(table):
@@ -60,8 +69,8 @@ def test_an_upsert_adds_to_the_row_it_meets(table):
 
 
 def test_a_batch_is_a_few_statements_padded_to_a_power_of_two(tmp_path):
-    """The point of the module: one statement per chunk of up to 1,024 rows (fewer GIL
-    handovers), in a few cacheable forms, never past SQLite's parameter limit."""
+    """The point of the module: one statement per chunk of up to 512 rows (fewer GIL
+    handovers), in a few cacheable forms, never past the connection's parameter limit."""
     import sqlite3
 
     from sqlalchemy import event
@@ -72,8 +81,8 @@ def test_a_batch_is_a_few_statements_padded_to_a_power_of_two(tmp_path):
     event.listen(engine, "before_cursor_execute", lambda _conn, _cursor, statement, params,
                  *_: seen.append((statement.count("(?"), len(params))))
     with engine.begin() as conn:
-        conn.connection.dbapi_connection.setlimit(  # the limit we plan for, not this build's
-            sqlite3.SQLITE_LIMIT_VARIABLE_NUMBER, MAX_PARAMETERS)
+        dbapi = conn.connection.dbapi_connection
+        dbapi.setlimit(sqlite3.SQLITE_LIMIT_VARIABLE_NUMBER, 32766)  # the default, not the build's
         conn.exec_driver_sql(f"CREATE TABLE t ({', '.join(columns)})")
         seen.clear()
 
@@ -82,9 +91,13 @@ def test_a_batch_is_a_few_statements_padded_to_a_power_of_two(tmp_path):
             execute_rows(conn, f"INSERT INTO t ({', '.join(columns[:width])})", "", rows)
             return list(seen)
 
-        assert insert([(f"a{n}", "x", "y") for n in range(1000)], 3) == [(1024, 1024 * 3)]
-        assert insert([(f"b{n}", "x", "y") for n in range(3)], 3) == [(4, 12)]
-        assert insert([(f"c{n}", "x", "y") for n in range(1025)], 3) == [(1024, 3072), (1, 3)]
+        # (rows in the VALUES, parameters: theirs and the LIMIT)
+        assert insert([(f"a{n}", "x", "y") for n in range(1000)], 3) == [(512, 1537)] * 2
+        assert insert([(f"b{n}", "x", "y") for n in range(3)], 3) == [(4, 13)]
+        assert insert([(f"c{n}", "x", "y") for n in range(1025)], 3) == [(512, 1537)] * 2 + [(1, 4)]
         wide = [(f"d{n}", *("v",) * 39) for n in range(2000)]
-        assert insert(wide, 40) == [(512, 512 * 40)] * 4  # the last 464 rows padded to 512
-        assert conn.exec_driver_sql("SELECT count(*) FROM t").scalar() == 1000 + 3 + 1025 + 2000
+        assert insert(wide, 40) == [(512, 512 * 40 + 1)] * 4  # the last 464 rows padded
+        dbapi.setlimit(sqlite3.SQLITE_LIMIT_VARIABLE_NUMBER, 999)  # SQLite before 3.32
+        narrow = [(f"e{n}", *("v",) * 39) for n in range(100)]
+        assert insert(narrow, 40) == [(16, 641)] * 6 + [(4, 161)]  # 24 rows fit: chunks of 16
+        assert conn.exec_driver_sql("SELECT count(*) FROM t").scalar() == 1000 + 3 + 1025 + 2000 + 100

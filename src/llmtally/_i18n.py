@@ -1,10 +1,10 @@
 """The languages llmtally's human text is in: English (the source), Chinese and Korean.
 
 Message catalogs the standard way: ``locale/<language>/LC_MESSAGES/llmtally.po`` (edited by
-translators; ``pybabel extract`` / ``update`` keep them in step with the code, see
-docs/alerts.md) compiled to ``llmtally.mo`` (``pybabel compile``; a test checks each ``.mo``
-equals a fresh compile of its ``.po``). Another language is one more ``.po`` file and its
-``.mo``, and its code in :data:`LANGUAGES`."""
+translators; ``python scripts/i18n.py`` extracts the messages marked in the code and the
+templates with Babel, updates each ``.po`` and compiles it to ``llmtally.mo``; a test checks
+each ``.mo`` equals a fresh compile of its ``.po``; see docs/languages.md). Another language
+is one more ``.po`` file and its ``.mo``, and its code in :data:`LANGUAGES`."""
 
 from __future__ import annotations
 

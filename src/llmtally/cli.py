@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import csv
 import io
-import os
 from collections.abc import Callable
 from datetime import datetime, timezone
 from typing import Any, TypeVar
@@ -75,11 +74,11 @@ def demo(database: str, output: str) -> None:
     Example:
       llmtally demo && open reports/llmtally-*.html
     """
+    from ._config import read_settings
     from ._demo import run_demo
-    from ._i18n import check_language
 
-    language = check_language(os.environ.get("LLMTALLY_LANGUAGE") or "en")
-    result = run_demo(database, output, say=echo, language=language)
+    # the demo keeps its own ledger and budgets; only the language is the configured one
+    result = run_demo(database, output, say=echo, language=read_settings().language)
     _ = translator(result.language)
     echo("")
     for line in result.headline:

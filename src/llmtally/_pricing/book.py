@@ -25,6 +25,7 @@ from datetime import datetime
 from llmtally._errors import ConfigError
 
 from .._events.usage import Usage
+from .._i18n import N_
 from .model_price import ModelPrice
 from .names import canonical_provider, ledger_names
 from .price import DEFAULT_CURRENCY, PER_DIVISOR, Price, PricedCost, check_currency
@@ -51,7 +52,8 @@ class Resolution:
     ``model`` and ``provider`` are the names the ledger stores (the route taken off the model,
     the provider canonical); ``price`` the prices that apply (None: unpriced), whose
     ``model_key`` and ``source`` say which entry matched; ``how`` says in words how the
-    provider was found (given, a route leading the model name, or the bare name's entry).
+    provider was found (given, a route leading the model name, or the bare name's entry): an
+    English message, ``translator(language)(how)`` in another language.
     """
 
     model: str
@@ -296,20 +298,20 @@ class PriceBook:
         if canonical_provider(provider) is not None:
             routed, canonical = ledger_names(name, provider)
             name = routed if routed != name else model  # the caller's text unless a route came off
-            how = "given as provider"
+            how = N_("given as provider")
             route = str(provider)
         else:
             head, sep, tail = name.partition("/")
             if sep and tail and head.lower() in routes:
                 canonical, name, route = canonical_provider(head), tail, head
-                how = f"the route {head!r} leading the model name"
+                how = N_("a route leading the model name")
             else:
-                canonical, route, how, name = None, None, "none given", model
+                canonical, route, how, name = None, None, N_("none given"), model
         price = self._resolve_override(model, route) or self._resolve_map(model, route)
         if price is not None and canonical is None and price.provider:
             # A bare name: its entry says the provider, whose own key LiteLLM tries first.
             canonical = canonical_provider(price.provider)
-            how = "from the entry the bare name matched"
+            how = N_("from the entry the bare name matched")
             if not price.source.startswith("override:"):
                 price = self._resolve_map(model, price.provider) or price
         return Resolution(name, canonical, price, how)

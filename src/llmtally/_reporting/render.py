@@ -7,13 +7,14 @@ import json
 import math
 import os
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import timezone
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from .._errors import ConfigError
-from .._i18n import N_, catalog, strftime
+from .._i18n import N_, WORDS, catalog, strftime
 from .._storage.files import create_beside
 from .._storage.sketch import RELATIVE_ERROR
 from .figures import Report, rate
@@ -42,8 +43,22 @@ def _environment(language: str = "en") -> Environment:
     env.install_gettext_translations(catalog(language), newstyle=True)  # type: ignore[attr-defined]
     env.policies["ext.i18n.trimmed"] = True
     env.filters.update(number=number, percent=percent, duration=duration, cut=cut,
-                       json_text=_json_text, css_number=_css_number)
+                       json_text=_json_text, css_number=_css_number, word=_word(language))
     return env
+
+
+def _word(language: str) -> Callable[[Any], str]:
+    """The ``word`` filter: a status, state or level read from the ledger, in the page's
+    language when it is one of llmtally's words, else as it is. Never ``_()`` for data:
+    Jinja2 marks what ``_()`` returns as safe HTML and formats it with ``%``."""
+    gettext = catalog(language).gettext
+    known = frozenset(WORDS)
+
+    def word(value: Any) -> str:
+        text = str(value)
+        return gettext(text) if text in known else text
+
+    return word
 
 
 def _json_text(value: Any) -> str:
