@@ -100,4 +100,9 @@ def test_a_batch_is_a_few_statements_padded_to_a_power_of_two(tmp_path):
         dbapi.setlimit(sqlite3.SQLITE_LIMIT_VARIABLE_NUMBER, 999)  # SQLite before 3.32
         narrow = [(f"e{n}", *("v",) * 39) for n in range(100)]
         assert insert(narrow, 40) == [(16, 641)] * 6 + [(4, 161)]  # 24 rows fit: chunks of 16
-        assert conn.exec_driver_sql("SELECT count(*) FROM t").scalar() == 1000 + 3 + 1025 + 2000 + 100
+        for limit, rows in ((641, 16), (640, 8), (81, 2), (80, 1), (41, 1)):  # at the edges
+            dbapi.setlimit(sqlite3.SQLITE_LIMIT_VARIABLE_NUMBER, limit)
+            edge = [(f"f{limit}-{n}", *("v",) * 39) for n in range(16)]
+            assert insert(edge, 40) == [(rows, rows * 40 + 1)] * (16 // rows)
+        assert conn.exec_driver_sql("SELECT count(*) FROM t").scalar() \
+            == 1000 + 3 + 1025 + 2000 + 100 + 5 * 16
