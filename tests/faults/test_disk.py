@@ -67,11 +67,12 @@ def _tally(db: Path, spill: Path) -> Tally:
 def _fill(directory: Path) -> Path:
     """Write a file until the disk refuses (ENOSPC)."""
     filler = directory / "filler"
-    with open(filler, "wb") as handle:
+    # unbuffered: a buffered file keeps what a short write left over, and closing it then
+    # raises ENOSPC once more, outside the loop
+    with open(filler, "wb", buffering=0) as handle:
         try:
             while True:
                 handle.write(b"\0" * 65536)
-                handle.flush()
         except OSError as exc:
             assert exc.errno == 28, exc  # ENOSPC: the disk is full
     return filler
@@ -108,8 +109,24 @@ def test_disk_full_mid_run(small_disk, tmp_path, caplog):
     assert sorted(call_id_of(r) for r in rows) == sorted(calls.ids)  # every call once
     assert tally._writer.spilled > 0 and not spill.exists()
     [full] = _messages(caplog, "cannot write to the ledger")  # once, not once per retry
-    assert "database or disk is full" in full
+    # SQLite says "database or disk is full", or "disk I/O error" when the write refused was
+    # the WAL index's: the message names the full disk either way
+    assert "database or disk is full" in full or "disk I/O error; its disk is full" in full
     tally.close()
+
+
+def test_the_outage_message_names_a_full_disk(small_disk):
+    from llmtally._storage.store import Store
+
+    store = Store(f"sqlite:///{small_disk / 'ledger.db'}")
+    store.ensure_schema()
+    assert store.full_disk_note() == ""
+    filler = _fill(small_disk)
+    assert store.full_disk_note() == "; its disk is full"
+    filler.unlink()
+    assert store.full_disk_note() == ""
+    store.close()
+    assert Store("sqlite://").full_disk_note() == ""  # in memory: no disk to speak of
 
 
 @pytest.mark.slow

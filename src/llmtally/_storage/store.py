@@ -274,6 +274,18 @@ class Store:
         self._migrated = False
         return True
 
+    def full_disk_note(self) -> str:
+        """``"; its disk is full"`` when the SQLite ledger's file system has less than 1 MiB
+        left, else ``""``: for the outage message, as SQLite reports some writes refused for
+        space (growing the WAL index, say) as a plain "disk I/O error"."""
+        if getattr(self, "path", None) is None:
+            return ""
+        try:
+            space = os.statvfs(self.path.parent)
+        except OSError:
+            return ""
+        return "; its disk is full" if space.f_bavail * space.f_frsize < _NEARLY_FULL else ""
+
     @contextlib.contextmanager
     def write(self) -> Iterator[Connection]:
         """A connection in a write transaction (SQLite takes its lock up front); commits at the
@@ -337,6 +349,7 @@ class Store:
         return [self.engine] + ([extra] if extra is not None else [])
 
 
+_NEARLY_FULL = 1 << 20  # bytes: less free space than this counts as a full disk
 _INSERT_HEAD = "INSERT INTO {} ({})".format(EVENTS_TABLE,
                                            ", ".join(f'"{name}"' for name in EVENT_COLUMNS))
 _INSERT_TAIL = "ON CONFLICT (id) DO NOTHING"

@@ -269,9 +269,12 @@ class Writer:
         now = self._clock()
         if self._down_since is None:
             self._down_since = now
+        cause = first_line(exc)
+        if "full" not in cause:
+            cause += self.store.full_disk_note()
         warn_limited("outage", "llmtally: cannot write to the ledger %s (%s: %s); %d events wait "
                      "and will be written when it is back (or kept in %s)", self.store.display_url,
-                     type(exc).__name__, first_line(exc), len(self._pending), self.spill.path)
+                     type(exc).__name__, cause, len(self._pending), self.spill.path)
         self._next_retry = now + self._retry_delay
         self._retry_delay = min(self._retry_delay * 2, _RETRY_MAX_S)
 
