@@ -37,7 +37,7 @@ def prices(model: str, provider: str | None, price_map: str | None, config_path:
     _ = translator(settings.language)
     stored = _("model {model}, provider {provider}").format(
         model=found.model, provider=found.provider or "-") + (
-        f" ({_(found.how)})" if found.provider else "")
+        f" ({found.explained(_)})" if found.provider else "")
     if found.price is None:
         raise CommandError(
             f"no price known for {model!r}" + (f" (provider {provider!r})" if provider else "")

@@ -18,7 +18,7 @@ from __future__ import annotations
 import math
 import os
 import threading
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from datetime import datetime
 
@@ -53,13 +53,18 @@ class Resolution:
     the provider canonical); ``price`` the prices that apply (None: unpriced), whose
     ``model_key`` and ``source`` say which entry matched; ``how`` says in words how the
     provider was found (given, a route leading the model name, or the bare name's entry): an
-    English message, ``translator(language)(how)`` in another language.
+    English message whose ``{route}`` is ``route`` (:meth:`explained` fills it in a language).
     """
 
     model: str
     provider: str | None
     price: ModelPrice | None
     how: str
+    route: str | None = None
+
+    def explained(self, gettext: Callable[[str], str]) -> str:
+        """``how`` through ``gettext`` (a language's catalog), its route filled in."""
+        return gettext(self.how).format(route=repr(self.route))
 
 
 # --------------------------------------------------------------------------- the price map
@@ -292,7 +297,7 @@ class PriceBook:
     def _resolve(self, model: str, provider: str | None) -> Resolution:
         if not isinstance(model, str) or not model.strip():
             return Resolution(model if isinstance(model, str) else "", canonical_provider(provider),
-                              None, "no model name")
+                              None, N_("no model name"))
         name = model.strip()
         routes = self._loaded().routes
         if canonical_provider(provider) is not None:
@@ -304,7 +309,7 @@ class PriceBook:
             head, sep, tail = name.partition("/")
             if sep and tail and head.lower() in routes:
                 canonical, name, route = canonical_provider(head), tail, head
-                how = N_("a route leading the model name")
+                how = N_("the route {route} leading the model name")
             else:
                 canonical, route, how, name = None, None, N_("none given"), model
         price = self._resolve_override(model, route) or self._resolve_map(model, route)
@@ -314,7 +319,7 @@ class PriceBook:
             how = N_("from the entry the bare name matched")
             if not price.source.startswith("override:"):
                 price = self._resolve_map(model, price.provider) or price
-        return Resolution(name, canonical, price, how)
+        return Resolution(name, canonical, price, how, route)
 
     def _resolve_override(self, model: str, provider: str | None) -> ModelPrice | None:
         if not self._overrides:
