@@ -52,7 +52,7 @@ class DemoResult:
     skipped: list[str] = field(default_factory=list)
     headline: list[str] = field(default_factory=list)
     seconds: float = 0.0
-    language: str = "en"  # of what it printed (LLMTALLY_LANGUAGE)
+    language: str = "en"  # of what it printed (the configured language)
 
 
 def run_demo(database: str | os.PathLike[str], reports: str | os.PathLike[str],

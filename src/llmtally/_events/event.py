@@ -140,8 +140,7 @@ def event_row(event: CallEvent, event_id: str, now: datetime, scope: _scope.Attr
         or scope.project,
         "user": (None if user is None else _clean_text(user, notes, "user")) or scope.user,
         "session": (None if session is None else clean_id(session)) or scope.session,
-        "tags": (list(_scope.merge_tags(scope.tags, _tag_tuple(tags, notes)) if tags
-                      else scope.tags) if tags or scope.tags else ()),
+        "tags": _row_tags(scope.tags, tags, notes),
         "request_id": (None if request_id is None else clean_id(request_id)) or scope.request_id,
         "metadata": None,
     }
@@ -164,6 +163,13 @@ def event_row(event: CallEvent, event_id: str, now: datetime, scope: _scope.Attr
     # garbage collector stops visiting, which counts while thousands wait in the writer's queue
     row["metadata"] = meta or None
     return row
+
+
+def _row_tags(outer: tuple[str, ...], given: Any, notes: list[str]) -> list[str] | tuple[()]:
+    """The scope's tags merged with the call's, as a list; ``()`` when there are none (see
+    the row's metadata: a row of plain values is one the garbage collector stops visiting)."""
+    merged = _scope.merge_tags(outer, _tag_tuple(given, notes)) if given else outer
+    return list(merged) if merged else ()
 
 
 def as_utc_naive(value: Any) -> datetime:
