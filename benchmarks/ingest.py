@@ -9,7 +9,9 @@ Same rows, same schema (llmtally's own, with its indexes), same run. Three figur
 - record: the whole path, Tally.record() on the caller's thread + background writer + flush()
 
 and how many events the writer had stored when the last record() returned: the writer's work
-overlapping the caller's (see _storage/many_rows.py for why it once did not).
+overlapping the caller's (see _storage/many_rows.py for why it once did not); and, for the
+record path, the CPU time per event of the caller's thread (record()) and of the writer's thread
+(Linux: read from /proc), which bound what overlap can win.
 
 Targets: store >= 0.7x raw (issue 3), record+flush >= 0.8x raw (issue 14).
 """
@@ -97,17 +99,32 @@ def time_store(url: str, rows: list[dict]) -> float:
 
 
 OVERLAP: list[int] = []  # per record run: events stored while record() was still being called
+CPU: list[tuple[float, float]] = []  # per record run: caller's and writer's CPU seconds
+
+
+def thread_cpu_seconds(native_id: int | None) -> float:
+    """A thread's CPU time so far (Linux /proc; NaN elsewhere)."""
+    try:
+        with open(f"/proc/self/task/{native_id}/schedstat") as stat:
+            return int(stat.read().split()[0]) / 1e9
+    except (OSError, ValueError, IndexError):
+        return float("nan")
 
 
 def time_record(url: str, count: int, spill: str) -> float:
     with Tally(url, price_map="bundled", spill_path=spill) as tally:
+        writer = tally._writer._thread.native_id
+        writer_before, caller_before = thread_cpu_seconds(writer), time.thread_time()
         started = time.perf_counter()
         for i in range(count):
             tally.record(model="gpt-4o-mini", provider="openai", input_tokens=1000 + i % 500,
                          output_tokens=200, project=f"p{i % 5}", user=f"u{i % 50}")
         OVERLAP.append(tally._writer.written)
+        caller = time.thread_time() - caller_before
         tally.flush()
-        return time.perf_counter() - started
+        elapsed = time.perf_counter() - started
+        CPU.append((caller, thread_cpu_seconds(writer) - writer_before))
+        return elapsed
 
 
 def reset(url: str) -> None:
@@ -130,6 +147,7 @@ def bench(name: str, url: str, count: int, workdir: str) -> None:
     rows = make_rows(count)
     results = {}
     OVERLAP.clear()
+    CPU.clear()
     for label, run in (("raw", lambda: time_raw(url, rows)), ("store", lambda: time_store(url, rows)),
                        ("record", lambda: time_record(url, count, os.path.join(workdir, "s.jsonl")))):
         best = float("inf")
@@ -141,6 +159,9 @@ def bench(name: str, url: str, count: int, workdir: str) -> None:
           f"({results['store'] / results['raw']:.2f}x raw)   record+flush {results['record']:>9,.0f} ev/s "
           f"({results['record'] / results['raw']:.2f}x raw)   stored while recording "
           f"{'/'.join(f'{n:,}' for n in OVERLAP)}")
+    caller, writer = (min(run[i] for run in CPU) / count * 1e6 for i in (0, 1))
+    print(f"{'':10} record path CPU per event (least of 3): caller {caller:.1f} µs, writer "
+          f"{writer:.1f} µs; raw {1e6 / results['raw']:.1f} µs wall")
 
 
 def main() -> None:
