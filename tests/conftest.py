@@ -12,6 +12,7 @@ import copy
 import json
 import os
 import sys
+import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -134,14 +135,29 @@ def fetch_events(url: str) -> list[dict]:
         engine.dispose()
 
 
-@pytest.fixture(autouse=True)
-def _fresh_log_rate_limits():
-    """Faults are logged once a minute per kind, process-wide: each test starts unmuted."""
+def unmute_logs() -> None:
+    """Forget which faults were logged: they are logged once a minute per kind, process-wide."""
     from llmtally import _log
 
     _log._last_said.clear()
     _log._suppressed.clear()
+
+
+@pytest.fixture(autouse=True)
+def _fresh_log_rate_limits():
+    """Each test starts unmuted."""
+    unmute_logs()
     yield
+
+
+def wait_until(predicate, timeout: float, interval: float = 0.1) -> bool:
+    """Poll ``predicate`` until it is true or ``timeout`` seconds passed."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(interval)
+    return bool(predicate())
 
 
 @pytest.fixture(scope="session", autouse=True)

@@ -12,7 +12,7 @@ import time
 from datetime import datetime
 
 import pytest
-from conftest import CLOSED_PORT_URL, fetch_events
+from conftest import CLOSED_PORT_URL, fetch_events, unmute_logs, wait_until
 
 from llmtally._storage.spill import SpillFile
 from llmtally._storage.store import Store
@@ -105,9 +105,7 @@ def test_a_broken_deferred_event_is_logged_with_its_traceback_and_a_non_dict_by_
         "llmtally: could not build a deferred event (ValueError: odd response)"]
     assert failed[0].exc_info is not None and failed[0].exc_info[0] is ValueError
     caplog.clear()
-    from llmtally import _log
-
-    _log._last_said.clear()  # the same rate-limit key: a minute apart in real use
+    unmute_logs()  # the same rate-limit key: a minute apart in real use
     with caplog.at_level(logging.WARNING, logger="llmtally"):
         writer.submit(lambda: ["not", "a", "dict"])
         assert writer.flush(10)
@@ -238,9 +236,7 @@ def test_a_rejected_message_names_the_event_or_a_question_mark(tmp_path, caplog)
     with caplog.at_level(logging.WARNING, logger="llmtally"):
         handoff.reject([({"id": "x" * 300}, ValueError("bad"))])
     assert f"(event {'x' * 200}: ValueError: bad)" in caplog.records[-1].getMessage()
-    from llmtally import _log
-
-    _log._last_said.clear()
+    unmute_logs()
     with caplog.at_level(logging.WARNING, logger="llmtally"):
         handoff.reject([("not a row", ValueError("bad"))])
     assert "(event ?: ValueError: bad)" in caplog.records[-1].getMessage()
@@ -315,9 +311,7 @@ def test_rejected_rows_are_counted_said_and_kept_with_their_cause(tmp_path, capl
         f"llmtally: 2 events cannot be stored (event w2: KeyError: 'second'); they are kept in "
         f"{rejected}"]
     caplog.clear()
-    from llmtally import _log
-
-    _log._last_said.clear()
+    unmute_logs()
     with caplog.at_level(logging.WARNING, logger="llmtally"):
         handoff.reject([(_row(9), ValueError("v" * 400))])
     assert f"(event w9: ValueError: {'v' * 300}); they" in caplog.records[0].getMessage()
@@ -437,9 +431,7 @@ def test_the_writer_wakes_when_a_whole_batch_is_queued(make_writer, tmp_path):
     writer = make_writer(batch_size=2)  # and flush_interval_s=60: only a full batch wakes it
     writer.submit(_row(1))
     writer.submit(_row(2))
-    deadline = time.monotonic() + 10
-    while writer.written < 2 and time.monotonic() < deadline:
-        time.sleep(0.02)
+    wait_until(lambda: writer.written >= 2, timeout=10, interval=0.02)
     assert writer.written == 2
 
 
@@ -519,9 +511,7 @@ def test_a_sync_record_in_a_batch_with_other_events_is_told_when_it_is_stored(ma
 def test_an_event_is_written_within_the_flush_interval_without_a_flush(make_writer):
     writer = make_writer(flush_interval_s=0.05)
     writer.submit(_row(1))
-    deadline = time.monotonic() + 10
-    while writer.written < 1 and time.monotonic() < deadline:
-        time.sleep(0.02)
+    wait_until(lambda: writer.written >= 1, timeout=10, interval=0.02)
     assert writer.written == 1
 
 
@@ -529,9 +519,7 @@ def test_an_outage_nobody_flushes_in_keeps_events_in_memory_until_spill_after_s(
                                                                                tmp_path):
     writer = make_writer(CLOSED_PORT_URL, flush_interval_s=0.05, spill_after_s=30)
     writer.submit(_row(1))
-    deadline = time.monotonic() + 10
-    while not writer.behind and time.monotonic() < deadline:
-        time.sleep(0.02)
+    wait_until(lambda: writer.behind, timeout=10, interval=0.02)
     assert writer.behind
     time.sleep(0.5)  # several cycles of the writer, none of them settling
     assert writer.spilled == 0

@@ -25,7 +25,7 @@ TESTS = Path(__file__).resolve().parent.parent
 if str(TESTS) not in sys.path:
     sys.path.insert(0, str(TESTS))
 
-from conftest import MSGS, PG_URL  # noqa: E402
+from conftest import MSGS, PG_URL, wait_until  # noqa: E402,F401  (wait_until: the fault tests import it from here)
 
 WORKER = Path(__file__).resolve().parent / "_worker.py"
 
@@ -234,12 +234,3 @@ class CallLoop:
             number += 1
             time.sleep(self.pause_s)
 
-
-def wait_until(predicate, timeout: float, interval: float = 0.1) -> bool:
-    """Poll ``predicate`` until it is true or ``timeout`` seconds passed."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(interval)
-    return bool(predicate())
