@@ -112,6 +112,8 @@ def thread_cpu_seconds(native_id: int | None) -> float:
 
 
 def time_record(url: str, count: int, spill: str) -> float:
+    fresh_store(url).close()  # an existing ledger, as for raw and store (PostgreSQL's Store
+    # would otherwise create its tables on the writer's first batch, inside the timing)
     with Tally(url, price_map="bundled", spill_path=spill) as tally:
         writer = tally._writer._thread.native_id
         writer_before, caller_before = thread_cpu_seconds(writer), time.thread_time()

@@ -1,4 +1,4 @@
-"""Many rows in one ``INSERT`` on SQLite, instead of the driver's ``executemany``.
+"""Many rows in one ``INSERT``, instead of the driver's ``executemany``.
 
 sqlite3's ``executemany`` lets go of the GIL around each row's step, and a thread that wants
 the GIL back while another runs Python waits up to the switch interval (5 ms). While the
@@ -10,9 +10,7 @@ rows of NULLs that a ``LIMIT`` drops: a connection's statement cache (128) then 
 few forms a table needs, and preparing a 1,000-row statement afresh would cost more than
 inserting its rows. The prepared forms cost a writing connection up to 7 MB more (every
 size of batch, each with as many rollup rows: 69 MB RSS against 62; 76 with chunks of
-1,024, which were no faster). PostgreSQL keeps ``executemany``: psycopg pipelines it, and one
-1,000-row ``VALUES`` statement was a quarter as fast there (3,500–4,000 events/s against
-10,000–15,500 through the store).
+1,024, which were no faster). PostgreSQL: pg_rows.py.
 """
 
 from __future__ import annotations
@@ -25,20 +23,21 @@ from typing import Any
 
 from sqlalchemy import Connection
 
+from .pg_rows import insert_values
+
 __all__ = ["execute_rows"]
 
 _LARGEST_CHUNK = 512
 
 
 def execute_rows(conn: Connection, head: str, tail: str, rows: Sequence[Sequence[Any]]) -> int:
-    """``{head} VALUES (row), ... {tail}`` for ``rows`` (parameter tuples of one width).
-    Returns the number of rows the statement inserted or updated."""
+    """``{head} VALUES (row), ... {tail}`` for ``rows`` (parameter tuples of one width; an
+    upsert's rows must not share a key). Returns the number of rows inserted or updated."""
     if not rows:
         return 0
     width = len(rows[0])
     if conn.dialect.name != "sqlite":
-        return max(conn.exec_driver_sql(f"{head} VALUES ({', '.join(['%s'] * width)}) {tail}",
-                                        list(rows)).rowcount, 0)
+        return insert_values(conn, head, tail, rows)
     # this connection's limit on parameters (32,766 by default since SQLite 3.32, 999 before;
     # builds and setlimit() change it), one of them the LIMIT
     limit = conn.connection.dbapi_connection.getlimit(  # type: ignore[union-attr]

@@ -20,7 +20,7 @@ from typing import Any, Protocol
 
 from sqlalchemy import Connection, Engine, create_engine
 from sqlalchemy.engine import make_url
-from sqlalchemy.exc import ArgumentError, DatabaseError, DBAPIError, NoSuchModuleError
+from sqlalchemy.exc import ArgumentError, DatabaseError, NoSuchModuleError
 from sqlalchemy.pool import StaticPool
 
 from .._errors import ConfigError, LedgerError
@@ -28,6 +28,7 @@ from .._log import warn_limited
 from . import rollups
 from .many_rows import execute_rows
 from .migrations import MIGRATIONS, Migration, migrate
+from .pg_rows import copy_new_ids
 from .store_connections import (
     PG_CONNECT_TIMEOUT_S,
     SQLITE_BUSY_TIMEOUT_S,
@@ -177,9 +178,6 @@ class Store:
 
         The rows really inserted (the first row of each id not stored before) are added to the
         hourly rollups and charged to the budgets, in this transaction."""
-        if self.dialect == "postgresql":
-            # concurrent writers inserting one id in opposite orders would deadlock on its index
-            rows = sorted(rows, key=_ROW_ID)  # stable: the first row of an id stays first
         params = [driver_row(row, self._sqlite_ts) for row in rows]
         batch = charges.begin(conn, rows) if charges is not None else None
         fresh = self._insert_new(conn, rows, params)
@@ -199,49 +197,20 @@ class Store:
         """Insert, returning the positions of the rows stored (the first of each id not
         stored before), or None when every row was.
 
-        Almost always every row is new: one insert whose row count says so. When it
+        PostgreSQL: ``COPY`` through a temporary table says which ids were new (pg_rows.py).
+        SQLite: almost always every row is new: one insert whose row count says so. When it
         says otherwise (a replay, an import, an id twice in the batch), the insert is undone
-        to a savepoint and done again, telling new ids from stored ones."""
+        to a savepoint and done again, telling new ids from stored ones; this transaction
+        holds the write lock, so what is stored cannot change meanwhile."""
+        if self.dialect == "postgresql":
+            new_ids = copy_new_ids(conn, params)
+            return None if len(new_ids) == len(rows) else _first_rows(rows, new_ids)
         conn.exec_driver_sql("SAVEPOINT llmtally_insert")
         if execute_rows(conn, _INSERT_HEAD, _INSERT_TAIL, params) == len(params):
             conn.exec_driver_sql("RELEASE SAVEPOINT llmtally_insert")
             return None
         conn.exec_driver_sql("ROLLBACK TO SAVEPOINT llmtally_insert")
         conn.exec_driver_sql("RELEASE SAVEPOINT llmtally_insert")
-        new_ids = self._insert_telling_new(conn, rows, params)
-        fresh: list[int] = []
-        for position, row in enumerate(rows):  # the first row of an id is the one stored
-            if row["id"] in new_ids:
-                new_ids.discard(row["id"])
-                fresh.append(position)
-        return fresh
-
-    def _insert_telling_new(self, conn: Connection, rows: Sequence[Mapping[str, Any]],
-                            params: list[tuple[Any, ...]]) -> set[str]:
-        """Insert, returning the ids that were not stored before."""
-        if self.dialect == "postgresql":
-            # executemany with RETURNING: concurrent inserts of one id are told apart exactly
-            cursor = conn.connection.dbapi_connection.cursor()  # type: ignore[union-attr]
-            sql = self._insert_sql + " RETURNING id"
-            try:
-                # psycopg's executemany takes returning=; SQLAlchemy's DBAPICursor protocol does not
-                cursor.executemany(sql, params, returning=True)  # type: ignore[call-arg]
-                new: set[str] = set()
-                while True:
-                    new.update(row[0] for row in cursor.fetchall())
-                    if not cursor.nextset():
-                        return new
-            except Exception as exc:
-                # as SQLAlchemy would raise it, so the writer tells an outage (a deadlock, a
-                # lost connection: retried) from a bad row (set aside)
-                dbapi = conn.dialect.loaded_dbapi
-                if isinstance(exc, dbapi.Error):
-                    raise DBAPIError.instance(sql, None, exc, dbapi.Error, hide_parameters=True,
-                                              dialect=conn.dialect) from exc
-                raise
-            finally:
-                cursor.close()
-        # SQLite: this transaction holds the write lock, so what is stored cannot change meanwhile
         ids = list(dict.fromkeys(row["id"] for row in rows))
         stored: set[str] = set()
         for start in range(0, len(ids), 500):
@@ -250,7 +219,7 @@ class Store:
                 f"SELECT id FROM {EVENTS_TABLE} WHERE id IN ({', '.join('?' * len(chunk))})",
                 tuple(chunk)))
         execute_rows(conn, _INSERT_HEAD, _INSERT_TAIL, params)
-        return set(ids) - stored
+        return _first_rows(rows, set(ids) - stored)
 
     def _follow_moved_file(self) -> bool:
         """SQLite: if the ledger file was deleted, renamed or replaced while open, stop writing
@@ -354,8 +323,17 @@ _INSERT_HEAD = "INSERT INTO {} ({})".format(EVENTS_TABLE,
                                            ", ".join(f'"{name}"' for name in EVENT_COLUMNS))
 _INSERT_TAIL = "ON CONFLICT (id) DO NOTHING"
 _ROW_VALUES = operator.itemgetter(*EVENT_COLUMNS)
-_ROW_ID = operator.itemgetter("id")
 _TS, _TAGS, _METADATA = (EVENT_COLUMNS.index(name) for name in ("ts", "tags", "metadata"))
+
+
+def _first_rows(rows: Sequence[Mapping[str, Any]], new_ids: set[str]) -> list[int]:
+    """The positions in ``rows`` of the first row of each id in ``new_ids`` (the one stored)."""
+    fresh: list[int] = []
+    for position, row in enumerate(rows):
+        if row["id"] in new_ids:
+            new_ids.discard(row["id"])
+            fresh.append(position)
+    return fresh
 
 
 def driver_row(row: Mapping[str, Any], sqlite_ts: bool) -> tuple[Any, ...]:
