@@ -2,7 +2,8 @@
 
     python benchmarks/ingest.py [--events 50000] [--postgres URL]
 
-Same rows, same schema (llmtally's own, with its indexes), same run. Three figures per database:
+Same rows, same schema (llmtally's own, with its indexes), same run; three rounds of the three,
+the best of each kept. Three figures per database:
 
 - raw:    the driver's executemany of pre-built tuples (sqlite3 / psycopg), batches of 1000
 - store:  llmtally's writer path, Store.insert_many() of event dicts, batches of 1000
@@ -147,16 +148,16 @@ def reset(url: str) -> None:
 
 def bench(name: str, url: str, count: int, workdir: str) -> None:
     rows = make_rows(count)
-    results = {}
     OVERLAP.clear()
     CPU.clear()
-    for label, run in (("raw", lambda: time_raw(url, rows)), ("store", lambda: time_store(url, rows)),
-                       ("record", lambda: time_record(url, count, os.path.join(workdir, "s.jsonl")))):
-        best = float("inf")
-        for _ in range(3):
+    runs = (("raw", lambda: time_raw(url, rows)), ("store", lambda: time_store(url, rows)),
+            ("record", lambda: time_record(url, count, os.path.join(workdir, "s.jsonl"))))
+    best = {label: float("inf") for label, _ in runs}
+    for _ in range(3):  # rounds of all three: the machine's drift hits each alike
+        for label, run in runs:
             reset(url)
-            best = min(best, run())
-        results[label] = count / best
+            best[label] = min(best[label], run())
+    results = {label: count / seconds for label, seconds in best.items()}
     print(f"{name:10} raw {results['raw']:>9,.0f} ev/s   store {results['store']:>9,.0f} ev/s "
           f"({results['store'] / results['raw']:.2f}x raw)   record+flush {results['record']:>9,.0f} ev/s "
           f"({results['record'] / results['raw']:.2f}x raw)   stored while recording "

@@ -90,6 +90,10 @@ MODULES: dict[str, tuple[str, list[str]]] = {
     # a batch as few INSERT statements (SQLite)
     "many_rows": ("src/llmtally/_storage/many_rows.py",
                   ["tests/test_many_rows.py", "tests/test_ledger.py", "tests/test_rollups.py"]),
+    # PostgreSQL's batch: COPY through a temporary table, VALUES upserts, the executemany fallback
+    "pg_rows": ("src/llmtally/_storage/pg_rows.py",
+                ["tests/test_pg_rows.py", "tests/test_rollups.py", "tests/test_hostile_writer.py",
+                 "tests/test_transfer.py", "tests/test_ledger.py"]),
     "facts": ("src/llmtally/_reporting/facts.py",
               ["tests/test_rollups.py", "tests/test_report.py", "tests/test_record.py"]),
     # the price-parity sweep (tests/test_price_parity.py, ~30 s) is left out: too slow per mutant

@@ -283,6 +283,21 @@ def call_id_of(row: dict) -> str:
     return (meta or {}).get("litellm_call_id") or row["id"]
 
 
+def rollup_calls(url: str) -> int:
+    """The calls the hourly rollups count, over all hours and groups."""
+    from sqlalchemy import create_engine, text
+
+    from llmtally._storage.store import normalize_url
+
+    engine = create_engine(normalize_url(url))
+    try:
+        with engine.connect() as conn:
+            return int(conn.execute(text("SELECT COALESCE(SUM(calls), 0) FROM llmtally_rollups"))
+                       .scalar())
+    finally:
+        engine.dispose()
+
+
 def rollups_mismatch(url: str) -> list[str]:
     """How the hourly rollups differ from a GROUP BY over the events, written here in plain
     SQL (not through llmtally's fold), and how the latency sketches' counts differ from the

@@ -12,7 +12,7 @@ from datetime import datetime, timedelta, timezone
 
 import pytest
 from click.testing import CliRunner
-from conftest import fetch_events, rollups_mismatch
+from conftest import fetch_events, rollup_calls, rollups_mismatch
 from sqlalchemy import create_engine, text
 
 from llmtally import Budget, BudgetExceeded, Tally
@@ -55,22 +55,12 @@ def _when(value: str | datetime) -> datetime:
     return datetime.fromisoformat(value) if isinstance(value, str) else value
 
 
-def _total_calls(url: str) -> int:
-    engine = create_engine(normalize_url(url))
-    try:
-        with engine.connect() as conn:
-            return int(conn.execute(text("SELECT COALESCE(SUM(calls), 0) FROM llmtally_rollups"))
-                       .scalar())
-    finally:
-        engine.dispose()
-
-
 def test_rollups_equal_the_events_after_recording(ledger_url, make_tally):
     tally = make_tally(ledger_url)
     ids = _varied(tally, 600)
     assert tally.flush(30)
     assert rollups_mismatch(ledger_url) == []
-    assert _total_calls(ledger_url) == len(fetch_events(ledger_url)) == len(ids) == 600
+    assert rollup_calls(ledger_url) == len(fetch_events(ledger_url)) == len(ids) == 600
 
 
 def test_rollups_count_an_id_once_however_often_it_is_written(ledger_url, make_tally):
@@ -87,7 +77,7 @@ def test_rollups_count_an_id_once_however_often_it_is_written(ledger_url, make_t
     finally:
         store.close()
     assert rollups_mismatch(ledger_url) == []
-    assert _total_calls(ledger_url) == 41
+    assert rollup_calls(ledger_url) == 41
 
 
 def test_rollups_follow_budget_charges_and_blocked_calls(ledger_url, make_tally):
@@ -116,14 +106,14 @@ def test_import_and_prune_keep_the_rollups_equal(ledger_url, make_tally, tmp_pat
         result = runner.invoke(main, ["import", str(exported), "--db", ledger_url])
         assert result.exit_code == 0, result.output
         assert rollups_mismatch(ledger_url) == []
-        assert _total_calls(ledger_url) == 400
+        assert rollup_calls(ledger_url) == 400
     # a cutoff in the middle of an hour: that hour keeps the calls after it
     cutoff = START + timedelta(hours=7, minutes=23, seconds=11)
     kept = [row for row in fetch_events(ledger_url) if _when(row["ts"]) >= cutoff]
     result = runner.invoke(main, ["prune", "--older-than", cutoff.isoformat(), "--db", ledger_url])
     assert result.exit_code == 0, result.output
     assert rollups_mismatch(ledger_url) == []
-    assert _total_calls(ledger_url) == len(kept) == len(fetch_events(ledger_url))
+    assert rollup_calls(ledger_url) == len(kept) == len(fetch_events(ledger_url))
     assert 0 < len(kept) < 400
     lines = [json.loads(line) for line in gzip.open(exported, "rt")]
     assert len(lines) == 400
@@ -151,7 +141,7 @@ def test_a_ledger_made_before_rollups_gets_them_when_opened(ledger_url):
     reopened.ensure_schema()
     reopened.close()
     assert rollups_mismatch(ledger_url) == []
-    assert _total_calls(ledger_url) == 50
+    assert rollup_calls(ledger_url) == 50
 
 
 def test_two_writers_at_once_on_postgres_count_each_event_once(pg_url, make_tally):
@@ -174,7 +164,7 @@ def test_two_writers_at_once_on_postgres_count_each_event_once(pg_url, make_tall
         thread.join()
     assert len(fetch_events(pg_url)) == 900
     assert rollups_mismatch(pg_url) == []
-    assert _total_calls(pg_url) == 900
+    assert rollup_calls(pg_url) == 900
 
 
 def test_rollups_check_finds_a_changed_row_and_rebuild_mends_it(ledger_url, make_tally):
@@ -344,112 +334,6 @@ def test_the_costliest_calls_are_found_in_few_hours_and_through_ties(ledger_url,
                 limit)
             assert [call.id for call in found] == [row["id"] for row in mine[:limit]]
     assert found[0].id == "big-100" and len(mine) > 30
-
-
-def test_what_the_driver_raises_under_copy_reaches_the_writer_as_sqlalchemy_s(pg_url):
-    """PostgreSQL events go in through psycopg's own cursor (COPY, then INSERT ... RETURNING
-    id); what the driver raises there must reach the writer as SQLAlchemy's error, so a
-    deadlock or a lost connection is retried as an outage and a bad row is set aside."""
-    from sqlalchemy.exc import DataError
-
-    from llmtally._storage.store_outage import is_outage
-    from llmtally._storage.writer_rows import first_line
-
-    store = Store(pg_url)
-    row = dict(id="a", ts=START, source="manual", provider="openai", model="m",
-               resolved_model=None, call_type="chat", streamed=False, status="ok",
-               error_type=None, input_tokens=1, output_tokens=1, cache_read_tokens=0,
-               cache_write_tokens=0, reasoning_tokens=0, cost=0.1, currency="USD",
-               cost_status="priced", price_source=None, latency_ms=1.0, ttft_ms=None,
-               project=None, user=None, session=None, tags=[], request_id=None, metadata={})
-    try:
-        assert store.insert_many([row]) == 1
-        with pytest.raises(DataError) as raised:
-            store.insert_many([row, dict(row, id="b", currency="TOOLONG")])
-        assert not is_outage(raised.value)
-        # what the writer logs of it: the cause, not the row (COPY's context line names values)
-        assert "too long" in first_line(raised.value) and "TOOLONG" not in first_line(raised.value)
-        # a stored id, an id twice: the first row of each new id is stored, once
-        assert store.insert_many([row, dict(row, id="b", input_tokens=7),
-                                  dict(row, id="b", input_tokens=9)]) == 1
-    finally:
-        store.close()
-    assert rollups_mismatch(pg_url) == [] and _total_calls(pg_url) == 2
-    assert [(e["id"], e["input_tokens"]) for e in fetch_events(pg_url)] == [("a", 1), ("b", 7)]
-
-
-def test_a_connection_lost_mid_batch_is_an_outage_and_the_batch_is_written_once_after(pg_url):
-    """The server ends the writer's session inside a batch's transaction: the COPY fails as
-    a lost connection (an outage, retried), the pool drops that connection, and the retry
-    stores every event once."""
-    from sqlalchemy.exc import OperationalError
-
-    from llmtally._storage.store_outage import is_outage
-
-    store = Store(pg_url)
-    row = dict(id="x0", ts=START, source="manual", provider="openai", model="m",
-               resolved_model=None, call_type="chat", streamed=False, status="ok",
-               error_type=None, input_tokens=1, output_tokens=1, cache_read_tokens=0,
-               cache_write_tokens=0, reasoning_tokens=0, cost=0.1, currency="USD",
-               cost_status="priced", price_source=None, latency_ms=1.0, ttft_ms=None,
-               project=None, user=None, session=None, tags=[], request_id=None, metadata={})
-    batch = [dict(row, id=f"x{i}") for i in range(1, 6)]
-    killer = create_engine(normalize_url(pg_url), isolation_level="AUTOCOMMIT")
-    try:
-        assert store.insert_many([row]) == 1
-        with pytest.raises(OperationalError) as raised, store.write() as conn:
-            pid = conn.exec_driver_sql("SELECT pg_backend_pid()").scalar()
-            with killer.connect() as other:
-                other.execute(text("SELECT pg_terminate_backend(:pid)"), {"pid": pid})
-            store.insert_rows(conn, batch)
-        assert is_outage(raised.value) and raised.value.connection_invalidated
-        assert store.insert_many(batch) == 5  # on a new connection
-        assert store.insert_many(batch) == 0
-    finally:
-        store.close()
-        killer.dispose()
-    assert _total_calls(pg_url) == 6 and rollups_mismatch(pg_url) == []
-
-
-def test_a_role_without_the_temporary_privilege_writes_through_executemany(pg_url):
-    """PostgreSQL events are staged in a temporary table; a role that may not create one
-    (managed databases sometimes revoke TEMPORARY) must still store every event once, not
-    see each batch refused and set aside as bad rows."""
-    from sqlalchemy.engine import make_url
-
-    role = "llmtally_no_temp"
-    url = make_url(pg_url)
-    schema = url.query["options"].rsplit("=", 1)[1]
-    admin = create_engine(url.set(query={}), isolation_level="AUTOCOMMIT")
-    database = url.database
-    row = dict(id="a", ts=START, source="manual", provider="openai", model="m",
-               resolved_model=None, call_type="chat", streamed=False, status="ok",
-               error_type=None, input_tokens=1, output_tokens=1, cache_read_tokens=0,
-               cache_write_tokens=0, reasoning_tokens=0, cost=0.1, currency="USD",
-               cost_status="priced", price_source=None, latency_ms=1.0, ttft_ms=None,
-               project=None, user=None, session=None, tags=[], request_id=None, metadata={})
-    with admin.connect() as conn:
-        conn.execute(text(f"DROP ROLE IF EXISTS {role}"))
-        conn.execute(text(f"CREATE ROLE {role} LOGIN"))
-        conn.execute(text(f'GRANT USAGE, CREATE ON SCHEMA "{schema}" TO {role}'))
-        conn.execute(text(f'REVOKE TEMPORARY ON DATABASE "{database}" FROM PUBLIC'))
-    try:
-        store = Store(url.set(username=role).render_as_string(hide_password=False))
-        try:
-            with store.connect() as conn:
-                assert conn.exec_driver_sql(
-                    "SELECT has_database_privilege(current_database(), 'TEMPORARY')").scalar() is False
-            assert store.insert_many([row, dict(row, id="b"), dict(row, id="a")]) == 2
-            assert store.insert_many([dict(row, id="c"), dict(row, id="b")]) == 1
-        finally:
-            store.close()
-        assert _total_calls(pg_url) == 3 and rollups_mismatch(pg_url) == []
-    finally:
-        with admin.connect() as conn:
-            conn.execute(text(f'GRANT TEMPORARY ON DATABASE "{database}" TO PUBLIC'))
-            conn.execute(text(f"DROP OWNED BY {role}"))
-            conn.execute(text(f"DROP ROLE {role}"))
-        admin.dispose()
 
 
 def test_periods_at_the_end_of_time_do_not_overflow(ledger_url, make_tally):

@@ -4,7 +4,7 @@ call the application saw exactly once, with the same ids, tokens and cost.
 
 ``LLMTALLY_TEST_SOAK_CALLS`` sets the number of calls per backend, rounded down to whole blocks
 of 80 (default: 5,920 on SQLite and 1,920 on PostgreSQL, about 60 s on the 2-core machine; the
-README gives the figures of the full 20,000-call run).
+docs/storage.md gives the figures of the full 20,000-call run; `.ci/run` runs 10,000).
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ PROMPT, COMPLETION = 12, 5  # what the fake provider reports for every successfu
 
 
 @pytest.mark.slow
-@pytest.mark.timeout(1200)  # the full 20,000 calls (CI) take ~3 min per backend on 2 cores
+@pytest.mark.timeout(1200)  # the full 20,000 calls take ~3 min per backend on 2 cores
 @pytest.mark.parametrize("backend", ["sqlite", "postgres"])
 def test_every_call_is_in_the_ledger_exactly_once(backend, request, tmp_path):
     url = (f"sqlite:///{tmp_path / 'soak.db'}" if backend == "sqlite"

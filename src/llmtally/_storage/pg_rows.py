@@ -12,10 +12,11 @@ measures the whole path). A 1,000-row ``VALUES`` statement of events was a quart
 ``$n`` placeholders (psycopg's ``%s`` form is parsed with a regex on every execution of a
 statement over 4 KB: 19 ms for one of 6,000 parameters).
 
-Events are copied into a temporary table (one per session, emptied at each commit) and moved
-from there with ``INSERT ... SELECT ... ON CONFLICT (id) DO NOTHING RETURNING id`` in id order
-(concurrent writers lock ids in one order and cannot deadlock), so the same round trip says
-which ids were new: a replay or an import needs no second pass.
+Events are copied into a temporary table (one per session, created on first use) and moved
+from there with ``WITH moved AS (DELETE ...) INSERT ... SELECT ... ON CONFLICT (id) DO NOTHING
+RETURNING id`` in id order (concurrent writers lock ids in one order and cannot deadlock), so
+the same round trip empties the stage and says which ids were new: a replay or an import needs
+no second pass. A role that may not create temporary tables goes through ``executemany``.
 
 A driver error is raised as SQLAlchemy would raise it, so the writer tells an outage (a lost
 connection, a deadlock: retried) from a bad row (set aside).
@@ -33,25 +34,26 @@ from typing import Any
 from sqlalchemy import Connection
 from sqlalchemy.exc import DBAPIError
 
-from .tables import EVENT_COLUMNS, EVENTS_TABLE
+from .tables import EVENT_COLUMNS, EVENTS_TABLE, QUOTED_EVENT_COLUMNS
 
 __all__ = ["copy_new_ids", "insert_values"]
 
-_STAGE = "llmtally_incoming_events"
-_COLUMNS = ", ".join(f'"{name}"' for name in EVENT_COLUMNS)
+_STAGE = "pg_temp.llmtally_incoming_events"  # qualified: never a table of that name elsewhere
+_COLUMNS = QUOTED_EVENT_COLUMNS
+# whether this session has its stage, or may create one (the privilege is checked at creation)
+_STAGE_STATE = (f"SELECT to_regclass('{_STAGE}') IS NOT NULL, "
+                "has_database_privilege(current_database(), 'TEMPORARY')")
 # INCLUDING DEFAULTS only: the events table's constraints are checked as rows move into it
-_CREATE_STAGE = (f"CREATE TEMPORARY TABLE IF NOT EXISTS {_STAGE} "
+_CREATE_STAGE = (f"CREATE TEMPORARY TABLE {_STAGE.removeprefix('pg_temp.')} "
                  f"(LIKE {EVENTS_TABLE} INCLUDING DEFAULTS) ON COMMIT DELETE ROWS")
 _COPY = f"COPY {_STAGE} ({_COLUMNS}) FROM STDIN"
-_MOVE = (f"INSERT INTO {EVENTS_TABLE} ({_COLUMNS}) SELECT {_COLUMNS} FROM {_STAGE} "
-         "ORDER BY id ON CONFLICT (id) DO NOTHING RETURNING id")
+# the stage is emptied by the statement that reads it: a transaction that writes many batches
+# (an import) moves each once; ids in bytewise order, as Python sorts them for executemany
+_MOVE = (f"WITH moved AS (DELETE FROM {_STAGE} RETURNING {_COLUMNS}) "
+         f"INSERT INTO {EVENTS_TABLE} ({_COLUMNS}) SELECT {_COLUMNS} FROM moved "
+         'ORDER BY id COLLATE "C" ON CONFLICT (id) DO NOTHING RETURNING id')
 _ID = EVENT_COLUMNS.index("id")
 _ROW_ID = operator.itemgetter(_ID)
-_CAN_STAGE = "SELECT has_database_privilege(current_database(), 'TEMPORARY')"
-_MAY_STAGE = "llmtally_may_stage"  # in the pooled connection's info: _CAN_STAGE's answer
-_ONE_ROW = (f"INSERT INTO {EVENTS_TABLE} ({_COLUMNS}) VALUES "
-            f"({', '.join(f'${n}' for n in range(1, len(EVENT_COLUMNS) + 1))}) "
-            "ON CONFLICT (id) DO NOTHING RETURNING id")
 _CHUNK = 256  # rows a VALUES statement: 256 rollup rows take ~8,000 of its 65,535 parameters
 
 
@@ -62,20 +64,27 @@ def copy_new_ids(conn: Connection, rows: Sequence[Sequence[Any]]) -> set[str]:
 
     A role without the ``TEMPORARY`` privilege on the database (some managed databases revoke
     it) cannot stage: its events go in through ``executemany`` instead, slower but the same."""
-    may_stage = conn.info.get(_MAY_STAGE)
-    if may_stage is None:  # once per connection
-        may_stage = conn.info[_MAY_STAGE] = bool(conn.exec_driver_sql(_CAN_STAGE).scalar())
+    dbapi_connection = conn.connection.dbapi_connection
+    if getattr(dbapi_connection, "autocommit", False):
+        # the COPY would commit, and ON COMMIT DELETE ROWS empty the stage before the move
+        raise RuntimeError("llmtally: events are written inside a transaction, not in autocommit")
     first = _first_of_each_id(rows)
-    if not may_stage:
-        with _cursor(conn, _ONE_ROW) as cursor:
-            cursor.executemany(_ONE_ROW, first, returning=True)
+    with _cursor(conn, _STAGE_STATE) as cursor:
+        cursor.execute(_STAGE_STATE)
+        staged, may_stage = cursor.fetchone()
+    if not staged and not may_stage:
+        one_row = _values(f"INSERT INTO {EVENTS_TABLE} ({_COLUMNS})",
+                          "ON CONFLICT (id) DO NOTHING RETURNING id", len(EVENT_COLUMNS), 1)
+        with _cursor(conn, one_row) as cursor:
+            cursor.executemany(one_row, sorted(first, key=_ROW_ID), returning=True)
             new: set[str] = set()
             while True:
                 new.update(found for (found,) in cursor.fetchall())
                 if not cursor.nextset():
                     return new
     with _cursor(conn, _COPY) as cursor:
-        cursor.execute(_CREATE_STAGE)
+        if not staged:
+            cursor.execute(_CREATE_STAGE)
         with cursor.copy(_COPY) as copy:
             for row in first:
                 copy.write_row(row)
@@ -90,7 +99,7 @@ def _first_of_each_id(rows: Sequence[Sequence[Any]]) -> list[Sequence[Any]]:
         if row[_ID] not in seen:
             seen.add(row[_ID])
             first.append(row)
-    return sorted(first, key=_ROW_ID)  # one lock order for concurrent writers
+    return first
 
 
 def insert_values(conn: Connection, head: str, tail: str, rows: Sequence[Sequence[Any]]) -> int:

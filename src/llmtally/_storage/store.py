@@ -14,7 +14,7 @@ import json
 import operator
 import os
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from datetime import datetime
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -38,7 +38,7 @@ from .store_connections import (
     use_wal,
 )
 from .store_urls import normalize_url
-from .tables import EVENT_COLUMNS, EVENTS_TABLE
+from .tables import EVENT_COLUMNS, EVENTS_TABLE, QUOTED_EVENT_COLUMNS
 
 __all__ = ["Store", "InsertHook", "normalize_url"]  # normalize_url: defined in store_urls
 
@@ -319,8 +319,7 @@ class Store:
 
 
 _NEARLY_FULL = 1 << 20  # bytes: less free space than this counts as a full disk
-_INSERT_HEAD = "INSERT INTO {} ({})".format(EVENTS_TABLE,
-                                           ", ".join(f'"{name}"' for name in EVENT_COLUMNS))
+_INSERT_HEAD = f"INSERT INTO {EVENTS_TABLE} ({QUOTED_EVENT_COLUMNS})"
 _INSERT_TAIL = "ON CONFLICT (id) DO NOTHING"
 _ROW_VALUES = operator.itemgetter(*EVENT_COLUMNS)
 _TS, _TAGS, _METADATA = (EVENT_COLUMNS.index(name) for name in ("ts", "tags", "metadata"))
@@ -346,8 +345,11 @@ def driver_row(row: Mapping[str, Any], sqlite_ts: bool) -> tuple[Any, ...]:
     values[_TAGS] = _tags_text(tags) if tags else "[]"
     values[_METADATA] = _json_text(metadata) if metadata else "{}"
     ts = values[_TS]
-    if sqlite_ts and isinstance(ts, datetime):
-        values[_TS] = ts.isoformat(sep=" ", timespec="microseconds")  # SQLAlchemy's SQLite form
+    if isinstance(ts, datetime):
+        if ts.tzinfo is not None:  # events carry naive UTC; an aware one (an import) is made so
+            ts = values[_TS] = ts.astimezone(timezone.utc).replace(tzinfo=None)
+        if sqlite_ts:
+            values[_TS] = ts.isoformat(sep=" ", timespec="microseconds")  # SQLAlchemy's SQLite form
     return tuple(values)
 
 

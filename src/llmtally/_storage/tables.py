@@ -23,7 +23,7 @@ if TYPE_CHECKING:
     from sqlalchemy import Table
 
 __all__ = ["LedgerModel", "UsageEvent", "HourlyRollup", "RollupSketch", "EVENTS_TABLE",
-           "ROLLUPS_TABLE", "SKETCHES_TABLE", "EVENT_COLUMNS", "MAX_TEXT", "MAX_ID"]
+           "ROLLUPS_TABLE", "SKETCHES_TABLE", "EVENT_COLUMNS", "QUOTED_EVENT_COLUMNS", "MAX_TEXT", "MAX_ID"]
 
 EVENTS_TABLE = "llmtally_events"
 MAX_ID = 128
@@ -101,6 +101,8 @@ class UsageEvent(LedgerModel, table=True):
 
 
 EVENT_COLUMNS: tuple[str, ...] = tuple(c.name for c in UsageEvent.__table__.columns)
+QUOTED_EVENT_COLUMNS = ", ".join(f'"{name}"' for name in EVENT_COLUMNS)
+"""The events' columns as an SQL column list (``user`` is a keyword in PostgreSQL)."""
 """Column names in table order; an event travels through the writer as a dict with these keys."""
 
 

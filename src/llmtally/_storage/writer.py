@@ -124,7 +124,9 @@ class Writer:
             # the disk refused too: keep it queued past the bound rather than drop it
             row = built
         self._queue.put(row)
-        if self._queue.qsize() >= self.batch_size:
+        # is_set() first: while the writer is busy, setting an already set event (a lock and a
+        # notify) cost the caller more than the rest of queueing the event
+        if self._queue.qsize() >= self.batch_size and not self._wake.is_set():
             self._wake.set()
 
     def submit_and_wait(self, row: dict[str, Any], timeout: float = DEFAULT_SYNC_TIMEOUT_S) -> bool:
