@@ -38,6 +38,7 @@ def test_what_the_driver_raises_under_copy_reaches_the_writer_as_sqlalchemy_s(pg
         assert not is_outage(raised.value)
         # what the writer logs of it: the cause, not the row (COPY's context line names values)
         assert "too long" in first_line(raised.value) and "TOOLONG" not in first_line(raised.value)
+        assert "[SQL: SELECT to_regclass('pg_temp.llmtally_incoming_events')" in str(raised.value)
         # a stored id, an id twice: the first row of each new id is stored, once
         assert store.insert_many([ROW, dict(ROW, id="b", input_tokens=7),
                                   dict(ROW, id="b", input_tokens=9)]) == 1
@@ -138,7 +139,9 @@ def test_an_autocommit_connection_is_refused_rather_than_losing_the_batch(pg_url
     store.ensure_schema()
     engine = create_engine(normalize_url(pg_url), isolation_level="AUTOCOMMIT")
     try:
-        with engine.connect() as conn, pytest.raises(RuntimeError, match="autocommit"):
+        with engine.connect() as conn, pytest.raises(
+                RuntimeError, match="^llmtally: events are written inside a transaction, "
+                                    "not in autocommit$"):
             store.insert_rows(conn, [ROW])
     finally:
         engine.dispose()
@@ -179,3 +182,45 @@ def test_a_role_without_the_temporary_privilege_writes_through_executemany(pg_ur
             conn.execute(text(f"DROP DATABASE IF EXISTS {database} WITH (FORCE)"))
             conn.execute(text(f"DROP ROLE IF EXISTS {role}"))
         admin.dispose()
+
+
+def test_the_first_row_of_a_repeated_id_is_the_one_stored_in_a_large_batch(pg_url):
+    """500 ids, each twice, the second copy with other figures, in one batch: the first copy
+    of each is stored and counted (the server's sort does not keep ties in order)."""
+    rows = [dict(ROW, id=f"r{i:03}", input_tokens=1) for i in range(500)]
+    rows += [dict(row, input_tokens=2) for row in reversed(rows)]
+    store = Store(pg_url)
+    try:
+        assert store.insert_many(rows) == 500
+    finally:
+        store.close()
+    assert {e["input_tokens"] for e in fetch_events(pg_url)} == {1}
+    assert rollup_calls(pg_url) == 500 and rollups_mismatch(pg_url) == []
+
+
+def test_rows_past_one_statement_are_upserted_in_several_and_counted(pg_url):
+    """insert_values splits rows into statements of at most 256 rows (and 65,535 parameters)
+    and returns how many rows they inserted or updated."""
+    from llmtally._storage.pg_rows import insert_values
+
+    engine = create_engine(normalize_url(pg_url))
+    try:
+        with engine.begin() as conn:
+            conn.execute(text("CREATE TABLE counted (k int PRIMARY KEY, v int NOT NULL)"))
+            head, tail = "INSERT INTO counted (k, v)", "ON CONFLICT (k) DO UPDATE SET v = counted.v + EXCLUDED.v"
+            assert insert_values(conn, head, tail, [(k, 1) for k in range(600)]) == 600
+            assert insert_values(conn, head, tail, [(k, 2) for k in range(0, 600, 2)]) == 300
+            assert insert_values(conn, head, tail, []) == 0
+            assert insert_values(conn, head, "ON CONFLICT (k) DO NOTHING", [(0, 5)]) == 0
+            with pytest.raises(DataError, match=r"\[SQL: INSERT INTO counted \(k, v\) VALUES \.\.\. ON"):
+                with conn.begin_nested():
+                    insert_values(conn, head, tail, [(1, 2**40)])  # past int's range
+            assert conn.execute(text("SELECT count(*), sum(v) FROM counted")).one() == (600, 1200)
+            # 300 columns: 256 rows would be 76,800 parameters, past the protocol's 65,535
+            columns = ", ".join(f"c{n} int" for n in range(1, 300))
+            conn.execute(text(f"CREATE TABLE wide (k int PRIMARY KEY, {columns})"))
+            names = ", ".join(["k"] + [f"c{n}" for n in range(1, 300)])
+            wide = [(k, *range(299)) for k in range(300)]
+            assert insert_values(conn, f"INSERT INTO wide ({names})", "", wide) == 300
+    finally:
+        engine.dispose()

@@ -43,7 +43,7 @@ _COLUMNS = QUOTED_EVENT_COLUMNS
 # whether this session has its stage, or may create one (the privilege is checked at creation)
 _STAGE_STATE = (f"SELECT to_regclass('{_STAGE}') IS NOT NULL, "
                 "has_database_privilege(current_database(), 'TEMPORARY')")
-# INCLUDING DEFAULTS only: the events table's constraints are checked as rows move into it
+# the events' columns, defaults and NOT NULLs; the key and checks act as rows move into them
 _CREATE_STAGE = (f"CREATE TEMPORARY TABLE {_STAGE.removeprefix('pg_temp.')} "
                  f"(LIKE {EVENTS_TABLE} INCLUDING DEFAULTS) ON COMMIT DELETE ROWS")
 _COPY = f"COPY {_STAGE} ({_COLUMNS}) FROM STDIN"
@@ -54,7 +54,8 @@ _MOVE = (f"WITH moved AS (DELETE FROM {_STAGE} RETURNING {_COLUMNS}) "
          'ORDER BY id COLLATE "C" ON CONFLICT (id) DO NOTHING RETURNING id')
 _ID = EVENT_COLUMNS.index("id")
 _ROW_ID = operator.itemgetter(_ID)
-_CHUNK = 256  # rows a VALUES statement: 256 rollup rows take ~8,000 of its 65,535 parameters
+_CHUNK = 256  # rows a VALUES statement: 256 rollup rows take ~8,000 parameters
+_MOST_PARAMETERS = 65_535  # PostgreSQL's protocol limit for one statement
 
 
 def copy_new_ids(conn: Connection, rows: Sequence[Sequence[Any]]) -> set[str]:
@@ -64,32 +65,27 @@ def copy_new_ids(conn: Connection, rows: Sequence[Sequence[Any]]) -> set[str]:
 
     A role without the ``TEMPORARY`` privilege on the database (some managed databases revoke
     it) cannot stage: its events go in through ``executemany`` instead, slower but the same."""
-    dbapi_connection = conn.connection.dbapi_connection
-    if getattr(dbapi_connection, "autocommit", False):
+    if conn.connection.dbapi_connection.autocommit:  # type: ignore[union-attr]
         # the COPY would commit, and ON COMMIT DELETE ROWS empty the stage before the move
         raise RuntimeError("llmtally: events are written inside a transaction, not in autocommit")
     first = _first_of_each_id(rows)
-    with _cursor(conn, _STAGE_STATE) as cursor:
+    with _cursor(conn, f"{_STAGE_STATE}; {_COPY}") as cursor:
         cursor.execute(_STAGE_STATE)
         staged, may_stage = cursor.fetchone()
-    if not staged and not may_stage:
-        one_row = _values(f"INSERT INTO {EVENTS_TABLE} ({_COLUMNS})",
-                          "ON CONFLICT (id) DO NOTHING RETURNING id", len(EVENT_COLUMNS), 1)
-        with _cursor(conn, one_row) as cursor:
-            cursor.executemany(one_row, sorted(first, key=_ROW_ID), returning=True)
-            new: set[str] = set()
-            while True:
-                new.update(found for (found,) in cursor.fetchall())
-                if not cursor.nextset():
-                    return new
-    with _cursor(conn, _COPY) as cursor:
-        if not staged:
-            cursor.execute(_CREATE_STAGE)
-        with cursor.copy(_COPY) as copy:
-            for row in first:
-                copy.write_row(row)
-        cursor.execute(_MOVE)
-        return {found for (found,) in cursor.fetchall()}
+        if staged or may_stage:
+            if not staged:
+                cursor.execute(_CREATE_STAGE)
+            with cursor.copy(_COPY) as copy:
+                for row in first:
+                    copy.write_row(row)
+            cursor.execute(_MOVE)
+            return {found for (found,) in cursor.fetchall()}
+        cursor.executemany(_ONE_ROW, sorted(first, key=_ROW_ID), returning=True)
+        new: set[str] = set()
+        while True:
+            new.update(found for (found,) in cursor.fetchall())
+            if not cursor.nextset():
+                return new
 
 
 def _first_of_each_id(rows: Sequence[Sequence[Any]]) -> list[Sequence[Any]]:
@@ -103,12 +99,15 @@ def _first_of_each_id(rows: Sequence[Sequence[Any]]) -> list[Sequence[Any]]:
 
 
 def insert_values(conn: Connection, head: str, tail: str, rows: Sequence[Sequence[Any]]) -> int:
-    """``{head} VALUES (row), ... {tail}`` in statements of up to 256 rows (tuples of one
-    width); returns the number of rows inserted or updated."""
+    """``{head} VALUES (row), ... {tail}`` in statements of up to 256 rows and 65,535
+    parameters (tuples of one width); returns the number of rows inserted or updated."""
+    if not rows:
+        return 0
     changed = 0
+    per_statement = max(1, min(_CHUNK, _MOST_PARAMETERS // len(rows[0])))
     with _cursor(conn, f"{head} VALUES ... {tail}") as cursor:
-        for start in range(0, len(rows), _CHUNK):
-            chunk = rows[start:start + _CHUNK]
+        for start in range(0, len(rows), per_statement):
+            chunk = rows[start:start + per_statement]
             cursor.execute(_values(head, tail, len(chunk[0]), len(chunk)),
                            tuple(itertools.chain.from_iterable(chunk)))
             changed += max(cursor.rowcount, 0)
@@ -120,6 +119,10 @@ def _values(head: str, tail: str, width: int, count: int) -> str:
     rows = ("(" + ", ".join(f"${row * width + column}" for column in range(1, width + 1)) + ")"
             for row in range(count))
     return f"{head} VALUES {', '.join(rows)} {tail}"
+
+
+_ONE_ROW = _values(f"INSERT INTO {EVENTS_TABLE} ({_COLUMNS})",
+                   "ON CONFLICT (id) DO NOTHING RETURNING id", len(EVENT_COLUMNS), 1)
 
 
 @contextlib.contextmanager
