@@ -132,7 +132,7 @@ def _cursor(conn: Connection, statement: str) -> Iterator[Any]:
     import psycopg  # the postgres extra: only reached with a PostgreSQL ledger
 
     dbapi_connection = conn.connection.dbapi_connection
-    cursor = psycopg.RawCursor(dbapi_connection)  # type: ignore[arg-type]
+    cursor = psycopg.RawCursor(dbapi_connection)  # type: ignore[call-overload]
     try:
         yield cursor
     except psycopg.Error as exc:

@@ -101,9 +101,9 @@ class UsageEvent(LedgerModel, table=True):
 
 
 EVENT_COLUMNS: tuple[str, ...] = tuple(c.name for c in UsageEvent.__table__.columns)
+"""Column names in table order; an event travels through the writer as a dict with these keys."""
 QUOTED_EVENT_COLUMNS = ", ".join(f'"{name}"' for name in EVENT_COLUMNS)
 """The events' columns as an SQL column list (``user`` is a keyword in PostgreSQL)."""
-"""Column names in table order; an event travels through the writer as a dict with these keys."""
 
 
 ROLLUPS_TABLE = "llmtally_rollups"
