@@ -283,6 +283,15 @@ def call_id_of(row: dict) -> str:
     return (meta or {}).get("litellm_call_id") or row["id"]
 
 
+def one_event_insert(dialect: str) -> str:
+    """One event's ``INSERT`` in the driver's parameter style, with no rollups: what an old
+    version wrote, or another process racing the writer."""
+    from llmtally._storage.tables import EVENT_COLUMNS, INSERT_EVENTS, SKIP_STORED_IDS
+
+    mark = "?" if dialect == "sqlite" else "%s"
+    return f"{INSERT_EVENTS} VALUES ({', '.join([mark] * len(EVENT_COLUMNS))}) {SKIP_STORED_IDS}"
+
+
 def rollup_calls(url: str) -> int:
     """The calls the hourly rollups count, over all hours and groups."""
     from sqlalchemy import create_engine, text

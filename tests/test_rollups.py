@@ -12,7 +12,7 @@ from datetime import datetime, timedelta, timezone
 
 import pytest
 from click.testing import CliRunner
-from conftest import fetch_events, rollup_calls, rollups_mismatch
+from conftest import fetch_events, one_event_insert, rollup_calls, rollups_mismatch
 from sqlalchemy import create_engine, text
 
 from llmtally import Budget, BudgetExceeded, Tally
@@ -134,7 +134,7 @@ def test_a_ledger_made_before_rollups_gets_them_when_opened(ledger_url):
                            session=None, tags=[], request_id=None, metadata={})
                       for i in range(50)]
         from llmtally._storage.store import driver_row
-        conn.exec_driver_sql(writer._insert_sql,
+        conn.exec_driver_sql(one_event_insert(writer.dialect),
                              [driver_row(row, writer.dialect == "sqlite") for row in store_rows])
     writer.close()
     reopened = Store(ledger_url)  # migration 5 sums what is there

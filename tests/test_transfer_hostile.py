@@ -20,7 +20,7 @@ from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
 import pytest
-from conftest import fetch_events
+from conftest import fetch_events, one_event_insert
 from sqlalchemy import text
 from test_transfer import cli, new_ledger, stores, typed_rows
 
@@ -198,7 +198,7 @@ def _write_now(url: str, row: dict) -> None:
     """Insert one event on a connection of its own that does not wait for any lock."""
     store = Store(url)
     params = driver_row(validated_row(row), store.dialect == "sqlite")
-    sql = store._insert_sql
+    sql = one_event_insert(store.dialect)
     store.close()
     if url.startswith("sqlite"):
         conn = sqlite3.connect(url.removeprefix("sqlite:///"), timeout=0, isolation_level=None)

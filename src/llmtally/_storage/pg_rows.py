@@ -34,7 +34,7 @@ from typing import Any
 from sqlalchemy import Connection
 from sqlalchemy.exc import DBAPIError
 
-from .tables import EVENT_COLUMNS, EVENTS_TABLE, QUOTED_EVENT_COLUMNS
+from .tables import EVENT_COLUMNS, EVENTS_TABLE, INSERT_EVENTS, QUOTED_EVENT_COLUMNS, SKIP_STORED_IDS
 
 __all__ = ["copy_new_ids", "insert_values"]
 
@@ -50,8 +50,8 @@ _COPY = f"COPY {_STAGE} ({_COLUMNS}) FROM STDIN"
 # the stage is emptied by the statement that reads it: a transaction that writes many batches
 # (an import) moves each once; ids in bytewise order, as Python sorts them for executemany
 _MOVE = (f"WITH moved AS (DELETE FROM {_STAGE} RETURNING {_COLUMNS}) "
-         f"INSERT INTO {EVENTS_TABLE} ({_COLUMNS}) SELECT {_COLUMNS} FROM moved "
-         'ORDER BY id COLLATE "C" ON CONFLICT (id) DO NOTHING RETURNING id')
+         f'{INSERT_EVENTS} SELECT {_COLUMNS} FROM moved ORDER BY id COLLATE "C" '
+         f"{SKIP_STORED_IDS} RETURNING id")
 _ID = EVENT_COLUMNS.index("id")
 _ROW_ID = operator.itemgetter(_ID)
 _CHUNK = 256  # rows a VALUES statement: 256 rollup rows take ~8,000 parameters
@@ -104,11 +104,12 @@ def insert_values(conn: Connection, head: str, tail: str, rows: Sequence[Sequenc
     if not rows:
         return 0
     changed = 0
-    per_statement = max(1, min(_CHUNK, _MOST_PARAMETERS // len(rows[0])))
+    width = len(rows[0])
+    per_statement = max(1, min(_CHUNK, _MOST_PARAMETERS // width))
     with _cursor(conn, f"{head} VALUES ... {tail}") as cursor:
         for start in range(0, len(rows), per_statement):
             chunk = rows[start:start + per_statement]
-            cursor.execute(_values(head, tail, len(chunk[0]), len(chunk)),
+            cursor.execute(_values(head, tail, width, len(chunk)),
                            tuple(itertools.chain.from_iterable(chunk)))
             changed += max(cursor.rowcount, 0)
     return changed
@@ -121,8 +122,7 @@ def _values(head: str, tail: str, width: int, count: int) -> str:
     return f"{head} VALUES {', '.join(rows)} {tail}"
 
 
-_ONE_ROW = _values(f"INSERT INTO {EVENTS_TABLE} ({_COLUMNS})",
-                   "ON CONFLICT (id) DO NOTHING RETURNING id", len(EVENT_COLUMNS), 1)
+_ONE_ROW = _values(INSERT_EVENTS, f"{SKIP_STORED_IDS} RETURNING id", len(EVENT_COLUMNS), 1)
 
 
 @contextlib.contextmanager

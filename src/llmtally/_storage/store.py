@@ -38,7 +38,7 @@ from .store_connections import (
     use_wal,
 )
 from .store_urls import normalize_url
-from .tables import EVENT_COLUMNS, EVENTS_TABLE, QUOTED_EVENT_COLUMNS
+from .tables import EVENT_COLUMNS, EVENTS_TABLE, INSERT_EVENTS, SKIP_STORED_IDS
 
 __all__ = ["Store", "InsertHook", "normalize_url"]  # normalize_url: defined in store_urls
 
@@ -206,7 +206,7 @@ class Store:
             new_ids = copy_new_ids(conn, params)
             return None if len(new_ids) == len(rows) else _first_rows(rows, new_ids)
         conn.exec_driver_sql("SAVEPOINT llmtally_insert")
-        if execute_rows(conn, _INSERT_HEAD, _INSERT_TAIL, params) == len(params):
+        if execute_rows(conn, INSERT_EVENTS, SKIP_STORED_IDS, params) == len(params):
             conn.exec_driver_sql("RELEASE SAVEPOINT llmtally_insert")
             return None
         conn.exec_driver_sql("ROLLBACK TO SAVEPOINT llmtally_insert")
@@ -218,7 +218,7 @@ class Store:
             stored.update(found for (found,) in conn.exec_driver_sql(
                 f"SELECT id FROM {EVENTS_TABLE} WHERE id IN ({', '.join('?' * len(chunk))})",
                 tuple(chunk)))
-        execute_rows(conn, _INSERT_HEAD, _INSERT_TAIL, params)
+        execute_rows(conn, INSERT_EVENTS, SKIP_STORED_IDS, params)
         return _first_rows(rows, set(ids) - stored)
 
     def _follow_moved_file(self) -> bool:
@@ -289,12 +289,6 @@ class Store:
         listen_pg_autocommit(engine)
         return engine
 
-    @functools.cached_property
-    def _insert_sql(self) -> str:
-        """One row's ``INSERT`` (``executemany``'s form)."""
-        mark = "?" if self.dialect == "sqlite" else "%s"
-        return f"{_INSERT_HEAD} VALUES ({', '.join([mark] * len(EVENT_COLUMNS))}) {_INSERT_TAIL}"
-
     @property
     def _sqlite_ts(self) -> bool:
         return self.dialect == "sqlite"
@@ -319,8 +313,6 @@ class Store:
 
 
 _NEARLY_FULL = 1 << 20  # bytes: less free space than this counts as a full disk
-_INSERT_HEAD = f"INSERT INTO {EVENTS_TABLE} ({QUOTED_EVENT_COLUMNS})"
-_INSERT_TAIL = "ON CONFLICT (id) DO NOTHING"
 _ROW_VALUES = operator.itemgetter(*EVENT_COLUMNS)
 _TS, _TAGS, _METADATA = (EVENT_COLUMNS.index(name) for name in ("ts", "tags", "metadata"))
 

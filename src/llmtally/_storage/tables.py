@@ -23,7 +23,8 @@ if TYPE_CHECKING:
     from sqlalchemy import Table
 
 __all__ = ["LedgerModel", "UsageEvent", "HourlyRollup", "RollupSketch", "EVENTS_TABLE",
-           "ROLLUPS_TABLE", "SKETCHES_TABLE", "EVENT_COLUMNS", "QUOTED_EVENT_COLUMNS", "MAX_TEXT", "MAX_ID"]
+           "ROLLUPS_TABLE", "SKETCHES_TABLE", "EVENT_COLUMNS", "QUOTED_EVENT_COLUMNS", "INSERT_EVENTS",
+           "SKIP_STORED_IDS", "MAX_TEXT", "MAX_ID"]
 
 EVENTS_TABLE = "llmtally_events"
 MAX_ID = 128
@@ -104,6 +105,10 @@ EVENT_COLUMNS: tuple[str, ...] = tuple(c.name for c in UsageEvent.__table__.colu
 """Column names in table order; an event travels through the writer as a dict with these keys."""
 QUOTED_EVENT_COLUMNS = ", ".join(f'"{name}"' for name in EVENT_COLUMNS)
 """The events' columns as an SQL column list (``user`` is a keyword in PostgreSQL)."""
+INSERT_EVENTS = f"INSERT INTO {EVENTS_TABLE} ({QUOTED_EVENT_COLUMNS})"
+"""The head of every insert of events; :data:`SKIP_STORED_IDS` its tail."""
+SKIP_STORED_IDS = "ON CONFLICT (id) DO NOTHING"
+"""An event already stored is never stored again (replays, imports, retries)."""
 
 
 ROLLUPS_TABLE = "llmtally_rollups"
