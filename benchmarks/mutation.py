@@ -3,6 +3,7 @@
     python benchmarks/mutation.py                      # every module below
     python benchmarks/mutation.py reservations store   # some of them
     python benchmarks/mutation.py --list               # the modules and their tests
+    python benchmarks/mutation.py store --recheck      # what mutmut left, against today's tests
 
 Each module runs in a scratch copy of its own (``.mutation/<module>/``, git-ignored): mutmut
 copies ``src/`` and ``tests/`` there, mutates only that module (``only_mutate``) and, per
@@ -44,7 +45,12 @@ MODULES: dict[str, tuple[str, list[str]]] = {
     "store": ("src/llmtally/_storage/store*",
               ["tests/test_ledger.py", "tests/test_schema.py", "tests/test_record.py",
                "tests/test_spill.py", "tests/test_budget_recovery.py",
-               "tests/test_mutation_kills.py"]),
+               "tests/test_mutation_kills.py", "tests/test_mutation_kills_store.py",
+               # a batch holding an id twice and an id stored before, through the Store itself
+               # (the writer's one-by-one retry would hide a failing batch)
+               "tests/test_rollups.py::test_rollups_count_an_id_once_however_often_it_is_written",
+               "tests/test_pg_rows.py",
+               "tests/faults/test_disk.py::test_the_outage_message_names_a_full_disk"]),
     "spill": ("src/llmtally/_storage/spill.py",
               ["tests/test_spill.py", "tests/faults/test_spill_faults.py",
                "tests/test_mutation_kills.py",
@@ -200,6 +206,45 @@ def run_module(name: str, children: int, *, functions: list[str] | None = None,
             "log": str(here / "mutmut.log")}
 
 
+# One pytest process for many mutants: mutmut's trampolines read MUTANT_UNDER_TEST at each
+# call, so only the environment changes between runs, and the imports (LiteLLM's take seconds)
+# are paid once. "none" first and last: the tests must pass with no mutant.
+_RECHECK = """
+import os, sys, pytest
+tests, names = sys.argv[1:sys.argv.index("--")], sys.argv[sys.argv.index("--") + 1:]
+for name in ["none", *names, "none"]:
+    os.environ["MUTANT_UNDER_TEST"] = name
+    code = pytest.main(["-x", "-q", "-p", "no:cacheprovider", "--no-header", *tests])
+    print(f"@@ {'survived' if code == 0 else 'killed'} {name}", flush=True)
+"""
+
+
+def recheck(name: str, mutants: list[str]) -> dict[str, str]:
+    """Run ``mutants`` (default: those mutmut left survived, with no tests, or not reached) of
+    a module already run, each against all of the module's current tests, in one process."""
+    path, tests = MODULES[name]
+    here = SCRATCH / name
+    if not (here / "mutants").is_dir():
+        raise SystemExit(f"no scratch copy for {name}: run `python benchmarks/mutation.py {name}` first")
+    target = here / "mutants" / "tests"
+    shutil.rmtree(target)
+    shutil.copytree(ROOT / "tests", target, ignore=shutil.ignore_patterns("__pycache__", ".hypothesis"))
+    if not mutants:
+        mutants = sorted(m for m, s in _results(here).items()
+                         if s in ("survived", "no tests", "not checked"))
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["mutmut"]
+    selected = [t for t in tests if t.startswith("-") or (ROOT / t.split("::")[0]).exists()]
+    env = {**os.environ, "LITELLM_LOCAL_MODEL_COST_MAP": "True", "PYTHONPATH": "src"}
+    env.setdefault("LLMTALLY_TEST_POSTGRES_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test")
+    run = subprocess.run([sys.executable, "-c", _RECHECK, *project["pytest_add_cli_args"],
+                          *selected, "--", *mutants], cwd=here / "mutants", env=env,
+                         capture_output=True, text=True)
+    verdicts = [line.split()[1:] for line in run.stdout.splitlines() if line.startswith("@@ ")]
+    if len(verdicts) != len(mutants) + 2 or verdicts[0] != ["survived", "none"] != verdicts[-1]:
+        raise SystemExit(f"the tests do not pass without a mutant (or the run broke):\n{run.stdout[-3000:]}")
+    return {mutant: verdict for verdict, mutant in verdicts[1:-1]}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("modules", nargs="*", help=f"some of: {', '.join(MODULES)}")
@@ -212,7 +257,16 @@ def main() -> None:
     parser.add_argument("--keep", action="store_true",
                         help="re-use the module's scratch copy and mutmut's verdicts (with "
                              "--only: re-run those mutants against the current tests)")
+    parser.add_argument("--recheck", nargs="*", metavar="MUTANT",
+                        help="run these mutants (default: every one mutmut did not kill) of the "
+                             "module's last run against its current tests, in one process")
     args = parser.parse_args()
+    if args.recheck is not None:
+        if len(args.modules) != 1:
+            parser.error("--recheck takes exactly one module")
+        for mutant, verdict in recheck(args.modules[0], args.recheck).items():
+            print(f"{verdict:8} {mutant}")
+        return
     if args.list:
         for name, (path, tests) in MODULES.items():
             print(f"{name:13} {path}\n{'':13} {' '.join(tests)}")
