@@ -224,6 +224,9 @@ def test_sketches_merge_to_the_sketch_of_the_union():
     assert merged == whole
     assert sketch.percentile({}, 50) is None
     assert sketch.value_of(sketch.bucket_of(0.0)) == 0.0 == sketch.value_of(sketch.bucket_of(-5))
+    # up to 1 µs, the edge included, is the zero bucket; just past it, the first real one
+    assert sketch.bucket_of(sketch.MIN_VALUE_MS) == sketch.ZERO_BUCKET
+    assert sketch.bucket_of(sketch.MIN_VALUE_MS * 1.001) == sketch.ZERO_BUCKET + 1
 
 
 # -- reading: whole hours from the rollups, the rest from the events -------------------------
