@@ -467,6 +467,7 @@ def test_sqlite_urls_as_users_type_them(tmp_path, monkeypatch):
 
     monkeypatch.chdir(tmp_path)
     assert normalize_url("sqlite:///") == "sqlite:///"  # SQLAlchemy's in-memory database
+    assert normalize_url("rel/l.db") == f"sqlite:///{tmp_path}/rel/l.db"  # a bare path
     assert normalize_url("sqlite:///rel/l.db") == f"sqlite:///{tmp_path}/rel/l.db"
     assert normalize_url("sqlite:///my dir/l.db?timeout=5") == f"sqlite:///{tmp_path}/my dir/l.db?timeout=5"
     # only the first "?" starts the query: one inside a value stays where it is
