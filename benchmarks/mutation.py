@@ -222,7 +222,7 @@ for name in ["none", *names, "none"]:
 def recheck(name: str, mutants: list[str]) -> dict[str, str]:
     """Run ``mutants`` (default: those mutmut left survived, with no tests, or not reached) of
     a module already run, each against all of the module's current tests, in one process."""
-    path, tests = MODULES[name]
+    tests = MODULES[name][1]
     here = SCRATCH / name
     if not (here / "mutants").is_dir():
         raise SystemExit(f"no scratch copy for {name}: run `python benchmarks/mutation.py {name}` first")
