@@ -70,21 +70,25 @@ def require_postgres() -> None:
         pytest.skip(str(_PG_PROBLEM))
 
 
+def pg_admin():
+    """A psycopg connection (autocommit) to the test PostgreSQL, outside any test schema."""
+    import psycopg
+
+    return psycopg.connect(PG_URL.replace("+psycopg", ""), autocommit=True)
+
+
 @pytest.fixture
 def pg_url() -> Iterator[str]:
     """A PostgreSQL URL whose tables land in a fresh schema of their own."""
     require_postgres()
-    import psycopg
-
     schema = f"t_{uuid.uuid4().hex[:12]}"
-    plain = PG_URL.replace("+psycopg", "")
-    with psycopg.connect(plain, autocommit=True) as conn:
+    with pg_admin() as conn:
         conn.execute(f'CREATE SCHEMA "{schema}"')
     sep = "&" if "?" in PG_URL else "?"
     try:
         yield f"{PG_URL}{sep}options=-csearch_path%3D{schema}"
     finally:
-        with psycopg.connect(plain, autocommit=True) as conn:
+        with pg_admin() as conn:
             conn.execute(f'DROP SCHEMA "{schema}" CASCADE')
 
 

@@ -14,11 +14,12 @@ import sqlite3
 import threading
 import time
 import uuid
+from contextlib import closing
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
 import pytest
-from conftest import fetch_events, rollup_calls, rollups_mismatch, wait_until
+from conftest import fetch_events, pg_admin, rollup_calls, rollups_mismatch, wait_until
 from sqlalchemy.exc import DatabaseError
 
 from llmtally._errors import LedgerError
@@ -98,20 +99,17 @@ def _stored_tags(path) -> dict[str, str]:
 
 def test_tags_of_any_json_shape_are_stored_as_given(tmp_path):
     path = tmp_path / "ledger.db"
-    store = Store(f"sqlite:///{path}")
-    base = BASE  # without resolved_model, tags, metadata...: missing keys are NULL
-    rows = [dict(base, id="none"), dict(base, id="empty", tags=()),
-            dict(base, id="tuple", tags=("a", "b")),
-            dict(base, id="mixed", tags=["a", {"team": "x"}]),  # unhashable: no cache key
-            dict(base, id="numbers", tags=[1, 2]),
-            dict(base, id="objects", tags=[{"team": "x"}]),
-            dict(base, id="plain", tags=["a", "b"]),
-            dict(base, id="again", tags=["a", "b"])]  # the same list again: from the cache
-    try:
+    # BASE has no resolved_model, tags, metadata...: missing keys are NULL
+    rows = [dict(BASE, id="none"), dict(BASE, id="empty", tags=()),
+            dict(BASE, id="tuple", tags=("a", "b")),
+            dict(BASE, id="mixed", tags=["a", {"team": "x"}]),  # unhashable: no cache key
+            dict(BASE, id="numbers", tags=[1, 2]),
+            dict(BASE, id="objects", tags=[{"team": "x"}]),
+            dict(BASE, id="plain", tags=["a", "b"]),
+            dict(BASE, id="again", tags=["a", "b"])]  # the same list again: from the cache
+    with closing(Store(f"sqlite:///{path}")) as store:
         assert store.insert_many(rows) == 8
         assert store.insert_many([]) == 0
-    finally:
-        store.close()
     assert _stored_tags(path) == {"none": "[]", "empty": "[]", "tuple": '["a","b"]', "mixed": '["a",{"team":"x"}]',
                                   "numbers": "[1,2]", "objects": '[{"team":"x"}]', "plain": '["a","b"]', "again": '["a","b"]'}
 
@@ -128,12 +126,9 @@ def seoul_clock(monkeypatch):
 
 def test_timestamps_are_stored_as_utc_whatever_the_machines_zone(ledger_url, seoul_clock):
     seoul = timezone(timedelta(hours=9))
-    store = Store(ledger_url)
-    try:
+    with closing(Store(ledger_url)) as store:
         assert store.insert_many([dict(BASE, id="naive", ts=datetime(2026, 11, 25, 12)),
                                   dict(BASE, id="aware", ts=datetime(2026, 11, 25, 21, tzinfo=seoul))]) == 2
-    finally:
-        store.close()
     # (SQLite's driver gives the stored text, PostgreSQL's a datetime)
     assert {row["id"]: str(row["ts"])[:19] for row in fetch_events(ledger_url)} == {
         "naive": "2026-11-25 12:00:00", "aware": "2026-11-25 12:00:00"}
@@ -141,15 +136,18 @@ def test_timestamps_are_stored_as_utc_whatever_the_machines_zone(ledger_url, seo
 
 
 def test_a_batch_of_more_than_500_ids_mostly_stored_tells_each_new_one(sqlite_url):
-    store = Store(sqlite_url)
-    try:
+    with closing(Store(sqlite_url)) as store:
         assert store.insert_many([dict(BASE, id=f"s{n:04}") for n in range(1000)]) == 1000
         again = [dict(BASE, id=f"s{n:04}") for n in range(1000)] + [dict(BASE, id="new")]
         assert store.insert_many(again) == 1  # ids checked 500 at a time: the 501st too
-    finally:
-        store.close()
     assert rollup_calls(sqlite_url) == len(fetch_events(sqlite_url)) == 1001
     assert rollups_mismatch(sqlite_url) == []
+
+
+def _delete_ledger_file(path) -> None:
+    """The SQLite file and its WAL companions gone, as a user's ``rm`` leaves them."""
+    for suffix in ("", "-wal", "-shm"):
+        Path(f"{path}{suffix}").unlink(missing_ok=True)
 
 
 class _DeletesTheFile:
@@ -162,8 +160,7 @@ class _DeletesTheFile:
     def begin(self, conn, rows):
         self.calls += 1
         if self.calls in self.on_calls:
-            for suffix in ("", "-wal", "-shm"):
-                os.unlink(f"{self.path}{suffix}")
+            _delete_ledger_file(self.path)
         return None
 
     def after_insert(self, conn, batch, inserted):
@@ -172,9 +169,8 @@ class _DeletesTheFile:
 
 def test_a_batch_written_into_a_file_deleted_meanwhile_is_written_again(tmp_path, caplog):
     path = tmp_path / "ledger.db"
-    store = Store(f"sqlite:///{path}")
     charges = _DeletesTheFile(path, on_calls={1, 3})
-    try:
+    with closing(Store(f"sqlite:///{path}")) as store:
         with caplog.at_level(logging.WARNING, logger="llmtally"):
             assert store.insert_many([dict(BASE, id="a"), dict(BASE, id="b")], charges) == 2
         assert charges.calls == 2 and store.generation == 1
@@ -183,8 +179,6 @@ def test_a_batch_written_into_a_file_deleted_meanwhile_is_written_again(tmp_path
             "now go to the file at that path (created if missing)"]
         assert store.insert_many([dict(BASE, id="c")], charges) == 1  # deleted again
         assert charges.calls == 4 and store.generation == 2
-    finally:
-        store.close()
     assert [row["id"] for row in fetch_events(f"sqlite:///{path}")] == ["c"]
 
 
@@ -192,16 +186,12 @@ def test_a_deleted_ledger_that_cannot_be_made_again_is_an_outage(tmp_path):
     from llmtally._storage.store_outage import is_outage
 
     path = tmp_path / "ledger.db"
-    store = Store(f"sqlite:///{path}")
-    try:
-        for suffix in ("", "-wal", "-shm"):
-            Path(f"{path}{suffix}").unlink(missing_ok=True)
+    with closing(Store(f"sqlite:///{path}")) as store:
+        _delete_ledger_file(path)
         path.symlink_to(tmp_path / "missing" / "ledger.db")  # where nothing can be created
         with pytest.raises(OSError, match="cannot create the SQLite ledger") as caught:
             store.insert_many([dict(BASE, id="a")])
         assert is_outage(caught.value)  # the events wait in the writer, none is set aside
-    finally:
-        store.close()
 
 
 def test_migrations_run_holding_sqlites_write_lock_from_their_start(tmp_path):
@@ -237,8 +227,7 @@ def _try_write_lock(path) -> bool:
 
 def test_a_write_takes_sqlites_lock_at_its_start_and_a_read_never_takes_it(tmp_path):
     path = tmp_path / "ledger.db"
-    store = Store(f"sqlite:///{path}")
-    try:
+    with closing(Store(f"sqlite:///{path}")) as store:
         assert _try_write_lock(path)
         with store.write():  # before any statement: writers queue here, not fail mid-way
             assert not _try_write_lock(path)
@@ -247,38 +236,38 @@ def test_a_write_takes_sqlites_lock_at_its_start_and_a_read_never_takes_it(tmp_p
             assert conn.exec_driver_sql("SELECT COUNT(*) FROM llmtally_events").scalar() == 0
             assert conn.in_transaction()
             assert _try_write_lock(path)  # a report never holds the writer up
-    finally:
-        store.close()
 
 
 @pytest.mark.parametrize(("options", "synchronous"), [({}, 1), ({"durable_commits": True}, 2)])
 def test_each_sqlite_connection_waits_for_locks_and_syncs_as_asked(tmp_path, options, synchronous):
-    store = Store(f"sqlite:///{tmp_path / 'ledger.db'}", **options)  # NORMAL, or FULL
-    try:
+    with closing(Store(f"sqlite:///{tmp_path / 'ledger.db'}", **options)) as store:  # NORMAL, or FULL
         with store.connect() as conn:
             assert conn.exec_driver_sql("PRAGMA synchronous").scalar() == synchronous
             assert conn.exec_driver_sql("PRAGMA busy_timeout").scalar() == 30_000  # ms
             assert conn.exec_driver_sql("PRAGMA journal_mode").scalar() == "wal"
-    finally:
-        store.close()
 
 
 @pytest.mark.parametrize("url", ["sqlite://", "sqlite:///:memory:"])
 def test_an_in_memory_ledger_is_one_database_for_every_thread(url):
-    store = Store(url)
-    base = BASE
     written: list[int] = []
-    try:
+    with closing(Store(url)) as store:
         worker = threading.Thread(  # as the writer thread does
-            target=lambda: written.append(store.insert_many([dict(base, id=f"m{n}") for n in range(3)])))
+            target=lambda: written.append(store.insert_many([dict(BASE, id=f"m{n}") for n in range(3)])))
         worker.start()
         worker.join()
         assert written == [3]
         with store.connect() as conn:
             assert conn.exec_driver_sql("SELECT COUNT(*) FROM llmtally_events").scalar() == 3
         assert store.full_disk_note() == ""
-    finally:
-        store.close()
+
+
+def _migrating(path) -> sqlite3.Connection:
+    """Another process creating the same new ledger: it holds the write lock (check_same_thread
+    off, so a timer thread may end its transaction)."""
+    holder = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+    holder.execute("BEGIN IMMEDIATE")
+    holder.execute("CREATE TABLE migrating (x)")
+    return holder
 
 
 def test_switching_to_wal_waits_while_another_connection_migrates(tmp_path):
@@ -287,9 +276,7 @@ def test_switching_to_wal_waits_while_another_connection_migrates(tmp_path):
     from llmtally._storage.store_connections import use_wal
 
     path = tmp_path / "new.db"
-    holder = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
-    holder.execute("BEGIN IMMEDIATE")  # another process creating the same new ledger
-    holder.execute("CREATE TABLE migrating (x)")
+    holder = _migrating(path)
     release = threading.Timer(0.3, holder.execute, ["COMMIT"])
     release.start()
     engine = create_engine(f"sqlite:///{path}", connect_args={"timeout": 0})
@@ -300,6 +287,22 @@ def test_switching_to_wal_waits_while_another_connection_migrates(tmp_path):
             assert conn.exec_driver_sql("PRAGMA journal_mode").scalar() == "wal"
     finally:
         release.cancel()
+        engine.dispose()
+        holder.close()
+
+
+def test_switching_to_wal_under_a_lock_that_stays_is_an_error(tmp_path):
+    from sqlalchemy import create_engine
+
+    from llmtally._storage.store_connections import use_wal
+
+    path = tmp_path / "new.db"
+    holder = _migrating(path)
+    engine = create_engine(f"sqlite:///{path}", connect_args={"timeout": 0})
+    try:
+        with pytest.raises(sqlite3.OperationalError, match="locked"):
+            use_wal(engine)  # ~5 s of tries, then the error: never a ledger left out of WAL
+    finally:
         engine.dispose()
         holder.close()
 
@@ -327,19 +330,15 @@ def _session(store: Store) -> int:
         return int(conn.exec_driver_sql("SELECT pg_backend_pid()").scalar())
 
 
-def _terminate(pg_url: str, backend: int) -> None:
-    import psycopg
-
-    with psycopg.connect(pg_url.replace("+psycopg", "").split("?")[0], autocommit=True) as admin:
+def _terminate(backend: int) -> None:
+    with pg_admin() as admin:
         admin.execute("SELECT pg_terminate_backend(%s)", [backend])
 
 
-def _backends(url: str, name: str) -> int:
-    import psycopg
-
-    with psycopg.connect(url.replace("+psycopg", "").split("?")[0], autocommit=True) as conn:
-        return conn.execute("SELECT count(*) FROM pg_stat_activity WHERE application_name = %s",
-                            [name]).fetchone()[0]
+def _backends(name: str) -> int:
+    with pg_admin() as admin:
+        return admin.execute("SELECT count(*) FROM pg_stat_activity WHERE application_name = %s",
+                             [name]).fetchone()[0]
 
 
 def _named(pg_url: str, name: str) -> str:
@@ -350,23 +349,19 @@ def test_closing_a_store_closes_its_autocommit_connections_too(pg_url):
     name = f"llmtally-close-{uuid.uuid4().hex[:8]}"
     store = Store(_named(pg_url, name))
     assert store.run_statement("SELECT 1", {}) == [(1,)]
-    assert _backends(pg_url, name) == 2  # the engine that migrated, and the autocommit one
+    assert _backends(name) == 2  # the engine that migrated, and the autocommit one
     store.close()
-    assert wait_until(lambda: _backends(pg_url, name) == 0, timeout=10)
+    assert wait_until(lambda: _backends(name) == 0, timeout=10)
 
 
 def test_a_statement_on_a_dead_connection_runs_again_on_a_new_one(pg_url):
-
     name = f"llmtally-dead-{uuid.uuid4().hex[:8]}"
-    store = Store(_named(pg_url, name))
-    try:
+    with closing(Store(_named(pg_url, name))) as store:
         [(pid,)] = store.run_statement("SELECT pg_backend_pid()", {})
-        _terminate(pg_url, pid)
-        assert wait_until(lambda: _backends(pg_url, name) == 1, timeout=10)  # the migrator
+        _terminate(pid)
+        assert wait_until(lambda: _backends(name) == 1, timeout=10)  # the migrator
         [(again,)] = store.run_statement("SELECT pg_backend_pid()", {})  # not an error
         assert again != pid
-    finally:
-        store.close()
 
 
 @pytest.mark.parametrize(("statement", "error", "tries"), [
@@ -376,39 +371,17 @@ def test_a_statement_on_a_dead_connection_runs_again_on_a_new_one(pg_url):
      "OperationalError: .*terminat", 2),
 ], ids=["failing", "losing its connection"])
 def test_a_statement_is_tried_again_only_on_a_new_connection(pg_url, statement, error, tries):
-    store = Store(pg_url)
-    try:
+    with closing(Store(pg_url)) as store:
         with store.write() as conn:  # nextval is not undone with its statement: it counts tries
             conn.exec_driver_sql("CREATE SEQUENCE tries")
         with pytest.raises(DatabaseError) as caught:
             store.run_statement(statement, {})
         assert re.match(error, f"{type(caught.value).__name__}: {caught.value}")
         assert store.run_statement("SELECT last_value FROM tries", {}) == [(tries,)]
-    finally:
-        store.close()
-
-
-def test_switching_to_wal_under_a_lock_that_stays_is_an_error(tmp_path):
-    from sqlalchemy import create_engine
-
-    from llmtally._storage.store_connections import use_wal
-
-    path = tmp_path / "new.db"
-    holder = sqlite3.connect(path, isolation_level=None)
-    holder.execute("BEGIN IMMEDIATE")
-    holder.execute("CREATE TABLE migrating (x)")
-    engine = create_engine(f"sqlite:///{path}", connect_args={"timeout": 0})
-    try:
-        with pytest.raises(sqlite3.OperationalError, match="locked"):
-            use_wal(engine)  # ~5 s of tries, then the error: never a ledger left out of WAL
-    finally:
-        engine.dispose()
-        holder.close()
 
 
 def test_a_forked_child_leaves_its_parents_connections_open(pg_url):
-    store = Store(pg_url)
-    try:
+    with closing(Store(pg_url)) as store:
         before = _session(store)
         pid = os.fork()
         if pid == 0:  # the child: what Tally does after a fork (its writer restarts)
@@ -418,29 +391,21 @@ def test_a_forked_child_leaves_its_parents_connections_open(pg_url):
                 os._exit(0)
         os.waitpid(pid, 0)
         assert _session(store) == before  # the child did not end it
-    finally:
-        store.close()
 
 
 def test_a_ledger_whose_directory_is_gone_is_not_called_full(tmp_path):
     import shutil
 
-    store = Store(f"sqlite:///{tmp_path / 'gone' / 'ledger.db'}")
-    try:
+    with closing(Store(f"sqlite:///{tmp_path / 'gone' / 'ledger.db'}")) as store:
         shutil.rmtree(tmp_path / "gone")  # the outage message asks the disk: no answer, no note
         assert store.full_disk_note() == ""
-    finally:
-        store.close()
 
 
 def test_a_pooled_connection_the_server_ended_is_replaced_unseen(pg_url):
-    store = Store(pg_url)
-    try:
+    with closing(Store(pg_url)) as store:
         before = _session(store)
-        _terminate(pg_url, before)  # a server restart, a proxy's idle cut
+        _terminate(before)  # a server restart, a proxy's idle cut
         assert _session(store) != before  # and no error
-    finally:
-        store.close()
 
 
 def test_a_server_that_never_answers_is_an_error_after_the_connect_timeout():

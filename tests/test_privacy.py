@@ -13,7 +13,7 @@ import logging
 import stat
 
 import pytest
-from conftest import CLOSED_PORT_URL, require_postgres
+from conftest import CLOSED_PORT_URL, pg_admin, require_postgres
 
 from llmtally import Budget, Tally
 from llmtally.testing import FakeProvider
@@ -123,10 +123,8 @@ def test_postgres_tables_hold_no_key_or_prompt(pg_url, tmp_path, provider, caplo
     _every_kind_of_call(tally, provider)
     assert tally._guard.drain_alerts(30)
     tally.close()
-    import psycopg
-
     schema = pg_url.rsplit("search_path%3D", 1)[1]
-    with psycopg.connect(pg_url.split("?")[0].replace("+psycopg", ""), autocommit=True) as conn:
+    with pg_admin() as conn:
         tables = [row[0] for row in conn.execute(
             "SELECT table_name FROM information_schema.tables WHERE table_schema = %s", (schema,))]
         assert "llmtally_events" in tables

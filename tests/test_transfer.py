@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
-from conftest import PG_URL, fetch_events, require_postgres
+from conftest import PG_URL, fetch_events, pg_admin, require_postgres
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from sqlalchemy import select, text
@@ -49,8 +49,6 @@ NASTY = ["'); DROP TABLE llmtally_events; --", "<script>alert(1)</script>",
 @pytest.fixture
 def new_ledger(tmp_path: Path) -> Iterator:
     """Make further empty ledgers of the same kind (SQLite file / PostgreSQL schema) as a URL."""
-    import psycopg
-
     schemas: list[str] = []
 
     def make(like: str) -> str:
@@ -58,7 +56,7 @@ def new_ledger(tmp_path: Path) -> Iterator:
             return f"sqlite:///{tmp_path / f'ledger-{uuid.uuid4().hex[:8]}.db'}"
         require_postgres()
         schema = f"t_{uuid.uuid4().hex[:12]}"
-        with psycopg.connect(PG_URL.replace("+psycopg", ""), autocommit=True) as conn:
+        with pg_admin() as conn:
             conn.execute(f'CREATE SCHEMA "{schema}"')
         schemas.append(schema)
         sep = "&" if "?" in PG_URL else "?"
@@ -66,7 +64,7 @@ def new_ledger(tmp_path: Path) -> Iterator:
 
     yield make
     if schemas:
-        with psycopg.connect(PG_URL.replace("+psycopg", ""), autocommit=True) as conn:
+        with pg_admin() as conn:
             for schema in schemas:
                 conn.execute(f'DROP SCHEMA "{schema}" CASCADE')
 
