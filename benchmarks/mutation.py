@@ -107,6 +107,29 @@ MODULES: dict[str, tuple[str, list[str]]] = {
                 ["tests/test_pricing.py", "tests/test_names.py", "tests/test_common_names.py",
                  "tests/test_mutation_kills.py"]),
 }
+def _copy_tests(target: Path) -> None:
+    """The repository's tests/ at ``target``, replacing what is there."""
+    if target.exists():
+        shutil.rmtree(target)
+    shutil.copytree(ROOT / "tests", target, ignore=shutil.ignore_patterns("__pycache__", ".hypothesis"))
+
+
+def _existing(tests: list[str]) -> list[str]:
+    """A module's test selection without the files this checkout does not have."""
+    return [t for t in tests if t.startswith("-") or (ROOT / t.split("::")[0]).exists()]
+
+
+def _test_env(here: Path) -> dict[str, str]:
+    """The environment the module's tests run in: the mutated copy on PYTHONPATH, so the
+    subprocesses a test starts import it too (mutmut's own sys.path set-up only reaches the
+    test process), and the test PostgreSQL."""
+    env = {**os.environ, "LITELLM_LOCAL_MODEL_COST_MAP": "True",
+           "PYTHONPATH": str(here / "mutants" / "src")}
+    env.setdefault("LLMTALLY_TEST_POSTGRES_URL",
+                   "postgresql+psycopg://postgres@127.0.0.1:5432/test")
+    return env
+
+
 def _toml_list(values: list[str]) -> str:
     return json.dumps(values)  # a TOML array of strings is valid JSON
 
@@ -120,8 +143,7 @@ def _scratch_for(name: str, path: str, tests: list[str]) -> Path:
     here.mkdir(parents=True)
     shutil.copytree(ROOT / "src", here / "src",
                     ignore=shutil.ignore_patterns("__pycache__"))
-    shutil.copytree(ROOT / "tests", here / "tests",
-                    ignore=shutil.ignore_patterns("__pycache__", ".hypothesis"))
+    _copy_tests(here / "tests")
     # tests/test_pricing.py runs scripts/update_prices.py from the repository next to tests/
     shutil.copytree(ROOT / "scripts", here / "scripts",
                     ignore=shutil.ignore_patterns("__pycache__"))
@@ -136,8 +158,7 @@ def _write_config(here: Path, path: str, tests: list[str]) -> None:
     settings = dict(project["tool"]["mutmut"])
     settings["only_mutate"] = [path]
     settings["also_copy"] = ["scripts"]
-    settings["pytest_add_cli_args_test_selection"] = [
-        t for t in tests if t.startswith("-") or (ROOT / t.split("::")[0]).exists()]
+    settings["pytest_add_cli_args_test_selection"] = _existing(tests)
     pytest_options = project["tool"]["pytest"]["ini_options"]
     lines = ["[tool.pytest.ini_options]"]
     for key, value in pytest_options.items():
@@ -168,18 +189,11 @@ def run_module(name: str, children: int, *, functions: list[str] | None = None,
         # re-run in the same scratch copy (mutmut keeps its test map and verdicts): refresh the
         # tests, so new ones count
         for target in (here / "tests", here / "mutants" / "tests"):
-            shutil.rmtree(target)
-            shutil.copytree(ROOT / "tests", target,
-                            ignore=shutil.ignore_patterns("__pycache__", ".hypothesis"))
+            _copy_tests(target)
         _write_config(here, path, tests)  # tests added since are selected too
     else:
         here = _scratch_for(name, path, tests)
-    env = {**os.environ, "LITELLM_LOCAL_MODEL_COST_MAP": "True",
-           # subprocesses a test starts import the mutated copy too (mutmut's own sys.path
-           # set-up only reaches the test process)
-           "PYTHONPATH": str(here / "mutants" / "src")}
-    env.setdefault("LLMTALLY_TEST_POSTGRES_URL",
-                   "postgresql+psycopg://postgres@127.0.0.1:5432/test")
+    env = _test_env(here)
     # PYTHONPATH names mutants/src before mutmut creates it: make it now, or the import system
     # caches "no such directory" for that entry and imports the installed llmtally instead
     (here / "mutants" / "src").mkdir(parents=True, exist_ok=True)
@@ -226,18 +240,13 @@ def recheck(name: str, mutants: list[str]) -> dict[str, str]:
     here = SCRATCH / name
     if not (here / "mutants").is_dir():
         raise SystemExit(f"no scratch copy for {name}: run `python benchmarks/mutation.py {name}` first")
-    target = here / "mutants" / "tests"
-    shutil.rmtree(target)
-    shutil.copytree(ROOT / "tests", target, ignore=shutil.ignore_patterns("__pycache__", ".hypothesis"))
+    _copy_tests(here / "mutants" / "tests")
     if not mutants:
         mutants = sorted(m for m, s in _results(here).items()
                          if s in ("survived", "no tests", "not checked"))
     project = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["mutmut"]
-    selected = [t for t in tests if t.startswith("-") or (ROOT / t.split("::")[0]).exists()]
-    env = {**os.environ, "LITELLM_LOCAL_MODEL_COST_MAP": "True", "PYTHONPATH": "src"}
-    env.setdefault("LLMTALLY_TEST_POSTGRES_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test")
     run = subprocess.run([sys.executable, "-c", _RECHECK, *project["pytest_add_cli_args"],
-                          *selected, "--", *mutants], cwd=here / "mutants", env=env,
+                          *_existing(tests), "--", *mutants], cwd=here / "mutants", env=_test_env(here),
                          capture_output=True, text=True)
     verdicts = [line.split()[1:] for line in run.stdout.splitlines() if line.startswith("@@ ")]
     if len(verdicts) != len(mutants) + 2 or verdicts[0] != ["survived", "none"] != verdicts[-1]:
